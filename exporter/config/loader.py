@@ -17,6 +17,7 @@ from exporter.config.errors import (
     ConfigError,
     Loc,
     Problem,
+    describe_input,
     format_problems,
     problems_from_validation,
 )
@@ -78,7 +79,7 @@ def parse_config(data: object, *, environ: Mapping[str, str], base_dir: Path) ->
     """Validate already-parsed YAML data; relative file paths are taken from
     ``base_dir``. Raise ``ConfigError`` listing every problem."""
     if not isinstance(data, dict):
-        kind = "an empty document" if data is None else "not a mapping"
+        kind = "an empty document" if data is None else describe_input(data, sensitive=True)
         raise ConfigError([f"(top level): must be a mapping of settings (got {kind})"])
     interpolated, problems, failed = interpolate(data, environ)
     assert isinstance(interpolated, dict)
@@ -155,50 +156,20 @@ def _under_any(loc: Loc, prefixes: set[Loc]) -> bool:
 def _resolve_account(
     given: AccountInput, loc: Loc, base_dir: Path, problems: list[Problem]
 ) -> AccountConfig | None:
-    """Read the account's files and load its key; ``None`` when anything fails."""
+    """Check which secrets were given, read the files, load the key.
+
+    Returns ``None`` (with the problems appended) when anything fails.
+    """
+    reader = _SecretReader(given, loc, base_dir, problems)
     before = len(problems)
+    key_given, key_field = reader.pick("api_key", "api_key_file")
+    hmac_given, secret_field = reader.pick("api_secret", "api_secret_file")
+    pem_given, pem_field = reader.pick("private_key", "private_key_file")
+    pass_given, pass_field = reader.pick("private_key_passphrase", "private_key_passphrase_file")
 
-    def one_of(inline: str, from_file: str) -> str | None:
-        """The field name used of an inline/file pair, or None; both is a problem."""
-        a, b = getattr(given, inline), getattr(given, from_file)
-        if a is not None and b is not None:
-            problems.append(Problem(loc, f"both {inline} and {from_file} given (give one)"))
-            return None
-        return inline if a is not None else from_file if b is not None else None
-
-    def text(field: str, *, strip_all: bool) -> str | None:
-        value: str = getattr(given, field)
-        if field.endswith("_file"):
-            try:
-                return read_text_secret(resolve_path(value, base_dir), strip_all=strip_all)
-            except SecretSourceError as exc:
-                problems.append(Problem((*loc, field), str(exc)))
-                return None
-        if not value.strip():
-            problems.append(Problem((*loc, field), "must not be empty"))
-            return None
-        return value.strip() if strip_all else value
-
-    key_field = one_of("api_key", "api_key_file")
-    secret_field = one_of("api_secret", "api_secret_file")
-    pem_field = one_of("private_key", "private_key_file")
-    pass_field = one_of("private_key_passphrase", "private_key_passphrase_file")
-    both_given = given.api_secret is not None and given.api_secret_file is not None
-    both_pem = given.private_key is not None and given.private_key_file is not None
-
-    api_key = None
-    if key_field is None:
-        if given.api_key is None and given.api_key_file is None:
-            problems.append(Problem(loc, "missing api_key (give api_key or api_key_file)"))
-    else:
-        api_key = text(key_field, strip_all=True)
-        if api_key is not None and not _is_header_safe(api_key):
-            problems.append(Problem((*loc, key_field), "must be printable ASCII without spaces"))
-            api_key = None
-
-    has_hmac = secret_field is not None or both_given
-    has_pem = pem_field is not None or both_pem
-    if has_hmac and has_pem:
+    if not key_given:
+        problems.append(Problem(loc, "missing api_key (give api_key or api_key_file)"))
+    if hmac_given and pem_given:
         problems.append(
             Problem(
                 loc,
@@ -206,7 +177,7 @@ def _resolve_account(
                 "(private_key/private_key_file) given (give one)",
             )
         )
-    elif not has_hmac and not has_pem:
+    elif not hmac_given and not pem_given:
         problems.append(
             Problem(
                 loc,
@@ -214,26 +185,26 @@ def _resolve_account(
                 "or private_key or private_key_file (RSA or Ed25519)",
             )
         )
-
-    passphrase = None
-    if pass_field is not None:
-        if not has_pem:
-            problems.append(
-                Problem((*loc, pass_field), "only valid with private_key or private_key_file")
+    if pass_given and not pem_given:
+        problems.append(
+            Problem(
+                (*loc, pass_field or "private_key_passphrase"),
+                "only valid with private_key or private_key_file",
             )
-        else:
-            passphrase = text(pass_field, strip_all=False)
-
-    api_secret = None
-    if secret_field is not None and not has_pem:
-        api_secret = text(secret_field, strip_all=True)
-
-    private_key = None
-    passphrase_ok = pass_field is None or passphrase is not None
-    if pem_field is not None and not has_hmac and passphrase_ok:
-        private_key = _private_key(
-            given, pem_field, passphrase=passphrase, loc=loc, base_dir=base_dir, problems=problems
         )
+
+    api_key = reader.text(key_field, strip_all=True) if key_field else None
+    if api_key is not None and not _is_header_safe(api_key):
+        problems.append(Problem((*loc, str(key_field)), "must be printable ASCII without spaces"))
+    api_secret = None
+    if secret_field and not pem_given:
+        api_secret = reader.text(secret_field, strip_all=True)
+    passphrase = None
+    if pass_field and pem_given:
+        passphrase = reader.text(pass_field, strip_all=False)
+    private_key = None
+    if pem_field and not hmac_given and (passphrase is not None or not pass_given):
+        private_key = reader.private_key(pem_field, passphrase)
 
     if len(problems) > before or api_key is None:
         return None
@@ -247,25 +218,60 @@ def _resolve_account(
     )
 
 
-def _private_key(
-    given: AccountInput,
-    field: str,
-    *,
-    passphrase: str | None,
-    loc: Loc,
-    base_dir: Path,
-    problems: list[Problem],
-) -> PrivateKey | None:
-    value: str = getattr(given, field)
-    try:
-        if field == "private_key_file":
-            pem = read_secret_file(resolve_path(value, base_dir))
-        else:
-            pem = value.encode("utf-8", errors="replace")
-        return load_private_key(pem, None if passphrase is None else passphrase.encode("utf-8"))
-    except SecretSourceError as exc:
-        problems.append(Problem((*loc, field), str(exc)))
-        return None
+class _SecretReader:
+    """Reads one account's inline or file secrets, reporting problems by field."""
+
+    def __init__(
+        self, given: AccountInput, loc: Loc, base_dir: Path, problems: list[Problem]
+    ) -> None:
+        self._given = given
+        self._loc = loc
+        self._base_dir = base_dir
+        self._problems = problems
+
+    def _value(self, field: str) -> str | None:
+        value: str | None = getattr(self._given, field)
+        return value
+
+    def pick(self, inline: str, from_file: str) -> tuple[bool, str | None]:
+        """``(either given, the field to use)``; both given is a problem and no field."""
+        has_inline = self._value(inline) is not None
+        has_file = self._value(from_file) is not None
+        if has_inline and has_file:
+            self._problems.append(
+                Problem(self._loc, f"both {inline} and {from_file} given (give one)")
+            )
+            return True, None
+        return has_inline or has_file, inline if has_inline else from_file if has_file else None
+
+    def text(self, field: str, *, strip_all: bool) -> str | None:
+        """A secret's text: the inline value, or the file's content."""
+        value = self._value(field) or ""
+        if field.endswith("_file"):
+            try:
+                path = resolve_path(value, self._base_dir)
+                return read_text_secret(path, strip_all=strip_all)
+            except SecretSourceError as exc:
+                self._problems.append(Problem((*self._loc, field), str(exc)))
+                return None
+        if not value.strip():
+            self._problems.append(Problem((*self._loc, field), "must not be empty"))
+            return None
+        return value.strip() if strip_all else value
+
+    def private_key(self, field: str, passphrase: str | None) -> PrivateKey | None:
+        """The private key from inline PEM or a PEM file."""
+        value = self._value(field) or ""
+        try:
+            if field.endswith("_file"):
+                pem = read_secret_file(resolve_path(value, self._base_dir))
+            else:
+                pem = value.encode("utf-8", errors="replace")
+            password = None if passphrase is None else passphrase.encode("utf-8")
+            return load_private_key(pem, password)
+        except SecretSourceError as exc:
+            self._problems.append(Problem((*self._loc, field), str(exc)))
+            return None
 
 
 def _is_header_safe(value: str) -> bool:

@@ -50,7 +50,12 @@ def parse_yaml(raw: bytes) -> object:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{mark.line + 1}:{mark.column + 1}" if mark is not None else "1:1"
-        problem = exc.problem or exc.context or "invalid YAML"
+        problem = exc.problem or "invalid YAML"
+        if exc.context:
+            # e.g. "while scanning a quoted scalar (at 5:17); found unexpected end of stream"
+            context_at = exc.context_mark
+            at = f" (at {context_at.line + 1}:{context_at.column + 1})" if context_at else ""
+            problem = f"{exc.context}{at}; {problem}"
         raise YamlError(where, _one_line(problem)) from None
     except yaml.reader.ReaderError as exc:
         line, col = _line_col(text, exc.position)
