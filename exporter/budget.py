@@ -28,6 +28,10 @@ DEFAULT_BAN_SECONDS = 120.0
 
 Sleep = Callable[[float], Awaitable[None]]
 
+#: request weight of the endpoints an account refresh calls, per Binance's docs
+BALANCE_WEIGHT = 20  # GET /papi/v1/balance without `asset`
+ACCOUNT_WEIGHT = 20  # GET /papi/v1/account
+
 
 @dataclass(frozen=True, slots=True)
 class BudgetLimits:
@@ -166,3 +170,8 @@ def refresh_interval(accounts: int, weight: int, settings: BudgetLimits, floor: 
     guard agree and the guard never has to hold back a refresh in steady state.
     """
     return max(accounts * weight / settings.per_minute * GUARD_SECONDS, floor)
+
+
+def refresh_weight(account_info: bool) -> int:
+    """w: the weight of one account refresh, balance plus account info when collected."""
+    return BALANCE_WEIGHT + (ACCOUNT_WEIGHT if account_info else 0)

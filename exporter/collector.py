@@ -19,10 +19,16 @@ _ACCOUNT = "GET /papi/v1/account"
 
 #: (metric name, API field, what it is) for each amount of a balance record
 BALANCE_METRICS = (
-    ("binance_pm_wallet_balance", "totalWalletBalance",
-     "Wallet balance: cross margin free + locked + UM wallet + CM wallet"),
-    ("binance_pm_cross_margin_asset", "crossMarginAsset",
-     "Cross margin asset: cross margin free + locked"),
+    (
+        "binance_pm_wallet_balance",
+        "totalWalletBalance",
+        "Wallet balance: cross margin free + locked + UM wallet + CM wallet",
+    ),
+    (
+        "binance_pm_cross_margin_asset",
+        "crossMarginAsset",
+        "Cross margin asset: cross margin free + locked",
+    ),
     ("binance_pm_cross_margin_borrowed", "crossMarginBorrowed", "Cross margin borrowed principal"),
     ("binance_pm_cross_margin_free", "crossMarginFree", "Cross margin free asset"),
     ("binance_pm_cross_margin_interest", "crossMarginInterest", "Cross margin interest"),
@@ -31,26 +37,44 @@ BALANCE_METRICS = (
     ("binance_pm_um_unrealized_pnl", "umUnrealizedPNL", "USD-M futures unrealized profit"),
     ("binance_pm_cm_wallet_balance", "cmWalletBalance", "COIN-M futures wallet balance"),
     ("binance_pm_cm_unrealized_pnl", "cmUnrealizedPNL", "COIN-M futures unrealized profit"),
-    ("binance_pm_negative_balance", "negativeBalance",
-     "Negative balance amount, as Binance reports it (0 when none; any other value, "
-     "whatever its sign, is a negative balance)"),
+    (
+        "binance_pm_negative_balance",
+        "negativeBalance",
+        "Negative balance amount, as Binance reports it (0 when none; any other value, "
+        "whatever its sign, is a negative balance)",
+    ),
 )
 
 #: (metric name, API field, what it is) for each amount of the account record
 ACCOUNT_METRICS = (
-    ("binance_pm_uni_mmr", "uniMMR",
-     "Unified maintenance margin ratio (lower is riskier; liquidation near 1.05)"),
+    (
+        "binance_pm_uni_mmr",
+        "uniMMR",
+        "Unified maintenance margin ratio (lower is riskier; liquidation near 1.05)",
+    ),
     ("binance_pm_account_equity_usd", "accountEquity", "Account equity in USD"),
-    ("binance_pm_actual_equity_usd", "actualEquity",
-     "Actual equity in USD (without collateral rate)"),
+    (
+        "binance_pm_actual_equity_usd",
+        "actualEquity",
+        "Actual equity in USD (without collateral rate)",
+    ),
     ("binance_pm_initial_margin_usd", "accountInitialMargin", "Initial margin in USD"),
     ("binance_pm_maint_margin_usd", "accountMaintMargin", "Maintenance margin in USD"),
-    ("binance_pm_total_available_balance_usd", "totalAvailableBalance",
-     "Total available balance in USD"),
-    ("binance_pm_total_margin_open_loss_usd", "totalMarginOpenLoss",
-     "Total margin open loss in USD"),
-    ("binance_pm_virtual_max_withdraw_amount_usd", "virtualMaxWithdrawAmount",
-     "Virtual maximum withdrawal amount in USD"),
+    (
+        "binance_pm_total_available_balance_usd",
+        "totalAvailableBalance",
+        "Total available balance in USD",
+    ),
+    (
+        "binance_pm_total_margin_open_loss_usd",
+        "totalMarginOpenLoss",
+        "Total margin open loss in USD",
+    ),
+    (
+        "binance_pm_virtual_max_withdraw_amount_usd",
+        "virtualMaxWithdrawAmount",
+        "Virtual maximum withdrawal amount in USD",
+    ),
 )
 
 
@@ -101,8 +125,11 @@ def account_families(snapshot: Snapshot) -> Iterable[Metric]:
     ]
     status = GaugeMetricFamily(
         "binance_pm_account_status",
-        _help("1 for the account's current status, 0 for every other known status",
-              "accountStatus", _ACCOUNT),
+        _help(
+            "1 for the account's current status, 0 for every other known status",
+            "accountStatus",
+            _ACCOUNT,
+        ),
         labels=["account", "status"],
     )
     updated = GaugeMetricFamily(
@@ -119,8 +146,11 @@ def account_families(snapshot: Snapshot) -> Iterable[Metric]:
             if value is not None:
                 family.add_metric([account.name], value)
         if info.status is not None:
-            known = ACCOUNT_STATUSES if info.status in ACCOUNT_STATUSES else (
-                *ACCOUNT_STATUSES, info.status)
+            known = (
+                ACCOUNT_STATUSES
+                if info.status in ACCOUNT_STATUSES
+                else (*ACCOUNT_STATUSES, info.status)
+            )
             for name in known:
                 status.add_metric([account.name, name], 1.0 if name == info.status else 0.0)
         if info.update_time is not None:
@@ -132,7 +162,8 @@ def account_families(snapshot: Snapshot) -> Iterable[Metric]:
 
 def health_families(snapshot: Snapshot) -> Iterable[Metric]:
     up = GaugeMetricFamily(
-        "binance_pm_up", "1 when the account's last refresh succeeded, else 0.",
+        "binance_pm_up",
+        "1 when the account's last refresh succeeded, else 0.",
         labels=["account"],
     )
     last_success = GaugeMetricFamily(

@@ -17,9 +17,9 @@ from typing import TypeVar
 import structlog
 
 from exporter.binance import errors
-from exporter.binance.client import WEIGHTS, BinanceClient, Credentials, Observer, RequestReport
+from exporter.binance.client import WEIGHTS, BinanceClient, Credentials, RequestReport
 from exporter.binance.models import AccountInfo, AssetBalance, ParsedBalances
-from exporter.budget import WeightBudget
+from exporter.budget import WeightBudget, refresh_weight
 from exporter.selfmetrics import Instruments
 from exporter.snapshot import AccountSnapshot, SnapshotStore
 
@@ -49,11 +49,6 @@ class PollSettings:
     @property
     def weight(self) -> int:
         return refresh_weight(self.account_info)
-
-
-def refresh_weight(account_info: bool) -> int:
-    """Weight of one account refresh: balance, plus account info when collected."""
-    return WEIGHTS["balance"] + (WEIGHTS["account"] if account_info else 0)
 
 
 @dataclass
@@ -199,8 +194,11 @@ class EgressPoller:
             log.warning("malformed_records", account=previous.name, problems=list(parsed.problems))
         kept = [b for b in previous.balances if b.asset in parsed.skipped_assets]
         allowed = self._settings.allows_asset
-        return tuple(sorted((b for b in (*parsed.balances, *kept) if allowed(b.asset)),
-                            key=lambda b: b.asset))
+        return tuple(
+            sorted(
+                (b for b in (*parsed.balances, *kept) if allowed(b.asset)), key=lambda b: b.asset
+            )
+        )
 
     def _observe(self, report: RequestReport) -> None:
         """Called by the client for every request: metrics and the IP's used weight."""

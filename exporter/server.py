@@ -66,18 +66,24 @@ class ExporterApp:
         if route is None:
             status, headers, body = "404 Not Found", _text(), b"not found\n"
         elif method not in ("GET", "HEAD"):
-            status, headers, body = "405 Method Not Allowed", [*_text(), ("Allow", "GET, HEAD")], (
-                b"method not allowed\n"
+            status, headers, body = (
+                "405 Method Not Allowed",
+                [*_text(), ("Allow", "GET, HEAD")],
+                (b"method not allowed\n"),
             )
         elif (
             self._authorize is not None
             and path != "/healthz"
             and not self._authorize(environ.get("HTTP_AUTHORIZATION"))
         ):
-            status, headers, body = "401 Unauthorized", [
-                *_text(),
-                ("WWW-Authenticate", 'Basic realm="binance-pm-exporter"'),
-            ], b"unauthorized\n"
+            status, headers, body = (
+                "401 Unauthorized",
+                [
+                    *_text(),
+                    ("WWW-Authenticate", 'Basic realm="binance-pm-exporter"'),
+                ],
+                b"unauthorized\n",
+            )
         else:
             status, headers, body = route(environ)
         headers.append(("Content-Length", str(len(body))))
@@ -150,9 +156,7 @@ class MetricsServer:
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._server = _ThreadingServer(host, port, app, ssl_context)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="http", daemon=True
-        )
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
 
     @property
     def port(self) -> int:

@@ -1,5 +1,7 @@
 """Weight-budget arithmetic and pauses, with explicit times."""
 
+import asyncio
+
 import pytest
 
 from exporter.budget import (
@@ -77,8 +79,6 @@ def test_rate_limited_and_banned_pauses() -> None:
 
 
 def test_a_request_larger_than_the_budget_is_refused() -> None:
-    import asyncio
-
     tiny = WeightBudget("default", BudgetLimits(10, 1.0, 0.8))
     with pytest.raises(ValueError, match="exceeds the whole budget"):
         asyncio.run(tiny.acquire(20))

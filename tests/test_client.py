@@ -53,7 +53,8 @@ def test_signed_request_shape() -> None:
         return httpx.Response(200, json=[], headers={"X-MBX-USED-WEIGHT-1M": "20"})
 
     result, reports = run_balance(handler)
-    assert result is not None and not isinstance(result, Exception)
+    assert result is not None
+    assert not isinstance(result, Exception)
     (request,) = seen
     assert request.url.path == "/papi/v1/balance"
     assert request.headers["X-MBX-APIKEY"] == API_KEY
@@ -64,26 +65,70 @@ def test_signed_request_shape() -> None:
 
 
 @pytest.mark.parametrize(
-    "status,body,headers,kind,outcome",
+    ("status", "body", "headers", "kind", "outcome"),
     [
-        (429, {"code": -1003, "msg": "Too many requests"}, {"Retry-After": "7"},
-         errors.RateLimited, "rate_limited"),
-        (418, {"code": -1003, "msg": "Way too many requests; IP(1.2.3.4) banned until "
-               "1700000000000. Please use the websocket"}, {}, errors.IpBanned, "banned"),
-        (400, {"code": -1021, "msg": "Timestamp for this request is outside of the recvWindow."},
-         {}, errors.TimestampError, "timestamp_error"),
-        (400, {"code": -1022, "msg": "Signature for this request is not valid."}, {},
-         errors.AuthError, "auth_error"),
-        (401, {"code": -2015, "msg": "Invalid API-key, IP, or permissions for action."}, {},
-         errors.AuthError, "auth_error"),
-        (401, {"code": -2014, "msg": "API-key format invalid."}, {}, errors.AuthError,
-         "auth_error"),
-        (400, {"code": -1102, "msg": "Mandatory parameter was not sent"}, {}, errors.ApiError,
-         "api_error"),
+        (
+            429,
+            {"code": -1003, "msg": "Too many requests"},
+            {"Retry-After": "7"},
+            errors.RateLimited,
+            "rate_limited",
+        ),
+        (
+            418,
+            {
+                "code": -1003,
+                "msg": "Way too many requests; IP(1.2.3.4) banned until "
+                "1700000000000. Please use the websocket",
+            },
+            {},
+            errors.IpBanned,
+            "banned",
+        ),
+        (
+            400,
+            {"code": -1021, "msg": "Timestamp for this request is outside of the recvWindow."},
+            {},
+            errors.TimestampError,
+            "timestamp_error",
+        ),
+        (
+            400,
+            {"code": -1022, "msg": "Signature for this request is not valid."},
+            {},
+            errors.AuthError,
+            "auth_error",
+        ),
+        (
+            401,
+            {"code": -2015, "msg": "Invalid API-key, IP, or permissions for action."},
+            {},
+            errors.AuthError,
+            "auth_error",
+        ),
+        (
+            401,
+            {"code": -2014, "msg": "API-key format invalid."},
+            {},
+            errors.AuthError,
+            "auth_error",
+        ),
+        (
+            400,
+            {"code": -1102, "msg": "Mandatory parameter was not sent"},
+            {},
+            errors.ApiError,
+            "api_error",
+        ),
         (500, b"<html>oops</html>", {}, errors.ServerError, "server_error"),
         (502, b"Bad Gateway", {}, errors.ServerError, "server_error"),
-        (503, {"code": -1000, "msg": "An unknown error occurred"}, {}, errors.ServerError,
-         "server_error"),
+        (
+            503,
+            {"code": -1000, "msg": "An unknown error occurred"},
+            {},
+            errors.ServerError,
+            "server_error",
+        ),
         (503, b"Service Unavailable", {}, errors.ServerError, "server_error"),
         (403, b"<html>WAF</html>", {}, errors.ApiError, "api_error"),
         (200, b"{not json", {}, errors.InvalidResponse, "invalid_response"),
@@ -101,17 +146,21 @@ def test_error_mapping(
     assert result.outcome == outcome
     assert result.used_weight == 123
     assert [(r.outcome, r.used_weight) for r in reports] == [(outcome, 123)]
-    assert "signature" not in str(result) and SECRET not in str(result)
+    assert "signature" not in str(result)
+    assert SECRET not in str(result)
 
 
 def test_rate_limit_details() -> None:
     result, _ = run_balance(answer(429, {"code": -1003, "msg": "x"}, **{"Retry-After": "7"}))
-    assert isinstance(result, errors.RateLimited) and result.retry_after == 7
+    assert isinstance(result, errors.RateLimited)
+    assert result.retry_after == 7
     result, _ = run_balance(answer(429, {"code": -1003, "msg": "x"}))
-    assert isinstance(result, errors.RateLimited) and result.retry_after is None
+    assert isinstance(result, errors.RateLimited)
+    assert result.retry_after is None
     msg = "Way too many requests; IP(1.2.3.4) banned until 1700000000000."
     result, _ = run_balance(answer(418, {"code": -1003, "msg": msg}))
-    assert isinstance(result, errors.IpBanned) and result.banned_until == 1700000000.0
+    assert isinstance(result, errors.IpBanned)
+    assert result.banned_until == 1700000000.0
 
 
 def test_transport_failures() -> None:
@@ -122,7 +171,8 @@ def test_transport_failures() -> None:
         raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
 
     result, reports = run_balance(timeout)
-    assert isinstance(result, errors.RequestTimeout) and reports[0].outcome == "timeout"
+    assert isinstance(result, errors.RequestTimeout)
+    assert reports[0].outcome == "timeout"
     result, reports = run_balance(refused)
     assert isinstance(result, errors.ConnectionFailed)
     assert reports[0].outcome == "connection_error"
@@ -145,8 +195,11 @@ def test_sync_time_measures_the_offset() -> None:
 
     async def go() -> float:
         client = BinanceClient(
-            base_url="http://binance.test", timeout_seconds=1, recv_window_ms=5000,
-            transport=httpx.MockTransport(handler), clock=lambda: now[0],
+            base_url="http://binance.test",
+            timeout_seconds=1,
+            recv_window_ms=5000,
+            transport=httpx.MockTransport(handler),
+            clock=lambda: now[0],
         )
         offset = await client.sync_time()
         assert client.server_now() == 1003.0

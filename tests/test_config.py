@@ -245,7 +245,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.binance.timeout_seconds == 10
     assert config.budget.ip_weight_limit_per_minute == 6000
     assert config.budget.share == 0.25
-    assert config.budget.weight_per_minute == 1500
+    assert config.budget.limits.per_minute == 1500
     assert config.budget.ip_high_water == 0.8
     assert config.budget.min_interval_seconds == 10
     assert config.collect.account_info is True

@@ -72,8 +72,14 @@ def test_empty_array_is_an_account_without_assets() -> None:
 
 def test_account_info() -> None:
     info = parse_account(
-        {"uniMMR": "5.167", "accountEquity": "122607.35", "accountStatus": "NORMAL",
-         "updateTime": 1657707212154, "unknown": "x", "totalMarginOpenLoss": ""}
+        {
+            "uniMMR": "5.167",
+            "accountEquity": "122607.35",
+            "accountStatus": "NORMAL",
+            "updateTime": 1657707212154,
+            "unknown": "x",
+            "totalMarginOpenLoss": "",
+        }
     )
     assert info.values == {"uniMMR": 5.167, "accountEquity": 122607.35}
     assert info.status == "NORMAL"
@@ -88,6 +94,8 @@ def test_bad_account_info_raises(payload: object) -> None:
         parse_account(payload)
 
 
-@pytest.mark.parametrize("text,value", [("0", 0.0), ("-1.5", -1.5), ("00.10", 0.1), ("", None)])
+@pytest.mark.parametrize(
+    ("text", "value"), [("0", 0.0), ("-1.5", -1.5), ("00.10", 0.1), ("", None)]
+)
 def test_parse_decimal(text: str, value: float | None) -> None:
     assert parse_decimal(text) == value

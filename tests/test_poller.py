@@ -5,6 +5,7 @@ only moves when the poller sleeps, so every figure is exact and fast.
 """
 
 import asyncio
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,13 +55,15 @@ class FakeApi:
         headers = {"X-MBX-USED-WEIGHT-1M": str(self.used_weight(self.clock.now))}
         failure, since, until = self.fail.get(key, (None, 0.0, 0.0))
         if failure is not None and since <= self.clock.now < until:
-            return httpx.Response(failure.status_code, content=failure.content,
-                                  headers={**headers, **failure.headers})
+            return httpx.Response(
+                failure.status_code, content=failure.content, headers={**headers, **failure.headers}
+            )
         if request.url.path.endswith("/time"):
             return httpx.Response(200, json={"serverTime": int(self.clock.now * 1000)})
         if request.url.path.endswith("/account"):
-            return httpx.Response(200, json={"uniMMR": "3.5", "accountStatus": "NORMAL"},
-                                  headers=headers)
+            return httpx.Response(
+                200, json={"uniMMR": "3.5", "accountStatus": "NORMAL"}, headers=headers
+            )
         body = [{"asset": "USDT", "crossMarginFree": "1.0", "negativeBalance": "0"}]
         return httpx.Response(200, content=json.dumps(body), headers=headers)
 
@@ -72,8 +75,9 @@ def make_poller(
     api = FakeApi(clock)
     weight = 40 if account_info else 20
     interval = refresh_interval(n, weight, limits, min_interval)
-    settings = PollSettings(account_info=account_info, allows_asset=lambda a: True,
-                            interval=interval)
+    settings = PollSettings(
+        account_info=account_info, allows_asset=lambda a: True, interval=interval
+    )
     targets = [
         Target(f"acct-{i}", Credentials(SecretStr(f"key-{i}"), HmacSigner(SecretStr("s"))))
         for i in range(n)
@@ -82,11 +86,20 @@ def make_poller(
     budget = WeightBudget("default", limits, clock=clock, sleep=clock.sleep)
     poller = EgressPoller(
         targets=targets,
-        make_client=partial(BinanceClient, base_url="http://binance.test", timeout_seconds=1,
-                            recv_window_ms=5000, clock=clock,
-                            transport=httpx.MockTransport(api)),
-        budget=budget, store=store, instruments=Instruments(CollectorRegistry()),
-        settings=settings, clock=clock, sleep=clock.sleep,
+        make_client=partial(
+            BinanceClient,
+            base_url="http://binance.test",
+            timeout_seconds=1,
+            recv_window_ms=5000,
+            clock=clock,
+            transport=httpx.MockTransport(api),
+        ),
+        budget=budget,
+        store=store,
+        instruments=Instruments(CollectorRegistry()),
+        settings=settings,
+        clock=clock,
+        sleep=clock.sleep,
     )
     return poller, api, clock, store, budget
 
@@ -116,11 +129,11 @@ def test_ten_accounts_at_the_budgeted_pace_from_the_first_second() -> None:
     run_for(poller, clock, 300)
     starts = balance_times(api)
     assert starts[0] == pytest.approx(START, abs=0.1)  # after the time sync, no waiting
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert min(gaps) == pytest.approx(1.6, rel=0.01)  # no burst, ever
     for i in range(10):
         own = balance_times(api, f"key-{i}")
-        intervals = [b - a for a, b in zip(own, own[1:], strict=False)]
+        intervals = [b - a for a, b in itertools.pairwise(own)]
         assert sum(intervals) / len(intervals) == pytest.approx(16, rel=0.03)
     # never more than B in any 60 s window, and nearly all of it used
     spent = [(t, 20) for t, path, _ in api.log if not path.endswith("/time")]
@@ -135,7 +148,7 @@ def test_min_interval_is_a_floor() -> None:
     poller, api, clock, _, _ = make_poller(2, BudgetLimits(6000, 0.25, 0.8), min_interval=30)
     run_for(poller, clock, 200)
     own = balance_times(api, "key-0")
-    assert [b - a for a, b in zip(own, own[1:], strict=False)] == pytest.approx(
+    assert [b - a for a, b in itertools.pairwise(own)] == pytest.approx(
         [30.0] * (len(own) - 1), abs=0.1
     )
     starts = balance_times(api)
@@ -155,13 +168,19 @@ def test_high_water_pauses_every_request_until_the_next_minute() -> None:
 
 
 @pytest.mark.parametrize(
-    "response,pause",
+    ("response", "pause"),
     [
-        (httpx.Response(429, json={"code": -1003, "msg": "Too many"},
-                        headers={"Retry-After": "25"}), "25 s"),
+        (
+            httpx.Response(
+                429, json={"code": -1003, "msg": "Too many"}, headers={"Retry-After": "25"}
+            ),
+            "25 s",
+        ),
         (httpx.Response(429, json={"code": -1003, "msg": "Too many"}), "next minute"),
-        (httpx.Response(418, json={"code": -1003, "msg": "IP banned until 1700000200000."}),
-         "ban end"),
+        (
+            httpx.Response(418, json={"code": -1003, "msg": "IP banned until 1700000200000."}),
+            "ban end",
+        ),
     ],
 )
 def test_429_and_418_stop_every_account_until_the_pause_ends(
@@ -187,14 +206,13 @@ def test_a_failing_account_backs_off_alone_then_recovers() -> None:
     api.fail["key-1"] = (httpx.Response(500, content=b"oops"), START + 30, START + 300)
     run_for(poller, clock, 400)
     tries = [t for t in balance_times(api, "key-1") if t >= START + 30]
-    gaps = [round(b - a) for a, b in zip(tries, tries[1:], strict=False)]
+    gaps = [round(b - a) for a, b in itertools.pairwise(tries)]
     assert gaps[:4] == [10, 20, 40, 80]  # exponential
     others = balance_times(api, "key-0")
-    assert [round(b - a) for a, b in zip(others, others[1:], strict=False)] == [10] * (
-        len(others) - 1
-    )
+    assert [round(b - a) for a, b in itertools.pairwise(others)] == [10] * (len(others) - 1)
     recovered = store.get("acct-1")
-    assert recovered.up and recovered.consecutive_failures == 0
+    assert recovered.up
+    assert recovered.consecutive_failures == 0
 
 
 def test_a_failing_account_keeps_its_last_values_while_down() -> None:
@@ -207,31 +225,38 @@ def test_a_failing_account_keeps_its_last_values_while_down() -> None:
         snapshots.append(store.get("acct-0"))
         return original(request)
 
-    poller._client._http._transport = httpx.MockTransport(record)  # noqa: SLF001
+    poller._client._http._transport = httpx.MockTransport(record)
     run_for(poller, clock, 100)
     good = next(s for s in snapshots if s.up)
     down = store.get("acct-0")
     assert not down.up
-    assert down.balances == good.balances and down.info == good.info
+    assert down.balances == good.balances
+    assert down.info == good.info
     assert down.last_success == good.last_success
     assert down.consecutive_failures >= 2
 
 
 def test_auth_errors_go_straight_to_the_cap() -> None:
     poller, api, clock, store, _ = make_poller(2, BudgetLimits(6000, 0.25, 0.8), 10)
-    api.fail["key-0"] = (httpx.Response(401, json={"code": -2015, "msg": "Invalid API-key"}),
-                         START, START + 10_000)
+    api.fail["key-0"] = (
+        httpx.Response(401, json={"code": -2015, "msg": "Invalid API-key"}),
+        START,
+        START + 10_000,
+    )
     run_for(poller, clock, 700)
     tries = balance_times(api, "key-0")
-    assert [round(b - a) for a, b in zip(tries, tries[1:], strict=False)] == [300, 300]
+    assert [round(b - a) for a, b in itertools.pairwise(tries)] == [300, 300]
     assert store.get("acct-0").consecutive_failures == 3
     assert store.get("acct-1").up
 
 
 def test_timestamp_error_resyncs_the_clock_and_retries() -> None:
     poller, api, clock, store, _ = make_poller(1, BudgetLimits(6000, 0.25, 0.8), 10)
-    api.fail["key-0"] = (httpx.Response(400, json={"code": -1021, "msg": "Timestamp outside"}),
-                         START, START + 0.5)
+    api.fail["key-0"] = (
+        httpx.Response(400, json={"code": -1021, "msg": "Timestamp outside"}),
+        START,
+        START + 0.5,
+    )
     run_for(poller, clock, 5)
     paths = [path.rsplit("/", 1)[1] for _, path, _ in api.log]
     assert paths[:5] == ["time", "balance", "time", "balance", "account"]

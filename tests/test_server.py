@@ -23,8 +23,9 @@ def store() -> SnapshotStore:
 def url(store: SnapshotStore) -> Iterator[str]:
     registry = CollectorRegistry()
     registry.register(SnapshotCollector(store))
-    server = MetricsServer(ExporterApp(registry, store, lambda header: header == "Basic ok"),
-                           "127.0.0.1", 0)
+    server = MetricsServer(
+        ExporterApp(registry, store, lambda header: header == "Basic ok"), "127.0.0.1", 0
+    )
     server.start()
     yield f"http://127.0.0.1:{server.port}"
     server.close()
@@ -38,8 +39,9 @@ def test_metrics_text_openmetrics_and_gzip(url: str) -> None:
     assert plain.status_code == 200
     assert plain.headers["content-type"].startswith("text/plain; version=0.0.4")
     assert 'binance_pm_up{account="desk-a"} 0.0' in plain.text
-    om = httpx.get(f"{url}/metrics",
-                   headers={**AUTH, "Accept": "application/openmetrics-text; version=1.0.0"})
+    om = httpx.get(
+        f"{url}/metrics", headers={**AUTH, "Accept": "application/openmetrics-text; version=1.0.0"}
+    )
     assert om.headers["content-type"].startswith("application/openmetrics-text")
     assert om.text.endswith("# EOF\n")
     zipped = httpx.get(f"{url}/metrics", headers={**AUTH, "Accept-Encoding": "gzip"})
@@ -71,13 +73,15 @@ def test_landing_healthz_404_405_and_auth(url: str) -> None:
     assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no credentials
     assert httpx.get(f"{url}/nope", headers=AUTH).status_code == 404
     post = httpx.post(f"{url}/metrics", headers=AUTH)
-    assert post.status_code == 405 and post.headers["allow"] == "GET, HEAD"
+    assert post.status_code == 405
+    assert post.headers["allow"] == "GET, HEAD"
     denied = httpx.get(f"{url}/metrics")
     assert denied.status_code == 401
     assert denied.headers["www-authenticate"].startswith("Basic")
     assert "binance_pm" not in denied.text
     head = httpx.head(f"{url}/metrics", headers=AUTH)
-    assert head.status_code == 200 and head.content == b""
+    assert head.status_code == 200
+    assert head.content == b""
 
 
 def test_a_client_that_disconnects_mid_request_harms_nothing(url: str) -> None:
@@ -93,9 +97,8 @@ def test_a_client_that_disconnects_mid_request_harms_nothing(url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "value,expected",
-    [(":9745", ("0.0.0.0", 9745)), ("127.0.0.1:80", ("127.0.0.1", 80)),
-     ("[::1]:9", ("::1", 9))],
+    ("value", "expected"),
+    [(":9745", ("0.0.0.0", 9745)), ("127.0.0.1:80", ("127.0.0.1", 80)), ("[::1]:9", ("::1", 9))],
 )
 def test_parse_listen_address(value: str, expected: tuple[str, int]) -> None:
     assert parse_listen_address(value) == expected

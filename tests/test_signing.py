@@ -42,7 +42,9 @@ def test_rsa_signature_verifies_with_the_public_key() -> None:
     payload, _, signature = query.rpartition("&signature=")
     raw = base64.b64decode(unquote(signature))
     key.public_key().verify(raw, payload.encode(), padding.PKCS1v15(), hashes.SHA256())
-    assert "+" not in signature and "/" not in signature and "=" not in signature
+    assert "+" not in signature
+    assert "/" not in signature
+    assert "=" not in signature
 
 
 def test_ed25519_signature_verifies_with_the_public_key() -> None:

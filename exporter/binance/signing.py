@@ -25,7 +25,7 @@ class Signer(Protocol):
 
     @property
     def kind(self) -> str:
-        """"hmac", "rsa" or "ed25519"."""
+        """ "hmac", "rsa" or "ed25519"."""
 
     def sign(self, payload: bytes) -> str: ...
 

@@ -17,7 +17,7 @@ from exporter.config.models import (
     Config,
 )
 from exporter.config.secrets import PrivateKey
-from exporter.config.summary import refresh_weight, summarize
+from exporter.config.summary import summarize
 
 __all__ = [
     "AccountConfig",
@@ -30,6 +30,5 @@ __all__ = [
     "PrivateKey",
     "load_config",
     "parse_config",
-    "refresh_weight",
     "summarize",
 ]

@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from exporter.budget import BudgetLimits
 from exporter.config.secrets import PrivateKey, key_type
 
 DEFAULT_BASE_URL = "https://papi.binance.com"
@@ -187,9 +188,9 @@ class BudgetSettings(_Frozen):
     min_interval_seconds: Annotated[float, _NotBool, _Finite, _range(ge=1, le=86400)] = 10.0
 
     @property
-    def weight_per_minute(self) -> float:
-        """B: the weight this exporter may spend per minute (limit x share)."""
-        return self.ip_weight_limit_per_minute * self.share
+    def limits(self) -> BudgetLimits:
+        """The budget's figures; `limits.per_minute` is B = limit x share."""
+        return BudgetLimits(self.ip_weight_limit_per_minute, self.share, self.ip_high_water)
 
 
 class AssetFilter(_Frozen):

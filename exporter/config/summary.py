@@ -4,22 +4,16 @@ from __future__ import annotations
 
 from collections import Counter
 
+from exporter.budget import refresh_interval, refresh_weight
 from exporter.config.models import Config
-
-BALANCE_WEIGHT = 20  # GET /papi/v1/balance (no asset parameter)
-ACCOUNT_WEIGHT = 20  # GET /papi/v1/account
-
-
-def refresh_weight(config: Config) -> int:
-    """w: the request weight of one account refresh."""
-    return BALANCE_WEIGHT + (ACCOUNT_WEIGHT if config.collect.account_info else 0)
 
 
 def summarize(config: Config) -> str:
     """A few lines: endpoint, budget arithmetic, accounts with key type and egress."""
     budget = config.budget
-    weight = refresh_weight(config)
-    per_minute = budget.weight_per_minute
+    weight = refresh_weight(config.collect.account_info)
+    limits = budget.limits
+    per_minute = limits.per_minute
     high_water = budget.ip_high_water * budget.ip_weight_limit_per_minute
     assets = config.collect.assets
     lines = [
@@ -35,8 +29,8 @@ def summarize(config: Config) -> str:
         f" ({_num(budget.ip_high_water)} x {budget.ip_weight_limit_per_minute})",
     ]
     for egress, count in Counter(a.egress for a in config.accounts).items():
-        by_budget = count * weight / per_minute * 60
-        interval = max(by_budget, budget.min_interval_seconds)
+        by_budget = refresh_interval(count, weight, limits, 0.0)
+        interval = refresh_interval(count, weight, limits, budget.min_interval_seconds)
         binding = "budget" if by_budget >= budget.min_interval_seconds else "min_interval"
         lines.append(
             f"refresh ({egress}): {count} account(s) x {weight} / {_num(per_minute)} per min"
