@@ -282,7 +282,7 @@ def load_web_config(path: Path, *, checkpw: CheckPw = bcrypt.checkpw) -> WebConf
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise WebConfigError(f"{path}: the top level must be a mapping")
+        raise WebConfigError(f"{path}: the top level must be a mapping") from None
     _reject_unsupported(path, raw)
     try:
         parsed = _WebConfigFile.model_validate(raw)
@@ -296,7 +296,8 @@ def load_web_config(path: Path, *, checkpw: CheckPw = bcrypt.checkpw) -> WebConf
 
 
 def _fail(path: Path, field_name: str, problem: str) -> NoReturn:
-    raise WebConfigError(f"{path}: {field_name}: {problem}")
+    # `from None`: the OpenSSL or pydantic error behind it would only add noise (or secrets).
+    raise WebConfigError(f"{path}: {field_name}: {problem}") from None
 
 
 def _reason(e: BaseException) -> str:
@@ -314,11 +315,23 @@ def _yaml_reason(e: yaml.YAMLError) -> str:
     return "invalid YAML"
 
 
+_PYDANTIC_PROBLEMS = {
+    "extra_forbidden": "unknown field",
+    "model_type": "must be a mapping",
+    "dict_type": "must be a mapping",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+}
+
+
 def _validation_reason(e: ValidationError) -> str:
     problems = []
     for error in e.errors():
         where = ".".join(str(part) for part in error["loc"] if part != "[key]") or "top level"
-        what = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
+        if error["type"] == "literal_error":
+            what = f"must be one of {error.get('ctx', {}).get('expected', '')}"
+        else:
+            what = _PYDANTIC_PROBLEMS.get(error["type"], error["msg"])
         problems.append(f"{where}: {what}")
     return "; ".join(problems)
 
