@@ -441,6 +441,14 @@ def test_unknown_users_cost_a_bcrypt_run_too(tmp_path: Path, pki: PKI) -> None:
     assert checkpw.calls == 2
 
 
+def test_unknown_users_never_pass_even_if_the_decoy_hash_matched(tmp_path: Path, pki: PKI) -> None:
+    web = load_web_config(
+        web_config(tmp_path, pki, basic_auth_users={USER: HASH}), checkpw=lambda _p, _h: True
+    )
+    assert not web.authorized(basic("mallory", PASSWORD))
+    assert web.authorized(basic(USER, "anything"))
+
+
 def test_overlong_passwords_are_refused_without_bcrypt(tmp_path: Path, pki: PKI) -> None:
     checkpw = CountingCheckPw()
     web = load_web_config(web_config(tmp_path, pki, basic_auth_users={USER: HASH}), checkpw=checkpw)
