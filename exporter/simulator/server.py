@@ -66,7 +66,8 @@ class Simulator:
         if self._server is not None:
             raise RuntimeError("simulator already started")
         self._server = _Server(self._address, self.state, self._stopping)
-        self._spawn(self._server.serve_forever, "sim-http")
+        server = self._server
+        self._spawn(lambda: server.serve_forever(poll_interval=0.05), "sim-http")
         return self
 
     def stop(self) -> None:
