@@ -188,6 +188,7 @@ class Simulator:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # an exporter polling many accounts opens many connections at once
 
     def __init__(
         self, address: tuple[str, int], state: SimState, stopping: threading.Event
@@ -227,6 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "binance-pm-simulator"
     sys_version = ""
+    disable_nagle_algorithm = True  # headers and body go out as separate writes
     server: _Server
 
     def do_GET(self) -> None:
