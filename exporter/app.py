@@ -11,7 +11,7 @@ from itertools import groupby
 
 import httpx
 import structlog
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import make_signer
@@ -24,6 +24,9 @@ from exporter.server import Authorize, ExporterApp, MetricsServer
 from exporter.snapshot import AccountSnapshot, SnapshotStore
 
 log = structlog.get_logger("exporter")
+
+# `_created` series of the counters would double the health metrics for no use.
+disable_created_metrics()
 
 #: how long in-flight requests may take to finish after a stop signal
 SHUTDOWN_GRACE_SECONDS = 5.0
