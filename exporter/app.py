@@ -5,21 +5,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from itertools import groupby
 
 import httpx
 import structlog
 from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client.registry import Collector
 
 from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import make_signer
 from exporter.budget import WeightBudget, refresh_interval, refresh_weight
 from exporter.collector import SnapshotCollector
 from exporter.config import AccountConfig, Config
+from exporter.exposition import CachedExposition
 from exporter.poller import EgressPoller, PollSettings, Target
 from exporter.selfmetrics import BudgetCollector, BuildInfoCollector, Instruments
 from exporter.server import ExporterApp, MetricsServer
+from exporter.shard import WHOLE, Shard
 from exporter.snapshot import AccountSnapshot, SnapshotStore
 from exporter.webconfig import WebConfig
 
@@ -41,16 +45,23 @@ class Exporter:
         *,
         transport: Callable[[AccountConfig], httpx.AsyncBaseTransport | None] = lambda _: None,
         clock: Callable[[], float] = time.time,
+        shard: Shard = WHOLE,
     ) -> None:
         self.config = config
-        self.registry = CollectorRegistry(auto_describe=True)
-        limits = config.budget.limits
-        instruments = Instruments(self.registry)
+        self.shard = shard
+        #: the accounts this replica polls: all of them, or its shard's share
+        self.accounts = shard.select(config.accounts, lambda a: a.name)
+        #: the live self-metrics, rendered per scrape
+        self.live_registry = CollectorRegistry(auto_describe=True)
+        # Shards run on the same egress IPs (same config): each spends its part of the budget,
+        # so the IP sees `share` whatever the number of shards, and intervals stay N·w/B.
+        limits = replace(config.budget.limits, share=config.budget.limits.share / shard.total)
+        instruments = Instruments(self.live_registry)
         weight = refresh_weight(config.collect.account_info)
         groups = [
             (egress, list(accounts))
             for egress, accounts in groupby(
-                sorted(config.accounts, key=lambda a: a.egress), lambda a: a.egress
+                sorted(self.accounts, key=lambda a: a.egress), lambda a: a.egress
             )
         ]
         settings = {
@@ -65,7 +76,7 @@ class Exporter:
         }
         self.store = SnapshotStore(
             AccountSnapshot(a.name, settings[a.egress].interval)
-            for a in sorted(config.accounts, key=lambda a: a.name)
+            for a in sorted(self.accounts, key=lambda a: a.name)
         )
         self.budgets: list[WeightBudget] = []
         self.pollers: list[EgressPoller] = []
@@ -92,16 +103,23 @@ class Exporter:
                     clock=clock,
                 )
             )
+        live: list[Collector] = [instruments.requests, instruments.duration]
+        live += [BudgetCollector(self.budgets), BuildInfoCollector()]
+        for collector in live[2:]:
+            self.live_registry.register(collector)
+        #: the snapshot's families, rendered once per snapshot change
+        self.exposition = CachedExposition(self.store)
+        #: everything, through prometheus_client: the reference /metrics must equal
+        self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(SnapshotCollector(self.store))
-        self.registry.register(BudgetCollector(self.budgets))
-        self.registry.register(BuildInfoCollector())
+        for collector in live:
+            self.registry.register(collector)
 
     def serve_http(self, host: str, port: int, web: WebConfig | None = None) -> MetricsServer:
         """Serve /metrics and the other endpoints on host:port, with TLS and auth from `web`."""
         web = web or WebConfig()
-        server = MetricsServer(
-            ExporterApp(self.registry, self.store, web), host, port, web.ssl_context
-        )
+        app = ExporterApp(self.live_registry, self.store, web, exposition=self.exposition)
+        server = MetricsServer(app, host, port, web.ssl_context)
         server.start()
         return server
 
@@ -110,7 +128,8 @@ class Exporter:
         tasks = [asyncio.create_task(p.run(), name="poller") for p in self.pollers]
         log.info(
             "polling_started",
-            accounts=len(self.config.accounts),
+            accounts=len(self.accounts),
+            shard=str(self.shard),
             egresses=[b.egress for b in self.budgets],
             intervals=[p.settings.interval for p in self.pollers],
         )

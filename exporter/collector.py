@@ -6,13 +6,14 @@ account exist only while the snapshot has them, so they vanish with it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from exporter.binance.models import ACCOUNT_STATUSES
-from exporter.snapshot import Snapshot, SnapshotStore
+from exporter.snapshot import AccountSnapshot, Snapshot, SnapshotStore
 
 _BALANCE = "GET /papi/v1/balance"
 _ACCOUNT = "GET /papi/v1/account"
@@ -82,110 +83,166 @@ def _help(what: str, field: str, endpoint: str) -> str:
     return f"{what} ({field} of {endpoint})."
 
 
-class SnapshotCollector(Collector):
-    """Account and asset data, and per-account refresh health, from the current snapshot."""
-
-    def __init__(self, store: SnapshotStore) -> None:
-        self._store = store
-
-    def collect(self) -> Iterable[Metric]:
-        snapshot = self._store.current  # one read: the whole scrape sees one snapshot
-        yield from balance_families(snapshot)
-        yield from account_families(snapshot)
-        yield from health_families(snapshot)
+Sample = tuple[tuple[str, ...], float]
 
 
-def balance_families(snapshot: Snapshot) -> Iterable[Metric]:
-    families = [
-        (GaugeMetricFamily(name, _help(what, field, _BALANCE), labels=["account", "asset"]), field)
+@dataclass(frozen=True, slots=True)
+class Family:
+    """One gauge family of the snapshot: its name, HELP, labels and one account's samples.
+
+    `samples(account)` gives the label values after `account` and the value of each
+    sample; both renderers (prometheus_client's here, the cached one in
+    exposition.py) read the families through it, so they cannot disagree.
+    """
+
+    name: str
+    help: str
+    labels: tuple[str, ...]
+    samples: Callable[[AccountSnapshot], Iterable[Sample]]
+
+    def __post_init__(self) -> None:
+        # prometheus_client sorts labels by name; keeping them sorted here keeps the
+        # hand-written exposition identical to its output.
+        assert self.labels[0] == "account"
+        assert list(self.labels) == sorted(self.labels)
+
+
+def _balance_field(field: str) -> Callable[[AccountSnapshot], Iterable[Sample]]:
+    def samples(account: AccountSnapshot) -> Iterable[Sample]:
+        for balance in account.balances:
+            value = balance.values.get(field)
+            if value is not None:
+                yield (balance.asset,), value
+
+    return samples
+
+
+def _balance_time(account: AccountSnapshot) -> Iterable[Sample]:
+    for balance in account.balances:
+        if balance.update_time is not None:
+            yield (balance.asset,), balance.update_time
+
+
+def _account_field(field: str) -> Callable[[AccountSnapshot], Iterable[Sample]]:
+    def samples(account: AccountSnapshot) -> Iterable[Sample]:
+        value = None if account.info is None else account.info.values.get(field)
+        if value is not None:
+            yield (), value
+
+    return samples
+
+
+def _account_status(account: AccountSnapshot) -> Iterable[Sample]:
+    status = None if account.info is None else account.info.status
+    if status is None:
+        return
+    known = ACCOUNT_STATUSES if status in ACCOUNT_STATUSES else (*ACCOUNT_STATUSES, status)
+    for name in known:
+        yield (name,), 1.0 if name == status else 0.0
+
+
+def _account_time(account: AccountSnapshot) -> Iterable[Sample]:
+    if account.info is not None and account.info.update_time is not None:
+        yield (), account.info.update_time
+
+
+def _up(account: AccountSnapshot) -> Iterable[Sample]:
+    yield (), 1.0 if account.up else 0.0
+
+
+def _last_success(account: AccountSnapshot) -> Iterable[Sample]:
+    if account.last_success is not None:
+        yield (), account.last_success
+
+
+def _failures(account: AccountSnapshot) -> Iterable[Sample]:
+    yield (), float(account.consecutive_failures)
+
+
+def _interval(account: AccountSnapshot) -> Iterable[Sample]:
+    yield (), account.refresh_interval
+
+
+#: every family the snapshot renders to, in exposition order
+FAMILIES: tuple[Family, ...] = (
+    *(
+        Family(name, _help(what, field, _BALANCE), ("account", "asset"), _balance_field(field))
         for name, field, what in BALANCE_METRICS
-    ]
-    updated = GaugeMetricFamily(
+    ),
+    Family(
         "binance_pm_balance_update_timestamp_seconds",
         _help("When Binance last updated the asset's balance", "updateTime / 1000", _BALANCE),
-        labels=["account", "asset"],
-    )
-    for account in snapshot.accounts.values():
-        for balance in account.balances:
-            labels = [account.name, balance.asset]
-            for family, field in families:
-                value = balance.values.get(field)
-                if value is not None:
-                    family.add_metric(labels, value)
-            if balance.update_time is not None:
-                updated.add_metric(labels, balance.update_time)
-    yield from (family for family, _ in families)
-    yield updated
-
-
-def account_families(snapshot: Snapshot) -> Iterable[Metric]:
-    families = [
-        (GaugeMetricFamily(name, _help(what, field, _ACCOUNT), labels=["account"]), field)
+        ("account", "asset"),
+        _balance_time,
+    ),
+    *(
+        Family(name, _help(what, field, _ACCOUNT), ("account",), _account_field(field))
         for name, field, what in ACCOUNT_METRICS
-    ]
-    status = GaugeMetricFamily(
+    ),
+    Family(
         "binance_pm_account_status",
         _help(
             "1 for the account's current status, 0 for every other known status",
             "accountStatus",
             _ACCOUNT,
         ),
-        labels=["account", "status"],
-    )
-    updated = GaugeMetricFamily(
+        ("account", "status"),
+        _account_status,
+    ),
+    Family(
         "binance_pm_account_update_timestamp_seconds",
         _help("When Binance last updated the account", "updateTime / 1000", _ACCOUNT),
-        labels=["account"],
-    )
-    for account in snapshot.accounts.values():
-        info = account.info
-        if info is None:
-            continue
-        for family, field in families:
-            value = info.values.get(field)
-            if value is not None:
-                family.add_metric([account.name], value)
-        if info.status is not None:
-            known = (
-                ACCOUNT_STATUSES
-                if info.status in ACCOUNT_STATUSES
-                else (*ACCOUNT_STATUSES, info.status)
-            )
-            for name in known:
-                status.add_metric([account.name, name], 1.0 if name == info.status else 0.0)
-        if info.update_time is not None:
-            updated.add_metric([account.name], info.update_time)
-    yield from (family for family, _ in families)
-    yield status
-    yield updated
-
-
-def health_families(snapshot: Snapshot) -> Iterable[Metric]:
-    up = GaugeMetricFamily(
+        ("account",),
+        _account_time,
+    ),
+    Family(
         "binance_pm_up",
         "1 when the account's last refresh succeeded, else 0.",
-        labels=["account"],
-    )
-    last_success = GaugeMetricFamily(
+        ("account",),
+        _up,
+    ),
+    Family(
         "binance_pm_last_success_timestamp_seconds",
         "When the account was last refreshed successfully.",
-        labels=["account"],
-    )
-    failures = GaugeMetricFamily(
+        ("account",),
+        _last_success,
+    ),
+    Family(
         "binance_pm_account_consecutive_failures",
         "Refreshes of the account that failed in a row since its last success.",
-        labels=["account"],
-    )
-    interval = GaugeMetricFamily(
+        ("account",),
+        _failures,
+    ),
+    Family(
         "binance_pm_refresh_interval_seconds",
         "Target seconds between two refreshes of the account: "
         "max(accounts x weight / budget, min_interval_seconds).",
-        labels=["account"],
-    )
-    for account in snapshot.accounts.values():
-        up.add_metric([account.name], 1.0 if account.up else 0.0)
-        if account.last_success is not None:
-            last_success.add_metric([account.name], account.last_success)
-        failures.add_metric([account.name], account.consecutive_failures)
-        interval.add_metric([account.name], account.refresh_interval)
-    yield from (up, last_success, failures, interval)
+        ("account",),
+        _interval,
+    ),
+)
+
+
+class SnapshotCollector(Collector):
+    """Account and asset data, and per-account refresh health, from the current snapshot.
+
+    This is the reference rendering through prometheus_client; /metrics serves the
+    same families from exposition.CachedExposition, which renders them once per
+    snapshot change.
+    """
+
+    def __init__(self, store: SnapshotStore) -> None:
+        self._store = store
+
+    def collect(self) -> Iterable[Metric]:
+        yield from snapshot_families(self._store.current)
+
+
+def snapshot_families(snapshot: Snapshot) -> Iterable[Metric]:
+    """The snapshot's families as prometheus_client metric families."""
+    for family in FAMILIES:
+        metric = GaugeMetricFamily(family.name, family.help, labels=list(family.labels))
+        for account in snapshot.accounts.values():
+            for labels, value in family.samples(account):
+                metric.add_metric([account.name, *labels], value)
+        yield metric

@@ -17,18 +17,23 @@ from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import structlog
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.registry import Collector
 
+from exporter.collector import SnapshotCollector
+from exporter.exposition import CachedExposition, Format
 from exporter.snapshot import SnapshotStore
 from exporter.webconfig import WebConfig
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = structlog.get_logger("exporter.server")
 
-Response = tuple[str, list[tuple[str, str]], bytes]
+Response = tuple[str, list[tuple[str, str]], list[bytes]]
 #: a client that sends nothing for this long is dropped
 CLIENT_TIMEOUT_SECONDS = 30.0
 
@@ -41,17 +46,25 @@ LANDING_PAGE = b"""<!doctype html>
 
 
 class ExporterApp:
-    """A WSGI application serving the exporter's endpoints."""
+    """A WSGI application serving the exporter's endpoints.
+
+    With `exposition`, /metrics is the snapshot's cached exposition followed by
+    `registry` (the live self-metrics) rendered per scrape; without it, the whole
+    `registry` is rendered per scrape.
+    """
 
     def __init__(
         self,
         registry: CollectorRegistry,
         store: SnapshotStore,
         web: WebConfig | None = None,
+        *,
+        exposition: CachedExposition | None = None,
     ) -> None:
         self._registry = registry
         self._store = store
         self._web = web or WebConfig()
+        self._exposition = exposition
         self._routes: dict[str, Callable[[WSGIEnvironment], Response]] = {
             "/metrics": self._metrics,
             "/": self._landing,
@@ -64,12 +77,12 @@ class ExporterApp:
         method = environ.get("REQUEST_METHOD", "GET")
         route = self._routes.get(path)
         if route is None:
-            status, headers, body = "404 Not Found", _text(), b"not found\n"
+            status, headers, body = "404 Not Found", _text(), [b"not found\n"]
         elif method not in ("GET", "HEAD"):
             status, headers, body = (
                 "405 Method Not Allowed",
                 [*_text(), ("Allow", "GET, HEAD")],
-                (b"method not allowed\n"),
+                [b"method not allowed\n"],
             )
         elif path != "/healthz" and not self._web.authorized(environ.get("HTTP_AUTHORIZATION")):
             status, headers, body = (
@@ -78,35 +91,71 @@ class ExporterApp:
                     *_text(),
                     ("WWW-Authenticate", 'Basic realm="binance-pm-exporter"'),
                 ],
-                b"unauthorized\n",
+                [b"unauthorized\n"],
             )
         else:
             status, headers, body = route(environ)
-        headers += [*self._web.headers.items(), ("Content-Length", str(len(body)))]
+        length = sum(len(chunk) for chunk in body)
+        headers += [*self._web.headers.items(), ("Content-Length", str(length))]
         start_response(status, headers)
-        return [b"" if method == "HEAD" else body]
+        return [b""] if method == "HEAD" else body
 
     def _metrics(self, environ: WSGIEnvironment) -> Response:
         encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
-        body = encoder(self._registry)
+        gzipped = "gzip" in environ.get("HTTP_ACCEPT_ENCODING", "")
         headers = [("Content-Type", content_type)]
-        if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
-            body = gzip.compress(body, compresslevel=6)
+        if gzipped:
             headers.append(("Content-Encoding", "gzip"))
         headers.append(("Vary", "Accept, Accept-Encoding"))
-        return "200 OK", headers, body
+        fmt = _cacheable_format(encoder)
+        if self._exposition is None or fmt is None:
+            # No cache, or a name escaping that changes names: render everything now.
+            everything: Collector = self._registry
+            if self._exposition is not None:
+                everything = _Chain(SnapshotCollector(self._store), self._registry)
+            body = encoder(everything)
+            return "200 OK", headers, [gzip.compress(body, compresslevel=6) if gzipped else body]
+        live = encoder(self._registry)
+        if gzipped:
+            return "200 OK", headers, self._exposition.gzip(fmt).finish(live)
+        return "200 OK", headers, [self._exposition.text(fmt), live]
 
     def _landing(self, environ: WSGIEnvironment) -> Response:
-        return "200 OK", [("Content-Type", "text/html; charset=utf-8")], LANDING_PAGE
+        return "200 OK", [("Content-Type", "text/html; charset=utf-8")], [LANDING_PAGE]
 
     def _healthz(self, environ: WSGIEnvironment) -> Response:
-        return "200 OK", _text(), b"ok\n"
+        return "200 OK", _text(), [b"ok\n"]
 
     def _readyz(self, environ: WSGIEnvironment) -> Response:
         pending = self._store.current.pending
         status = "503 Service Unavailable" if pending else "200 OK"
         body = {"status": "pending", "pending": pending} if pending else {"status": "ready"}
-        return status, [("Content-Type", "application/json")], json.dumps(body).encode() + b"\n"
+        return status, [("Content-Type", "application/json")], [json.dumps(body).encode() + b"\n"]
+
+
+class _Chain(Collector):
+    def __init__(self, *collectors: Collector) -> None:
+        self._collectors = collectors
+
+    def collect(self) -> Iterable[Metric]:
+        for collector in self._collectors:
+            yield from collector.collect()
+
+
+def _cacheable_format(encoder: Callable[..., bytes]) -> Format | None:
+    """The cached format that equals what `encoder` (from choose_encoder) writes, if any.
+
+    Our names are valid legacy names, which every escaping but `dots` leaves alone.
+    """
+    func = getattr(encoder, "func", encoder)
+    keywords: dict[str, object] = getattr(encoder, "keywords", {})
+    if keywords.get("escaping", openmetrics.UNDERSCORES) == openmetrics.DOTS:
+        return None
+    if func is openmetrics.generate_latest:
+        return "openmetrics"
+    if func is generate_latest:
+        return "text"
+    return None
 
 
 def _text() -> list[tuple[str, str]]:
@@ -123,7 +172,7 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
     block_on_close = False
 
     def __init__(
-        self, host: str, port: int, app: ExporterApp, ssl_context: ssl.SSLContext | None
+        self, host: str, port: int, app: WSGIApplication, ssl_context: ssl.SSLContext | None
     ) -> None:
         self.address_family = _family(host)
         self.ssl_context = ssl_context
@@ -146,7 +195,7 @@ class MetricsServer:
 
     def __init__(
         self,
-        app: ExporterApp,
+        app: WSGIApplication,
         host: str,
         port: int,
         ssl_context: ssl.SSLContext | None = None,

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from exporter.collector import SnapshotCollector
+from exporter.exposition import CachedExposition
 from exporter.server import ExporterApp, MetricsServer, parse_listen_address
 from exporter.snapshot import AccountSnapshot, SnapshotStore
 from exporter.webconfig import load_web_config
@@ -25,8 +25,6 @@ def store() -> SnapshotStore:
 
 @pytest.fixture
 def url(store: SnapshotStore, tmp_path: Path) -> Iterator[str]:
-    registry = CollectorRegistry()
-    registry.register(SnapshotCollector(store))
     hashed = bcrypt.hashpw(b"scrape-password", bcrypt.gensalt(rounds=4)).decode()
     web_config = tmp_path / "web.yml"
     web_config.write_text(
@@ -34,7 +32,8 @@ def url(store: SnapshotStore, tmp_path: Path) -> Iterator[str]:
         "http_server_config:\n  headers:\n    X-Content-Type-Options: nosniff\n"
     )
     web = load_web_config(web_config)
-    server = MetricsServer(ExporterApp(registry, store, web), "127.0.0.1", 0)
+    app = ExporterApp(CollectorRegistry(), store, web, exposition=CachedExposition(store))
+    server = MetricsServer(app, "127.0.0.1", 0)
     server.start()
     yield f"http://127.0.0.1:{server.port}"
     server.close()

@@ -1,0 +1,191 @@
+"""The cached exposition: byte-identical to prometheus_client's, once per generation."""
+
+import gzip
+import shutil
+import subprocess
+import threading
+import zlib
+from collections import Counter
+from types import MappingProxyType
+
+import httpx
+import pytest
+from exporter_harness import running_exporter, sim_config, wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.binance.models import BALANCE_FIELDS, AccountInfo, AssetBalance
+from exporter.collector import SnapshotCollector
+from exporter.exposition import CachedExposition
+from exporter.simulator import Simulator
+from exporter.simulator.demo import generate_account
+from exporter.snapshot import AccountSnapshot, SnapshotStore
+
+VALUES = [0.0, -0.0, 1.0, -1.5, 0.1, 1e-9, 123456.789, 1234567.0, 1e22, -3.3e-300, 17e9]
+
+
+def reference(store: SnapshotStore, fmt: str = "text") -> bytes:
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(store))
+    if fmt == "text":
+        return generate_latest(registry)
+    return openmetrics.generate_latest(registry)
+
+
+def account(
+    name: str, assets: list[str], *, seed: int = 0, status: str = "NORMAL"
+) -> AccountSnapshot:
+    balances = tuple(
+        AssetBalance(
+            asset,
+            MappingProxyType(
+                {f: VALUES[(i + j + seed) % len(VALUES)] for j, f in enumerate(BALANCE_FIELDS[:-1])}
+            ),
+            1_700_000_000.123 + i,
+        )
+        for i, asset in enumerate(assets)
+    )
+    info = AccountInfo(MappingProxyType({"uniMMR": 5.25, "accountEquity": 1e7}), status, 1.7e9)
+    return AccountSnapshot(name, 16.0, balances, info, up=True, attempted=True, last_success=1.7e9)
+
+
+def tricky_store() -> SnapshotStore:
+    return SnapshotStore(
+        [
+            account("desk-a", ["USDT", "BTC", 'Q"UOTE', "BACK\\SLASH", "NEW\nLINE", "ÜNÏ"]),
+            account("desk-b", ["ETH"], seed=3, status="SOMETHING_NEW"),
+            AccountSnapshot("desk-c", 10.0, attempted=True, consecutive_failures=2),
+        ]
+    )
+
+
+@pytest.mark.parametrize("fmt", ["text", "openmetrics"])
+def test_cached_text_equals_prometheus_client(fmt: str) -> None:
+    store = tricky_store()
+    cached = CachedExposition(store).text(fmt)  # type: ignore[arg-type]
+    expected = reference(store, fmt)
+    if fmt == "openmetrics":
+        expected = expected.removesuffix(b"# EOF\n")
+    assert cached == expected
+
+
+@pytest.mark.parametrize("fmt", ["text", "openmetrics"])
+def test_gzip_is_one_member_of_the_same_bytes_plus_the_live_tail(fmt: str) -> None:
+    store = tricky_store()
+    exposition = CachedExposition(store)
+    tail = b"# HELP live x\n# TYPE live gauge\nlive 1.0\n"
+    body = b"".join(exposition.gzip(fmt).finish(tail))  # type: ignore[arg-type]
+    plain = exposition.text(fmt) + tail  # type: ignore[arg-type]
+    assert gzip.decompress(body) == plain
+    single = zlib.decompressobj(zlib.MAX_WBITS | 16)  # what httpx and browsers use: one member
+    assert single.decompress(body) == plain
+    assert single.eof
+    assert single.unused_data == b""
+
+
+def test_rendered_once_per_generation_and_only_changed_accounts() -> None:
+    store = tricky_store()
+    exposition = CachedExposition(store)
+    first = exposition.text("text")
+    assert exposition.text("text") is first
+    assert exposition.renders == 1
+    fragments = dict(exposition._fragments)
+    store.replace(account("desk-b", ["ETH", "SOL"], seed=5))
+    second = exposition.text("text")
+    assert exposition.renders == 2
+    assert second == reference(store)
+    assert exposition._fragments["desk-a"] is fragments["desk-a"]
+    assert exposition._fragments["desk-b"] is not fragments["desk-b"]
+    exposition.gzip("text")
+    exposition.gzip("text")
+    assert exposition.renders == 3
+
+
+def test_concurrent_scrapes_of_a_new_generation_render_it_once() -> None:
+    store = tricky_store()
+    exposition = CachedExposition(store)
+    exposition.text("text")
+    store.replace(account("desk-a", ["USDT"], seed=1))
+    start = threading.Barrier(8)
+    results: list[bytes] = []
+
+    def scrape() -> None:
+        start.wait()
+        results.append(exposition.text("text"))
+
+    threads = [threading.Thread(target=scrape) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert exposition.renders == 2
+    assert len({id(r) for r in results}) == 1
+
+
+label_text = st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    assets=st.lists(label_text, min_size=1, max_size=4, unique=True),
+    values=st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=11),
+)
+def test_any_label_value_and_float_render_as_prometheus_client_does(
+    assets: list[str], values: list[float]
+) -> None:
+    balances = tuple(
+        AssetBalance(a, MappingProxyType(dict(zip(BALANCE_FIELDS, values, strict=False))), None)
+        for a in assets
+    )
+    store = SnapshotStore([AccountSnapshot("x", 1.0, balances, up=True, attempted=True)])
+    assert CachedExposition(store).text("text") == reference(store)
+
+
+# ---------------------------------------------------------------- a real exporter
+
+
+def samples(text: str) -> Counter[tuple[str, tuple[tuple[str, str], ...], float]]:
+    return Counter(
+        (s.name, tuple(sorted(s.labels.items())), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    )
+
+
+def test_a_real_exporters_metrics_equal_the_full_registry_and_pass_promtool() -> None:
+    generated = [generate_account(f"desk-{i}", "hmac") for i in range(3)]
+    om_accept = {"Accept": "application/openmetrics-text; version=1.0.0"}
+    with Simulator([g.sim_account for g in generated], assets_per_account=4) as sim:
+        config = sim_config(sim.url, generated, {"share": 1.0, "min_interval_seconds": 1})
+        with running_exporter(config) as running:
+            exporter = running.exporter
+            wait_for(lambda: not exporter.store.current.pending, what="every account refreshed")
+            polling = httpx.get(f"{running.url}/metrics").text
+            assert 'binance_pm_up{account="desk-0"} 1.0' in polling
+            running.stop_polling()
+            # Stopped: nothing moves any more, so both renderings see the same values.
+            expected = generate_latest(exporter.registry).decode()
+            identity = {"Accept-Encoding": "identity"}
+            text = httpx.get(f"{running.url}/metrics", headers=identity).text
+            zipped = httpx.get(
+                f"{running.url}/metrics", headers={**om_accept, "Accept-Encoding": "gzip"}
+            )
+    assert samples(text) == samples(expected)
+    assert sorted(text.splitlines()) == sorted(expected.splitlines())
+    assert zipped.headers["content-encoding"] == "gzip"
+    om = zipped.text
+    expected_om = openmetrics.generate_latest(exporter.registry).decode()
+    assert sorted(om.splitlines()) == sorted(expected_om.splitlines())
+    assert om.endswith("\n# EOF\n")
+    assert om.count("# EOF") == 1
+    types = [line.split()[2] for line in om.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types))
+    if shutil.which("promtool"):
+        result = subprocess.run(
+            ["promtool", "check", "metrics"], input=text.encode(), capture_output=True, check=False
+        )
+        assert result.stdout + result.stderr == b""
+        assert result.returncode == 0
