@@ -126,6 +126,10 @@ class Exporter:
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until `stop` is set, then let in-flight requests finish within the grace."""
         tasks = [asyncio.create_task(p.run(), name="poller") for p in self.pollers]
+        if not self.accounts:
+            log.warning(
+                "no_accounts_in_shard", shard=str(self.shard), configured=len(self.config.accounts)
+            )
         log.info(
             "polling_started",
             accounts=len(self.accounts),

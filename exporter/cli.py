@@ -19,6 +19,7 @@ from exporter.app import Exporter
 from exporter.config import Config, ConfigError, load_config, parse_config, summarize
 from exporter.logs import FORMATS, LEVELS, configure_logging
 from exporter.server import parse_listen_address
+from exporter.shard import ShardError, parse_shard
 from exporter.webconfig import WebConfigError, load_web_config
 
 DEFAULT_PORT = 9745
@@ -84,6 +85,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "json or console (default: json unless stderr is a terminal)",
         choices=FORMATS,
     )
+    option(
+        "--shard",
+        "0/1",
+        "poll only this replica's share of the accounts: INDEX/TOTAL (0-based), or "
+        "NAME-ORDINAL/TOTAL to take INDEX from a StatefulSet pod name such as "
+        "binance-pm-exporter-2; each shard spends budget.share / TOTAL",
+        metavar="INDEX/TOTAL",
+    )
     switch("--check-config", "validate the config, print a summary without secrets, and exit")
     switch("--demo", "poll a bundled simulator of the PM API with synthetic accounts; no keys")
     parser.add_argument("--version", action="version", version=f"binance-pm-exporter {__version__}")
@@ -97,6 +106,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         host, port = parse_listen_address(args.web_listen_address)
     except ValueError as exc:
         return _usage_error(f"--web.listen-address: {exc}")
+    try:
+        shard = parse_shard(args.shard)
+    except ShardError as exc:
+        return _usage_error(f"--shard: {exc}")
     web_config_file = args.web_config_file
     try:
         web_config = load_web_config(Path(web_config_file)) if web_config_file else None
@@ -108,8 +121,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
             return EXIT_USAGE
         if args.check_config:
             print(summarize(config))
+            if shard.total > 1:
+                names = [a.name for a in shard.select(config.accounts, lambda a: a.name)]
+                print(
+                    f"shard {shard}: {len(names)} of {len(config.accounts)} accounts: "
+                    + (", ".join(names) or "none")
+                )
             return 0
-        exporter = Exporter(config)
+        exporter = Exporter(config, shard=shard)
         try:
             server = exporter.serve_http(host, port, web_config)
         except OSError as exc:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 #: INDEX/TOTAL; INDEX may be a name ending in -ORDINAL (a StatefulSet pod's name)
-_SHARD = re.compile(r"(?:(?P<index>\d+)|(?P<name>[A-Za-z0-9_.-]*-(?P<ordinal>\d+)))/(?P<total>\d+)")
+_SHARD = re.compile(
+    r"(?:(?P<index>\d+)|(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*-(?P<ordinal>\d+)))/(?P<total>\d+)"
+)
 MAX_SHARDS = 1024
 
 T = TypeVar("T")
