@@ -1,0 +1,184 @@
+"""deploy/kubernetes/: the manifests' structure, their kustomize rendering and the rules' sync."""
+
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+from exporter.config import parse_config
+from exporter.shard import parse_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+KUBE = ROOT / "deploy" / "kubernetes"
+ALERTS = ROOT / "prometheus" / "alerts.yml"
+NAME = "binance-pm-exporter"
+
+
+def load(name: str) -> dict[str, Any]:
+    document = yaml.safe_load((KUBE / name).read_text())
+    assert isinstance(document, dict)
+    return document
+
+
+def container(statefulset: dict[str, Any]) -> dict[str, Any]:
+    (exporter,) = statefulset["spec"]["template"]["spec"]["containers"]
+    return exporter
+
+
+def env(statefulset: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e for e in container(statefulset)["env"]}
+
+
+def generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gen", KUBE / "generate_prometheusrule.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_manifest_parses_and_the_kustomization_lists_them() -> None:
+    kustomization = load("kustomization.yaml")
+    for resource in kustomization["resources"]:
+        document = load(resource)
+        assert {"apiVersion", "kind", "metadata"} <= document.keys()
+        assert document["metadata"]["name"] == NAME
+    generated = kustomization["configMapGenerator"][0]
+    assert generated["files"] == ["config.yaml"]
+
+
+def test_the_statefulset_runs_one_shard_per_pod_from_its_ordinal() -> None:
+    statefulset, service = load("statefulset.yaml"), load("service.yaml")
+    variables = env(statefulset)
+    names = list(variables)
+    assert variables["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # Kubernetes expands $(POD_NAME) only if it is defined earlier in the list.
+    assert names.index("POD_NAME") < names.index("BINANCE_PM_EXPORTER_SHARD")
+    shard = variables["BINANCE_PM_EXPORTER_SHARD"]["value"]
+    assert shard == f"$(POD_NAME)/{statefulset['spec']['replicas']}"
+    for ordinal in range(statefulset["spec"]["replicas"]):
+        pod = f"{statefulset['metadata']['name']}-{ordinal}"
+        assert parse_shard(shard.replace("$(POD_NAME)", pod)).index == ordinal
+    assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
+    labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert statefulset["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+
+
+def test_ports_probes_and_hardening() -> None:
+    statefulset, service = load("statefulset.yaml"), load("service.yaml")
+    monitor = load("servicemonitor.yaml")
+    exporter = container(statefulset)
+    (port,) = exporter["ports"]
+    assert port["containerPort"] == 9745
+    assert "--web.listen-address=:9745" in exporter["args"]
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert exporter["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert exporter["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    pod = statefulset["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001  # the image's user
+    assert exporter["securityContext"]["readOnlyRootFilesystem"] is True
+    assert exporter["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_keys_come_from_a_secret_the_set_references_but_does_not_contain(tmp_path: Path) -> None:
+    statefulset = load("statefulset.yaml")
+    volumes = {v["name"]: v for v in statefulset["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["keys"]["secret"]["secretName"] == f"{NAME}-keys"
+    assert volumes["config"]["configMap"]["name"] == f"{NAME}-config"
+    mounts = {m["name"]: m["mountPath"] for m in container(statefulset)["volumeMounts"]}
+    kinds = {load(r)["kind"] for r in load("kustomization.yaml")["resources"]}
+    assert "Secret" not in kinds
+    # config.yaml is a valid config once the Secret's files are where it says.
+    text = (KUBE / "config.yaml").read_text()
+    secret_dir = mounts["keys"]
+    assert secret_dir in text
+    data = yaml.safe_load(text.replace(secret_dir, str(tmp_path)))
+    for account in data["accounts"]:
+        (tmp_path / f"{account['name']}.api_key").write_text("k" * 64)
+        (tmp_path / f"{account['name']}.api_secret").write_text("s" * 64)
+    pem = tmp_path / "desk-b.pem"
+    pem.write_bytes(
+        Ed25519PrivateKey.generate().private_bytes(
+            Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
+        )
+    )
+    config = parse_config(data, environ={}, base_dir=tmp_path)
+    assert [a.name for a in config.accounts] == ["desk-a", "desk-b"]
+    for account in yaml.safe_load(text)["accounts"]:  # only files, never an inline secret
+        assert not {"api_key", "api_secret", "private_key"} & account.keys()
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_kubectl_kustomize_renders_the_set() -> None:
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(KUBE)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    documents = list(yaml.safe_load_all(result.stdout))
+    by_kind = {d["kind"]: d for d in documents}
+    assert set(by_kind) == {
+        "ConfigMap",
+        "Service",
+        "StatefulSet",
+        "ServiceMonitor",
+        "PrometheusRule",
+    }
+    statefulset = by_kind["StatefulSet"]
+    volumes = {v["name"]: v for v in statefulset["spec"]["template"]["spec"]["volumes"]}
+    # the generated ConfigMap's hashed name is referenced
+    assert volumes["config"]["configMap"]["name"] == by_kind["ConfigMap"]["metadata"]["name"]
+    assert "config.yaml" in by_kind["ConfigMap"]["data"]
+    replicas = statefulset["spec"]["replicas"]
+    assert env(statefulset)["BINANCE_PM_EXPORTER_SHARD"]["value"] == f"$(POD_NAME)/{replicas}"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_the_shard_total_follows_replicas(tmp_path: Path) -> None:
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(KUBE, copy)
+    path = copy / "statefulset.yaml"
+    path.write_text(path.read_text().replace("replicas: 3", "replicas: 5"))
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(copy)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    (statefulset,) = (d for d in yaml.safe_load_all(result.stdout) if d["kind"] == "StatefulSet")
+    assert env(statefulset)["BINANCE_PM_EXPORTER_SHARD"]["value"] == "$(POD_NAME)/5"
+
+
+def test_the_generator_wraps_the_groups_of_an_alerts_file(tmp_path: Path) -> None:
+    source = tmp_path / "alerts.yml"
+    source.write_text(
+        "groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: |\n"
+        "          up == 0\n          or\n          vector(1)\n        for: 5m\n"
+    )
+    rendered = generator().render(source)
+    assert rendered.startswith("# GENERATED from prometheus/alerts.yml")
+    rule = yaml.safe_load(rendered)
+    assert rule["kind"] == "PrometheusRule"
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["spec"] == yaml.safe_load(source.read_text())
+    assert "expr: |\n" in rendered  # PromQL stays readable
+
+
+@pytest.mark.skipif(not ALERTS.exists(), reason="prometheus/alerts.yml is not in this tree yet")
+def test_the_prometheusrule_is_in_sync_with_alerts_yml() -> None:
+    rule = load("prometheusrule.yaml")
+    assert rule["spec"] == yaml.safe_load(ALERTS.read_text())
+    assert (KUBE / "prometheusrule.yaml").read_text() == generator().render(ALERTS), (
+        "run: python deploy/kubernetes/generate_prometheusrule.py"
+    )
