@@ -56,7 +56,7 @@ class Exporter:
         # Shards run on the same egress IPs (same config): each spends its part of the budget,
         # so the IP sees `share` whatever the number of shards, and intervals stay N·w/B.
         limits = replace(config.budget.limits, share=config.budget.limits.share / shard.total)
-        instruments = Instruments(self.live_registry)
+        self.instruments = instruments = Instruments(self.live_registry)
         weight = refresh_weight(config.collect.account_info)
         groups = [
             (egress, list(accounts))

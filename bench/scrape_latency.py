@@ -1,0 +1,158 @@
+"""Target 1: /metrics latency with 200 accounts x 30 assets (~76k series).
+
+Three servers on the same stack (the exporter's threaded WSGI server, loopback):
+  ours      the exporter's /metrics: cached snapshot exposition + live self-metrics
+  baseline  the same registry rendered by prometheus_client per scrape (generate_latest)
+  static    the bytes `ours` serves, as a constant: the practical limit
+Each scenario is measured in interleaved rounds; figures are medians in ms.
+"churn" replaces one account before every scrape, so every scrape sees a new
+snapshot generation (as when refreshes land several times per second).
+
+    PYTHONPATH=. python bench/scrape_latency.py [--accounts 200] [--assets 30] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from common import median, synthetic_account, table
+
+from exporter.app import Exporter
+from exporter.config import parse_config
+from exporter.server import ExporterApp, MetricsServer
+from exporter.simulator.demo import generate_account, exporter_config
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+
+
+def scrape(port: int, headers: dict[str, str]) -> tuple[float, int]:
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection("127.0.0.1", port)
+    connection.request("GET", "/metrics", headers=headers)
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    assert response.status == 200, response.status
+    return time.perf_counter() - started, len(body)
+
+
+class StaticApp:
+    """The same bytes and headers as a given response, served as a constant."""
+
+    def __init__(self) -> None:
+        self.responses: dict[tuple[str, str], tuple[list[tuple[str, str]], bytes]] = {}
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        key = (environ.get("HTTP_ACCEPT", ""), environ.get("HTTP_ACCEPT_ENCODING", ""))
+        headers, body = self.responses[key]
+        start_response("200 OK", list(headers))
+        return [body]
+
+
+def capture(port: int, headers: dict[str, str]) -> tuple[list[tuple[str, str]], bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port)
+    connection.request("GET", "/metrics", headers=headers)
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    kept = [(k, v) for k, v in response.getheaders() if k.lower() not in ("date", "server")]
+    return kept, body
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--accounts", type=int, default=200)
+    parser.add_argument("--assets", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--per-round", type=int, default=10, help="scrapes per round (ours, static)")
+    args = parser.parse_args()
+
+    rng = random.Random(7)
+    generated = [generate_account(f"acct-{i:03d}", "hmac") for i in range(args.accounts)]
+    config = parse_config(
+        exporter_config("http://127.0.0.1:1", generated), environ={}, base_dir=ROOT_DIR
+    )
+    exporter = Exporter(config)
+    for account in exporter.store.current.accounts:
+        exporter.store.replace(synthetic_account(account, args.assets, rng))
+    for endpoint in ("balance", "account", "time"):  # live self-metrics with samples
+        for outcome in ("success", "server_error", "timeout"):
+            exporter.instruments.requests.labels(endpoint, outcome).inc(3)
+        exporter.instruments.duration.labels(endpoint).observe(0.05)
+
+    ours = exporter.serve_http("127.0.0.1", 0)
+    baseline = MetricsServer(ExporterApp(exporter.registry, exporter.store), "127.0.0.1", 0)
+    baseline.start()
+    static_app = StaticApp()
+    static = MetricsServer(static_app, "127.0.0.1", 0)  # type: ignore[arg-type]
+    static.start()
+
+    variants = {
+        "text": {"Accept-Encoding": "identity"},
+        "text+gzip": {"Accept-Encoding": "gzip"},
+        "openmetrics+gzip": {"Accept": OPENMETRICS, "Accept-Encoding": "gzip"},
+    }
+    for headers in variants.values():
+        key = (headers.get("Accept", ""), headers.get("Accept-Encoding", ""))
+        static_app.responses[key] = capture(ours.port, headers)
+    series = sum(
+        1 for line in static_app.responses[("", "identity")][1].splitlines()
+        if not line.startswith(b"#")
+    )
+    print(f"{args.accounts} accounts x {args.assets} assets: {series} series; "
+          f"text {len(static_app.responses[('', 'identity')][1]) / 1e6:.1f} MB, "
+          f"gzip {len(static_app.responses[('', 'gzip')][1]) / 1e6:.2f} MB")
+
+    names = list(exporter.store.current.accounts)
+    fresh = [synthetic_account(n, args.assets, rng) for n in names]  # churn data, made up front
+
+    def churn() -> None:
+        exporter.store.replace(fresh[rng.randrange(len(fresh))])
+
+    times: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.rounds):
+        for variant, headers in variants.items():
+            for name, port, count, before in (
+                ("ours", ours.port, args.per_round, None),
+                ("ours churn", ours.port, args.per_round, churn),
+                ("static", static.port, args.per_round, None),
+                ("baseline", baseline.port, 1, None),
+            ):
+                for _ in range(count):
+                    if before is not None:
+                        before()
+                    elapsed, _ = scrape(port, headers)
+                    times.setdefault((variant, name), []).append(elapsed * 1000)
+            print(".", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+
+    rows = []
+    for variant in variants:
+        m = {name: median(times[(variant, name)]) for name in ("ours", "ours churn", "static", "baseline")}
+        rows.append([
+            variant, m["ours"], m["ours churn"], m["static"], m["baseline"],
+            f"{m['baseline'] / m['ours']:.0f}x", f"{m['baseline'] / m['ours churn']:.0f}x",
+            f"{m['ours'] / m['static']:.2f}x", f"{m['ours churn'] / m['static']:.2f}x",
+        ])  # fmt: skip
+    print(table(
+        ["format", "ours ms", "ours churn ms", "static ms", "generate_latest ms",
+         "baseline/ours", "baseline/churn", "ours/static", "churn/static"],
+        rows,
+    ))  # fmt: skip
+    print(f"renders of the snapshot exposition: {exporter.exposition.renders}; "
+          f"scrapes per cell: {args.rounds * args.per_round} (baseline {args.rounds})")
+    for server in (ours, baseline, static):
+        server.close()
+    return 0
+
+
+ROOT_DIR = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+if __name__ == "__main__":
+    raise SystemExit(main())
