@@ -34,9 +34,7 @@ def synthetic_account(
     portfolio = synthetic.make_portfolio(rng, assets, now_ms)
     balances = parse_balances([asset.record() for asset in portfolio]).balances
     info = parse_account(synthetic.account_info(portfolio, synthetic.make_risk(rng), now_ms))
-    return AccountSnapshot(
-        name, 16.0, balances, info, up=True, attempted=True, last_success=now
-    )
+    return AccountSnapshot(name, 16.0, balances, info, up=True, attempted=True, last_success=now)
 
 
 def median(values: Sequence[float]) -> float:
@@ -47,7 +45,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table, columns padded."""
     cells = [[str(h) for h in headers], *[[_fmt(c) for c in row] for row in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells
+    ]
     lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
     return "\n".join(lines)
 

@@ -26,7 +26,7 @@ from common import median, synthetic_account, table
 from exporter.app import Exporter
 from exporter.config import parse_config
 from exporter.server import ExporterApp, MetricsServer
-from exporter.simulator.demo import generate_account, exporter_config
+from exporter.simulator.demo import exporter_config, generate_account
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
@@ -48,7 +48,9 @@ class StaticApp:
     def __init__(self) -> None:
         self.responses: dict[tuple[str, str], tuple[list[tuple[str, str]], bytes]] = {}
 
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    def __call__(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
         key = (environ.get("HTTP_ACCEPT", ""), environ.get("HTTP_ACCEPT_ENCODING", ""))
         headers, body = self.responses[key]
         start_response("200 OK", list(headers))
@@ -70,7 +72,9 @@ def main() -> int:
     parser.add_argument("--accounts", type=int, default=200)
     parser.add_argument("--assets", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--per-round", type=int, default=10, help="scrapes per round (ours, static)")
+    parser.add_argument(
+        "--per-round", type=int, default=10, help="scrapes per round (ours, static)"
+    )
     args = parser.parse_args()
 
     rng = random.Random(7)
@@ -102,12 +106,15 @@ def main() -> int:
         key = (headers.get("Accept", ""), headers.get("Accept-Encoding", ""))
         static_app.responses[key] = capture(ours.port, headers)
     series = sum(
-        1 for line in static_app.responses[("", "identity")][1].splitlines()
+        1
+        for line in static_app.responses[("", "identity")][1].splitlines()
         if not line.startswith(b"#")
     )
-    print(f"{args.accounts} accounts x {args.assets} assets: {series} series; "
-          f"text {len(static_app.responses[('', 'identity')][1]) / 1e6:.1f} MB, "
-          f"gzip {len(static_app.responses[('', 'gzip')][1]) / 1e6:.2f} MB")
+    print(
+        f"{args.accounts} accounts x {args.assets} assets: {series} series; "
+        f"text {len(static_app.responses[('', 'identity')][1]) / 1e6:.1f} MB, "
+        f"gzip {len(static_app.responses[('', 'gzip')][1]) / 1e6:.2f} MB"
+    )
 
     names = list(exporter.store.current.accounts)
     fresh = [synthetic_account(n, args.assets, rng) for n in names]  # churn data, made up front
@@ -134,7 +141,10 @@ def main() -> int:
 
     rows = []
     for variant in variants:
-        m = {name: median(times[(variant, name)]) for name in ("ours", "ours churn", "static", "baseline")}
+        m = {
+            name: median(times[(variant, name)])
+            for name in ("ours", "ours churn", "static", "baseline")
+        }
         rows.append([
             variant, m["ours"], m["ours churn"], m["static"], m["baseline"],
             f"{m['baseline'] / m['ours']:.0f}x", f"{m['baseline'] / m['ours churn']:.0f}x",
@@ -145,8 +155,10 @@ def main() -> int:
          "baseline/ours", "baseline/churn", "ours/static", "churn/static"],
         rows,
     ))  # fmt: skip
-    print(f"renders of the snapshot exposition: {exporter.exposition.renders}; "
-          f"scrapes per cell: {args.rounds * args.per_round} (baseline {args.rounds})")
+    print(
+        f"renders of the snapshot exposition: {exporter.exposition.renders}; "
+        f"scrapes per cell: {args.rounds * args.per_round} (baseline {args.rounds})"
+    )
     for server in (ours, baseline, static):
         server.close()
     return 0
