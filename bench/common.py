@@ -103,3 +103,23 @@ def rss_mb(pid: int | str = "self") -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
+
+
+@contextlib.contextmanager
+def exporter_thread(exporter: Any) -> Iterator[Any]:
+    """Run `exporter.run()` on an event loop in a thread until the block ends."""
+    import asyncio  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    thread = threading.Thread(
+        target=lambda: loop.run_until_complete(exporter.run(stop)), daemon=True
+    )
+    thread.start()
+    try:
+        yield exporter
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(15)
+        loop.close()
