@@ -106,6 +106,7 @@ def main() -> int:
         with simulator_process(
             config, accounts=args.accounts, assets=args.assets, ip_weight_limit=10**8
         ) as url:
+            everyone = yaml.safe_load(config.read_text())["accounts"]
             for _ in range(args.repeat):
                 results.setdefault(f"bare GET /papi/v1/ping ({args.accounts}/s)", []).append(
                     asyncio.run(run_bare(url, args.accounts, args.seconds, 2.0))
@@ -116,7 +117,7 @@ def main() -> int:
                         config, ip_weight_limit_per_minute=10**8, share=1.0,
                         min_interval_seconds=1, collect_account_info=account_info,
                     )  # fmt: skip
-                    data["accounts"] = data["accounts"][:accounts]
+                    data["accounts"] = everyone[:accounts]
                     config.write_text(yaml.safe_dump(data, sort_keys=False))
                     name = (
                         f"refresh: balance + account ({accounts}/s asked)"

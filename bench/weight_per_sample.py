@@ -128,7 +128,9 @@ def main() -> int:
         [f"poll on scrape: N x w x 8 = {n} x {W} x 8", n * W * 8, "", "", "", "", ""],
     ]))  # fmt: skip
     print(
-        f"poll-on-scrape failures: {failures}; ours spent {ours / theirs:.0%} of its weight. "
+        f"poll-on-scrape failures: {failures}. Ours: {ours / theirs:.0%} of the weight poll on "
+        f"scrape spent, {ours / per_min['fresh'] / (theirs / per_min['ingested']):.0%} of its "
+        "weight per fresh sample. "
         f"Poll on scrape exceeds the IP's 6000/min from N = {6000 // (W * 8) + 1} accounts "
         f"(w = {W}); ours stays at B whatever N and the number of replicas."
     )

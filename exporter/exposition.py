@@ -12,13 +12,14 @@ from those fragments; every other scrape serves the cached bytes.
 Each variant (text or OpenMetrics, plain or gzip) is built lazily, under one
 lock, by the first scrape that needs it; scrapes arriving meanwhile wait for it
 and take its result instead of rendering again. The gzip variant is a gzip
-header and one raw-deflate segment per fragment, each ended by a full flush so
-that no segment refers to another; per scrape, only the live self-metrics are
-compressed and appended, with the CRC and size of the whole. The result is one
-ordinary gzip member.
+header and one raw-deflate segment per account and family, each ended by a full
+flush so that no segment refers to another; per scrape, only the live
+self-metrics are compressed and appended, with the CRC and size of the whole.
+The result is one ordinary gzip member.
 
 The lines are exactly prometheus_client's: label values escaped by its rules
 (backslash, newline, double quote) and values formatted by its floatToGoString.
+`render_metrics` writes the live self-metrics the same way, per scrape.
 """
 
 from __future__ import annotations
