@@ -109,7 +109,7 @@ class ExporterApp:
         headers.append(("Vary", "Accept, Accept-Encoding"))
         fmt = _cacheable_format(encoder)
         if self._exposition is None or fmt is None:
-            # No cache, or a name escaping that changes names: render everything now.
+            # No cache, or a name escaping that renames: render everything now.
             everything: Collector = self._registry
             if self._exposition is not None:
                 everything = _Chain(SnapshotCollector(self._store), self._registry)
@@ -147,17 +147,22 @@ class _Chain(Collector):
 def _cacheable_format(encoder: Callable[..., bytes]) -> Format | None:
     """The cached format that equals what `encoder` (from choose_encoder) writes, if any.
 
-    Our names are valid legacy names, which every escaping but `dots` leaves alone.
+    Our names are valid legacy names, which the `underscores` and `allow-utf-8`
+    escapings leave alone (Prometheus asks for one of them); prometheus_client
+    renames samples under the others, so those are rendered in full.
     """
     func = getattr(encoder, "func", encoder)
     keywords: dict[str, object] = getattr(encoder, "keywords", {})
-    if keywords.get("escaping", openmetrics.UNDERSCORES) == openmetrics.DOTS:
+    if keywords.get("escaping", openmetrics.UNDERSCORES) not in _NAMES_KEPT:
         return None
     if func is openmetrics.generate_latest:
         return "openmetrics"
     if func is generate_latest:
         return "text"
     return None
+
+
+_NAMES_KEPT = frozenset({openmetrics.UNDERSCORES, openmetrics.ALLOWUTF8})
 
 
 def _text() -> list[tuple[str, str]]:

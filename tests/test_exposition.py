@@ -23,6 +23,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import Counter as Counter_
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -164,6 +165,18 @@ def samples(text: str) -> Counter[tuple[str, tuple[tuple[str, str], ...], float]
     )
 
 
+#: what Prometheus 3 sends, and the name escapings prometheus_client knows (dots renames)
+ESCAPINGS = [
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+    "application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;"
+    "escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+    "application/openmetrics-text; version=1.0.0; escaping=dots",
+    "application/openmetrics-text; version=1.0.0; escaping=values",
+    "text/plain; version=1.0.0; escaping=underscores",
+    "text/plain; version=1.0.0; escaping=dots",
+]
+
+
 def test_a_real_exporters_metrics_equal_the_full_registry_and_pass_promtool() -> None:
     generated = [generate_account(f"desk-{i}", "hmac") for i in range(3)]
     om_accept = {"Accept": "application/openmetrics-text; version=1.0.0"}
@@ -182,6 +195,10 @@ def test_a_real_exporters_metrics_equal_the_full_registry_and_pass_promtool() ->
             zipped = httpx.get(
                 f"{running.url}/metrics", headers={**om_accept, "Accept-Encoding": "gzip"}
             )
+            by_accept = {
+                accept: httpx.get(f"{running.url}/metrics", headers={"Accept": accept})
+                for accept in ESCAPINGS
+            }
     assert samples(text) == samples(expected)
     assert sorted(text.splitlines()) == sorted(expected.splitlines())
     assert zipped.headers["content-encoding"] == "gzip"
@@ -190,6 +207,11 @@ def test_a_real_exporters_metrics_equal_the_full_registry_and_pass_promtool() ->
     assert sorted(om.splitlines()) == sorted(expected_om.splitlines())
     assert om.endswith("\n# EOF\n")
     assert om.count("# EOF") == 1
+    for accept, response in by_accept.items():
+        encoder, content_type = choose_encoder(accept)
+        assert response.headers["content-type"] == content_type
+        want = encoder(exporter.registry).decode()
+        assert sorted(response.text.splitlines()) == sorted(want.splitlines()), accept
     types = [line.split()[2] for line in om.splitlines() if line.startswith("# TYPE ")]
     assert len(types) == len(set(types))
     if shutil.which("promtool"):
