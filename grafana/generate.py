@@ -776,6 +776,8 @@ def exporter_health() -> dict[str, Any]:
             width=8,
         )
     )
+    requests = f"sum by (endpoint) (rate(binance_pm_requests_total{{{sel}}}[$__rate_interval]))"
+    failed = requests.replace(f"{{{sel}}}", f'{{{sel}, outcome!="success"}}')
     board.with_panel(
         timeseries(
             "Error ratio",
@@ -783,10 +785,8 @@ def exporter_health() -> dict[str, Any]:
             "percentunit",
             [
                 query(
-                    "sum by (endpoint) (rate(binance_pm_requests_total"
-                    f'{{{sel}, outcome!="success"}}[$__rate_interval]))\n/ '
-                    f"sum by (endpoint) (rate(binance_pm_requests_total{{{sel}}}"
-                    "[$__rate_interval]))",
+                    # 0 rather than no data while every request succeeds
+                    f"({failed}\nor\n{requests} * 0)\n/ {requests}",
                     "{{endpoint}}",
                 )
             ],
