@@ -1,5 +1,178 @@
-"""Command line entry point (being built)."""
+"""The command line: flags (or BINANCE_PM_EXPORTER_* variables), wiring and signals."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from exporter import __version__
+from exporter.app import Exporter
+from exporter.config import Config, ConfigError, load_config, parse_config, summarize
+from exporter.logs import FORMATS, LEVELS, configure_logging
+from exporter.server import parse_listen_address
+from exporter.webconfig import WebConfig, WebConfigError, load_web_config
+
+DEFAULT_PORT = 9745
+ENV_PREFIX = "BINANCE_PM_EXPORTER_"
+EXIT_USAGE = 2
+
+log = structlog.get_logger("exporter")
 
 
-def main() -> int:
+def env_name(flag: str) -> str:
+    """`--web.listen-address` -> `BINANCE_PM_EXPORTER_WEB_LISTEN_ADDRESS`."""
+    return ENV_PREFIX + flag.lstrip("-").replace(".", "_").replace("-", "_").upper()
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace(".", "_").replace("-", "_")
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="binance-pm-exporter",
+        description="Prometheus exporter for Binance Portfolio Margin accounts. Every flag "
+        f"can also be set as an environment variable {ENV_PREFIX}<FLAG> "
+        "(e.g. BINANCE_PM_EXPORTER_CONFIG_FILE); the flag wins.",
+    )
+
+    def option(flag: str, default: str | None, help: str, **kwargs: Any) -> None:
+        parser.add_argument(
+            flag,
+            dest=_dest(flag),
+            default=environ.get(env_name(flag), default),
+            help=f"{help} (env {env_name(flag)})",
+            **kwargs,
+        )
+
+    def switch(flag: str, help: str) -> None:
+        value = environ.get(env_name(flag), "").strip().lower()
+        parser.add_argument(
+            flag,
+            dest=_dest(flag),
+            action="store_true",
+            default=value in ("1", "true", "yes", "on"),
+            help=f"{help} (env {env_name(flag)}=true)",
+        )
+
+    option("--config.file", "config.yaml", "path of the YAML config", metavar="PATH")
+    option(
+        "--web.listen-address",
+        f":{DEFAULT_PORT}",
+        "address to serve /metrics on",
+        metavar="HOST:PORT",
+    )
+    option(
+        "--web.config.file",
+        None,
+        "exporter-toolkit web config for TLS and basic auth",
+        metavar="PATH",
+    )
+    option("--log.level", "info", "log level", choices=LEVELS)
+    option(
+        "--log.format",
+        None,
+        "json or console (default: json unless stderr is a terminal)",
+        choices=FORMATS,
+    )
+    switch("--check-config", "validate the config, print a summary without secrets, and exit")
+    switch("--demo", "poll a bundled simulator of the PM API with synthetic accounts; no keys")
+    parser.add_argument("--version", action="version", version=f"binance-pm-exporter {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
+    args = build_parser(environ).parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    try:
+        host, port = parse_listen_address(args.web_listen_address)
+    except ValueError as exc:
+        return _usage_error(f"--web.listen-address: {exc}")
+    web_config_file = args.web_config_file
+    try:
+        web_config = load_web_config(Path(web_config_file)) if web_config_file else None
+    except WebConfigError as exc:
+        return _usage_error(f"--web.config.file: {exc}")
+
+    with _config(args, environ) as config:
+        if config is None:
+            return EXIT_USAGE
+        if args.check_config:
+            print(summarize(config))
+            return 0
+        exporter = Exporter(config)
+        try:
+            server = exporter.serve_http(
+                host,
+                port,
+                ssl_context=web_config.ssl_context if web_config else None,
+                authorize=_authorize(web_config),
+            )
+        except OSError as exc:
+            return _usage_error(f"--web.listen-address: cannot listen on {host}:{port}: {exc}")
+        log.info(
+            "listening",
+            address=f"{host}:{server.port}",
+            tls=bool(web_config and web_config.ssl_context),
+        )
+        try:
+            asyncio.run(_run_until_signalled(exporter))
+        finally:
+            server.close()
+        log.info("stopped")
     return 0
+
+
+@contextlib.contextmanager
+def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> Iterator[Config | None]:
+    """The validated config (None after printing its problems); in demo mode, the simulator's."""
+    if args.demo:
+        from exporter.simulator.demo import start_demo  # noqa: PLC0415 - demo only
+
+        simulator, data = start_demo()
+        log.info("demo_simulator_started", url=simulator.url)
+        try:
+            yield parse_config(data, environ={}, base_dir=Path.cwd())
+        finally:
+            simulator.stop()
+        return
+    path = Path(args.config_file)
+    try:
+        config = load_config(path, environ)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        yield None
+        return
+    yield config
+
+
+def _authorize(web_config: WebConfig | None) -> Callable[[str | None], bool] | None:
+    return web_config.authorized if web_config is not None else None
+
+
+async def _run_until_signalled(exporter: Exporter) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _stop, stop, signum)
+    await exporter.run(stop)
+
+
+def _stop(stop: asyncio.Event, signum: int) -> None:
+    log.info("stopping", signal=signal.Signals(signum).name)
+    stop.set()
+
+
+def _usage_error(message: str) -> int:
+    print(f"binance-pm-exporter: {message}", file=sys.stderr)
+    return EXIT_USAGE

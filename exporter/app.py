@@ -1,0 +1,135 @@
+"""Assembles a running exporter from a config: budgets, pollers, snapshot, metrics, HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable
+from functools import partial
+from itertools import groupby
+
+import httpx
+import structlog
+from prometheus_client import CollectorRegistry
+
+from exporter.binance.client import BinanceClient, Credentials
+from exporter.binance.signing import make_signer
+from exporter.budget import WeightBudget, refresh_interval, refresh_weight
+from exporter.collector import SnapshotCollector
+from exporter.config import AccountConfig, Config
+from exporter.poller import EgressPoller, PollSettings, Target
+from exporter.selfmetrics import BudgetCollector, BuildInfoCollector, Instruments
+from exporter.server import Authorize, ExporterApp, MetricsServer
+from exporter.snapshot import AccountSnapshot, SnapshotStore
+
+log = structlog.get_logger("exporter")
+
+#: how long in-flight requests may take to finish after a stop signal
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+
+class Exporter:
+    """One exporter: a poller per egress IP, the snapshot they share, and its metrics."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        transport: Callable[[AccountConfig], httpx.AsyncBaseTransport | None] = lambda _: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.registry = CollectorRegistry(auto_describe=True)
+        limits = config.budget.limits
+        instruments = Instruments(self.registry)
+        weight = refresh_weight(config.collect.account_info)
+        groups = [
+            (egress, list(accounts))
+            for egress, accounts in groupby(
+                sorted(config.accounts, key=lambda a: a.egress), lambda a: a.egress
+            )
+        ]
+        settings = {
+            egress: PollSettings(
+                account_info=config.collect.account_info,
+                allows_asset=config.collect.assets.allows,
+                interval=refresh_interval(
+                    len(accounts), weight, limits, config.budget.min_interval_seconds
+                ),
+            )
+            for egress, accounts in groups
+        }
+        self.store = SnapshotStore(
+            AccountSnapshot(a.name, settings[a.egress].interval)
+            for a in sorted(config.accounts, key=lambda a: a.name)
+        )
+        self.budgets: list[WeightBudget] = []
+        self.pollers: list[EgressPoller] = []
+        for egress, accounts in groups:
+            budget = WeightBudget(egress, limits, clock=clock)
+            self.budgets.append(budget)
+            self.pollers.append(
+                EgressPoller(
+                    targets=[_target(a) for a in accounts],
+                    make_client=partial(
+                        BinanceClient,
+                        base_url=config.binance.base_url,
+                        timeout_seconds=config.binance.timeout_seconds,
+                        recv_window_ms=config.binance.recv_window_ms,
+                        clock=clock,
+                        transport=transport(accounts[0]),
+                        proxy=accounts[0].proxy,
+                        source_address=accounts[0].source_address,
+                    ),
+                    budget=budget,
+                    store=self.store,
+                    instruments=instruments,
+                    settings=settings[egress],
+                    clock=clock,
+                )
+            )
+        self.registry.register(SnapshotCollector(self.store))
+        self.registry.register(BudgetCollector(self.budgets))
+        self.registry.register(BuildInfoCollector())
+
+    def serve_http(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        authorize: Authorize | None = None,
+    ) -> MetricsServer:
+        server = MetricsServer(
+            ExporterApp(self.registry, self.store, authorize), host, port, ssl_context
+        )
+        server.start()
+        return server
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll until `stop` is set, then let in-flight requests finish within the grace."""
+        tasks = [asyncio.create_task(p.run(), name="poller") for p in self.pollers]
+        log.info(
+            "polling_started",
+            accounts=len(self.config.accounts),
+            egresses=[b.egress for b in self.budgets],
+            intervals=[p.settings.interval for p in self.pollers],
+        )
+        stopped = asyncio.create_task(stop.wait())
+        _done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(p.drain(SHUTDOWN_GRACE_SECONDS) for p in self.pollers))
+        stopped.cancel()
+        for result in results:
+            if isinstance(result, Exception):  # a poller loop must never die on its own
+                raise result
+
+
+def _target(account: AccountConfig) -> Target:
+    return Target(
+        account.name,
+        Credentials(account.api_key, make_signer(account.api_secret, account.private_key)),
+    )

@@ -1,0 +1,206 @@
+"""An async client for the Binance Portfolio Margin REST API (read-only endpoints).
+
+It signs requests, maps failures to typed errors and reports every request
+(endpoint, outcome, duration, the IP's used weight) to an observer. It knows
+nothing of scheduling or budgets: those belong to the poller.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import httpx
+from pydantic import SecretStr
+
+from exporter.binance import errors
+from exporter.binance.models import (
+    AccountInfo,
+    ParsedBalances,
+    parse_account,
+    parse_balances,
+    parse_server_time,
+)
+from exporter.binance.signing import Signer, signed_query
+
+BALANCE_PATH = "/papi/v1/balance"
+ACCOUNT_PATH = "/papi/v1/account"
+TIME_PATH = "/papi/v1/time"
+
+#: request weight of each endpoint, per Binance's docs
+WEIGHTS = {"balance": 20, "account": 20, "time": 1}
+
+_USED_WEIGHT = re.compile(r"x-mbx-used-weight-(\d+)([smhd])", re.IGNORECASE)
+
+
+@dataclass(frozen=True, repr=False)
+class Credentials:
+    api_key: SecretStr
+    signer: Signer
+
+    def __repr__(self) -> str:
+        return f"Credentials(api_key=**********, signer={self.signer.kind})"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReport:
+    """What one request did, for metrics, logs and the weight budget."""
+
+    endpoint: str
+    outcome: str
+    duration: float
+    used_weight: int | None
+
+
+Observer = Callable[[RequestReport], None]
+T = TypeVar("T")
+
+
+def used_weight_1m(headers: httpx.Headers) -> int | None:
+    """The IP's used weight in the current minute (`X-MBX-USED-WEIGHT-1M`), if sent."""
+    for name, value in headers.items():
+        match = _USED_WEIGHT.fullmatch(name)
+        if match and match.group(1) == "1" and match.group(2).lower() == "m":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def retry_after_seconds(headers: httpx.Headers) -> float | None:
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds < 7 * 86400 else None
+
+
+class BinanceClient:
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        timeout_seconds: float,
+        recv_window_ms: int,
+        observer: Observer | None = None,
+        clock: Callable[[], float] = time.time,
+        transport: httpx.AsyncBaseTransport | None = None,
+        proxy: str | None = None,
+        source_address: str | None = None,
+    ) -> None:
+        if transport is None and source_address is not None:
+            transport = httpx.AsyncHTTPTransport(local_address=source_address)
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            timeout=timeout_seconds,
+            transport=transport,
+            proxy=proxy if transport is None else None,
+            headers={"Accept": "application/json", "User-Agent": "binance-pm-exporter"},
+            follow_redirects=False,
+            trust_env=False,
+        )
+        self._recv_window_ms = recv_window_ms
+        self._observer = observer
+        self._clock = clock
+        #: server clock minus local clock, in seconds; measured by sync_time()
+        self.clock_offset = 0.0
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def server_now(self) -> float:
+        return self._clock() + self.clock_offset
+
+    async def sync_time(self) -> float:
+        """Measure the server's clock offset (round-trip midpoint) and return it."""
+        before = self._clock()
+        server_time = await self._get(TIME_PATH, "time", None, parse_server_time)
+        after = self._clock()
+        self.clock_offset = server_time - (before + after) / 2
+        return self.clock_offset
+
+    async def balance(self, credentials: Credentials) -> ParsedBalances:
+        return await self._get(BALANCE_PATH, "balance", credentials, parse_balances)
+
+    async def account(self, credentials: Credentials) -> AccountInfo:
+        return await self._get(ACCOUNT_PATH, "account", credentials, parse_account)
+
+    async def _get(
+        self,
+        path: str,
+        endpoint: str,
+        credentials: Credentials | None,
+        parse: Callable[[object], T],
+    ) -> T:
+        headers = {}
+        url = path
+        if credentials is not None:
+            params = [
+                ("recvWindow", str(self._recv_window_ms)),
+                ("timestamp", str(int(self.server_now() * 1000))),
+            ]
+            url = f"{path}?{signed_query(params, credentials.signer)}"
+            headers["X-MBX-APIKEY"] = credentials.api_key.get_secret_value()
+        started = time.perf_counter()
+        try:
+            response = await self._http.get(url, headers=headers)
+        except httpx.TimeoutException as exc:
+            error: errors.BinanceError = errors.RequestTimeout(f"{endpoint}: timed out ({exc!r})")
+        except (httpx.TransportError, OSError) as exc:
+            error = errors.ConnectionFailed(f"{endpoint}: {type(exc).__name__}: {exc}")
+        else:
+            duration = time.perf_counter() - started
+            used = used_weight_1m(response.headers)
+            try:
+                result = parse(_decode(response, used))
+            except errors.BinanceError as exc:
+                exc.used_weight = used
+                self._report(endpoint, exc.outcome, duration, used)
+                raise
+            self._report(endpoint, "success", duration, used)
+            return result
+        self._report(endpoint, error.outcome, time.perf_counter() - started, None)
+        raise error
+
+    def _report(self, endpoint: str, outcome: str, duration: float, used: int | None) -> None:
+        if self._observer is not None:
+            self._observer(RequestReport(endpoint, outcome, duration, used))
+
+
+def _decode(response: httpx.Response, used_weight: int | None) -> object:
+    """The JSON body of a 2xx response, or the typed error of any other."""
+    try:
+        payload = json.loads(response.content)
+    except (ValueError, UnicodeDecodeError):
+        payload = None
+        malformed = True
+    else:
+        malformed = False
+    status = response.status_code
+    if 200 <= status < 300:
+        if malformed:
+            raise errors.InvalidResponse(
+                f"HTTP {status}: body is not JSON", used_weight=used_weight
+            )
+        return payload
+    code = payload.get("code") if isinstance(payload, dict) else None
+    msg = payload.get("msg") if isinstance(payload, dict) else None
+    if not isinstance(code, int) or isinstance(code, bool):
+        code = None
+    if not isinstance(msg, str):
+        msg = response.reason_phrase or "no message"
+    raise errors.api_error(
+        status,
+        code,
+        msg[:200],
+        retry_after=retry_after_seconds(response.headers),
+        used_weight=used_weight,
+    )

@@ -1,0 +1,203 @@
+"""Parsing of PM API responses into plain, immutable values.
+
+Binance sends amounts as decimal strings. A string that is not a plain decimal
+(or a number that is not finite once converted) makes its record malformed;
+the empty string means "no value", so the series is absent rather than 0.
+Unknown fields are ignored and missing fields are simply absent.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from exporter.binance.errors import InvalidResponse
+
+_DECIMAL = re.compile(r"-?\d{1,40}(?:\.\d{1,40})?")
+
+#: GET /papi/v1/balance amount fields, in the order the API documents them.
+BALANCE_FIELDS = (
+    "totalWalletBalance",
+    "crossMarginAsset",
+    "crossMarginBorrowed",
+    "crossMarginFree",
+    "crossMarginInterest",
+    "crossMarginLocked",
+    "umWalletBalance",
+    "umUnrealizedPNL",
+    "cmWalletBalance",
+    "cmUnrealizedPNL",
+    "negativeBalance",
+)
+
+#: GET /papi/v1/account amount fields.
+ACCOUNT_FIELDS = (
+    "uniMMR",
+    "accountEquity",
+    "actualEquity",
+    "accountInitialMargin",
+    "accountMaintMargin",
+    "totalAvailableBalance",
+    "totalMarginOpenLoss",
+    "virtualMaxWithdrawAmount",
+)
+
+ACCOUNT_STATUSES = (
+    "NORMAL",
+    "MARGIN_CALL",
+    "SUPPLY_MARGIN",
+    "REDUCE_ONLY",
+    "ACTIVE_LIQUIDATION",
+    "FORCE_LIQUIDATION",
+    "BANKRUPTED",
+)
+
+_EMPTY: Mapping[str, float] = MappingProxyType({})
+
+
+class MalformedRecord(ValueError):
+    """One record cannot be used; the rest of the response still can."""
+
+
+@dataclass(frozen=True, slots=True)
+class AssetBalance:
+    asset: str
+    #: API field name -> value, for the fields present with a value
+    values: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
+    update_time: float | None = None  # epoch seconds
+
+
+@dataclass(frozen=True, slots=True)
+class AccountInfo:
+    values: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
+    status: str | None = None
+    update_time: float | None = None  # epoch seconds
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedBalances:
+    balances: tuple[AssetBalance, ...]
+    #: one line per skipped record, naming its index (and asset when known)
+    problems: tuple[str, ...] = ()
+    #: assets named by skipped records, so their last good values can be kept
+    skipped_assets: frozenset[str] = frozenset()
+
+
+def parse_decimal(value: object) -> float | None:
+    """A Binance decimal string as a float; None for "" (no value)."""
+    if value == "":
+        return None
+    if not isinstance(value, str) or not _DECIMAL.fullmatch(value):
+        raise MalformedRecord(f"not a decimal string: {_preview(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise MalformedRecord(f"out of range: {_preview(value)}")
+    return number
+
+
+def parse_millis(value: object) -> float | None:
+    """An epoch-milliseconds integer as epoch seconds; None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 10**14:
+        raise MalformedRecord(f"not an epoch-milliseconds integer: {_preview(value)}")
+    return value / 1000
+
+
+def _amounts(record: Mapping[str, Any], fields: tuple[str, ...]) -> Mapping[str, float]:
+    values = {}
+    for name in fields:
+        if name in record:
+            try:
+                number = parse_decimal(record[name])
+            except MalformedRecord as exc:
+                raise MalformedRecord(f"{name}: {exc}") from None
+            if number is not None:
+                values[name] = number
+    return MappingProxyType(values)
+
+
+def parse_balance_record(record: object) -> AssetBalance:
+    if not isinstance(record, dict):
+        raise MalformedRecord(f"not an object: {_preview(record)}")
+    asset = record.get("asset")
+    if not isinstance(asset, str) or not asset or len(asset) > 32 or not asset.isprintable():
+        raise MalformedRecord(f"asset: not an asset symbol: {_preview(asset)}")
+    try:
+        return AssetBalance(
+            asset=asset,
+            values=_amounts(record, BALANCE_FIELDS),
+            update_time=parse_millis(record.get("updateTime")),
+        )
+    except MalformedRecord as exc:
+        raise MalformedRecord(f"{asset}: {exc}") from None
+
+
+def parse_balances(payload: object) -> ParsedBalances:
+    """Both shapes of GET /papi/v1/balance: an array, or one object (with `asset`)."""
+    records = [payload] if isinstance(payload, dict) else payload
+    if not isinstance(records, list):
+        raise InvalidResponse(f"balance: expected an array or an object, got {_kind(payload)}")
+    balances: list[AssetBalance] = []
+    problems: list[str] = []
+    skipped: set[str] = set()
+    seen: set[str] = set()
+    for index, record in enumerate(records):
+        try:
+            balance = parse_balance_record(record)
+        except MalformedRecord as exc:
+            problems.append(f"record {index}: {exc}")
+            name = record.get("asset") if isinstance(record, dict) else None
+            if isinstance(name, str):
+                skipped.add(name)
+            continue
+        if balance.asset in seen:
+            problems.append(f"record {index}: {balance.asset}: duplicate asset, first one kept")
+            continue
+        seen.add(balance.asset)
+        balances.append(balance)
+    if records and not balances:
+        raise InvalidResponse(f"balance: no usable record ({problems[0]})")
+    return ParsedBalances(tuple(balances), tuple(problems), frozenset(skipped - seen))
+
+
+def parse_account(payload: object) -> AccountInfo:
+    """GET /papi/v1/account. Any malformed known field makes the response unusable."""
+    if not isinstance(payload, dict):
+        raise InvalidResponse(f"account: expected an object, got {_kind(payload)}")
+    status = payload.get("accountStatus")
+    if status is not None and (not isinstance(status, str) or not status.isidentifier()):
+        raise InvalidResponse(f"account: accountStatus: not a status: {_preview(status)}")
+    try:
+        return AccountInfo(
+            values=_amounts(payload, ACCOUNT_FIELDS),
+            status=status,
+            update_time=parse_millis(payload.get("updateTime")),
+        )
+    except MalformedRecord as exc:
+        raise InvalidResponse(f"account: {exc}") from None
+
+
+def parse_server_time(payload: object) -> float:
+    """GET /papi/v1/time: {"serverTime": ms} as epoch seconds."""
+    if isinstance(payload, dict):
+        try:
+            seconds = parse_millis(payload.get("serverTime"))
+        except MalformedRecord:
+            seconds = None
+        if seconds is not None:
+            return seconds
+    raise InvalidResponse(f"time: expected {{'serverTime': ms}}, got {_preview(payload)}")
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _preview(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

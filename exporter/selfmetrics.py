@@ -1,0 +1,96 @@
+"""The exporter's own health metrics: requests, latency, weight and pauses.
+
+These are live: counters and a histogram updated by the poller, and gauges read
+from the budgets at scrape time. The account data comes from the snapshot
+collector instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from exporter import __version__
+from exporter.budget import WeightBudget
+
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Instruments:
+    """Counters the poller updates for every request it makes."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "binance_pm_requests",
+            "Requests to the Binance PM API, by endpoint and outcome.",
+            ["endpoint", "outcome"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "binance_pm_request_duration_seconds",
+            "Time from sending a request to the Binance PM API to its complete response.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+
+class BudgetCollector(Collector):
+    """Weight and pause state of each egress IP's budget, read at scrape time."""
+
+    def __init__(self, budgets: Sequence[WeightBudget]) -> None:
+        self._budgets = budgets
+
+    def collect(self) -> Iterable[Metric]:
+        used = GaugeMetricFamily(
+            "binance_pm_ip_used_weight",
+            "Request weight used by the whole egress IP in the current minute, as Binance "
+            "last reported it (X-MBX-USED-WEIGHT-1M header).",
+            labels=["egress"],
+        )
+        spent = CounterMetricFamily(
+            "binance_pm_weight_spent",
+            "Request weight this exporter has spent on the egress IP.",
+            labels=["egress"],
+        )
+        budget = GaugeMetricFamily(
+            "binance_pm_weight_budget_per_minute",
+            "Request weight per minute this exporter may spend on the egress IP "
+            "(budget.ip_weight_limit_per_minute x budget.share).",
+            labels=["egress"],
+        )
+        paused = GaugeMetricFamily(
+            "binance_pm_paused_until_timestamp_seconds",
+            "Until when all requests on the egress IP are paused (high water, 429 or 418); "
+            "0 when not paused.",
+            labels=["egress"],
+        )
+        pauses = CounterMetricFamily(
+            "binance_pm_pauses",
+            "Pauses of all requests on the egress IP, by reason "
+            "(high_water, rate_limited, banned).",
+            labels=["egress", "reason"],
+        )
+        for b in self._budgets:
+            if b.last_used_weight is not None:
+                used.add_metric([b.egress], b.last_used_weight)
+            spent.add_metric([b.egress], b.spent_total)
+            budget.add_metric([b.egress], b.settings.per_minute)
+            paused.add_metric([b.egress], b.paused_until if b.is_paused(b.now()) else 0.0)
+            for reason in ("high_water", "rate_limited", "banned"):
+                pauses.add_metric([b.egress, reason], b.pauses[reason])
+        yield from (used, spent, budget, paused, pauses)
+
+
+class BuildInfoCollector(Collector):
+    def collect(self) -> Iterable[Metric]:
+        info = GaugeMetricFamily(
+            "binance_pm_exporter_build_info",
+            "The exporter's version; always 1.",
+            labels=["version"],
+        )
+        info.add_metric([__version__], 1)
+        yield info

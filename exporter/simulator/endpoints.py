@@ -1,0 +1,256 @@
+"""The simulated PM API: one request in, one `Reply` out, without touching sockets.
+
+Order of work per request, as a gateway in front of Binance would do it:
+1. look up the API key (so faults aimed at one account can match);
+2. a matching `rate_limit`/`ban` fault answers at once, charging no weight;
+3. the IP's weight is admitted or refused (429, then 418), refused requests charge nothing;
+4. any other matching fault answers (latency only delays, then carries on);
+5. routing (404, 405), then the API key, timestamp and signature checks;
+6. the endpoint's data.
+Every reply carries the IP's used weight, and every request is logged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+from exporter.simulator.auth import ApiError, SimAccount, check_signed_query, require_account
+from exporter.simulator.state import Admission, Fault, RequestRecord, SimState
+
+JSON = "application/json"
+TEXT = "text/plain; charset=utf-8"
+HTML = "text/html; charset=utf-8"
+
+UNKNOWN_ERROR = {"code": -1000, "msg": "An unknown error occurred while processing the request."}
+BAD_GATEWAY_HTML = (
+    "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n"
+    "<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n</body>\r\n</html>\r\n"
+)
+MALFORMED_JSON = '[{"asset":"USDT","totalWalletBalance":"122607.35137903","crossMarginAsset":'
+
+
+@dataclass
+class ApiRequest:
+    method: str
+    path: str
+    query: str  # raw, exactly as sent: signatures are checked over it
+    api_key: str | None
+    client_ip: str
+
+
+@dataclass
+class Reply:
+    """What to send back. The server honours `stall_seconds` and `reset_after`."""
+
+    status: int
+    body: bytes
+    content_type: str = JSON
+    headers: dict[str, str] = field(default_factory=dict)
+    stall_seconds: float | None = None  # send the headers, wait this long, close
+    reset_after: int | None = None  # send the headers and this many body bytes, then reset
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    weight: int
+    signed: bool
+    serve: Callable[[SimState, SimAccount | None, dict[str, str]], Any]
+
+
+def _ping(state: SimState, account: SimAccount | None, params: dict[str, str]) -> Any:
+    return {}
+
+
+def _time(state: SimState, account: SimAccount | None, params: dict[str, str]) -> Any:
+    return {"serverTime": state.now_ms()}
+
+
+def _balance(state: SimState, account: SimAccount | None, params: dict[str, str]) -> Any:
+    assert account is not None
+    records = state.book.balances(account.name)
+    asset = params.get("asset")
+    if asset is None:
+        return records
+    for record in records if isinstance(records, list) else []:
+        if isinstance(record, dict) and record.get("asset") == asset:
+            record.pop("crossMarginAsset", None)  # the single-asset shape lacks it
+            return record
+    raise ApiError(
+        400, -1102, "Mandatory parameter 'asset' was not sent, was empty/null, or malformed."
+    )
+
+
+def _account(state: SimState, account: SimAccount | None, params: dict[str, str]) -> Any:
+    assert account is not None
+    return state.book.account_info(account.name)
+
+
+ENDPOINTS: dict[str, Endpoint] = {
+    "/papi/v1/ping": Endpoint(weight=1, signed=False, serve=_ping),
+    "/papi/v1/time": Endpoint(weight=1, signed=False, serve=_time),
+    "/papi/v1/balance": Endpoint(weight=20, signed=True, serve=_balance),
+    "/papi/v1/account": Endpoint(weight=20, signed=True, serve=_account),
+}
+
+
+def handle(state: SimState, request: ApiRequest, sleep: Callable[[float], object]) -> Reply:
+    """Answer one API request; `sleep` waits (and returns early when the server stops)."""
+    arrived = state.clock()
+    account = state.book.by_key(request.api_key)
+    endpoint = ENDPOINTS.get(request.path)
+    weight = endpoint.weight if endpoint else 0
+    fault = state.faults.take(request.path, account.name if account else None)
+    charged = 0
+    if fault is not None and fault.kind in ("rate_limit", "ban"):
+        reply = fault_reply(fault, request.client_ip)
+    else:
+        admission = state.weights.admit(request.client_ip, weight, state.now_ms())
+        if admission.status == 200:
+            charged = weight
+            reply = _admitted(
+                state, request, endpoint=endpoint, account=account, fault=fault, sleep=sleep
+            )
+        else:
+            reply = _refused(admission, request.client_ip, state.weights.limit)
+
+    used = str(state.weights.used(request.client_ip, state.now_ms()))
+    present = {name.lower() for name in reply.headers}
+    for name in ("X-MBX-USED-WEIGHT-1M", "X-MBX-USED-WEIGHT"):
+        if name.lower() not in present:  # a `raw` fault may bring its own
+            reply.headers[name] = used
+    state.log.append(
+        RequestRecord(
+            time=arrived,
+            client_ip=request.client_ip,
+            method=request.method,
+            path=request.path,
+            account=account.name if account else None,
+            status=0 if reply.reset_after is not None else reply.status,
+            weight=charged,
+        )
+    )
+    return reply
+
+
+def _admitted(
+    state: SimState,
+    request: ApiRequest,
+    *,
+    endpoint: Endpoint | None,
+    account: SimAccount | None,
+    fault: Fault | None,
+    sleep: Callable[[float], object],
+) -> Reply:
+    if fault is not None:
+        if fault.kind != "latency":
+            return fault_reply(fault, request.client_ip)
+        sleep(float(fault.params["seconds"]))
+    try:
+        return json_reply(200, _serve(state, request, endpoint, account))
+    except ApiError as error:
+        return error_reply(error)
+
+
+def _serve(
+    state: SimState, request: ApiRequest, endpoint: Endpoint | None, account: SimAccount | None
+) -> Any:
+    if endpoint is None:
+        raise ApiError(404, -1020, "This operation is not supported.")
+    if request.method != "GET":
+        raise ApiError(405, -1020, "This operation is not supported.")
+    if endpoint.signed:
+        account = require_account(request.api_key, account)
+        params = check_signed_query(account, request.query, state.now_ms())
+    else:
+        params = dict(parse_qsl(request.query, keep_blank_values=True))
+    return endpoint.serve(state, account, params)
+
+
+def _refused(admission: Admission, ip: str, limit: int) -> Reply:
+    if admission.status == 418:
+        assert admission.banned_until_ms is not None
+        reply = ban_reply(ip, admission.banned_until_ms)
+    else:
+        reply = error_reply(
+            ApiError(
+                429,
+                -1003,
+                f"Too many requests; current limit of IP({ip}) is {limit} requests per minute. "
+                "Please use the websocket for live updates to avoid polling the API.",
+            )
+        )
+    reply.headers["Retry-After"] = str(admission.retry_after)
+    return reply
+
+
+def ban_reply(ip: str, until_ms: int) -> Reply:
+    return error_reply(
+        ApiError(
+            418,
+            -1003,
+            f"Way too many requests; IP({ip}) banned until {until_ms}. "
+            "Please use the websocket for live updates to avoid bans.",
+        )
+    )
+
+
+def fault_reply(fault: Fault, ip: str) -> Reply:
+    """The reply an injected fault stands for (every kind but latency)."""
+    p = fault.params
+    if fault.kind == "status":
+        status = int(p["status"])
+        body = p.get("body")
+        if body is None:
+            if status == 502:
+                return Reply(status, BAD_GATEWAY_HTML.encode(), HTML)
+            return json_reply(status, UNKNOWN_ERROR)
+        return Reply(status, str(body).encode(), p.get("content_type") or _sniff(str(body)))
+    if fault.kind == "malformed_json":
+        return Reply(200, str(p.get("body", MALFORMED_JSON)).encode())
+    if fault.kind == "reset":
+        reply = json_reply(200, [{"asset": "USDT", "totalWalletBalance": "1.00000000"}] * 20)
+        reply.reset_after = int(p.get("after_bytes", len(reply.body) // 2))
+        return reply
+    if fault.kind == "stall":
+        reply = json_reply(200, [])
+        reply.stall_seconds = float(p.get("seconds", 60.0))
+        return reply
+    if fault.kind == "rate_limit":
+        reply = error_reply(ApiError(429, -1003, "Too many requests; please use the websocket."))
+        if p.get("retry_after") is not None:
+            reply.headers["Retry-After"] = str(p["retry_after"])
+        return reply
+    if fault.kind == "ban":
+        reply = ban_reply(ip, int(p["until_ms"]))
+        if p.get("retry_after") is not None:
+            reply.headers["Retry-After"] = str(p["retry_after"])
+        return reply
+    if fault.kind == "api_error":
+        error = ApiError(int(p.get("status", 400)), int(p["code"]), str(p.get("msg", "")))
+        return error_reply(error)
+    if fault.kind == "raw":
+        body = str(p["body"])
+        content_type = p.get("content_type") or _sniff(body)
+        headers = dict(p.get("headers", {}))
+        return Reply(int(p.get("status", 200)), body.encode(), content_type, headers)
+    raise AssertionError(f"no reply for fault kind {fault.kind}")
+
+
+def _sniff(body: str) -> str:
+    try:
+        json.loads(body)
+    except ValueError:
+        return HTML if body.lstrip().startswith("<") else TEXT
+    return JSON
+
+
+def json_reply(status: int, payload: Any) -> Reply:
+    return Reply(status, json.dumps(payload, separators=(",", ":")).encode())
+
+
+def error_reply(error: ApiError) -> Reply:
+    return json_reply(error.status, {"code": error.code, "msg": error.msg})

@@ -1,0 +1,407 @@
+"""What the simulator remembers: account data, injected faults, weight per IP, a request log.
+
+Every class here is thread-safe (the HTTP server answers on many threads) and
+knows nothing of HTTP. Times come in as arguments or from an injected clock.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from exporter.simulator import synthetic
+from exporter.simulator.auth import SimAccount
+
+MINUTE_MS = 60_000
+FIRST_BAN_MS = 2 * MINUTE_MS
+MAX_BAN_MS = 3 * 24 * 60 * MINUTE_MS
+REQUEST_LOG_SIZE = 100_000
+
+
+class UnknownAccountError(LookupError):
+    """An account name the simulator was not given."""
+
+
+# ---------------------------------------------------------------- account data
+
+
+class AccountBook:
+    """Each account's /papi/v1/balance records and /papi/v1/account object, as raw JSON.
+
+    Stored exactly as served, so tests can put in shapes the API should never
+    send (numbers for strings, nulls, an object where an array belongs).
+    """
+
+    def __init__(
+        self, accounts: Iterable[SimAccount], *, assets_per_account: int, seed: int, now_ms: int
+    ) -> None:
+        self._lock = threading.Lock()
+        self._by_key: dict[str, SimAccount] = {}
+        self._balances: dict[str, Any] = {}
+        self._info: dict[str, Any] = {}
+        for account in accounts:
+            if account.name in self._balances:
+                raise ValueError(f"duplicate account name: {account.name}")
+            if account.api_key in self._by_key:
+                raise ValueError(f"account {account.name}: API key already used")
+            self._by_key[account.api_key] = account
+            rng = random.Random(f"{seed}:{account.name}")  # noqa: S311 - made-up data, not crypto
+            portfolio = synthetic.make_portfolio(rng, assets_per_account, now_ms)
+            self._balances[account.name] = [asset.record() for asset in portfolio]
+            risk = synthetic.make_risk(rng)
+            self._info[account.name] = synthetic.account_info(portfolio, risk, now_ms)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._balances)
+
+    def by_key(self, api_key: str | None) -> SimAccount | None:
+        return self._by_key.get(api_key) if api_key else None
+
+    def balances(self, name: str) -> Any:
+        with self._lock:
+            self._check(name)
+            return copy.deepcopy(self._balances[name])
+
+    def account_info(self, name: str) -> Any:
+        with self._lock:
+            self._check(name)
+            return copy.deepcopy(self._info[name])
+
+    def set_balances(self, name: str, records: Any) -> None:
+        stored = _json_copy(records)
+        with self._lock:
+            self._check(name)
+            self._balances[name] = stored
+
+    def set_asset(self, name: str, asset: str, fields: dict[str, Any]) -> None:
+        """Update one asset's fields, or add the asset (zero amounts, then `fields`)."""
+        update = _json_copy(fields)
+        with self._lock:
+            self._check(name)
+            records = self._balances[name]
+            if not isinstance(records, list):
+                records = self._balances[name] = []
+            for record in records:
+                if isinstance(record, dict) and record.get("asset") == asset:
+                    record.update(update)
+                    return
+            records.append({**_zero_record(asset), **update})
+
+    def remove_asset(self, name: str, asset: str) -> None:
+        with self._lock:
+            self._check(name)
+            records = self._balances[name]
+            if isinstance(records, list):
+                records[:] = [
+                    r for r in records if not (isinstance(r, dict) and r.get("asset") == asset)
+                ]
+
+    def set_account_info(self, name: str, info: Any) -> None:
+        stored = _json_copy(info)
+        with self._lock:
+            self._check(name)
+            self._info[name] = stored
+
+    def _check(self, name: str) -> None:
+        if name not in self._balances:
+            raise UnknownAccountError(f"unknown account: {name}")
+
+
+def _json_copy(value: Any) -> Any:
+    """A private copy; refuses what cannot be served as JSON (NaN and Infinity are allowed)."""
+    return json.loads(json.dumps(value))
+
+
+def _zero_record(asset: str) -> dict[str, Any]:
+    zero = "0.00000000"
+    return {
+        "asset": asset,
+        "totalWalletBalance": zero,
+        "crossMarginAsset": zero,
+        "crossMarginBorrowed": zero,
+        "crossMarginFree": zero,
+        "crossMarginInterest": zero,
+        "crossMarginLocked": zero,
+        "umWalletBalance": zero,
+        "umUnrealizedPNL": zero,
+        "cmWalletBalance": zero,
+        "cmUnrealizedPNL": "",
+        "updateTime": 0,
+        "negativeBalance": "0",
+    }
+
+
+# ---------------------------------------------------------------- faults
+
+# kind -> (required params, optional params)
+FAULT_PARAMS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "latency": (frozenset({"seconds"}), frozenset()),
+    "status": (frozenset({"status"}), frozenset({"body", "content_type"})),
+    "malformed_json": (frozenset(), frozenset({"body"})),
+    "reset": (frozenset(), frozenset({"after_bytes"})),
+    "stall": (frozenset(), frozenset({"seconds"})),
+    "rate_limit": (frozenset(), frozenset({"retry_after"})),
+    "ban": (frozenset({"until_ms"}), frozenset({"retry_after"})),
+    "api_error": (frozenset({"code"}), frozenset({"status", "msg"})),
+    "raw": (frozenset({"body"}), frozenset({"status", "headers", "content_type"})),
+}
+FAULT_KINDS = tuple(FAULT_PARAMS)
+
+_NUMBER_PARAMS = frozenset({"seconds"})
+_INT_PARAMS = frozenset({"status", "after_bytes", "retry_after", "until_ms", "code"})
+_STR_PARAMS = frozenset({"body", "content_type", "msg"})
+
+
+@dataclass
+class Fault:
+    """One injected misbehaviour. `remaining` None means until cleared."""
+
+    kind: str
+    endpoint: str | None
+    account: str | None
+    remaining: int | None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def matches(self, path: str, account: str | None) -> bool:
+        return (self.endpoint is None or self.endpoint == path) and (
+            self.account is None or self.account == account
+        )
+
+
+def make_fault(
+    kind: str,
+    *,
+    endpoint: str | None,
+    account: str | None,
+    count: int | None,
+    params: dict[str, Any],
+) -> Fault:
+    """Validate a fault's description; raise ValueError naming what is wrong."""
+    if kind not in FAULT_PARAMS:
+        raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
+    required, optional = FAULT_PARAMS[kind]
+    missing = required - params.keys()
+    if missing:
+        raise ValueError(f"fault {kind}: missing {', '.join(sorted(missing))}")
+    unknown = params.keys() - required - optional
+    if unknown:
+        raise ValueError(f"fault {kind}: unknown parameter {', '.join(sorted(unknown))}")
+    for name, value in params.items():
+        _check_param(kind, name, value)
+    if endpoint is not None and (not isinstance(endpoint, str) or not endpoint.startswith("/")):
+        raise ValueError(f"fault {kind}: endpoint must be a path like /papi/v1/balance")
+    if count is not None and (not _is_int(count) or count < 1):
+        raise ValueError(f"fault {kind}: count must be a positive integer or None")
+    return Fault(kind, endpoint, account, count, dict(params))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_param(kind: str, name: str, value: object) -> None:
+    if name in _NUMBER_PARAMS:
+        ok = (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value >= 0
+        )
+    elif name in _INT_PARAMS:
+        ok = _is_int(value)
+    elif name in _STR_PARAMS:
+        ok = isinstance(value, str)
+    else:  # headers
+        ok = isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        )
+    if not ok:
+        raise ValueError(f"fault {kind}: bad value for {name}: {value!r}")
+
+
+class FaultTable:
+    """Injected faults, first injected first matched."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+
+    def add(self, fault: Fault) -> None:
+        with self._lock:
+            self._faults.append(fault)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def take(self, path: str, account: str | None) -> Fault | None:
+        """The fault for this request, if any; counts it down."""
+        with self._lock:
+            for fault in self._faults:
+                if fault.matches(path, account):
+                    if fault.remaining is not None:
+                        fault.remaining -= 1
+                        if fault.remaining <= 0:
+                            self._faults.remove(fault)
+                    return fault
+            return None
+
+
+# ---------------------------------------------------------------- request weight
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The weight limiter's verdict. status 200 = admitted, 429 or 418 = refused."""
+
+    status: int
+    retry_after: int | None = None
+    banned_until_ms: int | None = None
+
+
+@dataclass
+class _IpMinute:
+    minute: int = -1
+    used: int = 0
+    refusals: int = 0  # 429s answered in this minute
+    banned_until_ms: int = 0
+    bans: int = 0  # each ban lasts twice as long as the one before
+
+
+class WeightLimiter:
+    """Request weight per client IP per calendar minute, shared by every key on that IP.
+
+    Past the limit a request gets 429; after `ban_after_429s` of them in one
+    minute the next one bans the IP (418) for 2 minutes, doubling per ban up to
+    3 days. Refused requests add no weight.
+    """
+
+    def __init__(self, limit: int, *, ban_after_429s: int = 3) -> None:
+        self.limit = limit
+        self.ban_after_429s = ban_after_429s
+        self._lock = threading.Lock()
+        self._ips: dict[str, _IpMinute] = {}
+
+    def admit(self, ip: str, weight: int, now_ms: int) -> Admission:
+        with self._lock:
+            state = self._current(ip, now_ms)
+            if state.banned_until_ms > now_ms:
+                return _banned(state, now_ms)
+            if state.used + weight <= self.limit:
+                state.used += weight
+                return Admission(200)
+            if state.refusals < self.ban_after_429s:
+                state.refusals += 1
+                next_minute = (now_ms // MINUTE_MS + 1) * MINUTE_MS
+                return Admission(429, retry_after=_seconds_until(next_minute, now_ms))
+            state.banned_until_ms = now_ms + min(FIRST_BAN_MS * 2**state.bans, MAX_BAN_MS)
+            state.bans += 1
+            return _banned(state, now_ms)
+
+    def used(self, ip: str, now_ms: int) -> int:
+        with self._lock:
+            return self._current(ip, now_ms).used
+
+    def add(self, ip: str, weight: int, now_ms: int) -> None:
+        with self._lock:
+            self._current(ip, now_ms).used += weight
+
+    def _current(self, ip: str, now_ms: int) -> _IpMinute:
+        state = self._ips.setdefault(ip, _IpMinute())
+        minute = now_ms // MINUTE_MS
+        if state.minute != minute:
+            state.minute, state.used, state.refusals = minute, 0, 0
+        return state
+
+
+def _banned(state: _IpMinute, now_ms: int) -> Admission:
+    until = state.banned_until_ms
+    return Admission(418, retry_after=_seconds_until(until, now_ms), banned_until_ms=until)
+
+
+def _seconds_until(then_ms: int, now_ms: int) -> int:
+    return max(1, -(-(then_ms - now_ms) // 1000))
+
+
+# ---------------------------------------------------------------- request log
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request the simulator answered. status 0: the connection was reset mid-response."""
+
+    time: float
+    client_ip: str
+    method: str
+    path: str
+    account: str | None
+    status: int
+    weight: int
+
+
+class RequestLog:
+    """The last `size` requests, oldest first."""
+
+    def __init__(self, size: int = REQUEST_LOG_SIZE) -> None:
+        self._lock = threading.Lock()
+        self._records: deque[RequestRecord] = deque(maxlen=size)
+
+    def append(self, record: RequestRecord) -> None:
+        with self._lock:
+            self._records.append(record)
+
+    def snapshot(self) -> list[RequestRecord]:
+        with self._lock:
+            return list(self._records)
+
+
+# ---------------------------------------------------------------- all of it
+
+
+class SimState:
+    """Everything the request handlers read and change, and the server's clock."""
+
+    def __init__(
+        self,
+        accounts: Iterable[SimAccount],
+        *,
+        clock: Callable[[], float],
+        ip_weight_limit: int,
+        assets_per_account: int,
+        seed: int,
+        ban_after_429s: int,
+    ) -> None:
+        self.clock = clock
+        self.clock_offset_ms = 0  # server clock = clock() + offset
+        self.book = AccountBook(
+            accounts, assets_per_account=assets_per_account, seed=seed, now_ms=self.now_ms()
+        )
+        self.faults = FaultTable()
+        self.weights = WeightLimiter(ip_weight_limit, ban_after_429s=ban_after_429s)
+        self.log = RequestLog()
+
+    def now_ms(self) -> int:
+        """The server's clock in epoch milliseconds."""
+        return int(self.clock() * 1000) + self.clock_offset_ms
+
+    def inject_fault(
+        self,
+        kind: str,
+        *,
+        endpoint: str | None = None,
+        account: str | None = None,
+        count: int | None = None,
+        **params: Any,
+    ) -> None:
+        if account is not None and account not in self.book.names:
+            raise UnknownAccountError(f"unknown account: {account}")
+        fault = make_fault(kind, endpoint=endpoint, account=account, count=count, params=params)
+        self.faults.add(fault)

@@ -1,0 +1,187 @@
+"""Plausible made-up Portfolio Margin balances and account risk.
+
+Amounts are `Decimal`s with 8 decimals, so the identities the API documents hold
+exactly in what is served:
+    crossMarginAsset   = crossMarginFree + crossMarginLocked
+    totalWalletBalance = crossMarginFree + crossMarginLocked + umWalletBalance + cmWalletBalance
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+EIGHT_PLACES = Decimal("0.00000001")
+ZERO = Decimal(0)
+
+# Well-known assets first, with rough USD prices; more assets get generated names.
+KNOWN_ASSETS: tuple[tuple[str, str], ...] = (
+    ("USDT", "1"),
+    ("BTC", "65000"),
+    ("ETH", "3200"),
+    ("BNB", "580"),
+    ("FDUSD", "1"),
+    ("SOL", "150"),
+    ("XRP", "0.55"),
+    ("DOGE", "0.15"),
+    ("USDC", "1"),
+    ("ADA", "0.45"),
+    ("LINK", "14"),
+    ("TRX", "0.12"),
+    ("AVAX", "28"),
+    ("DOT", "6"),
+    ("LTC", "80"),
+    ("TON", "5.5"),
+)
+STABLECOINS = frozenset({"USDT", "FDUSD", "USDC"})
+COIN_MARGINED = frozenset({"BTC", "ETH", "BNB", "SOL", "XRP", "DOGE", "ADA", "LINK", "DOT", "LTC"})
+
+
+def amount(value: Decimal | float) -> Decimal:
+    """A value rounded to Binance's 8 decimals."""
+    return Decimal(str(value)).quantize(EIGHT_PLACES)
+
+
+def format_amount(value: Decimal) -> str:
+    """Binance's decimal-string style: "123.45000000"."""
+    return f"{value.quantize(EIGHT_PLACES):f}"
+
+
+def asset_names(count: int) -> list[str]:
+    known = [name for name, _ in KNOWN_ASSETS[:count]]
+    return known + [f"ASSET{i}" for i in range(len(known), count)]
+
+
+@dataclass
+class SyntheticAsset:
+    """One asset of one account; `record()` renders it as /papi/v1/balance does."""
+
+    asset: str
+    price_usd: Decimal
+    cross_free: Decimal
+    cross_locked: Decimal
+    cross_borrowed: Decimal
+    cross_interest: Decimal
+    um_wallet: Decimal
+    um_pnl: Decimal
+    cm_wallet: Decimal
+    cm_pnl: Decimal | None  # None is served as "" (no coin-margined book for this asset)
+    negative: Decimal
+    update_ms: int
+
+    @property
+    def wallet(self) -> Decimal:
+        return self.cross_free + self.cross_locked + self.um_wallet + self.cm_wallet
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "asset": self.asset,
+            "totalWalletBalance": format_amount(self.wallet),
+            "crossMarginAsset": format_amount(self.cross_free + self.cross_locked),
+            "crossMarginBorrowed": format_amount(self.cross_borrowed),
+            "crossMarginFree": format_amount(self.cross_free),
+            "crossMarginInterest": format_amount(self.cross_interest),
+            "crossMarginLocked": format_amount(self.cross_locked),
+            "umWalletBalance": format_amount(self.um_wallet),
+            "umUnrealizedPNL": format_amount(self.um_pnl),
+            "cmWalletBalance": format_amount(self.cm_wallet),
+            "cmUnrealizedPNL": "" if self.cm_pnl is None else format_amount(self.cm_pnl),
+            "updateTime": self.update_ms,
+            "negativeBalance": "0" if self.negative == ZERO else format_amount(self.negative),
+        }
+
+    def usd_equity(self) -> Decimal:
+        """What the asset adds to the account's equity, in USD."""
+        pnl = self.um_pnl + (self.cm_pnl or ZERO)
+        units = self.wallet + pnl - self.cross_borrowed - self.cross_interest - self.negative
+        return units * self.price_usd
+
+    def drift(self, rng: random.Random, now_ms: int) -> None:
+        """A small random move, as markets and funding nudge a real account."""
+        self.cross_free = max(ZERO, amount(float(self.cross_free) * rng.gauss(1.0, 0.002)))
+        scale = float(self.wallet) * 0.001 + 0.01
+        self.um_pnl = amount(float(self.um_pnl) * 0.98 + rng.gauss(0.0, scale))
+        if self.cm_pnl is not None:
+            self.cm_pnl = amount(float(self.cm_pnl) * 0.98 + rng.gauss(0.0, scale))
+        if self.cross_borrowed > ZERO:
+            self.cross_interest += amount(float(self.cross_borrowed) * 0.000001)
+        self.update_ms = now_ms
+
+
+def make_asset(name: str, price_usd: Decimal, rng: random.Random, now_ms: int) -> SyntheticAsset:
+    units = rng.uniform(200.0, 50_000.0) / float(price_usd)
+    free = amount(units * rng.uniform(0.3, 1.0))
+    locked = amount(units * rng.choice((0.0, 0.0, 0.05)))
+    borrowed = amount(units * rng.choice((0.0, 0.0, 0.1)))
+    interest = amount(float(borrowed) * rng.uniform(0.0005, 0.002))
+    stable = name in STABLECOINS
+    um_wallet = amount(units * rng.uniform(0.1, 2.0)) if stable else ZERO
+    um_pnl = amount(rng.gauss(0.0, units * 0.01)) if stable else ZERO
+    coin_margined = name in COIN_MARGINED
+    cm_wallet = amount(units * rng.uniform(0.0, 0.5)) if coin_margined else ZERO
+    cm_pnl = amount(rng.gauss(0.0, units * 0.005)) if coin_margined else None
+    return SyntheticAsset(
+        asset=name,
+        price_usd=price_usd,
+        cross_free=free,
+        cross_locked=locked,
+        cross_borrowed=borrowed,
+        cross_interest=interest,
+        um_wallet=um_wallet,
+        um_pnl=um_pnl,
+        cm_wallet=cm_wallet,
+        cm_pnl=cm_pnl,
+        negative=ZERO,
+        update_ms=now_ms - rng.randrange(0, 3_600_000),
+    )
+
+
+def make_portfolio(rng: random.Random, n_assets: int, now_ms: int) -> list[SyntheticAsset]:
+    prices = dict(KNOWN_ASSETS)
+    portfolio = []
+    for name in asset_names(n_assets):
+        price = Decimal(prices[name]) if name in prices else amount(rng.uniform(0.01, 50.0))
+        portfolio.append(make_asset(name, price, rng, now_ms))
+    return portfolio
+
+
+@dataclass
+class SyntheticRisk:
+    """Per-account margin parameters that stay put while balances drift."""
+
+    initial_margin_ratio: Decimal  # initial margin as a fraction of equity
+    status: str = "NORMAL"
+
+
+def make_risk(rng: random.Random) -> SyntheticRisk:
+    return SyntheticRisk(initial_margin_ratio=amount(rng.uniform(0.02, 0.3)))
+
+
+def account_info(
+    portfolio: list[SyntheticAsset], risk: SyntheticRisk, now_ms: int
+) -> dict[str, Any]:
+    """GET /papi/v1/account for a portfolio: equity in USD, margins, uniMMR, status."""
+    actual_equity = sum((a.usd_equity() for a in portfolio), ZERO)
+    haircut = sum(
+        (a.usd_equity() * Decimal("0.05") for a in portfolio if a.asset not in STABLECOINS), ZERO
+    )
+    equity = actual_equity - haircut
+    initial = max(ZERO, equity * risk.initial_margin_ratio)
+    maint = initial * Decimal("0.4")
+    open_loss = -sum((min(ZERO, a.um_pnl) * a.price_usd for a in portfolio), ZERO)
+    available = equity - initial
+    uni_mmr = equity / maint if maint > ZERO else Decimal(999)
+    return {
+        "uniMMR": format_amount(uni_mmr),
+        "accountEquity": format_amount(equity),
+        "actualEquity": format_amount(actual_equity),
+        "accountInitialMargin": format_amount(initial),
+        "accountMaintMargin": format_amount(maint),
+        "accountStatus": risk.status,
+        "virtualMaxWithdrawAmount": format_amount(max(ZERO, available * Decimal("0.9"))),
+        "totalAvailableBalance": format_amount(available),
+        "totalMarginOpenLoss": format_amount(open_loss),
+        "updateTime": now_ms,
+    }

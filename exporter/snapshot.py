@@ -1,0 +1,64 @@
+"""The data the exporter serves: plain immutable values, replaced whole.
+
+The poller builds a new `Snapshot` after every account refresh and swaps it in
+with one reference assignment; scrapes read whichever snapshot is current and
+so never see a half-written account, and never wait on the poller.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from exporter.binance.models import AccountInfo, AssetBalance
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSnapshot:
+    name: str
+    #: target seconds between two refreshes of this account
+    refresh_interval: float
+    balances: tuple[AssetBalance, ...] = ()
+    info: AccountInfo | None = None
+    #: True when the last refresh succeeded
+    up: bool = False
+    #: a refresh (successful or not) has completed at least once
+    attempted: bool = False
+    last_success: float | None = None  # epoch seconds
+    consecutive_failures: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    accounts: Mapping[str, AccountSnapshot]
+    #: increases with every replacement, so renderers can cache per generation
+    generation: int = 0
+
+    @property
+    def pending(self) -> list[str]:
+        """Accounts that have not completed a refresh yet."""
+        return [name for name, account in self.accounts.items() if not account.attempted]
+
+
+class SnapshotStore:
+    """Holds the current snapshot; `replace` swaps in a copy with one account changed."""
+
+    def __init__(self, accounts: Iterable[AccountSnapshot]) -> None:
+        self._lock = threading.Lock()
+        self._current = Snapshot(MappingProxyType({a.name: a for a in accounts}))
+
+    @property
+    def current(self) -> Snapshot:
+        return self._current
+
+    def get(self, name: str) -> AccountSnapshot:
+        return self._current.accounts[name]
+
+    def replace(self, account: AccountSnapshot) -> Snapshot:
+        with self._lock:
+            accounts = dict(self._current.accounts)
+            accounts[account.name] = account
+            self._current = Snapshot(MappingProxyType(accounts), self._current.generation + 1)
+            return self._current

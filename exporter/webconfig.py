@@ -1,0 +1,486 @@
+"""`--web.config.file`: TLS and basic auth in the Prometheus exporter-toolkit format.
+
+The file format is the one node_exporter and the other official exporters read
+(prometheus/exporter-toolkit, docs/web-configuration.md)::
+
+    tls_server_config:
+      cert_file: server.crt          # relative paths are relative to this file's directory
+      key_file: server.key
+      client_auth_type: RequireAndVerifyClientCert
+      client_ca_file: ca.crt
+      min_version: TLS12             # TLS10 | TLS11 | TLS12 (default) | TLS13
+      max_version: TLS13             # default
+    http_server_config:
+      headers: {X-Content-Type-Options: nosniff}
+    basic_auth_users:
+      alice: $2y$10$...              # bcrypt hash, e.g. from `htpasswd -nBC 10 "" | tr -d ':\\n'`
+
+Unknown keys are an error, as in exporter-toolkit. Where this implementation
+differs from the Go one it says so with an error rather than silently:
+
+- `client_auth_type` maps onto Python's `ssl` verify modes. Python cannot ask for
+  a client certificate without verifying it, so:
+  NoClientCert -> CERT_NONE; RequestClientCert -> CERT_NONE (nothing here reads an
+  unverified certificate, so not asking for one changes only the handshake);
+  RequireAnyClientCert (and its old name RequireClientCert) -> CERT_REQUIRED, which
+  also verifies the certificate and therefore needs a client CA (stricter than Go);
+  VerifyClientCertIfGiven -> CERT_OPTIONAL; RequireAndVerifyClientCert -> CERT_REQUIRED.
+  Verifying modes need `client_ca_file` or `client_ca`: Go would fall back to the
+  system roots, which would admit a certificate from any public CA.
+- TLS10 and TLS11 are accepted, but Debian's OpenSSL (security level 2) refuses
+  those protocol versions in the handshake anyway.
+- A `tls_server_config` that sets anything needs `cert_file` and `key_file`
+  (exporter-toolkit would silently serve plain HTTP without them).
+- Not supported, each rejected by name: inline `cert`/`key` (Python's ssl loads
+  certificate chains from files only), `cipher_suites` and `curve_preferences`
+  (Go names), `client_allowed_sans`, `rate_limit`.
+- `http_server_config.headers` is accepted and validated as exporter-toolkit does
+  (same header names, same allowed values) and exposed as `WebConfig.headers` for
+  the HTTP server to add to every response. `http2` is accepted and ignored: the
+  server speaks HTTP/1.1 only.
+- The file is read once, at start; exporter-toolkit re-reads it per request.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import secrets
+import ssl
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, NoReturn
+
+import bcrypt
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+
+CheckPw = Callable[[bytes, bytes], bool]
+"""`bcrypt.checkpw`'s shape: (password, hashed) -> matches. Injectable for tests."""
+
+
+class WebConfigError(Exception):
+    """A web config file that cannot be used. str() is one line naming the field, no secrets."""
+
+
+# --- the file's schema -------------------------------------------------------------------
+
+_ClientAuthType = Literal[
+    "NoClientCert",
+    "RequestClientCert",
+    "RequireAnyClientCert",
+    "RequireClientCert",  # exporter-toolkit's old name for RequireAnyClientCert
+    "VerifyClientCertIfGiven",
+    "RequireAndVerifyClientCert",
+]
+_TLSVersionName = Literal["TLS10", "TLS11", "TLS12", "TLS13"]
+
+_TLS_VERSIONS: dict[str, ssl.TLSVersion] = {
+    "TLS10": ssl.TLSVersion.TLSv1,
+    "TLS11": ssl.TLSVersion.TLSv1_1,
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
+
+# Keys exporter-toolkit knows that this implementation does not support.
+_UNSUPPORTED: dict[tuple[str, ...], str] = {
+    ("tls_server_config", "cert"): "inline certificates are not supported; use cert_file",
+    ("tls_server_config", "key"): "inline keys are not supported; use key_file",
+    ("tls_server_config", "cipher_suites"): "not supported; OpenSSL's defaults are used",
+    ("tls_server_config", "curve_preferences"): "not supported; OpenSSL's defaults are used",
+    ("tls_server_config", "client_allowed_sans"): "not supported",
+    ("rate_limit",): "not supported",
+}
+
+# Response headers exporter-toolkit lets a web config set, with their allowed values
+# (empty tuple: any value).
+_ALLOWED_HEADERS: dict[str, tuple[str, ...]] = {
+    "Strict-Transport-Security": (),
+    "X-Content-Type-Options": ("nosniff",),
+    "X-Frame-Options": ("deny", "sameorigin"),
+    "X-XSS-Protection": (),
+    "Content-Security-Policy": (),
+}
+
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+_BCRYPT_MAX_PASSWORD = 72  # bytes; longer passwords would be truncated, so they never match
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _TLSServerConfig(_Section):
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_auth_type: _ClientAuthType | None = None
+    client_ca_file: str | None = None
+    client_ca: str | None = None
+    min_version: _TLSVersionName | None = None
+    max_version: _TLSVersionName | None = None
+    prefer_server_cipher_suites: bool | None = None
+
+
+class _HTTPServerConfig(_Section):
+    http2: bool | None = None
+    headers: dict[str, str] | None = None
+
+
+class _WebConfigFile(_Section):
+    tls_server_config: _TLSServerConfig | None = None
+    http_server_config: _HTTPServerConfig | None = None
+    basic_auth_users: dict[str, SecretStr] | None = None
+
+
+# --- basic auth ----------------------------------------------------------------------------
+
+
+def _parse_basic_authorization(authorization: str | None) -> tuple[str, bytes] | None:
+    """(username, password) from an `Authorization: Basic ...` header value, else None."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    username, colon, password = decoded.partition(b":")
+    if not colon:
+        return None
+    try:
+        return username.decode("utf-8"), password
+    except UnicodeDecodeError:
+        return None
+
+
+class BasicAuth:
+    """Checks `Authorization: Basic` against bcrypt hashes, caching verified credentials.
+
+    A verified password is remembered per user as an HMAC-SHA-256 of username and
+    password under a key drawn at start (never the password itself), so a scrape
+    with the same credentials costs a hash and a constant-time compare, not a bcrypt
+    run. The cache holds at most one entry per configured user. Wrong passwords are
+    not cached: each costs a bcrypt run, one at a time, and an unknown user costs
+    the same as a known one.
+    """
+
+    def __init__(self, users: Mapping[str, bytes], *, checkpw: CheckPw = bcrypt.checkpw) -> None:
+        self._users = dict(users)
+        self._checkpw = checkpw
+        self._cache_key = secrets.token_bytes(32)
+        self._verified: dict[str, bytes] = {}
+        self._cache_lock = threading.Lock()
+        # One bcrypt run at a time: a flood of bad passwords costs one core, not all.
+        self._bcrypt_lock = threading.Lock()
+        cost = max(int(hashed[4:6]) for hashed in self._users.values()) if self._users else 4
+        self._decoy_hash = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(rounds=cost))
+
+    def __repr__(self) -> str:
+        return f"BasicAuth(users={len(self._users)})"
+
+    def check(self, authorization: str | None) -> bool:
+        credentials = _parse_basic_authorization(authorization)
+        if credentials is None:
+            return False
+        username, password = credentials
+        if len(password) > _BCRYPT_MAX_PASSWORD:
+            return False
+        digest = self._digest(username, password)
+        with self._cache_lock:
+            remembered = self._verified.get(username)
+        if remembered is not None and hmac.compare_digest(remembered, digest):
+            return True
+        hashed = self._users.get(username)
+        with self._bcrypt_lock:
+            matches = self._checkpw(password, self._decoy_hash if hashed is None else hashed)
+        if not matches or hashed is None:
+            return False
+        with self._cache_lock:
+            self._verified[username] = digest
+        return True
+
+    def _digest(self, username: str, password: bytes) -> bytes:
+        name = username.encode("utf-8")
+        message = len(name).to_bytes(4, "big") + name + password
+        return hmac.new(self._cache_key, message, hashlib.sha256).digest()
+
+
+# --- the result ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """What the HTTP server needs: a TLS context (None = plain HTTP), auth, extra headers.
+
+    `WebConfig()` is the open, plain-HTTP configuration used without --web.config.file.
+    On a request that is not `authorized()`, answer 401 with `WWW-Authenticate: Basic`
+    and nothing more.
+    """
+
+    ssl_context: ssl.SSLContext | None = None
+    basic_auth: BasicAuth | None = field(default=None, repr=False)
+    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def authorized(self, authorization: str | None) -> bool:
+        """Whether a request with this `Authorization` header value may proceed."""
+        return self.basic_auth is None or self.basic_auth.check(authorization)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys (Go's yaml.UnmarshalStrict does)."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[object] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        try:
+            duplicate = key in seen
+        except TypeError:  # unhashable; construct_mapping reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def load_web_config(path: Path, *, checkpw: CheckPw = bcrypt.checkpw) -> WebConfig:
+    """Read and check a web config file; build the TLS context and the basic-auth checker.
+
+    Raises WebConfigError with one line naming the field. `checkpw` is bcrypt's, or a
+    stand-in for tests.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise WebConfigError(f"{path}: cannot read: {_reason(e)}") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise WebConfigError(f"{path}: {_yaml_reason(e)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise WebConfigError(f"{path}: the top level must be a mapping") from None
+    _reject_unsupported(path, raw)
+    try:
+        parsed = _WebConfigFile.model_validate(raw)
+    except ValidationError as e:
+        raise WebConfigError(f"{path}: {_validation_reason(e)}") from None
+    return WebConfig(
+        ssl_context=_ssl_context(path, parsed.tls_server_config),
+        basic_auth=_basic_auth(path, parsed.basic_auth_users, checkpw),
+        headers=_headers(path, parsed.http_server_config),
+    )
+
+
+def _fail(path: Path, field_name: str, problem: str) -> NoReturn:
+    # `from None`: the OpenSSL or pydantic error behind it would only add noise (or secrets).
+    raise WebConfigError(f"{path}: {field_name}: {problem}") from None
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return type(e).__name__
+
+
+def _yaml_reason(e: yaml.YAMLError) -> str:
+    # str(e) would quote the offending line, which may hold a password hash.
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        return f"invalid YAML: {where}{e.problem or e.context or 'syntax error'}"
+    return "invalid YAML"
+
+
+_PYDANTIC_PROBLEMS = {
+    "extra_forbidden": "unknown field",
+    "model_type": "must be a mapping",
+    "dict_type": "must be a mapping",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+}
+
+
+def _validation_reason(e: ValidationError) -> str:
+    problems = []
+    for error in e.errors():
+        where = ".".join(str(part) for part in error["loc"] if part != "[key]") or "top level"
+        if error["type"] == "literal_error":
+            what = f"must be one of {error.get('ctx', {}).get('expected', '')}"
+        else:
+            what = _PYDANTIC_PROBLEMS.get(error["type"], error["msg"])
+        problems.append(f"{where}: {what}")
+    return "; ".join(problems)
+
+
+def _reject_unsupported(path: Path, raw: dict[Any, Any]) -> None:
+    for keys, problem in _UNSUPPORTED.items():
+        section: object = raw
+        for key in keys[:-1]:
+            section = section.get(key) if isinstance(section, dict) else None
+        if isinstance(section, dict) and keys[-1] in section:
+            _fail(path, ".".join(keys), problem)
+
+
+def _resolve(path: Path, filename: str) -> Path:
+    candidate = Path(filename)
+    return candidate if candidate.is_absolute() else path.parent / candidate
+
+
+def _ssl_context(path: Path, tls: _TLSServerConfig | None) -> ssl.SSLContext | None:
+    if tls is None or not tls.model_fields_set:
+        return None
+    if not tls.cert_file:
+        _fail(path, "tls_server_config.cert_file", "required when tls_server_config is set")
+    if not tls.key_file:
+        _fail(path, "tls_server_config.key_file", "required when tls_server_config is set")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _set_versions(path, context, tls)
+    if tls.prefer_server_cipher_suites is False:
+        context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    else:
+        context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.set_alpn_protocols(["http/1.1"])
+    _load_cert_chain(path, context, _resolve(path, tls.cert_file), _resolve(path, tls.key_file))
+    has_client_ca = _load_client_ca(path, context, tls)
+    mode = tls.client_auth_type or "NoClientCert"
+    if mode == "NoClientCert":
+        if has_client_ca:
+            _fail(
+                path,
+                "tls_server_config.client_ca_file",
+                "set, but client_auth_type does not ask for client certificates",
+            )
+        context.verify_mode = ssl.CERT_NONE
+    elif mode == "RequestClientCert":
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        if not has_client_ca:
+            _fail(
+                path,
+                "tls_server_config.client_ca_file",
+                f"required with client_auth_type {mode}: client certificates are verified",
+            )
+        context.verify_mode = (
+            ssl.CERT_OPTIONAL if mode == "VerifyClientCertIfGiven" else ssl.CERT_REQUIRED
+        )
+    return context
+
+
+def _set_versions(path: Path, context: ssl.SSLContext, tls: _TLSServerConfig) -> None:
+    minimum = _TLS_VERSIONS[tls.min_version or "TLS12"]
+    maximum = _TLS_VERSIONS[tls.max_version or "TLS13"]
+    if minimum > maximum:
+        _fail(path, "tls_server_config.min_version", "is above max_version")
+    with warnings.catch_warnings():  # TLS10/TLS11 are deprecated; the user asked for them
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = minimum
+        context.maximum_version = maximum
+
+
+def _no_passphrase() -> NoReturn:
+    raise WebConfigError("encrypted")
+
+
+def _load_cert_chain(path: Path, context: ssl.SSLContext, cert: Path, key: Path) -> None:
+    for field_name, file in (("cert_file", cert), ("key_file", key)):
+        try:
+            file.read_bytes()
+        except OSError as e:
+            _fail(path, f"tls_server_config.{field_name}", f"cannot read {file}: {_reason(e)}")
+    try:
+        context.load_cert_chain(cert, key, password=_no_passphrase)
+    except WebConfigError:
+        _fail(path, "tls_server_config.key_file", f"{key} is encrypted; use an unencrypted key")
+    except ssl.SSLError:
+        field_name, problem = _diagnose_cert_chain(cert, key)
+        _fail(path, f"tls_server_config.{field_name}", problem)
+
+
+def _diagnose_cert_chain(cert: Path, key: Path) -> tuple[str, str]:
+    """Which of cert_file and key_file OpenSSL refused, with a reason to show."""
+    try:
+        x509.load_pem_x509_certificates(cert.read_bytes())
+    except ValueError:
+        return "cert_file", f"{cert} holds no PEM certificate"
+    try:
+        load_pem_private_key(key.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        return "key_file", f"{key} holds no usable PEM private key"
+    return "key_file", f"{key} does not match the certificate in {cert}"
+
+
+def _load_client_ca(path: Path, context: ssl.SSLContext, tls: _TLSServerConfig) -> bool:
+    if tls.client_ca_file:
+        ca_file = _resolve(path, tls.client_ca_file)
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except ssl.SSLError:
+            _fail(path, "tls_server_config.client_ca_file", f"{ca_file} holds no PEM certificate")
+        except OSError as e:
+            _fail(path, "tls_server_config.client_ca_file", f"cannot read {ca_file}: {_reason(e)}")
+        return True
+    if tls.client_ca:
+        try:
+            context.load_verify_locations(cadata=tls.client_ca)
+        except (ssl.SSLError, ValueError):
+            _fail(path, "tls_server_config.client_ca", "holds no PEM certificate")
+        return True
+    return False
+
+
+def _basic_auth(
+    path: Path, users: Mapping[str, SecretStr] | None, checkpw: CheckPw
+) -> BasicAuth | None:
+    if not users:
+        return None
+    hashes: dict[str, bytes] = {}
+    for username, secret in users.items():
+        where = f"basic_auth_users.{username}"
+        if ":" in username:
+            _fail(path, where, "a username cannot contain ':'")
+        hashed = secret.get_secret_value()
+        if not _BCRYPT_HASH.fullmatch(hashed):
+            _fail(path, where, "not a bcrypt hash ($2a$, $2b$ or $2y$, cost 04-31)")
+        hashes[username] = hashed.encode("ascii")
+    return BasicAuth(hashes, checkpw=checkpw)
+
+
+def _headers(path: Path, http: _HTTPServerConfig | None) -> Mapping[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in ((http.headers or {}) if http else {}).items():
+        allowed = _ALLOWED_HEADERS.get(name)
+        if allowed is None:
+            _fail(
+                path,
+                f"http_server_config.headers.{name}",
+                f"cannot be set; allowed: {', '.join(_ALLOWED_HEADERS)}",
+            )
+        if allowed and value and value not in allowed:
+            _fail(path, f"http_server_config.headers.{name}", f"must be one of {list(allowed)}")
+        if value:  # blank means unset
+            headers[name] = value
+    return MappingProxyType(headers)

@@ -1,0 +1,263 @@
+"""The scheduler on virtual time: spacing, budget, pauses and backoff.
+
+The PM API here is an httpx.MockTransport that answers at once, and the clock
+only moves when the poller sleeps, so every figure is exact and fast.
+"""
+
+import asyncio
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+
+from exporter.binance.client import BinanceClient, Credentials
+from exporter.binance.signing import HmacSigner
+from exporter.budget import BudgetLimits, WeightBudget, refresh_interval
+from exporter.poller import EgressPoller, PollSettings, Target
+from exporter.selfmetrics import Instruments
+from exporter.snapshot import AccountSnapshot, SnapshotStore
+
+START = 1_699_999_990.0  # 10 s into a minute
+
+
+@dataclass
+class VirtualTime:
+    now: float = START
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        for _ in range(50):  # let every ready task run before time moves on
+            await asyncio.sleep(0)
+        self.now += max(seconds, 0.0)
+
+
+@dataclass
+class FakeApi:
+    """Answers like the PM API; `fail` maps an API key to a response to give instead,
+    from and until the times given with it."""
+
+    clock: VirtualTime
+    log: list[tuple[float, str, str]] = field(default_factory=list)
+    fail: dict[str, tuple[httpx.Response, float, float]] = field(default_factory=dict)
+    used_weight: Callable[[float], int] = lambda now: 100
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        key = request.headers.get("X-MBX-APIKEY", "")
+        self.log.append((self.clock.now, request.url.path, key))
+        headers = {"X-MBX-USED-WEIGHT-1M": str(self.used_weight(self.clock.now))}
+        failure, since, until = self.fail.get(key, (None, 0.0, 0.0))
+        if failure is not None and since <= self.clock.now < until:
+            return httpx.Response(
+                failure.status_code, content=failure.content, headers={**headers, **failure.headers}
+            )
+        if request.url.path.endswith("/time"):
+            return httpx.Response(200, json={"serverTime": int(self.clock.now * 1000)})
+        if request.url.path.endswith("/account"):
+            return httpx.Response(
+                200, json={"uniMMR": "3.5", "accountStatus": "NORMAL"}, headers=headers
+            )
+        body = [{"asset": "USDT", "crossMarginFree": "1.0", "negativeBalance": "0"}]
+        return httpx.Response(200, content=json.dumps(body), headers=headers)
+
+
+def make_poller(
+    n: int, limits: BudgetLimits, min_interval: float, *, account_info: bool = True
+) -> tuple[EgressPoller, FakeApi, VirtualTime, SnapshotStore, WeightBudget]:
+    clock = VirtualTime()
+    api = FakeApi(clock)
+    weight = 40 if account_info else 20
+    interval = refresh_interval(n, weight, limits, min_interval)
+    settings = PollSettings(
+        account_info=account_info, allows_asset=lambda a: True, interval=interval
+    )
+    targets = [
+        Target(f"acct-{i}", Credentials(SecretStr(f"key-{i}"), HmacSigner(SecretStr("s"))))
+        for i in range(n)
+    ]
+    store = SnapshotStore(AccountSnapshot(t.name, interval) for t in targets)
+    budget = WeightBudget("default", limits, clock=clock, sleep=clock.sleep)
+    poller = EgressPoller(
+        targets=targets,
+        make_client=partial(
+            BinanceClient,
+            base_url="http://binance.test",
+            timeout_seconds=1,
+            recv_window_ms=5000,
+            clock=clock,
+            transport=httpx.MockTransport(api),
+        ),
+        budget=budget,
+        store=store,
+        instruments=Instruments(CollectorRegistry()),
+        settings=settings,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    return poller, api, clock, store, budget
+
+
+def run_for(poller: EgressPoller, clock: VirtualTime, seconds: float) -> None:
+    async def go() -> None:
+        task = asyncio.create_task(poller.run())
+        while clock.now < START + seconds:
+            await asyncio.sleep(0)
+            if task.done():
+                task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await poller.drain(1)
+
+    asyncio.run(go())
+
+
+def balance_times(api: FakeApi, key: str | None = None) -> list[float]:
+    return [t for t, path, k in api.log if path.endswith("/balance") and key in (None, k)]
+
+
+def test_ten_accounts_at_the_budgeted_pace_from_the_first_second() -> None:
+    # 10 accounts, w = 40, B = 1500: an account refresh every 1.6 s, each every 16 s.
+    limits = BudgetLimits(6000, 0.25, 0.8)
+    poller, api, clock, store, budget = make_poller(10, limits, min_interval=10)
+    run_for(poller, clock, 300)
+    starts = balance_times(api)
+    assert starts[0] == pytest.approx(START, abs=0.1)  # after the time sync, no waiting
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) == pytest.approx(1.6, rel=0.01)  # no burst, ever
+    for i in range(10):
+        own = balance_times(api, f"key-{i}")
+        intervals = [b - a for a, b in itertools.pairwise(own)]
+        assert sum(intervals) / len(intervals) == pytest.approx(16, rel=0.03)
+    # never more than B in any 60 s window, and nearly all of it used
+    spent = [(t, 20) for t, path, _ in api.log if not path.endswith("/time")]
+    for t, _ in spent:
+        assert sum(w for s, w in spent if t <= s < t + 60) <= 1500
+    assert sum(w for _, w in spent) >= 0.95 * 1500 * 300 / 60
+    assert all(a.up for a in store.current.accounts.values())
+    assert budget.spent_total == sum(w for _, w in spent) + 1  # + the time sync
+
+
+def test_min_interval_is_a_floor() -> None:
+    poller, api, clock, _, _ = make_poller(2, BudgetLimits(6000, 0.25, 0.8), min_interval=30)
+    run_for(poller, clock, 200)
+    own = balance_times(api, "key-0")
+    assert [b - a for a, b in itertools.pairwise(own)] == pytest.approx(
+        [30.0] * (len(own) - 1), abs=0.1
+    )
+    starts = balance_times(api)
+    assert starts[1] - starts[0] == pytest.approx(15, abs=0.1)  # spread across the interval
+
+
+def test_high_water_pauses_every_request_until_the_next_minute() -> None:
+    poller, api, clock, _, budget = make_poller(3, BudgetLimits(6000, 0.25, 0.8), 10)
+    # another client on the IP spends 80% during the minute starting at START + 50
+    api.used_weight = lambda now: 4900 if START + 50 <= now < START + 110 else 100
+    run_for(poller, clock, 200)
+    first_high = next(t for t, _, _ in api.log if t >= START + 50)
+    sent_during_pause = [t for t, _, _ in api.log if first_high < t < START + 110]
+    assert sent_during_pause == [] or all(t - first_high < 0.001 for t in sent_during_pause)
+    assert budget.pauses["high_water"] >= 1
+    assert any(t >= START + 110 for t, _, _ in api.log)  # and polling resumes
+
+
+@pytest.mark.parametrize(
+    ("response", "pause"),
+    [
+        (
+            httpx.Response(
+                429, json={"code": -1003, "msg": "Too many"}, headers={"Retry-After": "25"}
+            ),
+            "25 s",
+        ),
+        (httpx.Response(429, json={"code": -1003, "msg": "Too many"}), "next minute"),
+        (
+            httpx.Response(418, json={"code": -1003, "msg": "IP banned until 1700000200000."}),
+            "ban end",
+        ),
+    ],
+)
+def test_429_and_418_stop_every_account_until_the_pause_ends(
+    response: httpx.Response, pause: str
+) -> None:
+    poller, api, clock, store, budget = make_poller(4, BudgetLimits(6000, 0.25, 0.8), 10)
+    api.fail["key-1"] = (response, START, START + 3)  # its first refresh, at START + 2.5
+    run_for(poller, clock, 400)
+    t0 = next(t for t, _, key in api.log if key == "key-1")
+    end = {
+        "25 s": t0 + 25,
+        "next minute": (t0 // 60 + 1) * 60 + 0.5,
+        "ban end": 1700000200.5,
+    }[pause]
+    assert budget.paused_until == pytest.approx(end, abs=0.01)
+    assert [t for t, _, _ in api.log if t0 < t < end] == []
+    assert min(t for t, _, _ in api.log if t > t0) == pytest.approx(end, abs=0.01)
+    assert all(a.up for a in store.current.accounts.values())  # recovered afterwards
+
+
+def test_a_failing_account_backs_off_alone_then_recovers() -> None:
+    poller, api, clock, store, _ = make_poller(3, BudgetLimits(6000, 0.25, 0.8), 10)
+    api.fail["key-1"] = (httpx.Response(500, content=b"oops"), START + 30, START + 300)
+    run_for(poller, clock, 400)
+    tries = [t for t in balance_times(api, "key-1") if t >= START + 30]
+    gaps = [round(b - a) for a, b in itertools.pairwise(tries)]
+    assert gaps[:4] == [10, 20, 40, 80]  # exponential
+    others = balance_times(api, "key-0")
+    assert [round(b - a) for a, b in itertools.pairwise(others)] == [10] * (len(others) - 1)
+    recovered = store.get("acct-1")
+    assert recovered.up
+    assert recovered.consecutive_failures == 0
+
+
+def test_a_failing_account_keeps_its_last_values_while_down() -> None:
+    poller, api, clock, store, _ = make_poller(1, BudgetLimits(6000, 0.25, 0.8), 10)
+    api.fail["key-0"] = (httpx.Response(502, content=b"Bad Gateway"), START + 5, START + 1000)
+    snapshots: list[AccountSnapshot] = []
+    original = api.__call__
+
+    def record(request: httpx.Request) -> httpx.Response:
+        snapshots.append(store.get("acct-0"))
+        return original(request)
+
+    poller._client._http._transport = httpx.MockTransport(record)
+    run_for(poller, clock, 100)
+    good = next(s for s in snapshots if s.up)
+    down = store.get("acct-0")
+    assert not down.up
+    assert down.balances == good.balances
+    assert down.info == good.info
+    assert down.last_success == good.last_success
+    assert down.consecutive_failures >= 2
+
+
+def test_auth_errors_go_straight_to_the_cap() -> None:
+    poller, api, clock, store, _ = make_poller(2, BudgetLimits(6000, 0.25, 0.8), 10)
+    api.fail["key-0"] = (
+        httpx.Response(401, json={"code": -2015, "msg": "Invalid API-key"}),
+        START,
+        START + 10_000,
+    )
+    run_for(poller, clock, 700)
+    tries = balance_times(api, "key-0")
+    assert [round(b - a) for a, b in itertools.pairwise(tries)] == [300, 300]
+    assert store.get("acct-0").consecutive_failures == 3
+    assert store.get("acct-1").up
+
+
+def test_timestamp_error_resyncs_the_clock_and_retries() -> None:
+    poller, api, clock, store, _ = make_poller(1, BudgetLimits(6000, 0.25, 0.8), 10)
+    api.fail["key-0"] = (
+        httpx.Response(400, json={"code": -1021, "msg": "Timestamp outside"}),
+        START,
+        START + 0.5,
+    )
+    run_for(poller, clock, 5)
+    paths = [path.rsplit("/", 1)[1] for _, path, _ in api.log]
+    assert paths[:5] == ["time", "balance", "time", "balance", "account"]
+    assert store.get("acct-0").up

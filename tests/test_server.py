@@ -1,0 +1,110 @@
+"""The HTTP endpoints, over real loopback HTTP."""
+
+import gzip
+import json
+import socket
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from exporter.collector import SnapshotCollector
+from exporter.server import ExporterApp, MetricsServer, parse_listen_address
+from exporter.snapshot import AccountSnapshot, SnapshotStore
+
+
+@pytest.fixture
+def store() -> SnapshotStore:
+    return SnapshotStore([AccountSnapshot("desk-a", 10.0), AccountSnapshot("desk-b", 10.0)])
+
+
+@pytest.fixture
+def url(store: SnapshotStore) -> Iterator[str]:
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(store))
+    server = MetricsServer(
+        ExporterApp(registry, store, lambda header: header == "Basic ok"), "127.0.0.1", 0
+    )
+    server.start()
+    yield f"http://127.0.0.1:{server.port}"
+    server.close()
+
+
+AUTH = {"Authorization": "Basic ok"}
+
+
+def test_metrics_text_openmetrics_and_gzip(url: str) -> None:
+    plain = httpx.get(f"{url}/metrics", headers=AUTH)
+    assert plain.status_code == 200
+    assert plain.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert 'binance_pm_up{account="desk-a"} 0.0' in plain.text
+    om = httpx.get(
+        f"{url}/metrics", headers={**AUTH, "Accept": "application/openmetrics-text; version=1.0.0"}
+    )
+    assert om.headers["content-type"].startswith("application/openmetrics-text")
+    assert om.text.endswith("# EOF\n")
+    zipped = httpx.get(f"{url}/metrics", headers={**AUTH, "Accept-Encoding": "gzip"})
+    assert zipped.headers["content-encoding"] == "gzip"
+    assert zipped.text == plain.text  # httpx decodes it
+    raw = httpx.Client().send(
+        httpx.Request("GET", f"{url}/metrics", headers={**AUTH, "Accept-Encoding": "gzip"}),
+        stream=True,
+    )
+    assert gzip.decompress(b"".join(raw.iter_raw())) == plain.content
+    raw.close()
+
+
+def test_readyz_names_pending_accounts_until_each_has_been_refreshed(
+    url: str, store: SnapshotStore
+) -> None:
+    response = httpx.get(f"{url}/readyz", headers=AUTH)
+    assert response.status_code == 503
+    assert response.json() == {"status": "pending", "pending": ["desk-a", "desk-b"]}
+    store.replace(AccountSnapshot("desk-a", 10.0, up=True, attempted=True))
+    store.replace(AccountSnapshot("desk-b", 10.0, up=False, attempted=True))
+    response = httpx.get(f"{url}/readyz", headers=AUTH)
+    assert response.status_code == 200
+    assert json.loads(response.text) == {"status": "ready"}
+
+
+def test_landing_healthz_404_405_and_auth(url: str) -> None:
+    assert 'href="metrics"' in httpx.get(url, headers=AUTH).text
+    assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no credentials
+    assert httpx.get(f"{url}/nope", headers=AUTH).status_code == 404
+    post = httpx.post(f"{url}/metrics", headers=AUTH)
+    assert post.status_code == 405
+    assert post.headers["allow"] == "GET, HEAD"
+    denied = httpx.get(f"{url}/metrics")
+    assert denied.status_code == 401
+    assert denied.headers["www-authenticate"].startswith("Basic")
+    assert "binance_pm" not in denied.text
+    head = httpx.head(f"{url}/metrics", headers=AUTH)
+    assert head.status_code == 200
+    assert head.content == b""
+
+
+def test_a_client_that_disconnects_mid_request_harms_nothing(url: str) -> None:
+    host, port = parse_listen_address(url.removeprefix("http://"))
+    for _ in range(20):
+        with socket.create_connection((host, port)) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Basic ok\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(10)  # read a little, then hang up mid-response
+    assert httpx.get(f"{url}/metrics", headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(":9745", ("0.0.0.0", 9745)), ("127.0.0.1:80", ("127.0.0.1", 80)), ("[::1]:9", ("::1", 9))],
+)
+def test_parse_listen_address(value: str, expected: tuple[str, int]) -> None:
+    assert parse_listen_address(value) == expected
+
+
+@pytest.mark.parametrize("value", ["9745", "host:", "host:99999", "host:x"])
+def test_parse_listen_address_rejects(value: str) -> None:
+    with pytest.raises(ValueError, match="not HOST:PORT"):
+        parse_listen_address(value)
