@@ -373,15 +373,10 @@ def test_every_dashboard_query_returns_data(stack: Stack) -> None:
         assert any(variable.label in s for s in series), f"{variable}: no values"
 
 
-def _firing(stack: Stack, labels: dict[str, str]) -> list[dict[str, Any]]:
+def _firing(stack: Stack) -> list[dict[str, str]]:
+    """Labels of every alert Prometheus has firing."""
     response = stack.http.get(f"{stack.prometheus_url}/api/v1/alerts")
-    return [
-        alert
-        for alert in response.json()["data"]["alerts"]
-        if alert["labels"].get("alertname") == ALERT
-        and labels.items() <= alert["labels"].items()
-        and alert["state"] == "firing"
-    ]
+    return [a["labels"] for a in response.json()["data"]["alerts"] if a["state"] == "firing"]
 
 
 def test_negative_balance_alert_reaches_webhook_and_resolves(
@@ -391,7 +386,9 @@ def test_negative_balance_alert_reaches_webhook_and_resolves(
     values = _scraped_values(stack)
     account, asset = values["account"], values["asset"]
     labels = {"alertname": ALERT, "account": account, "asset": asset, "severity": "critical"}
-    assert not _firing(stack, {"account": account, "asset": asset})
+    # The simulator's accounts are healthy (uniMMR far above 1.5, NORMAL, no debt):
+    # no rule may fire on the real exporter's output before the negative balance.
+    assert not _firing(stack), _firing(stack)
 
     patch_url = f"{stack.sim_url}/_sim/assets/{account}/{asset}"
     started_at = time.monotonic()
