@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 from collections.abc import Callable
 from functools import partial
@@ -11,7 +10,7 @@ from itertools import groupby
 
 import httpx
 import structlog
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import make_signer
@@ -20,10 +19,14 @@ from exporter.collector import SnapshotCollector
 from exporter.config import AccountConfig, Config
 from exporter.poller import EgressPoller, PollSettings, Target
 from exporter.selfmetrics import BudgetCollector, BuildInfoCollector, Instruments
-from exporter.server import Authorize, ExporterApp, MetricsServer
+from exporter.server import ExporterApp, MetricsServer
 from exporter.snapshot import AccountSnapshot, SnapshotStore
+from exporter.webconfig import WebConfig
 
 log = structlog.get_logger("exporter")
+
+# `_created` series of the counters would double the health metrics for no use.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: how long in-flight requests may take to finish after a stop signal
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -93,16 +96,11 @@ class Exporter:
         self.registry.register(BudgetCollector(self.budgets))
         self.registry.register(BuildInfoCollector())
 
-    def serve_http(
-        self,
-        host: str,
-        port: int,
-        *,
-        ssl_context: ssl.SSLContext | None = None,
-        authorize: Authorize | None = None,
-    ) -> MetricsServer:
+    def serve_http(self, host: str, port: int, web: WebConfig | None = None) -> MetricsServer:
+        """Serve /metrics and the other endpoints on host:port, with TLS and auth from `web`."""
+        web = web or WebConfig()
         server = MetricsServer(
-            ExporterApp(self.registry, self.store, authorize), host, port, ssl_context
+            ExporterApp(self.registry, self.store, web), host, port, web.ssl_context
         )
         server.start()
         return server

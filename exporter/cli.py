@@ -8,7 +8,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from exporter.app import Exporter
 from exporter.config import Config, ConfigError, load_config, parse_config, summarize
 from exporter.logs import FORMATS, LEVELS, configure_logging
 from exporter.server import parse_listen_address
-from exporter.webconfig import WebConfig, WebConfigError, load_web_config
+from exporter.webconfig import WebConfigError, load_web_config
 
 DEFAULT_PORT = 9745
 ENV_PREFIX = "BINANCE_PM_EXPORTER_"
@@ -111,12 +111,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
             return 0
         exporter = Exporter(config)
         try:
-            server = exporter.serve_http(
-                host,
-                port,
-                ssl_context=web_config.ssl_context if web_config else None,
-                authorize=_authorize(web_config),
-            )
+            server = exporter.serve_http(host, port, web_config)
         except OSError as exc:
             return _usage_error(f"--web.listen-address: cannot listen on {host}:{port}: {exc}")
         log.info(
@@ -154,10 +149,6 @@ def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> Iterator[Co
         yield None
         return
     yield config
-
-
-def _authorize(web_config: WebConfig | None) -> Callable[[str | None], bool] | None:
-    return web_config.authorized if web_config is not None else None
 
 
 async def _run_until_signalled(exporter: Exporter) -> None:

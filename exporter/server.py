@@ -21,13 +21,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from exporter.snapshot import SnapshotStore
+from exporter.webconfig import WebConfig
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
 log = structlog.get_logger("exporter.server")
 
-Authorize = Callable[[str | None], bool]
 Response = tuple[str, list[tuple[str, str]], bytes]
 #: a client that sends nothing for this long is dropped
 CLIENT_TIMEOUT_SECONDS = 30.0
@@ -47,11 +47,11 @@ class ExporterApp:
         self,
         registry: CollectorRegistry,
         store: SnapshotStore,
-        authorize: Authorize | None = None,
+        web: WebConfig | None = None,
     ) -> None:
         self._registry = registry
         self._store = store
-        self._authorize = authorize
+        self._web = web or WebConfig()
         self._routes: dict[str, Callable[[WSGIEnvironment], Response]] = {
             "/metrics": self._metrics,
             "/": self._landing,
@@ -71,11 +71,7 @@ class ExporterApp:
                 [*_text(), ("Allow", "GET, HEAD")],
                 (b"method not allowed\n"),
             )
-        elif (
-            self._authorize is not None
-            and path != "/healthz"
-            and not self._authorize(environ.get("HTTP_AUTHORIZATION"))
-        ):
+        elif path != "/healthz" and not self._web.authorized(environ.get("HTTP_AUTHORIZATION")):
             status, headers, body = (
                 "401 Unauthorized",
                 [
@@ -86,7 +82,7 @@ class ExporterApp:
             )
         else:
             status, headers, body = route(environ)
-        headers.append(("Content-Length", str(len(body))))
+        headers += [*self._web.headers.items(), ("Content-Length", str(len(body)))]
         start_response(status, headers)
         return [b"" if method == "HEAD" else body]
 

@@ -203,7 +203,10 @@ class BasicAuth:
             return True
         hashed = self._users.get(username)
         with self._bcrypt_lock:
-            matches = self._checkpw(password, self._decoy_hash if hashed is None else hashed)
+            try:
+                matches = self._checkpw(password, self._decoy_hash if hashed is None else hashed)
+            except ValueError:  # bcrypt refusing its input is a failed login, not a 500
+                matches = False
         if not matches or hashed is None:
             return False
         with self._cache_lock:

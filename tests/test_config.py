@@ -516,9 +516,10 @@ def test_summarize(conf_dir: Path) -> None:
     assert "40 weight per account refresh" in text
     assert "B = 6000 x 0.25 = 1500 weight/min" in text
     assert ">= 4800" in text
-    # 9 accounts x 40 / 1500 per minute = 14.4 s > 10 s: the budget binds.
-    assert "refresh (default): 9 account(s) x 40 / 1500 per min = 14.4 s by budget" in text
-    assert "each account every 14.4 s (budget)" in text
+    # 9 accounts x 40 / 1500 per minute = 14.4 s > 10 s: the budget binds. The budget's
+    # minute is its 60.5 s guard window, so 14.52 s.
+    assert "refresh (default): 9 account(s) x 40 / 1500 per min = 14.52 s by budget" in text
+    assert "each account every 14.52 s (budget)" in text
     assert "refresh (source:10.1.2.3): 1 account(s)" in text
     assert "each account every 10 s (min_interval)" in text
     assert "accounts (10):" in text

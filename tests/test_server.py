@@ -1,10 +1,13 @@
 """The HTTP endpoints, over real loopback HTTP."""
 
+import base64
 import gzip
 import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
+import bcrypt
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
@@ -12,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from exporter.collector import SnapshotCollector
 from exporter.server import ExporterApp, MetricsServer, parse_listen_address
 from exporter.snapshot import AccountSnapshot, SnapshotStore
+from exporter.webconfig import load_web_config
 
 
 @pytest.fixture
@@ -20,18 +24,23 @@ def store() -> SnapshotStore:
 
 
 @pytest.fixture
-def url(store: SnapshotStore) -> Iterator[str]:
+def url(store: SnapshotStore, tmp_path: Path) -> Iterator[str]:
     registry = CollectorRegistry()
     registry.register(SnapshotCollector(store))
-    server = MetricsServer(
-        ExporterApp(registry, store, lambda header: header == "Basic ok"), "127.0.0.1", 0
+    hashed = bcrypt.hashpw(b"scrape-password", bcrypt.gensalt(rounds=4)).decode()
+    web_config = tmp_path / "web.yml"
+    web_config.write_text(
+        f"basic_auth_users:\n  prom: '{hashed}'\n"
+        "http_server_config:\n  headers:\n    X-Content-Type-Options: nosniff\n"
     )
+    web = load_web_config(web_config)
+    server = MetricsServer(ExporterApp(registry, store, web), "127.0.0.1", 0)
     server.start()
     yield f"http://127.0.0.1:{server.port}"
     server.close()
 
 
-AUTH = {"Authorization": "Basic ok"}
+AUTH = {"Authorization": "Basic " + base64.b64encode(b"prom:scrape-password").decode()}
 
 
 def test_metrics_text_openmetrics_and_gzip(url: str) -> None:
@@ -39,6 +48,7 @@ def test_metrics_text_openmetrics_and_gzip(url: str) -> None:
     assert plain.status_code == 200
     assert plain.headers["content-type"].startswith("text/plain; version=0.0.4")
     assert 'binance_pm_up{account="desk-a"} 0.0' in plain.text
+    assert plain.headers["x-content-type-options"] == "nosniff"
     om = httpx.get(
         f"{url}/metrics", headers={**AUTH, "Accept": "application/openmetrics-text; version=1.0.0"}
     )
@@ -75,7 +85,7 @@ def test_landing_healthz_404_405_and_auth(url: str) -> None:
     post = httpx.post(f"{url}/metrics", headers=AUTH)
     assert post.status_code == 405
     assert post.headers["allow"] == "GET, HEAD"
-    denied = httpx.get(f"{url}/metrics")
+    denied = httpx.get(f"{url}/metrics", auth=("prom", "wrong"))
     assert denied.status_code == 401
     assert denied.headers["www-authenticate"].startswith("Basic")
     assert "binance_pm" not in denied.text
@@ -90,7 +100,8 @@ def test_a_client_that_disconnects_mid_request_harms_nothing(url: str) -> None:
         with socket.create_connection((host, port)) as sock:
             sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
     with socket.create_connection((host, port)) as sock:
-        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Basic ok\r\n\r\n")
+        auth = AUTH["Authorization"].encode()
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth + b"\r\n\r\n")
         sock.shutdown(socket.SHUT_WR)
         sock.recv(10)  # read a little, then hang up mid-response
     assert httpx.get(f"{url}/metrics", headers=AUTH).status_code == 200
