@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import exporter
+from exporter.logs import configure_logging
 from exporter.simulator import Simulator
 from tests.harness import RunningExporter, accounts, fast_config, wait_until
 
@@ -126,3 +128,26 @@ def test_promtool_check_metrics_on_real_output(sim3) -> None:
     )
     assert (result.stdout + result.stderr).decode() == ""
     assert result.returncode == 0
+
+
+def test_log_events_carry_account_endpoint_outcome_and_duration(sim3) -> None:
+    sim, generated = sim3
+    stream = io.StringIO()
+    configure_logging("debug", "json", stream)
+    try:
+        with RunningExporter(fast_config(sim.url, generated)) as running:
+            wait_until(lambda: running.sample("binance_pm_up", account="acct-00") == 1)
+            sim.inject_fault("status", endpoint="/papi/v1/account", account="acct-00", status=502)
+            wait_until(lambda: running.sample("binance_pm_up", account="acct-00") == 0)
+    finally:
+        configure_logging("warning", "json")
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    failed = next(e for e in events if e["event"] == "poll_failed")
+    assert failed["level"] == "warning"
+    assert failed["account"] == "acct-00"
+    assert failed["endpoint"] == "account"
+    assert failed["outcome"] == "server_error"
+    assert failed["seconds"] >= 0
+    requests = [e for e in events if e["event"] == "request" and e.get("account") == "acct-01"]
+    assert {e["endpoint"] for e in requests} >= {"balance", "account"}
+    assert all("seconds" in e and e["outcome"] == "success" for e in requests)

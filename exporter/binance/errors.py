@@ -32,6 +32,8 @@ class BinanceError(Exception):
     def __init__(self, message: str, *, used_weight: int | None = None) -> None:
         super().__init__(scrub(message))
         self.used_weight = used_weight
+        #: the endpoint ("balance", "account", "time") whose request failed; set by the client
+        self.endpoint = ""
 
 
 class ApiError(BinanceError):
