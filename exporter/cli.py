@@ -16,6 +16,7 @@ import structlog
 
 from exporter import __version__
 from exporter.app import Exporter
+from exporter.budget import refresh_weight
 from exporter.config import Config, ConfigError, load_config, parse_config, summarize
 from exporter.logs import FORMATS, LEVELS, configure_logging
 from exporter.server import parse_listen_address
@@ -119,12 +120,21 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     with _config(args, environ) as config:
         if config is None:
             return EXIT_USAGE
+        per_shard = config.budget.limits.per_minute / shard.total
+        weight = refresh_weight(config.collect.account_info)
+        if per_shard < weight:
+            return _usage_error(
+                f"--shard: each of {shard.total} shards may spend budget B / {shard.total} = "
+                f"{per_shard:g} weight/min, less than one account refresh ({weight}); "
+                "use fewer shards or a larger budget.share"
+            )
         if args.check_config:
             print(summarize(config))
             if shard.total > 1:
                 names = [a.name for a in shard.select(config.accounts, lambda a: a.name)]
                 print(
-                    f"shard {shard}: {len(names)} of {len(config.accounts)} accounts: "
+                    f"shard {shard}: budget B / {shard.total} = {per_shard:g} weight/min per "
+                    f"egress IP; {len(names)} of {len(config.accounts)} accounts: "
                     + (", ".join(names) or "none")
                 )
             return 0

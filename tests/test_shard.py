@@ -91,7 +91,10 @@ def test_check_config_names_the_shards_accounts_from_the_environment(
     env = {"BINANCE_PM_EXPORTER_SHARD": "exporter-1/3"}
     assert main(["--config.file", str(path), "--check-config"], environ=env) == 0
     mine = [name for name in (f"desk-{c}" for c in "abcdef") if owner(name, 3) == 1]
-    assert f"shard 1/3: {len(mine)} of 6 accounts: {', '.join(mine)}" in capsys.readouterr().out
+    assert (
+        f"shard 1/3: budget B / 3 = 500 weight/min per egress IP; "
+        f"{len(mine)} of 6 accounts: {', '.join(mine)}"
+    ) in capsys.readouterr().out
 
 
 def test_each_shard_spends_its_part_of_the_budget_at_the_same_interval() -> None:
@@ -172,3 +175,19 @@ def test_five_processes_together_show_every_account_exactly_once(tmp_path: Path)
     assert set(clients) == set(everyone)  # and each was polled, by its shard alone
     for text in budgets:
         assert 'binance_pm_weight_budget_per_minute{egress="default"} 10000.0' in text
+
+
+def test_too_many_shards_for_the_budget_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "config.yaml"
+    data = exporter_config("http://127.0.0.1:1", [generate_account("desk-a", "hmac")])
+    data["budget"] = {"share": 0.01}  # B = 60: one refresh (40) a minute, not two shards
+    write_config(path, data)
+    assert main(["--config.file", str(path), "--check-config", "--shard", "0/1"], environ={}) == 0
+    capsys.readouterr()
+    assert main(["--config.file", str(path), "--shard", "1/2"], environ={}) == 2
+    assert capsys.readouterr().err == (
+        "binance-pm-exporter: --shard: each of 2 shards may spend budget B / 2 = 30 weight/min, "
+        "less than one account refresh (40); use fewer shards or a larger budget.share\n"
+    )
