@@ -3,8 +3,10 @@ import pytest
 from exporter.logs import configure_logging
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _quiet_logs() -> None:
+    """Before every test: warnings only, to stderr as it is now. A test that runs the CLI
+    in-process configures logging to pytest's capture of stderr, which closes after it."""
     configure_logging("warning", "json")
 
 

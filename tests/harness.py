@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -13,19 +14,23 @@ import httpx
 
 from exporter.app import Exporter
 from exporter.config import Config, parse_config
+from exporter.shard import WHOLE, Shard
 from exporter.simulator.demo import GeneratedAccount, exporter_config, generate_account
 from exporter.webconfig import WebConfig
 
 
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Any:
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+def wait_until(
+    condition: Callable[[], Any], timeout: float = 10.0, what: str = "", step: float = 0.02
+) -> Any:
+    """Poll `condition` until it returns something truthy (and return that); fail after
+    `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
         time.sleep(step)
 
 
@@ -36,29 +41,50 @@ def accounts(n: int, key_types: tuple[str, ...] = ("hmac",)) -> list[GeneratedAc
     ]
 
 
+def sim_config(
+    url: str,
+    generated: list[GeneratedAccount],
+    budget: dict[str, Any] | None = None,
+    *,
+    extra: dict[str, dict[str, Any]] | None = None,
+    timeout_seconds: float | None = None,
+) -> Config:
+    """Config for an exporter polling the simulator at `url`; `extra` adds keys per account."""
+    data = exporter_config(url, generated, budget=budget)
+    for account in data["accounts"]:
+        account.update((extra or {}).get(account["name"], {}))
+    if timeout_seconds is not None:
+        data["binance"]["timeout_seconds"] = timeout_seconds
+    return parse_config(data, environ={}, base_dir=Path.cwd())
+
+
 def fast_config(base_url: str, generated: list[GeneratedAccount], **budget: Any) -> Config:
-    """A config that refreshes quickly: a large IP limit so the budget never binds tests."""
+    """A config that refreshes every second: an IP limit so large the budget never binds."""
     settings = {"ip_weight_limit_per_minute": 60000, "share": 1.0, "min_interval_seconds": 1}
-    settings.update(budget)
-    data = exporter_config(base_url, generated, budget=settings)
-    data["binance"]["timeout_seconds"] = 2
-    return parse_config(data, environ={}, base_dir=".")  # type: ignore[arg-type]
+    return sim_config(base_url, generated, {**settings, **budget}, timeout_seconds=2)
 
 
 class RunningExporter:
-    """Exporter polling in a background event loop, serving HTTP on a free loopback port."""
+    """An exporter polling in a background event loop and serving HTTP on a free loopback
+    port; a context manager that stops both."""
 
-    def __init__(self, config: Config, web: WebConfig | None = None) -> None:
-        self.exporter = Exporter(config)
+    def __init__(
+        self, config: Config, web: WebConfig | None = None, shard: Shard = WHOLE
+    ) -> None:
+        self.exporter = Exporter(config, shard=shard)
         self.server = self.exporter.serve_http("127.0.0.1", 0, web)
         self.url = f"http://127.0.0.1:{self.server.port}"
         self._loop = asyncio.new_event_loop()
         self._stop = asyncio.Event()
+        self._failure: list[BaseException] = []
         self._thread = threading.Thread(target=self._run, name="exporter", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        self._loop.run_until_complete(self.exporter.run(self._stop))
+        try:
+            self._loop.run_until_complete(self.exporter.run(self._stop))
+        except BaseException as exc:  # surfaced in the test's thread
+            self._failure.append(exc)
 
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=5).text
@@ -72,10 +98,22 @@ class RunningExporter:
                 return float(line[len(prefix) :])
         return None
 
+    def stop_polling(self) -> None:
+        """Stop the pollers; the server keeps serving the last snapshot."""
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(15)
+        assert not self._thread.is_alive(), "the exporter did not stop"
+        if not self._loop.is_closed():
+            self._loop.close()
+        if self._failure:
+            raise self._failure[0]
+
     def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=10)
-        self.server.close()
+        try:
+            self.stop_polling()
+        finally:
+            self.server.close()
 
     def __enter__(self) -> RunningExporter:
         return self

@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from harness import accounts, wait_until
 
 import exporter
 from exporter.simulator import Simulator
-from tests.harness import accounts, wait_until
 
 ROOT = Path(__file__).parent.parent
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from exporter_harness import Running, running_exporter, sim_config, wait_for
+from harness import RunningExporter, sim_config, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.simulator import Simulator
@@ -29,7 +29,7 @@ def egress_gauges(url: str, name: str) -> dict[tuple[str, ...], float]:
 
 
 @pytest.fixture
-def setup() -> Iterator[tuple[Simulator, Running]]:
+def setup() -> Iterator[tuple[Simulator, RunningExporter]]:
     generated: list[GeneratedAccount] = [generate_account(name, "hmac") for name in EGRESS]
     with Simulator([g.sim_account for g in generated], "127.0.0.1") as sim:
         config = sim_config(
@@ -38,13 +38,13 @@ def setup() -> Iterator[tuple[Simulator, Running]]:
             {"share": 1.0, "min_interval_seconds": 1},
             extra={name: {"source_address": ip} for name, ip in EGRESS.items()},
         )
-        with running_exporter(config) as running:
-            wait_for(lambda: not running.exporter.store.current.pending, what="all refreshed")
+        with RunningExporter(config) as running:
+            wait_until(lambda: not running.exporter.store.current.pending, what="all refreshed")
             yield sim, running
 
 
 def test_each_egress_has_its_own_budget_and_the_simulator_sees_each_ip(
-    setup: tuple[Simulator, Running],
+    setup: tuple[Simulator, RunningExporter],
 ) -> None:
     sim, running = setup
     assert [b.egress for b in running.exporter.budgets] == ["source:127.0.0.2", "source:127.0.0.3"]
@@ -63,20 +63,20 @@ def test_each_egress_has_its_own_budget_and_the_simulator_sees_each_ip(
 
 
 def test_a_ban_of_one_ip_pauses_only_that_ips_accounts(
-    setup: tuple[Simulator, Running],
+    setup: tuple[Simulator, RunningExporter],
 ) -> None:
     sim, running = setup
     banned, free = running.exporter.budgets
     until_ms = int((time.time() + 600) * 1000)
     sim.inject_fault("ban", account="a-0", count=1, until_ms=until_ms, retry_after=3)
-    wait_for(lambda: banned.pause_reason == "banned", what="the ban seen")
+    wait_until(lambda: banned.pause_reason == "banned", what="the ban seen")
     ban_seen = time.time()
     assert not free.is_paused(ban_seen)
     paused_until = banned.paused_until
     assert paused_until == pytest.approx(ban_seen + 3, abs=1.0)
     gauge = egress_gauges(running.url, "binance_pm_paused_until_timestamp_seconds")
     assert gauge == {("source:127.0.0.2",): paused_until, ("source:127.0.0.3",): 0.0}
-    wait_for(lambda: time.time() > paused_until + 1.5, timeout=10, what="the ban over")
+    wait_until(lambda: time.time() > paused_until + 1.5, timeout=10, what="the ban over")
     during = [r for r in sim.requests if ban_seen < r.time < paused_until]
     after = [r for r in sim.requests if r.time >= paused_until]
     assert {r.client_ip for r in during} == {"127.0.0.3"}  # the other IP kept polling

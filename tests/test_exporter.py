@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import RunningExporter, accounts, fast_config, wait_until
 
 import exporter
 from exporter.logs import configure_logging
 from exporter.simulator import Simulator
-from tests.harness import RunningExporter, accounts, fast_config, wait_until
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -10,7 +10,7 @@ from types import MappingProxyType
 
 import httpx
 import pytest
-from exporter_harness import running_exporter, sim_config, wait_for
+from harness import RunningExporter, sim_config, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import (
@@ -182,9 +182,9 @@ def test_a_real_exporters_metrics_equal_the_full_registry_and_pass_promtool() ->
     om_accept = {"Accept": "application/openmetrics-text; version=1.0.0"}
     with Simulator([g.sim_account for g in generated], assets_per_account=4) as sim:
         config = sim_config(sim.url, generated, {"share": 1.0, "min_interval_seconds": 1})
-        with running_exporter(config) as running:
+        with RunningExporter(config) as running:
             exporter = running.exporter
-            wait_for(lambda: not exporter.store.current.pending, what="every account refreshed")
+            wait_until(lambda: not exporter.store.current.pending, what="every account refreshed")
             polling = httpx.get(f"{running.url}/metrics").text
             assert 'binance_pm_up{account="desk-0"} 1.0' in polling
             running.stop_polling()

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from exporter_harness import sim_config, wait_for
+from harness import sim_config, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import Exporter
@@ -154,9 +154,9 @@ def test_five_processes_together_show_every_account_exactly_once(tmp_path: Path)
                             stderr=stderr,
                         )
                     )  # fmt: skip
-            wait_for(lambda: all(_listening_port(log) for log in logs), what="5 listening")
+            wait_until(lambda: all(_listening_port(log) for log in logs), what="5 listening")
             urls = [f"http://127.0.0.1:{_listening_port(log)}" for log in logs]
-            wait_for(
+            wait_until(
                 lambda: all(httpx.get(f"{u}/readyz").status_code == 200 for u in urls),
                 what="every shard ready",
             )
