@@ -204,7 +204,7 @@ class EgressPoller:
         """Called by the client for every request: metrics and the IP's used weight."""
         self._instruments.requests.labels(report.endpoint, report.outcome).inc()
         self._instruments.duration.labels(report.endpoint).observe(report.duration)
-        if report.outcome != "connection_error":
+        if report.sent:  # a reset mid-response spent its weight too; a refused connect did not
             self._budget.count_sent(WEIGHTS[report.endpoint])
         was_paused = self._budget.paused_until
         self._budget.note_used_weight(report.used_weight, self._clock(), self._client.clock_offset)
