@@ -179,6 +179,9 @@ class EgressPoller:
 
     async def _call(self, fetch: Callable[[Credentials], Awaitable[T]], account: _Account) -> T:
         """One request; after a -1021, resync the clock and try once more."""
+        # The refresh reserved its weight before its first request; a pause that began
+        # since (a 429 or 418 on another account) holds its later requests too.
+        await self._budget.wait_unpaused()
         try:
             return await fetch(account.target.credentials)
         except errors.TimestampError:
