@@ -146,6 +146,8 @@ class EgressPoller:
             log.info("time_synced", egress=self._budget.egress, offset_ms=round(offset * 1000))
 
     async def _refresh(self, account: _Account) -> None:
+        # Runs as a task of its own, so the bound account reaches only its own log lines.
+        structlog.contextvars.bind_contextvars(account=account.target.name)
         started = self._clock()
         name = account.target.name
         previous = self._store.get(name)
@@ -163,16 +165,16 @@ class EgressPoller:
             current = replace(current, up=False, attempted=True, consecutive_failures=failures)
             account.next_due = started + backoff(self._settings.interval, failures, exc)
             self._note_pause(exc)
-            self._log_failure(account, exc, failures)
+            self._log_failure(account, exc, failures, self._clock() - started)
         else:
             current = replace(
                 current, up=True, attempted=True, last_success=self._clock(), consecutive_failures=0
             )
             if account.failure is not None:
                 failures = previous.consecutive_failures
-                log.info("poll_recovered", account=name, after_failures=failures)
+                log.info("poll_recovered", after_failures=failures)
                 account.failure = None
-            log.debug("refreshed", account=name, seconds=round(self._clock() - started, 3))
+            log.debug("refreshed", seconds=round(self._clock() - started, 3))
         finally:
             account.in_flight = False
             self._store.replace(current)
@@ -185,7 +187,7 @@ class EgressPoller:
         try:
             return await fetch(account.target.credentials)
         except errors.TimestampError:
-            log.info("timestamp_rejected", account=account.target.name)
+            log.info("timestamp_rejected")
             await self._budget.acquire(WEIGHTS["time"])
             await self._client.sync_time()
             await self._budget.acquire(WEIGHTS["balance"])
@@ -205,6 +207,13 @@ class EgressPoller:
 
     def _observe(self, report: RequestReport) -> None:
         """Called by the client for every request: metrics and the IP's used weight."""
+        log.debug(
+            "request",
+            endpoint=report.endpoint,
+            outcome=report.outcome,
+            seconds=round(report.duration, 4),
+            used_weight=report.used_weight,
+        )
         self._instruments.requests.labels(report.endpoint, report.outcome).inc()
         self._instruments.duration.labels(report.endpoint).observe(report.duration)
         if report.sent:  # a reset mid-response spent its weight too; a refused connect did not
@@ -233,13 +242,19 @@ class EgressPoller:
             used_weight=self._budget.last_used_weight,
         )
 
-    def _log_failure(self, account: _Account, exc: BaseException, failures: int) -> None:
-        outcome = exc.outcome if isinstance(exc, errors.BinanceError) else "crashed"
+    def _log_failure(
+        self, account: _Account, exc: BaseException, failures: int, seconds: float
+    ) -> None:
+        if isinstance(exc, errors.BinanceError):
+            endpoint, outcome, error = exc.endpoint, exc.outcome, str(exc)
+        else:  # a bug of ours: its type, never a message that might quote data
+            endpoint, outcome, error = "", "crashed", type(exc).__name__
         state = f"{outcome}:{getattr(exc, 'code', '')}"
         event = {
-            "account": account.target.name,
+            "endpoint": endpoint,
             "outcome": outcome,
-            "error": str(exc) if isinstance(exc, errors.BinanceError) else type(exc).__name__,
+            "seconds": round(seconds, 3),
+            "error": error,
             "failures": failures,
             "retry_in": round(account.next_due - self._clock(), 1),
         }

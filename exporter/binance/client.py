@@ -176,10 +176,12 @@ class BinanceClient:
                 result = parse(_decode(response, used))
             except errors.BinanceError as exc:
                 exc.used_weight = used
+                exc.endpoint = endpoint
                 self._report(endpoint, exc.outcome, duration, used)
                 raise
             self._report(endpoint, "success", duration, used)
             return result
+        error.endpoint = endpoint
         self._report(endpoint, error.outcome, time.perf_counter() - started, None, sent=sent)
         raise error
 

@@ -32,6 +32,8 @@ class BinanceError(Exception):
     def __init__(self, message: str, *, used_weight: int | None = None) -> None:
         super().__init__(scrub(message))
         self.used_weight = used_weight
+        #: the endpoint ("balance", "account", "time") whose request failed; set by the client
+        self.endpoint = ""
 
 
 class ApiError(BinanceError):
@@ -43,6 +45,7 @@ class ApiError(BinanceError):
         super().__init__(f"HTTP {status}, code {code}: {msg}", used_weight=used_weight)
         self.status = status
         self.code = code
+        self.msg = msg
 
 
 class AuthError(ApiError):
@@ -77,22 +80,15 @@ class RateLimited(ApiError):
 
 
 class IpBanned(RateLimited):
-    """HTTP 418: the IP is banned. `banned_until` is the epoch second the message names, if any."""
+    """HTTP 418: the IP is banned, until `retry_after` or the time the message names."""
 
     outcome = "banned"
 
-    def __init__(
-        self,
-        status: int,
-        code: int | None,
-        msg: str,
-        *,
-        retry_after: float | None,
-        used_weight: int | None = None,
-    ) -> None:
-        super().__init__(status, code, msg, retry_after=retry_after, used_weight=used_weight)
-        match = _BAN_UNTIL.search(msg)
-        self.banned_until = int(match.group(1)) / 1000 if match else None
+    @property
+    def banned_until(self) -> float | None:
+        """The ban's end in epoch seconds of the server's clock, if the message names it."""
+        match = _BAN_UNTIL.search(self.msg)
+        return int(match.group(1)) / 1000 if match else None
 
 
 class ServerError(BinanceError):

@@ -299,8 +299,8 @@ class AccountConfig(_Frozen):
         return None if proxy is None else proxy_without_credentials(proxy)
 
 
-class Config(_Frozen):
-    """The whole configuration."""
+class _Sections(_Frozen):
+    """The settings every account shares."""
 
     binance: Annotated[BinanceSettings, BeforeValidator(_none_as_empty)] = Field(
         default_factory=BinanceSettings
@@ -311,6 +311,11 @@ class Config(_Frozen):
     collect: Annotated[CollectSettings, BeforeValidator(_none_as_empty)] = Field(
         default_factory=CollectSettings
     )
+
+
+class Config(_Sections):
+    """The whole configuration."""
+
     accounts: list[AccountConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -321,16 +326,7 @@ class Config(_Frozen):
         return self
 
 
-class ConfigInput(_Frozen):
+class ConfigInput(_Sections):
     """The top level as written in YAML; accounts are checked one by one."""
 
-    binance: Annotated[BinanceSettings, BeforeValidator(_none_as_empty)] = Field(
-        default_factory=BinanceSettings
-    )
-    budget: Annotated[BudgetSettings, BeforeValidator(_none_as_empty)] = Field(
-        default_factory=BudgetSettings
-    )
-    collect: Annotated[CollectSettings, BeforeValidator(_none_as_empty)] = Field(
-        default_factory=CollectSettings
-    )
     accounts: list[Any]

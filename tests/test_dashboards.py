@@ -1,0 +1,228 @@
+"""The Grafana dashboards: generated from grafana/generate.py, well-formed, valid PromQL."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+from dashboard_queries import (
+    DASHBOARDS_DIR,
+    ROOT,
+    label_values_variables,
+    load_dashboards,
+    panels,
+    queries,
+    substitute,
+    used_variables,
+    variable_names,
+)
+
+EXPECTED_UIDS = {
+    "overview.json": "binance-pm-overview",
+    "account.json": "binance-pm-account",
+    "exporter.json": "binance-pm-exporter",
+}
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+CURRENT_SCHEMA_VERSION = 41  # Grafana 11.6 / 12.x
+
+# The exporter's metrics (notes/contract.md, issue 2) and Prometheus's own `up`.
+EXPORTER_METRICS = {
+    "up",
+    "binance_pm_wallet_balance",
+    "binance_pm_cross_margin_asset",
+    "binance_pm_cross_margin_borrowed",
+    "binance_pm_cross_margin_free",
+    "binance_pm_cross_margin_interest",
+    "binance_pm_cross_margin_locked",
+    "binance_pm_um_wallet_balance",
+    "binance_pm_um_unrealized_pnl",
+    "binance_pm_cm_wallet_balance",
+    "binance_pm_cm_unrealized_pnl",
+    "binance_pm_negative_balance",
+    "binance_pm_balance_update_timestamp_seconds",
+    "binance_pm_uni_mmr",
+    "binance_pm_account_equity_usd",
+    "binance_pm_actual_equity_usd",
+    "binance_pm_initial_margin_usd",
+    "binance_pm_maint_margin_usd",
+    "binance_pm_total_available_balance_usd",
+    "binance_pm_total_margin_open_loss_usd",
+    "binance_pm_virtual_max_withdraw_amount_usd",
+    "binance_pm_account_status",
+    "binance_pm_account_update_timestamp_seconds",
+    "binance_pm_up",
+    "binance_pm_last_success_timestamp_seconds",
+    "binance_pm_requests_total",
+    "binance_pm_request_duration_seconds_bucket",
+    "binance_pm_ip_used_weight",
+    "binance_pm_weight_spent_total",
+    "binance_pm_weight_budget_per_minute",
+    "binance_pm_refresh_interval_seconds",
+    "binance_pm_paused_until_timestamp_seconds",
+    "binance_pm_pauses_total",
+    "binance_pm_account_consecutive_failures",
+    "binance_pm_exporter_build_info",
+}
+SAMPLE_VALUES = {"job": "binance-pm-exporter", "instance": "127.0.0.1:9745"}
+SAMPLE_VALUES |= {"account": "desk-a", "asset": "USDT", "datasource": "prometheus"}
+
+
+def _generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "grafana_generate", ROOT / "grafana" / "generate.py"
+    )
+    assert spec
+    assert spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _recording_rules() -> set[str]:
+    data = yaml.safe_load((ROOT / "prometheus" / "alerts.yml").read_text())
+    return {
+        rule["record"] for group in data["groups"] for rule in group["rules"] if "record" in rule
+    }
+
+
+DASHBOARDS = load_dashboards()
+ALL_QUERIES = [q for name, board in DASHBOARDS.items() for q in queries(name, board)]
+
+
+def test_committed_json_is_a_fresh_generation() -> None:
+    generated = _generator().generate()
+    assert sorted(generated) == sorted(EXPECTED_UIDS)
+    for name, text in generated.items():
+        committed = (DASHBOARDS_DIR / name).read_text()
+        assert committed == text, f"{name} is stale: run python grafana/generate.py"
+
+
+def test_uids_are_stable_and_unique() -> None:
+    assert {name: board["uid"] for name, board in DASHBOARDS.items()} == EXPECTED_UIDS
+    assert len({board["title"] for board in DASHBOARDS.values()}) == len(DASHBOARDS)
+
+
+@pytest.mark.parametrize("name", EXPECTED_UIDS)
+def test_schema_version_is_current(name: str) -> None:
+    assert DASHBOARDS[name]["schemaVersion"] >= CURRENT_SCHEMA_VERSION
+
+
+@pytest.mark.parametrize("name", EXPECTED_UIDS)
+def test_variables(name: str) -> None:
+    board = DASHBOARDS[name]
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for key in ("job", "instance"):
+        assert variables[key]["type"] == "query"
+        assert variables[key]["datasource"] == DATASOURCE
+    if name == "account.json":
+        assert variables["account"]["multi"] is False
+        assert variables["asset"]["includeAll"] is True
+    for variable in label_values_variables(name, board):
+        assert variable.label in {"job", "instance", "account", "asset"}
+
+
+@pytest.mark.parametrize("name", EXPECTED_UIDS)
+def test_every_panel_has_unit_description_and_datasource(name: str) -> None:
+    for panel in panels(DASHBOARDS[name]):
+        title = panel.get("title")
+        assert title, panel
+        assert panel.get("description", "").strip(), f"{name}: {title}: no description"
+        assert panel["fieldConfig"]["defaults"].get("unit"), f"{name}: {title}: no unit"
+        assert panel["datasource"] == DATASOURCE, f"{name}: {title}"
+        assert panel["targets"], f"{name}: {title}: no query"
+        for target in panel["targets"]:
+            assert target["datasource"] == DATASOURCE, f"{name}: {title}"
+            assert target["expr"].strip()
+
+
+@pytest.mark.parametrize("name", EXPECTED_UIDS)
+def test_panel_ids_unique_and_grid_in_bounds(name: str) -> None:
+    ids = []
+    for panel in DASHBOARDS[name]["panels"]:
+        ids.append(panel["id"])
+        ids.extend(inner["id"] for inner in panel.get("panels", []))
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24
+    assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize("query", ALL_QUERIES, ids=lambda q: f"{q.dashboard}:{q.panel}:{q.ref_id}")
+def test_query_conventions(query: Any) -> None:
+    expr = query.expr
+    # Range vectors in rate()/increase() use Grafana's $__rate_interval.
+    for window in re.findall(r"\[([^\]]*)\]", expr):
+        assert window == "$__rate_interval", f"{query}: range [{window}]"
+    if re.search(r"\b(rate|irate|increase)\(", expr):
+        assert "[$__rate_interval]" in expr
+    # Every selector is filtered by the job and instance variables.
+    selectors = re.findall(r"([a-zA-Z_:][\w:]*)\{([^}]*)\}", expr)
+    assert selectors, f"{query}: no selector"
+    known = EXPORTER_METRICS | _recording_rules()
+    for metric, matchers in selectors:
+        assert metric in known, f"{query}: unknown metric {metric}"
+        assert 'job=~"$job"' in matchers, f"{query}: {metric} without the job filter"
+        assert 'instance=~"$instance"' in matchers, f"{query}: {metric} without instance"
+    # No bare metric names outside a selector (they would escape the filters).
+    bare = re.sub(r"[a-zA-Z_:][\w:]*\{[^}]*\}", "", expr)
+    assert not (set(re.findall(r"binance_pm\w*|\w+:binance_pm\w*:\w+", bare))), query
+
+
+@pytest.mark.parametrize("name", EXPECTED_UIDS)
+def test_used_variables_are_defined(name: str) -> None:
+    board = DASHBOARDS[name]
+    defined = variable_names(board)
+    for query in queries(name, board):
+        missing = {v for v in used_variables(query.expr) if not v.startswith("__")} - defined
+        assert not missing, f"{query}: undefined {missing}"
+
+
+def test_every_query_is_valid_promql(tmp_path: Path) -> None:
+    """promtool parses each query (variables filled) as a recording rule expression."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool not on PATH: install Debian's prometheus package"
+    rules = [
+        {"record": f"dashboard_query_{i}", "expr": substitute(q.expr, SAMPLE_VALUES)}
+        for i, q in enumerate(ALL_QUERIES)
+    ]
+    rules += [
+        {
+            "record": f"dashboard_variable_{i}",
+            "expr": substitute(v.selector, SAMPLE_VALUES),
+        }
+        for i, v in enumerate(
+            v for name, board in DASHBOARDS.items() for v in label_values_variables(name, board)
+        )
+    ]
+    path = tmp_path / "queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
+    result = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_uni_mmr_thresholds_match_the_alerts() -> None:
+    generator = _generator()
+    alerts = (ROOT / "prometheus" / "alerts.yml").read_text()
+    assert f"binance_pm_uni_mmr < {generator.UNI_MMR_WARNING}" in alerts
+    assert f"binance_pm_uni_mmr < {generator.UNI_MMR_CRITICAL}" in alerts
+
+
+def test_provisioning() -> None:
+    provisioning = ROOT / "grafana" / "provisioning"
+    datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    assert [d["type"] for d in datasources["datasources"]] == ["prometheus"]
+    assert datasources["datasources"][0]["isDefault"] is True
+    providers = yaml.safe_load((provisioning / "dashboards" / "provider.yml").read_text())
+    (provider,) = providers["providers"]
+    assert provider["type"] == "file"
+    assert Path(provider["options"]["path"]).is_absolute()

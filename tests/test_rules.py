@@ -1,0 +1,123 @@
+"""The Prometheus rules in prometheus/alerts.yml: valid, unit-tested, documented."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "prometheus" / "alerts.yml"
+RULE_TESTS = sorted((ROOT / "prometheus" / "tests").glob("*.yml"))
+RUNBOOK = ROOT / "docs" / "runbook.md"
+RUNBOOK_URL = (
+    "https://github.com/binance-pm-exporter/binance-pm-exporter/blob/main/docs/runbook.md#"
+)
+SEVERITIES = {"critical", "warning", "info"}
+
+
+def _promtool() -> str:
+    path = shutil.which("promtool")
+    assert path, "promtool not on PATH: install Debian's prometheus package (./scripts/test does)"
+    return path
+
+
+def _alerts() -> list[dict[str, Any]]:
+    data = yaml.safe_load(RULES.read_text())
+    return [rule for group in data["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+def _rule_test_cases() -> list[dict[str, Any]]:
+    cases = []
+    for path in RULE_TESTS:
+        for test in yaml.safe_load(path.read_text())["tests"]:
+            cases.extend(test.get("alert_rule_test", []))
+    return cases
+
+
+def _github_anchors(markdown: str) -> set[str]:
+    """Anchors GitHub generates for the headings of a Markdown document."""
+    anchors = set()
+    for line in markdown.splitlines():
+        match = re.match(r"#{1,6}\s+(.*)", line)
+        if match:
+            slug = re.sub(r"[^\w\- ]", "", match.group(1).strip().lower()).replace(" ", "-")
+            anchors.add(slug)
+    return anchors
+
+
+def test_promtool_check_rules() -> None:
+    result = subprocess.run(
+        [_promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_promtool_unit_tests() -> None:
+    assert RULE_TESTS, "no rule unit tests in prometheus/tests/"
+    result = subprocess.run(
+        [_promtool(), "test", "rules", *map(str, RULE_TESTS)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_severity_annotations_and_runbook() -> None:
+    anchors = _github_anchors(RUNBOOK.read_text())
+    alerts = _alerts()
+    assert len(alerts) >= 9
+    for rule in alerts:
+        name = rule["alert"]
+        assert rule.get("labels", {}).get("severity") in SEVERITIES, name
+        annotations = rule.get("annotations", {})
+        for key in ("summary", "description", "runbook_url"):
+            assert annotations.get(key), f"{name}: missing annotation {key}"
+        url = annotations["runbook_url"]
+        assert url.startswith(RUNBOOK_URL), f"{name}: runbook_url {url}"
+        anchor = url.removeprefix(RUNBOOK_URL)
+        assert anchor in anchors, f"{name}: no heading for #{anchor} in docs/runbook.md"
+
+
+def test_alert_names_are_unique() -> None:
+    names = [rule["alert"] for rule in _alerts()]
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("rule", _alerts(), ids=lambda rule: rule["alert"])
+def test_every_alert_is_tested_firing_and_silent(rule: dict[str, Any]) -> None:
+    cases = [case for case in _rule_test_cases() if case["alertname"] == rule["alert"]]
+    assert any(case.get("exp_alerts") for case in cases), f"{rule['alert']}: no firing test"
+    assert any(not case.get("exp_alerts") for case in cases), f"{rule['alert']}: no silent test"
+
+
+@pytest.mark.parametrize("rule", _alerts(), ids=lambda rule: rule["alert"])
+def test_annotations_name_the_account_and_asset(rule: dict[str, Any]) -> None:
+    """Whatever identifying label the tested alert carries, summary and description name it."""
+    expected = [
+        alert["exp_labels"]
+        for case in _rule_test_cases()
+        if case["alertname"] == rule["alert"]
+        for alert in case.get("exp_alerts") or []
+    ]
+    keys = {key for labels in expected for key in labels} & {"account", "asset", "egress"}
+    if not keys:
+        keys = {"instance"}
+    for key in sorted(keys):
+        for annotation in ("summary", "description"):
+            text = rule["annotations"][annotation]
+            assert f"$labels.{key}" in text, f"{rule['alert']}: {annotation} does not name {key}"
+
+
+def test_negative_balance_alert_fires_at_once_on_any_sign() -> None:
+    rule = next(r for r in _alerts() if r["alert"] == "BinancePMNegativeBalance")
+    assert rule.get("for") in (None, "0s", "0m")
+    assert rule["labels"]["severity"] == "critical"
+    assert re.fullmatch(r"binance_pm_negative_balance\s*!=\s*0", rule["expr"].strip())
