@@ -21,7 +21,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import structlog
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -295,8 +294,7 @@ class LogLines:
 def captured_logs() -> Iterator[LogLines]:
     """The project's logging set-up, at debug level, writing into a buffer."""
     logs = LogLines()
-    configure_logging("debug", "json")
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=logs.file))
+    configure_logging("debug", "json", stream=logs.file)
     try:
         yield logs
     finally:
