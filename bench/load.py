@@ -94,6 +94,35 @@ def log_events(path: Path) -> dict[str, int]:
     return dict(counts)
 
 
+def run_wrk(wrk: str | None, url: str, args: argparse.Namespace) -> str:
+    assert wrk is not None
+    command = [wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s"]
+    command += ["--timeout", "30s", "--latency", f"{url}/metrics"]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
+def steady_scrapes(url: str, every: float, duration: float) -> tuple[str, dict[str, Any]]:
+    """One scrape every `every` seconds (or back to back if a scrape takes longer)."""
+    latencies, errors = [], 0
+    end = time.monotonic() + duration
+    next_at = time.monotonic()
+    while next_at < end:
+        time.sleep(max(0.0, next_at - time.monotonic()))
+        started = time.monotonic()
+        try:
+            get(url)
+        except OSError:
+            errors += 1
+        latencies.append(time.monotonic() - started)
+        next_at += every
+    figures = {
+        "requests": len(latencies),
+        "errors": errors,
+        "latency_seconds": {q: percentile(latencies, q) for q in (50, 75, 90, 99)},
+    }
+    return json.dumps(figures), figures
+
+
 def parse_wrk(text: str) -> dict[str, Any]:
     def number(pattern: str) -> float:
         match = re.search(pattern, text)
@@ -135,10 +164,16 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--baseline", type=float, default=30.0, help="quiet seconds first")
+    parser.add_argument(
+        "--scrape-every",
+        type=float,
+        metavar="SECONDS",
+        help="instead of wrk, one scraper at this steady pace (a Prometheus-like load)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     wrk = shutil.which("wrk")
-    if wrk is None:
+    if wrk is None and not args.scrape_every:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
 
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
@@ -156,21 +191,11 @@ def main() -> None:
             time.sleep(args.baseline)
             load0 = time.time()
             cpu1 = cpu_seconds(exporter.pid)
-            out = subprocess.run(
-                [
-                    wrk,
-                    f"-t{args.threads}",
-                    f"-c{args.connections}",
-                    f"-d{args.duration}s",
-                    "--timeout",
-                    "30s",
-                    "--latency",
-                    f"{url}/metrics",
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
+            if args.scrape_every:
+                out, load = steady_scrapes(f"{url}/metrics", args.scrape_every, args.duration)
+            else:
+                out = run_wrk(wrk, url, args)
+                load = parse_wrk(out)
             load1 = time.time()
             cpu2 = cpu_seconds(exporter.pid)
             rss = rss_mib(exporter.pid)
@@ -188,11 +213,13 @@ def main() -> None:
             "accounts": args.accounts,
             "assets": args.assets,
             "interval_seconds": args.interval,
-            "wrk": f"-t{args.threads} -c{args.connections} -d{args.duration}s",
+            "load": f"one scrape every {args.scrape_every} s for {args.duration} s"
+            if args.scrape_every
+            else f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s",
             "series": len(series(after)),
             "metrics_bytes": len(before),
         },
-        "wrk": parse_wrk(out),
+        "scrapes": load,
         "schedule_baseline": schedule(records, base0, load0, args.interval, args.accounts),
         "schedule_under_load": schedule(records, load0, load1, args.interval, args.accounts),
         "exporter": {
