@@ -469,10 +469,18 @@ def test_weight_spent_matches_what_the_server_saw(matrix: Matrix) -> None:
 
 def test_nothing_secret_is_logged(matrix: Matrix) -> None:
     assert len(matrix.logs.lines) > 50
-    text = "\n".join(matrix.logs.lines)
-    for entry in matrix.entries:
-        for form in secret_forms(entry["api_key"]) + secret_forms(entry["api_secret"]):
-            assert form not in text
+    assert_no_secret_logged(matrix.logs, matrix.entries)
+
+
+def assert_no_secret_logged(logs: LogLines, entries: list[dict[str, str]]) -> None:
+    text = "\n".join(logs.lines)
+    forms = [f for e in entries for f in secret_forms(e["api_key"]) + secret_forms(e["api_secret"])]
+    assert sum(form in text for form in forms) == 0  # a count: never print a secret
+
+
+def assert_budget_held(records: list[RequestRecord]) -> None:
+    for ip, weights in weight_by_ip(records).items():
+        assert budget_excesses(weights, BUDGET) == [], ip
 
 
 # --- IP-wide pauses: 429 and 418 -----------------------------------------------------------
@@ -552,6 +560,9 @@ def test_ip_wide_pause_stops_every_account_until_it_ends(
     paused = logs.events("requests_paused", reason=reason)
     assert len(paused) == 1
     assert paused[0]["until"] == pytest.approx(end, abs=0.1)
+    assert run.error is None
+    assert_budget_held(records)
+    assert_no_secret_logged(logs, entries)
 
 
 # --- the server's clock --------------------------------------------------------------------
@@ -608,6 +619,9 @@ def test_server_clock_offset(offset_ms: int, when: str, resync: bool) -> None:
     )
     assert counted == len(rejected)
     assert len(logs.events("timestamp_rejected")) == len(rejected)
+    assert run.error is None
+    assert_budget_held(records)
+    assert_no_secret_logged(logs, entries)
 
 
 # --- hosts that cannot be reached ----------------------------------------------------------
@@ -635,29 +649,37 @@ def test_unresolvable_base_host() -> None:
     assert (sample(metrics, "binance_pm_requests_total", **refused) or 0) >= 6
     assert sample(metrics, "binance_pm_weight_spent_total", egress="default") == 0.0
     assert len(logs.events("time_sync_failed")) == 1
+    assert_no_secret_logged(logs, entries)
 
 
 def test_refused_base_host_then_listening() -> None:
     names = ["a", "b", "c"]
     sims, entries = hmac_accounts(names)
     port = free_port()  # nothing listens there yet
-    run = RunningExporter(fast_config(f"http://127.0.0.1:{port}", entries, limit=BUDGET)).start()
     sim = Simulator(sims, port=port, ip_weight_limit=10**6)
-    try:
-        wait_for(lambda: all(run.snapshot(n).attempted for n in names), 5, "a failure each")
-        assert not any(run.snapshot(n).up for n in names)
-        sim.start()
-        listening = time.time()
-        failures = {n: run.snapshot(n).consecutive_failures for n in names}
-        wait_for(run.all_up, 2 * CAP + 2 * SLACK + max(failures.values()) * INTERVAL, "recovery")
-        run.settle()
-        for name in names:
-            up = next(s for s in run.recorder.history(name) if s.snapshot.up)
-            in_force = INTERVAL * 2 ** (failures[name] - 1)
-            assert up.time - listening <= in_force + SLACK
-    finally:
-        run.close()
-        sim.stop()
+    with captured_logs() as logs:
+        run = RunningExporter(fast_config(f"http://127.0.0.1:{port}", entries, limit=BUDGET))
+        run.start()
+        try:
+            wait_for(lambda: all(run.snapshot(n).attempted for n in names), 5, "a failure each")
+            assert not any(run.snapshot(n).up for n in names)
+            sim.start()
+            listening = time.time()
+            failures = {n: run.snapshot(n).consecutive_failures for n in names}
+            wait_for(run.all_up, 4 * INTERVAL * max(failures.values()), "recovery")
+            run.settle()
+        finally:
+            run.close()
+            sim.stop()
+    for name in names:
+        up = next(s for s in run.recorder.history(name) if s.snapshot.up)
+        in_force = INTERVAL * 2 ** (failures[name] - 1)
+        assert up.time - listening <= in_force + SLACK
+        warned = logs.events("poll_failed", account=name, level="warning")
+        assert [e["outcome"] for e in warned] == ["connection_error"]
+        assert len(logs.events("poll_recovered", account=name)) == 1
+    assert_budget_held(sim.requests)
+    assert_no_secret_logged(logs, entries)
 
 
 # --- a server that trickles its answer ------------------------------------------------------
