@@ -25,6 +25,9 @@ GUARD_SECONDS = WINDOW_SECONDS + 0.5
 #: after a minute boundary, wait this much more before the first request
 BOUNDARY_MARGIN_SECONDS = 0.5
 DEFAULT_BAN_SECONDS = 120.0
+#: Binance bans last 2 minutes to 3 days; a longer end (a garbled message or header)
+#: must not silence the exporter for years
+MAX_PAUSE_SECONDS = 3 * 86400.0
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -100,6 +103,11 @@ class WeightBudget:
             await self._sleep(wait)
         self.reserve(weight, self._clock())
 
+    async def wait_unpaused(self) -> None:
+        """Wait while requests are paused; for requests whose weight is already reserved."""
+        while (wait := self.paused_until - self._clock()) > 0:
+            await self._sleep(wait)
+
     def spent_in_window(self, now: float) -> int:
         self._expire(now)
         return self._logged
@@ -124,7 +132,7 @@ class WeightBudget:
     def rate_limited(self, retry_after: float | None, now: float, clock_offset: float) -> None:
         """HTTP 429: until Retry-After, else the next minute boundary."""
         until = now + retry_after if retry_after is not None else next_minute(now, clock_offset)
-        self.pause(until, "rate_limited")
+        self.pause(min(until, now + MAX_PAUSE_SECONDS), "rate_limited")
 
     def banned(
         self,
@@ -140,7 +148,7 @@ class WeightBudget:
             until = banned_until - clock_offset + BOUNDARY_MARGIN_SECONDS
         else:
             until = now + DEFAULT_BAN_SECONDS
-        self.pause(until, "banned")
+        self.pause(min(until, now + MAX_PAUSE_SECONDS), "banned")
 
     def pause(self, until: float, reason: str) -> None:
         if until > self.paused_until:

@@ -181,6 +181,9 @@ class EgressPoller:
 
     async def _call(self, fetch: Callable[[Credentials], Awaitable[T]], account: _Account) -> T:
         """One request; after a -1021, resync the clock and try once more."""
+        # The refresh reserved its weight before its first request; a pause that began
+        # since (a 429 or 418 on another account) holds its later requests too.
+        await self._budget.wait_unpaused()
         try:
             return await fetch(account.target.credentials)
         except errors.TimestampError:
@@ -213,7 +216,7 @@ class EgressPoller:
         )
         self._instruments.requests.labels(report.endpoint, report.outcome).inc()
         self._instruments.duration.labels(report.endpoint).observe(report.duration)
-        if report.outcome != "connection_error":
+        if report.sent:  # a reset mid-response spent its weight too; a refused connect did not
             self._budget.count_sent(WEIGHTS[report.endpoint])
         was_paused = self._budget.paused_until
         self._budget.note_used_weight(report.used_weight, self._clock(), self._client.clock_offset)

@@ -1,9 +1,9 @@
 """--web.config.file: TLS, client certificates and basic auth, over real loopback HTTPS.
 
-Certificates are made at test time. The server under test is the `serve` fixture:
-today a tiny stdlib HTTPS server wrapping its sockets with `WebConfig.ssl_context`
-and checking `WebConfig.authorized()`; swap it for the real exporter started with
-`--web.config.file` and every HTTP test here (Prometheus included) runs against it.
+Certificates are made at test time. The server under test is the real exporter polling
+a simulator: in-process (`Exporter.serve_http` with the loaded web config) for the HTTP
+tests, and the command line (`python -m exporter --web.config.file ...`) for the real
+Prometheus scraping it over HTTPS with basic auth and a client certificate.
 """
 
 from __future__ import annotations
@@ -11,15 +11,17 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import ipaddress
+import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +33,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from faultkit import RunningExporter, fast_config, hmac_accounts
 
+from exporter.server import MetricsServer
+from exporter.simulator import Simulator
 from exporter.webconfig import WebConfig, WebConfigError, load_web_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 USER = "prometheus"
 PASSWORD = "correct horse battery staple"
 WRONG_PASSWORD = "Tr0ub4dor&3"
-EXPOSITION = b"# HELP tiny_up A test target.\n# TYPE tiny_up gauge\ntiny_up 1\n"
+UNAUTHORIZED = "unauthorized\n"
+CHALLENGE = 'Basic realm="binance-pm-exporter"'
 
 
 def bcrypt_hash(password: str, *, prefix: str = "$2b$") -> str:
@@ -222,93 +230,65 @@ def client(
     return httpx.Client(verify=context, timeout=5.0)
 
 
-# --- the server under test -----------------------------------------------------------------
+# --- the server under test: the real exporter, polling a simulator -------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: TinyServer
-
-    def do_GET(self) -> None:
-        web = self.server.web
-        if not web.authorized(self.headers.get("Authorization")):
-            self._reply(401, b"Unauthorized\n", {"WWW-Authenticate": "Basic"})
-            return
-        self._reply(200, EXPOSITION, {"Content-Type": "text/plain; version=0.0.4"})
-
-    def _reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        self.send_response(status)
-        for name, value in {**self.server.web.headers, **headers}.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+@pytest.fixture(scope="module")
+def simulator() -> Iterator[tuple[Simulator, list[dict[str, str]]]]:
+    sims, entries = hmac_accounts(["desk-a", "desk-b"])
+    with Simulator(sims) as sim:
+        yield sim, entries
 
 
-class TinyServer(ThreadingHTTPServer):
-    """HTTP(S) on loopback; TLS handshakes happen in the request threads, not in accept()."""
+def _start_exporter(
+    simulator: tuple[Simulator, list[dict[str, str]]], web: WebConfig
+) -> tuple[RunningExporter, MetricsServer]:
+    sim, entries = simulator
+    run = RunningExporter(fast_config(sim.url, entries, interval=5.0)).start()
+    return run, run.exporter.serve_http("127.0.0.1", 0, web)
 
-    daemon_threads = True
 
-    def __init__(self, web: WebConfig) -> None:
-        self.web = web
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05})
+def _stop_exporter(run: RunningExporter, server: MetricsServer) -> None:
+    server.close()
+    run.close()
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.server_address[1]}"
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        context = self.web.ssl_context
-        if context is None:
-            super().finish_request(request, client_address)
-            return
-        request.settimeout(10)
-        try:
-            tls = context.wrap_socket(request, server_side=True)
-        except OSError:  # refused handshake: no or bad client certificate, old protocol
-            return
-        try:
-            super().finish_request(tls, client_address)
-        finally:
-            tls.close()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass
-
-    def start(self) -> TinyServer:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self.thread.join(timeout=5)
-        assert not self.thread.is_alive()
+@pytest.fixture(scope="module")
+def stopping() -> Iterator[list[threading.Thread]]:
+    """Exporters stop in the background (a server's stop waits out its 0.5 s poll);
+    every one has stopped by the end of the module."""
+    threads: list[threading.Thread] = []
+    yield threads
+    for thread in threads:
+        thread.join(20)
+    assert not any(t.is_alive() for t in threads)
 
 
 @pytest.fixture
-def tiny_server() -> Iterator[Callable[[WebConfig], TinyServer]]:
-    started: list[TinyServer] = []
+def exporter_server(
+    simulator: tuple[Simulator, list[dict[str, str]]], stopping: list[threading.Thread]
+) -> Iterator[Callable[[WebConfig], str]]:
+    """Start the real exporter (polling the simulator) serving with a WebConfig;
+    returns "127.0.0.1:PORT"."""
+    started: list[tuple[RunningExporter, MetricsServer]] = []
 
-    def start(web: WebConfig) -> TinyServer:
-        started.append(TinyServer(web).start())
-        return started[-1]
+    def start(web: WebConfig) -> str:
+        started.append(_start_exporter(simulator, web))
+        return f"127.0.0.1:{started[-1][1].port}"
 
     yield start
-    for server in started:
-        server.stop()
+    for run, server in started:
+        thread = threading.Thread(target=_stop_exporter, args=(run, server), name="stop")
+        thread.start()
+        stopping.append(thread)
 
 
 @pytest.fixture
-def serve(tiny_server: Callable[[WebConfig], TinyServer]) -> Callable[[Path], str]:
+def serve(exporter_server: Callable[[WebConfig], str]) -> Callable[[Path], str]:
     """Start the server under test with a web config file; returns "127.0.0.1:PORT"."""
 
     def start(web_config_file: Path) -> str:
-        return tiny_server(load_web_config(web_config_file)).address
+        return exporter_server(load_web_config(web_config_file))
 
     return start
 
@@ -316,9 +296,17 @@ def serve(tiny_server: Callable[[WebConfig], TinyServer]) -> Callable[[Path], st
 # --- basic auth over HTTPS -----------------------------------------------------------------
 
 
-@pytest.fixture
-def https_basic(tmp_path: Path, pki: PKI, serve: Callable[[Path], str]) -> str:
-    return serve(web_config(tmp_path, pki, tls={}, basic_auth_users={USER: HASH}))
+@pytest.fixture(scope="module")
+def https_basic(
+    tmp_path_factory: pytest.TempPathFactory,
+    pki: PKI,
+    simulator: tuple[Simulator, list[dict[str, str]]],
+) -> Iterator[str]:
+    """One exporter for the tests below: each stop costs the HTTP server's 0.5 s poll."""
+    path = web_config(tmp_path_factory.mktemp("web"), pki, tls={}, basic_auth_users={USER: HASH})
+    run, server = _start_exporter(simulator, load_web_config(path))
+    yield f"127.0.0.1:{server.port}"
+    _stop_exporter(run, server)
 
 
 def test_good_credentials_get_200(pki: PKI, https_basic: str) -> None:
@@ -327,7 +315,8 @@ def test_good_credentials_get_200(pki: PKI, https_basic: str) -> None:
             f"https://{https_basic}/metrics", headers={"Authorization": basic(USER, PASSWORD)}
         )
     assert r.status_code == 200
-    assert r.content == EXPOSITION
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert 'binance_pm_up{account="desk-a"}' in r.text
 
 
 @pytest.mark.parametrize(
@@ -362,9 +351,10 @@ def test_bad_or_missing_credentials_get_401_and_nothing_more(
     with client(pki) as c:
         r = c.get(f"https://{https_basic}/metrics", headers=headers)
     assert r.status_code == 401
-    assert r.headers["WWW-Authenticate"] == "Basic"
-    assert r.text == "Unauthorized\n"
+    assert r.headers["WWW-Authenticate"] == CHALLENGE
+    assert r.text == UNAUTHORIZED  # and nothing more: no metric, no hint
     assert USER not in str(r.headers)
+    assert "binance_pm" not in str(r.headers)
 
 
 def test_plain_http_is_refused_by_a_tls_server(https_basic: str) -> None:
@@ -411,13 +401,13 @@ class CountingCheckPw:
 
 
 def test_verified_credentials_are_cached(
-    tmp_path: Path, pki: PKI, tiny_server: Callable[[WebConfig], TinyServer]
+    tmp_path: Path, pki: PKI, exporter_server: Callable[[WebConfig], str]
 ) -> None:
     checkpw = CountingCheckPw()
     web = load_web_config(
         web_config(tmp_path, pki, tls={}, basic_auth_users={USER: HASH}), checkpw=checkpw
     )
-    address = tiny_server(web).address
+    address = exporter_server(web)
     good = {"Authorization": basic(USER, PASSWORD)}
     bad = {"Authorization": basic(USER, WRONG_PASSWORD)}
     with client(pki) as c:
@@ -592,7 +582,7 @@ def test_relative_paths_are_relative_to_the_config_file(
 
 
 def test_headers_are_exposed_and_sent(
-    tmp_path: Path, pki: PKI, tiny_server: Callable[[WebConfig], TinyServer]
+    tmp_path: Path, pki: PKI, exporter_server: Callable[[WebConfig], str]
 ) -> None:
     headers = {
         "X-Frame-Options": "deny",
@@ -604,7 +594,7 @@ def test_headers_are_exposed_and_sent(
     )
     assert dict(web.headers) == {"X-Frame-Options": "deny", "X-Content-Type-Options": "nosniff"}
     with httpx.Client(timeout=5.0) as c:
-        r = c.get(f"http://{tiny_server(web).address}/")
+        r = c.get(f"http://{exporter_server(web)}/")
     assert r.headers["X-Frame-Options"] == "deny"
 
 
@@ -873,13 +863,71 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], str]]:
             process.wait(timeout=10)
 
 
+@pytest.fixture
+def serve_cli(
+    tmp_path: Path, simulator: tuple[Simulator, list[dict[str, str]]]
+) -> Iterator[Callable[[Path], str]]:
+    """Run the exporter's command line with a web config, polling the simulator; returns
+    "127.0.0.1:PORT". Stopped with SIGTERM at teardown, which must exit 0."""
+    sim, entries = simulator
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "binance": {"base_url": sim.url, "timeout_seconds": 2},
+                "budget": {"min_interval_seconds": 1, "share": 1.0},
+                "accounts": entries,
+            }
+        )
+    )
+    config_file.chmod(0o600)
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(web_config_file: Path) -> str:
+        address = f"127.0.0.1:{_free_port()}"
+        log = (tmp_path / "exporter.log").open("wb")
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "exporter",
+                    f"--config.file={config_file}",
+                    f"--web.config.file={web_config_file}",
+                    f"--web.listen-address={address}",
+                    "--log.format=json",
+                ],
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+        )
+        log.close()
+
+        def listening() -> bool:
+            assert processes[-1].poll() is None, (tmp_path / "exporter.log").read_text()
+            try:
+                socket.create_connection(("127.0.0.1", int(address.split(":")[1])), 1).close()
+            except OSError:
+                return False
+            return True
+
+        _wait_for(listening, 30, "the exporter to listen")
+        return address
+
+    yield start
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0, (tmp_path / "exporter.log").read_text()
+
+
 def test_prometheus_scrapes_over_https_with_basic_auth_and_client_cert(
     tmp_path: Path,
     pki: PKI,
-    serve: Callable[[Path], str],
+    serve_cli: Callable[[Path], str],
     prometheus: Callable[[dict[str, Any]], str],
 ) -> None:
-    target = serve(
+    target = serve_cli(
         web_config(
             tmp_path,
             pki,
@@ -927,3 +975,19 @@ def test_prometheus_scrapes_over_https_with_basic_auth_and_client_cert(
     assert errors["good"] == ""
     assert "401" in errors["wrong_password"]
     assert errors["no_client_cert"]
+
+    def accounts_up() -> dict[str, str] | None:
+        query = {"query": 'binance_pm_up{job="good"} == 1'}
+        results = httpx.get(f"{url}/api/v1/query", params=query, timeout=2).json()["data"]
+        up = {s["metric"]["account"]: s["value"][1] for s in results["result"]}
+        return up if len(up) == 2 else None
+
+    # the exporter's own data came through: both accounts refreshed, as scraped over HTTPS
+    assert _wait_for(accounts_up, 30, "binance_pm_up of both accounts") == {
+        "desk-a": "1",
+        "desk-b": "1",
+    }
+    for job in ("wrong_password", "no_client_cert"):
+        query = {"query": f'count({{job="{job}", __name__=~"binance_pm_.*"}})'}
+        empty = httpx.get(f"{url}/api/v1/query", params=query, timeout=2).json()["data"]
+        assert empty["result"] == []  # refused scrapes brought nothing in

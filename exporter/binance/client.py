@@ -7,6 +7,7 @@ nothing of scheduling or budgets: those belong to the poller.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -54,6 +55,12 @@ class RequestReport:
     outcome: str
     duration: float
     used_weight: int | None
+    #: the request reached the server, and so spent weight there, even if it then failed
+    sent: bool = True
+
+
+#: transport errors raised before a request left this host: no weight was spent
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 
 
 Observer = Callable[[RequestReport], None]
@@ -107,6 +114,7 @@ class BinanceClient:
             follow_redirects=False,
             trust_env=False,
         )
+        self._timeout = timeout_seconds
         self._recv_window_ms = recv_window_ms
         self._observer = observer
         self._clock = clock
@@ -151,10 +159,15 @@ class BinanceClient:
             headers["X-MBX-APIKEY"] = credentials.api_key.get_secret_value()
         started = time.perf_counter()
         try:
-            response = await self._http.get(url, headers=headers)
-        except httpx.TimeoutException as exc:
+            # httpx's timeout bounds each connect, write and read; this bounds the whole
+            # request, so a server trickling its answer byte by byte cannot hold it forever.
+            async with asyncio.timeout(self._timeout):
+                response = await self._http.get(url, headers=headers)
+        except (httpx.TimeoutException, TimeoutError) as exc:
+            sent = not isinstance(exc, _NOT_SENT)
             error: errors.BinanceError = errors.RequestTimeout(f"{endpoint}: timed out ({exc!r})")
         except (httpx.TransportError, OSError) as exc:
+            sent = not isinstance(exc, _NOT_SENT)
             error = errors.ConnectionFailed(f"{endpoint}: {type(exc).__name__}: {exc}")
         else:
             duration = time.perf_counter() - started
@@ -169,19 +182,21 @@ class BinanceClient:
             self._report(endpoint, "success", duration, used)
             return result
         error.endpoint = endpoint
-        self._report(endpoint, error.outcome, time.perf_counter() - started, None)
+        self._report(endpoint, error.outcome, time.perf_counter() - started, None, sent=sent)
         raise error
 
-    def _report(self, endpoint: str, outcome: str, duration: float, used: int | None) -> None:
+    def _report(
+        self, endpoint: str, outcome: str, duration: float, used: int | None, *, sent: bool = True
+    ) -> None:
         if self._observer is not None:
-            self._observer(RequestReport(endpoint, outcome, duration, used))
+            self._observer(RequestReport(endpoint, outcome, duration, used, sent))
 
 
 def _decode(response: httpx.Response, used_weight: int | None) -> object:
     """The JSON body of a 2xx response, or the typed error of any other."""
     try:
         payload = json.loads(response.content)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the stack allows
         payload = None
         malformed = True
     else:

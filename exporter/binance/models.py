@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -17,7 +18,8 @@ from typing import Any
 
 from exporter.binance.errors import InvalidResponse
 
-_DECIMAL = re.compile(r"-?\d{1,40}(?:\.\d{1,40})?")
+#: ASCII digits only: `\d` would also take Arabic-Indic and other Unicode digits
+_DECIMAL = re.compile(r"-?[0-9]{1,40}(?:\.[0-9]{1,40})?")
 
 #: GET /papi/v1/balance amount fields, in the order the API documents them.
 BALANCE_FIELDS = (
@@ -198,6 +200,19 @@ def _kind(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _make_previewer() -> reprlib.Repr:
+    # Bounded depth and width: a plain repr() of a deeply nested JSON value recurses
+    # once per level and can raise RecursionError, which must not escape a parser.
+    previewer = reprlib.Repr()
+    previewer.maxlevel = 2
+    previewer.maxdict = previewer.maxlist = 4
+    previewer.maxstring = previewer.maxlong = previewer.maxother = 36
+    return previewer
+
+
+_PREVIEWER = _make_previewer()
+
+
 def _preview(value: object) -> str:
-    text = repr(value)
+    text = _PREVIEWER.repr(value)
     return text if len(text) <= 40 else text[:37] + "..."

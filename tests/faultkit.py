@@ -1,0 +1,445 @@
+"""What the fault-matrix and secrets tests share: the real exporter running in a thread,
+a recorder of its per-account state, captured log lines, a TCP relay that can refuse
+connections, and checks of the weight budget against the simulator's request log."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import itertools
+import json
+import secrets
+import socket
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.app import Exporter
+from exporter.config import Config, parse_config
+from exporter.logs import configure_logging
+from exporter.simulator import RequestRecord, SimAccount
+from exporter.snapshot import AccountSnapshot
+
+#: request weight by path, as Binance (and the simulator) charge it
+PATH_WEIGHTS = {"/papi/v1/balance": 20, "/papi/v1/account": 20, "/papi/v1/time": 1}
+Clock = Callable[[], float]
+
+
+# --- accounts and config ---------------------------------------------------------------------
+
+
+def hmac_accounts(names: Iterable[str]) -> tuple[list[SimAccount], list[dict[str, str]]]:
+    """Fresh HMAC credentials: what the simulator checks, and the config entries."""
+    sims, entries = [], []
+    for name in names:
+        key, secret = secrets.token_hex(32), secrets.token_hex(32)
+        sims.append(SimAccount.hmac(name, key, secret))
+        entries.append({"name": name, "api_key": key, "api_secret": secret})
+    return sims, entries
+
+
+def fast_config(
+    base_url: str,
+    accounts: list[dict[str, str]],
+    *,
+    limit: int = 100_000,
+    interval: float = 1.0,
+    timeout: float = 1.0,
+) -> Config:
+    """A config that refreshes every account each `interval` s: the budget does not bind."""
+    data = {
+        "binance": {"base_url": base_url, "timeout_seconds": timeout},
+        "budget": {
+            "ip_weight_limit_per_minute": limit,
+            "share": 1.0,
+            "ip_high_water": 0.9,
+            "min_interval_seconds": interval,
+        },
+        "accounts": accounts,
+    }
+    return parse_config(data, environ={}, base_dir=Path.cwd())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], seconds: float, what: str) -> Any:
+    """Poll `condition` until it is truthy; fail after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        time.sleep(0.01)
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(
+    metrics: Mapping[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float | None:
+    return metrics.get((name, frozenset(labels.items())))
+
+
+# --- the exporter in a thread, and what it did -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Seen:
+    """An account's snapshot as the recorder first saw it, and the exporter's up gauge then."""
+
+    time: float
+    snapshot: AccountSnapshot
+    up_metric: float | None = None  # scraped only when the snapshot says down
+
+
+def _up(text: str, account: str) -> float | None:
+    prefix = f'binance_pm_up{{account="{account}"}} '
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    return None
+
+
+class Recorder:
+    """Watches the snapshot store every 5 ms and keeps each new account snapshot.
+
+    When an account goes down it also renders the registry once, to see what a scrape
+    would have shown (binance_pm_up and the kept values) at that moment.
+    """
+
+    def __init__(self, exporter: Exporter, clock: Clock) -> None:
+        self._exporter = exporter
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._history: dict[str, list[Seen]] = defaultdict(list)
+        self.scrapes: dict[str, list[str]] = defaultdict(list)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="recorder", daemon=True)
+
+    def start(self) -> Recorder:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        last: dict[str, AccountSnapshot] = {}
+        while True:
+            stopping = self._stop.is_set()  # then one last pass sees the final state
+            now = self._clock()
+            went_down = []
+            for name, snap in self._exporter.store.current.accounts.items():
+                if last.get(name) is not snap:
+                    last[name] = snap
+                    went_down += [name] if snap.attempted and not snap.up else []
+                    with self._lock:
+                        self._history[name].append(Seen(now, snap))
+            if went_down:  # one render for all of them: it takes a while
+                text = generate_latest(self._exporter.registry).decode()
+                for name in went_down:
+                    self.scrapes[name].append(text)
+                    with self._lock:
+                        seen = self._history[name][-1]
+                        self._history[name][-1] = Seen(seen.time, seen.snapshot, _up(text, name))
+            if stopping:
+                return
+            self._stop.wait(0.005)
+
+    def caught_up(self) -> bool:
+        """Every account's current snapshot has been recorded."""
+        with self._lock:
+            seen = {name: h[-1].snapshot for name, h in self._history.items() if h}
+        current = self._exporter.store.current.accounts
+        return all(seen.get(name) is snap for name, snap in current.items())
+
+    def history(self, name: str) -> list[Seen]:
+        with self._lock:
+            return list(self._history[name])
+
+
+class RunningExporter:
+    """The real `Exporter`, its asyncio loop in a background thread, watched by a Recorder."""
+
+    def __init__(self, config: Config, *, clock: Clock = time.time) -> None:
+        self.exporter = Exporter(config, clock=clock)
+        self.clock = clock
+        self.error: BaseException | None = None
+        self.recorder = Recorder(self.exporter, clock)
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._running = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="exporter-loop", daemon=True)
+
+    def start(self) -> RunningExporter:
+        self._thread.start()
+        assert self._running.wait(5), "the exporter's loop did not start"
+        self.recorder.start()
+        return self
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._run())
+        except BaseException as exc:  # reported by `alive` and `close`
+            self.error = exc
+        finally:
+            self._loop.close()
+
+    async def _run(self) -> None:
+        self._stop = asyncio.Event()
+        self._running.set()
+        await self.exporter.run(self._stop)
+
+    @property
+    def alive(self) -> bool:
+        """The polling loop is still running, and nothing escaped it."""
+        return self._thread.is_alive() and self.error is None
+
+    def close(self) -> None:
+        """Stop polling (in-flight requests get the exporter's grace), then the recorder."""
+        if self._thread.is_alive() and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(15)
+        self.recorder.stop()
+        assert not self._thread.is_alive(), "the exporter did not stop within 15 s"
+        if self.error is not None:
+            raise AssertionError("the exporter's loop died") from self.error
+
+    def __enter__(self) -> RunningExporter:
+        return self.start()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- reading it -----------------------------------------------------------------------
+
+    def snapshot(self, name: str) -> AccountSnapshot:
+        return self.exporter.store.get(name)
+
+    def settle(self) -> None:
+        """Wait until the recorder has seen the store's current state."""
+        wait_for(self.recorder.caught_up, 2, "the recorder to catch up")
+
+    def all_up(self, names: Iterable[str] | None = None) -> bool:
+        accounts = self.exporter.store.current.accounts
+        return all(accounts[n].up for n in (accounts if names is None else names))
+
+    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        return parse_metrics(generate_latest(self.exporter.registry).decode())
+
+    def spent(self, egress: str = "default") -> int:
+        return next(b.spent_total for b in self.exporter.budgets if b.egress == egress)
+
+
+# --- logs ------------------------------------------------------------------------------------
+
+
+class LogLines:
+    """Every line the exporter logged (JSON, debug level and up) while captured."""
+
+    def __init__(self) -> None:
+        self._buffer = io.StringIO()
+
+    @property
+    def file(self) -> io.StringIO:
+        return self._buffer
+
+    @property
+    def lines(self) -> list[str]:
+        return self._buffer.getvalue().splitlines()
+
+    def events(self, event: str | None = None, **match: object) -> list[dict[str, Any]]:
+        found = [json.loads(line) for line in self.lines]
+        return [
+            e
+            for e in found
+            if (event is None or e.get("event") == event)
+            and all(e.get(k) == v for k, v in match.items())
+        ]
+
+
+@contextlib.contextmanager
+def captured_logs() -> Iterator[LogLines]:
+    """The project's logging set-up, at debug level, writing into a buffer."""
+    logs = LogLines()
+    configure_logging("debug", "json", stream=logs.file)
+    try:
+        yield logs
+    finally:
+        configure_logging("warning", "json")  # as tests/conftest.py leaves it
+
+
+# --- a relay that can refuse connections -----------------------------------------------------
+
+
+class Relay:
+    """A TCP relay on loopback, used as one account's HTTP `proxy` to the simulator.
+
+    Plain-HTTP proxying is forwarding the request as is, so a byte relay will do. Its
+    upstream connections come from 127.0.0.2: the simulator counts that egress apart.
+    While off, its port refuses connections.
+    """
+
+    SOURCE_IP = "127.0.0.2"
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._listener: socket.socket | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def on(self) -> None:
+        assert self._listener is None
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener.settimeout(0.02)
+        self._spawn(self._accept, self._listener, self._stop)
+
+    def off(self) -> None:
+        """Stop listening (new connections are refused) and cut every relayed connection."""
+        self._stop.set()
+        with self._lock:
+            threads, self._threads = self._threads, []
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(5)
+        for sock in sockets:
+            sock.close()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name="relay", daemon=True)
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+
+    def _accept(self, listener: socket.socket, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            try:
+                upstream = socket.create_connection(self.target, source_address=(self.SOURCE_IP, 0))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+            self._spawn(self._pump, client, upstream)
+            self._spawn(self._pump, upstream, client)
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+
+# --- the budget, from the server's side ------------------------------------------------------
+
+
+def weight_by_ip(records: Iterable[RequestRecord]) -> dict[str, list[tuple[float, int]]]:
+    """(arrival time, weight) of every request, by client IP, weight by path (not by
+    what the simulator charged: a faulted request counts too)."""
+    found: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    for r in records:
+        found[r.client_ip].append((r.time, PATH_WEIGHTS.get(r.path, 0)))
+    return {ip: sorted(spent) for ip, spent in found.items()}
+
+
+def budget_excesses(
+    spent: list[tuple[float, int]], per_minute: float, *, slack: int = 80
+) -> list[str]:
+    """Windows in which the spend exceeds the budget: over 60 s at most `per_minute`, and
+    over 1, 5 and 15 s at most the same rate plus `slack` (two refreshes: the pacing lets
+    one reservation start at once, and a refresh's second request may trail)."""
+    problems = []
+    for window in (1.0, 5.0, 15.0, 60.0):
+        allowed = per_minute if window == 60.0 else per_minute * window / 60 + slack
+        total, j = 0, 0
+        for i, (start, _) in enumerate(spent):
+            while j < len(spent) and spent[j][0] < start + window:
+                total += spent[j][1]
+                j += 1
+            if total > allowed:
+                problems.append(f"{total} weight in the {window:g} s from {start:.3f}")
+            total -= spent[i][1]
+    return problems
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+def request_times(
+    records: Iterable[RequestRecord], account: str, path: str = "/papi/v1/balance"
+) -> list[float]:
+    return [r.time for r in records if r.account == account and r.path == path]
+
+
+def secret_forms(value: str | bytes) -> list[str]:
+    """A secret as it could leak: itself, hex, base64 (standard and URL-safe), and its
+    first and last 16 characters (a truncated preview)."""
+    raw = value.encode() if isinstance(value, str) else value
+    forms = [
+        raw.decode("latin-1"),
+        raw.hex(),
+        raw.hex().upper(),
+        base64.b64encode(raw).decode(),
+        base64.urlsafe_b64encode(raw).decode().rstrip("="),
+    ]
+    forms += [f[:16] for f in forms if len(f) >= 24] + [f[-16:] for f in forms if len(f) >= 24]
+    return [f for f in forms if len(f) >= 12]
