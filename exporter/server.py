@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("exporter.server")
 
 Response = tuple[str, list[tuple[str, str]], list[bytes]]
+#: how often the accept loop checks for shutdown (close() waits up to this long)
+SHUTDOWN_POLL_SECONDS = 0.05
 #: a client that sends nothing for this long is dropped
 CLIENT_TIMEOUT_SECONDS = 30.0
 
@@ -208,7 +210,12 @@ class MetricsServer:
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._server = _ThreadingServer(host, port, app, ssl_context)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": SHUTDOWN_POLL_SECONDS},
+            name="http",
+            daemon=True,
+        )
 
     @property
     def port(self) -> int:

@@ -4,7 +4,6 @@ connections, and checks of the weight budget against the simulator's request log
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import io
@@ -18,9 +17,10 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+import harness
+from harness import wait_until
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -29,6 +29,7 @@ from exporter.config import Config, parse_config
 from exporter.logs import configure_logging
 from exporter.simulator import RequestRecord, SimAccount
 from exporter.snapshot import AccountSnapshot
+from exporter.webconfig import WebConfig
 
 #: request weight by path, as Binance (and the simulator) charge it
 PATH_WEIGHTS = {"/papi/v1/balance": 20, "/papi/v1/account": 20, "/papi/v1/time": 1}
@@ -74,18 +75,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], Any], seconds: float, what: str) -> Any:
-    """Poll `condition` until it is truthy; fail after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        time.sleep(0.01)
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -184,64 +173,26 @@ class Recorder:
             return list(self._history[name])
 
 
-class RunningExporter:
-    """The real `Exporter`, its asyncio loop in a background thread, watched by a Recorder."""
+class RunningExporter(harness.RunningExporter):
+    """The real `Exporter` in a background thread, watched by a Recorder."""
 
-    def __init__(self, config: Config, *, clock: Clock = time.time) -> None:
-        self.exporter = Exporter(config, clock=clock)
-        self.clock = clock
-        self.error: BaseException | None = None
+    def __init__(
+        self, config: Config, web: WebConfig | None = None, *, clock: Clock = time.time
+    ) -> None:
+        super().__init__(config, web, clock=clock)
         self.recorder = Recorder(self.exporter, clock)
-        self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
-        self._running = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="exporter-loop", daemon=True)
 
     def start(self) -> RunningExporter:
-        self._thread.start()
-        assert self._running.wait(5), "the exporter's loop did not start"
+        super().start()
         self.recorder.start()
         return self
 
-    def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._run())
-        except BaseException as exc:  # reported by `alive` and `close`
-            self.error = exc
-        finally:
-            self._loop.close()
-
-    async def _run(self) -> None:
-        self._stop = asyncio.Event()
-        self._running.set()
-        await self.exporter.run(self._stop)
-
-    @property
-    def alive(self) -> bool:
-        """The polling loop is still running, and nothing escaped it."""
-        return self._thread.is_alive() and self.error is None
-
     def close(self) -> None:
-        """Stop polling (in-flight requests get the exporter's grace), then the recorder."""
-        if self._thread.is_alive() and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(15)
-        self.recorder.stop()
-        assert not self._thread.is_alive(), "the exporter did not stop within 15 s"
-        if self.error is not None:
-            raise AssertionError("the exporter's loop died") from self.error
-
-    def __enter__(self) -> RunningExporter:
-        return self.start()
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        """Stop polling and serving, then the recorder (which sees the final state)."""
+        try:
+            super().close()
+        finally:
+            self.recorder.stop()
 
     # --- reading it -----------------------------------------------------------------------
 
@@ -250,13 +201,13 @@ class RunningExporter:
 
     def settle(self) -> None:
         """Wait until the recorder has seen the store's current state."""
-        wait_for(self.recorder.caught_up, 2, "the recorder to catch up")
+        wait_until(self.recorder.caught_up, 2, "the recorder to catch up")
 
     def all_up(self, names: Iterable[str] | None = None) -> bool:
         accounts = self.exporter.store.current.accounts
         return all(accounts[n].up for n in (accounts if names is None else names))
 
-    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    def parsed_metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         return parse_metrics(generate_latest(self.exporter.registry).decode())
 
     def spent(self, egress: str = "default") -> int:

@@ -8,12 +8,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
 from exporter.app import Exporter
 from exporter.config import Config, parse_config
+from exporter.server import MetricsServer
 from exporter.shard import WHOLE, Shard
 from exporter.simulator.demo import GeneratedAccount, exporter_config, generate_account
 from exporter.webconfig import WebConfig
@@ -66,57 +67,79 @@ def fast_config(base_url: str, generated: list[GeneratedAccount], **budget: Any)
 
 class RunningExporter:
     """An exporter polling in a background event loop and serving HTTP on a free loopback
-    port; a context manager that stops both."""
+    port. `start()` (or `with`) starts both; `close()` stops polling, then the server."""
 
     def __init__(
-        self, config: Config, web: WebConfig | None = None, shard: Shard = WHOLE
+        self,
+        config: Config,
+        web: WebConfig | None = None,
+        shard: Shard = WHOLE,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        self.exporter = Exporter(config, shard=shard)
-        self.server = self.exporter.serve_http("127.0.0.1", 0, web)
-        self.url = f"http://127.0.0.1:{self.server.port}"
+        self.exporter = Exporter(config, shard=shard, clock=clock)
+        self.clock = clock
+        self.web = web
+        self.error: BaseException | None = None
+        self.server: MetricsServer | None = None
         self._loop = asyncio.new_event_loop()
         self._stop = asyncio.Event()
-        self._failure: list[BaseException] = []
         self._thread = threading.Thread(target=self._run, name="exporter", daemon=True)
+
+    def start(self) -> Self:
+        self.server = self.exporter.serve_http("127.0.0.1", 0, self.web)
         self._thread.start()
+        return self
 
     def _run(self) -> None:
         try:
             self._loop.run_until_complete(self.exporter.run(self._stop))
-        except BaseException as exc:  # surfaced in the test's thread
-            self._failure.append(exc)
+        except BaseException as exc:  # reported by `alive` and `stop_polling`
+            self.error = exc
+        finally:
+            self._loop.close()
 
-    def metrics(self) -> str:
+    @property
+    def url(self) -> str:
+        assert self.server is not None, "not started"
+        return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def alive(self) -> bool:
+        """The polling loop is still running, and nothing escaped it."""
+        return self._thread.is_alive() and self.error is None
+
+    def metrics_text(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=5).text
 
     def sample(self, name: str, **labels: str) -> float | None:
         """The value of one series on /metrics, or None when absent."""
         wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
-        for line in self.metrics().splitlines():
+        for line in self.metrics_text().splitlines():
             if line.startswith(prefix):
                 return float(line[len(prefix) :])
         return None
 
     def stop_polling(self) -> None:
-        """Stop the pollers; the server keeps serving the last snapshot."""
+        """Stop the pollers (in-flight requests get the exporter's grace); the server keeps
+        serving the last snapshot."""
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(15)
-        assert not self._thread.is_alive(), "the exporter did not stop"
-        if not self._loop.is_closed():
-            self._loop.close()
-        if self._failure:
-            raise self._failure[0]
+        assert not self._thread.is_alive(), "the exporter did not stop within 15 s"
+        if self.error is not None:
+            raise AssertionError("the exporter's loop died") from self.error
 
-    def stop(self) -> None:
+    def close(self) -> None:
         try:
             self.stop_polling()
         finally:
-            self.server.close()
+            if self.server is not None:
+                self.server.close()
 
-    def __enter__(self) -> RunningExporter:
-        return self
+    def __enter__(self) -> Self:
+        return self.start()
 
     def __exit__(
         self,
@@ -124,4 +147,4 @@ class RunningExporter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        self.close()

@@ -68,8 +68,8 @@ def test_negative_balance_and_vanishing_assets(sim3) -> None:
                 is None
             )
         )
-        assert f'account="acct-00",asset="{asset}"' not in running.metrics()
-        assert f'account="acct-01",asset="{asset}"' in running.metrics()
+        assert f'account="acct-00",asset="{asset}"' not in running.metrics_text()
+        assert f'account="acct-01",asset="{asset}"' in running.metrics_text()
 
 
 def test_a_failing_account_keeps_its_values_and_recovers(sim3) -> None:
@@ -122,7 +122,7 @@ def test_promtool_check_metrics_on_real_output(sim3) -> None:
     sim, generated = sim3
     with RunningExporter(fast_config(sim.url, generated)) as running:
         wait_until(lambda: running.sample("binance_pm_up", account="acct-02") == 1)
-        text = running.metrics()
+        text = running.metrics_text()
     result = subprocess.run(
         ["promtool", "check", "metrics"], input=text.encode(), capture_output=True, check=False
     )

@@ -41,7 +41,7 @@ from faultkit import (
     request_times,
     sample,
     secret_forms,
-    wait_for,
+    wait_until,
     weight_by_ip,
 )
 from prometheus_client import CollectorRegistry
@@ -268,7 +268,7 @@ def matrix() -> Matrix:
         try:
             with run:
                 matrix = _drive(sim, run, relay, logs, entries)
-                matrix.end_metrics = run.metrics()
+                matrix.end_metrics = run.parsed_metrics()
         finally:
             relay.off()
         matrix.records = sim.requests
@@ -283,7 +283,7 @@ def _drive(
     entries: list[dict[str, str]],
 ) -> Matrix:
     ready = [e["name"] for e in entries if e["name"] != DNS]
-    wait_for(lambda: run.all_up(ready), 10, "every account (but dns) to be up")
+    wait_until(lambda: run.all_up(ready), 10, "every account (but dns) to be up")
     injected = time.time()
     for case in CASES:
         for spec in case.faults:
@@ -516,14 +516,14 @@ def test_ip_wide_pause_stops_every_account_until_it_ends(
         Simulator(sims, ip_weight_limit=10**6, clock=clock) as sim,
     ):
         with RunningExporter(fast_config(sim.url, entries, limit=BUDGET), clock=clock) as run:
-            wait_for(run.all_up, 5, "every account up")
+            wait_until(run.all_up, 5, "every account up")
             if not params and fault_kind == "rate_limit":
                 clock.shift += (58.0 - clock() % 60) % 60  # jump to 2 s before a minute's end
             if fault_kind == "ban":
                 params = {"until_ms": int(clock() * 1000) + 1500}
             injected = clock()
             sim.inject_fault(fault_kind, account="b", count=1, endpoint=BALANCE, **params)
-            hit = wait_for(
+            hit = wait_until(
                 lambda: [r for r in sim.requests if r.status in (418, 429)], 3, "the fault"
             )[0]
             if "retry_after" in params:
@@ -537,8 +537,8 @@ def test_ip_wide_pause_stops_every_account_until_it_ends(
                 after = [r for r in sim.requests if r.time > end]
                 return run.all_up() and all(request_times(after, n) for n in names)
 
-            wait_for(resumed, 10, "every account to refresh after the pause")
-            metrics = run.metrics()
+            wait_until(resumed, 10, "every account to refresh after the pause")
+            metrics = run.parsed_metrics()
             paused_until = run.exporter.budgets[0].paused_until
         records = sim.requests
     assert hit.account == "b"
@@ -585,7 +585,7 @@ def test_server_clock_offset(offset_ms: int, when: str, resync: bool) -> None:
         if when == "at start":
             sim.clock_offset_ms = offset_ms
         with RunningExporter(fast_config(sim.url, entries, limit=BUDGET)) as run:
-            wait_for(run.all_up, 5, "every account up")
+            wait_until(run.all_up, 5, "every account up")
             changed = time.time()
             sim.clock_offset_ms = offset_ms
 
@@ -593,9 +593,9 @@ def test_server_clock_offset(offset_ms: int, when: str, resync: bool) -> None:
                 ok = [r for r in sim.requests if r.time > changed and r.status == 200]
                 return all(request_times(ok, n, ACCOUNT) for n in names)
 
-            wait_for(refreshed, 5, "another refresh of every account")
+            wait_until(refreshed, 5, "another refresh of every account")
             offset = run.exporter.pollers[0].client.clock_offset
-            metrics = run.metrics()
+            metrics = run.parsed_metrics()
         records = sim.requests
     rejected = [r for r in records if r.status == 400]
     if resync:
@@ -632,13 +632,13 @@ def test_unresolvable_base_host() -> None:
     _, entries = hmac_accounts(names)
     config = fast_config("http://nonexistent.invalid", entries, limit=BUDGET)
     with captured_logs() as logs, RunningExporter(config) as run:
-        wait_for(
+        wait_until(
             lambda: all(run.snapshot(n).consecutive_failures >= 2 for n in names),
             8,
             "two failures of every account",
         )
         assert run.alive
-        metrics = run.metrics()
+        metrics = run.parsed_metrics()
     for name in names:
         assert sample(metrics, "binance_pm_up", account=name) == 0.0
         failed_at = [s.time for s in run.recorder.history(name) if s.snapshot.attempted]
@@ -661,12 +661,12 @@ def test_refused_base_host_then_listening() -> None:
         run = RunningExporter(fast_config(f"http://127.0.0.1:{port}", entries, limit=BUDGET))
         run.start()
         try:
-            wait_for(lambda: all(run.snapshot(n).attempted for n in names), 5, "a failure each")
+            wait_until(lambda: all(run.snapshot(n).attempted for n in names), 5, "a failure each")
             assert not any(run.snapshot(n).up for n in names)
             sim.start()
             listening = time.time()
             failures = {n: run.snapshot(n).consecutive_failures for n in names}
-            wait_for(run.all_up, 4 * INTERVAL * max(failures.values()), "recovery")
+            wait_until(run.all_up, 4 * INTERVAL * max(failures.values()), "recovery")
             run.settle()
         finally:
             run.close()

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from faultkit import RunningExporter, captured_logs, secret_forms, wait_for
+from faultkit import RunningExporter, captured_logs, secret_forms, wait_until
 
 from exporter import poller
 from exporter.app import Exporter
@@ -197,7 +197,7 @@ def test_no_secret_in_logs_metrics_readyz_under_faults(
         server = run.exporter.serve_http("127.0.0.1", 0)
         base = f"http://127.0.0.1:{server.port}"
         try:
-            wait_for(run.all_up, 10, "every account up")
+            wait_until(run.all_up, 10, "every account up")
             injected = time.time()
             for account, faults in FAULTS.items():
                 for spec in faults:
@@ -220,7 +220,7 @@ def test_no_secret_in_logs_metrics_readyz_under_faults(
                     and all(by_account)
                 )
 
-            wait_for(recovered, 20, "every account through its faults and back up")
+            wait_until(recovered, 20, "every account through its faults and back up")
         finally:
             server.close()
     rejected = [r for r in simulator.requests if r.status == 400]

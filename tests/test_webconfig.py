@@ -244,13 +244,13 @@ def _start_exporter(
     simulator: tuple[Simulator, list[dict[str, str]]], web: WebConfig
 ) -> tuple[RunningExporter, MetricsServer]:
     sim, entries = simulator
-    run = RunningExporter(fast_config(sim.url, entries, interval=5.0)).start()
-    return run, run.exporter.serve_http("127.0.0.1", 0, web)
+    run = RunningExporter(fast_config(sim.url, entries, interval=5.0), web).start()
+    assert run.server is not None
+    return run, run.server
 
 
 def _stop_exporter(run: RunningExporter, server: MetricsServer) -> None:
-    server.close()
-    run.close()
+    run.close()  # stops `server` too
 
 
 @pytest.fixture(scope="module")
