@@ -179,6 +179,9 @@ class _QuietHandler(WSGIRequestHandler):
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     block_on_close = False
+    # socketserver's default backlog of 5 drops connections under concurrent scrapers,
+    # and a dropped SYN is retried after 1, 3, 7, 15 s: tail latencies of many seconds.
+    request_queue_size = socket.SOMAXCONN
 
     def __init__(
         self, host: str, port: int, app: WSGIApplication, ssl_context: ssl.SSLContext | None
