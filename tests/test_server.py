@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from exporter.exposition import CachedExposition
-from exporter.server import ExporterApp, MetricsServer, parse_listen_address
+from exporter.server import ExporterApp, MetricsServer, _ThreadingServer, parse_listen_address
 from exporter.snapshot import AccountSnapshot, SnapshotStore
 from exporter.webconfig import load_web_config
 
@@ -123,6 +123,4 @@ def test_parse_listen_address_rejects(value: str) -> None:
 def test_the_listen_backlog_holds_a_crowd_of_scrapers() -> None:
     # socketserver's default of 5 dropped connections under wrk -c64; a dropped SYN is
     # retried after 1, 3, 7, 15 s (bench/load.py saw 16 s tails and wrk timeouts).
-    from exporter.server import _ThreadingServer  # noqa: PLC2701
-
     assert _ThreadingServer.request_queue_size >= 128
