@@ -62,6 +62,12 @@ class BudgetCollector(Collector):
             "(budget.ip_weight_limit_per_minute x budget.share).",
             labels=["egress"],
         )
+        limit = GaugeMetricFamily(
+            "binance_pm_ip_weight_limit_per_minute",
+            "Binance's request-weight limit per minute for the whole egress IP "
+            "(budget.ip_weight_limit_per_minute).",
+            labels=["egress"],
+        )
         paused = GaugeMetricFamily(
             "binance_pm_paused_until_timestamp_seconds",
             "Until when all requests on the egress IP are paused (high water, 429 or 418); "
@@ -79,10 +85,11 @@ class BudgetCollector(Collector):
                 used.add_metric([b.egress], b.last_used_weight)
             spent.add_metric([b.egress], b.spent_total)
             budget.add_metric([b.egress], b.settings.per_minute)
+            limit.add_metric([b.egress], b.settings.limit_per_minute)
             paused.add_metric([b.egress], b.paused_until if b.is_paused(b.now()) else 0.0)
             for reason in ("high_water", "rate_limited", "banned"):
                 pauses.add_metric([b.egress, reason], b.pauses[reason])
-        yield from (used, spent, budget, paused, pauses)
+        yield from (used, spent, budget, limit, paused, pauses)
 
 
 class BuildInfoCollector(Collector):
