@@ -15,16 +15,13 @@ then 2, 4, ... capped; CAP at once for auth errors).
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
-import httpx
 import pytest
 from faultkit import (
     LogLines,
@@ -44,18 +41,12 @@ from faultkit import (
     wait_until,
     weight_by_ip,
 )
-from prometheus_client import CollectorRegistry
-from pydantic import SecretStr
 
 from exporter import poller
 from exporter.binance import errors
-from exporter.binance.client import BinanceClient, Credentials
-from exporter.binance.signing import HmacSigner
-from exporter.budget import BudgetLimits, WeightBudget
-from exporter.poller import EgressPoller, PollSettings, Target
-from exporter.selfmetrics import Instruments
+from exporter.binance.client import BinanceClient
 from exporter.simulator import RequestRecord, Simulator
-from exporter.snapshot import AccountSnapshot, SnapshotStore
+from exporter.snapshot import AccountSnapshot
 
 INTERVAL = 1.0
 TIMEOUT = 1.0
@@ -727,95 +718,3 @@ def test_a_server_trickling_its_answer_times_out_as_a_whole() -> None:
         listener.close()
     assert isinstance(error, errors.RequestTimeout)
     assert time.monotonic() - started < TIMEOUT + SLACK
-
-
-# --- a pause holds the later requests of a refresh already in flight -----------------------
-
-
-class VirtualTime:
-    """A clock that moves only when every task waits: then to the earliest sleeper's wake."""
-
-    def __init__(self, start: float) -> None:
-        self.now = start
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
-        self._seq = itertools.count()
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        future = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (self.now + max(seconds, 0.0), next(self._seq), future))
-        await future
-
-    async def run_until(self, end: float) -> None:
-        while self.now < end:
-            for _ in range(50):  # let every ready task run before time moves on
-                await asyncio.sleep(0)
-            if self._sleepers:
-                wake, _, future = heapq.heappop(self._sleepers)
-                self.now = max(self.now, wake)
-                if not future.done():
-                    future.set_result(None)
-
-
-def test_a_pause_holds_the_later_requests_of_a_refresh_in_flight() -> None:
-    """a's balance is answered only once b has had a 429 (Retry-After 30): a's account
-    request, the second of its refresh, must wait for the pause to end."""
-    start = 1_700_000_000.0
-    clock = VirtualTime(start)
-    sent: list[tuple[float, str, str]] = []
-    b_limited = asyncio.Event()
-
-    async def api(request: httpx.Request) -> httpx.Response:
-        key = request.headers.get("X-MBX-APIKEY", "")
-        path = request.url.path.rsplit("/", 1)[1]
-        sent.append((clock.now, key, path))
-        if path == "time":
-            return httpx.Response(200, json={"serverTime": int(clock.now * 1000)})
-        if key == "b" and not b_limited.is_set():
-            b_limited.set()
-            return httpx.Response(429, json={"code": -1003}, headers={"Retry-After": "30"})
-        if key == "a" and path == "balance":
-            await b_limited.wait()
-        body: object = [] if path == "balance" else {"uniMMR": "5"}
-        return httpx.Response(200, json=body)
-
-    targets = [Target(n, Credentials(SecretStr(n), HmacSigner(SecretStr("s")))) for n in "ab"]
-    store = SnapshotStore(AccountSnapshot(t.name, 10.0) for t in targets)
-    budget = WeightBudget("default", BudgetLimits(6000, 1.0, 0.9), clock=clock, sleep=clock.sleep)
-    egress = EgressPoller(
-        targets=targets,
-        make_client=partial(
-            BinanceClient,
-            base_url="http://binance.test",
-            timeout_seconds=100,
-            recv_window_ms=5000,
-            clock=clock,
-            transport=httpx.MockTransport(api),
-        ),
-        budget=budget,
-        store=store,
-        instruments=Instruments(CollectorRegistry()),
-        settings=PollSettings(account_info=True, allows_asset=lambda _: True, interval=10.0),
-        clock=clock,
-        sleep=clock.sleep,
-    )
-
-    async def go() -> None:
-        task = asyncio.create_task(egress.run())
-        await clock.run_until(start + 60)
-        if task.done():
-            task.result()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await egress.drain(1)
-
-    asyncio.run(go())
-    limited = next(i for i, (_, key, _) in enumerate(sent) if key == "b")
-    end = sent[limited][0] + 30
-    assert budget.paused_until == pytest.approx(end, abs=0.001)
-    assert min(t for t, _, _ in sent[limited + 1 :]) == pytest.approx(end, abs=0.001)
-    a_account = next(t for t, key, path in sent if key == "a" and path == "account")
-    assert a_account == pytest.approx(end, abs=0.001)
-    assert store.get("a").up

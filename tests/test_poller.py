@@ -5,11 +5,13 @@ only moves when the poller sleeps, so every figure is exact and fast.
 """
 
 import asyncio
+import heapq
 import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import httpx
 import pytest
@@ -68,19 +70,23 @@ class FakeApi:
         return httpx.Response(200, content=json.dumps(body), headers=headers)
 
 
-def make_poller(
-    n: int, limits: BudgetLimits, min_interval: float, *, account_info: bool = True
-) -> tuple[EgressPoller, FakeApi, VirtualTime, SnapshotStore, WeightBudget]:
-    clock = VirtualTime()
-    api = FakeApi(clock)
-    weight = 40 if account_info else 20
-    interval = refresh_interval(n, weight, limits, min_interval)
+def build_poller(
+    names: list[str],
+    limits: BudgetLimits,
+    interval: float,
+    clock: Any,
+    api: Callable[[httpx.Request], Any],
+    *,
+    account_info: bool = True,
+    timeout: float = 1,
+    key_of: Callable[[str], str] = lambda name: name,
+) -> tuple[EgressPoller, SnapshotStore, WeightBudget]:
+    """An EgressPoller of accounts `names` on `clock`, asking `api`."""
     settings = PollSettings(
         account_info=account_info, allows_asset=lambda a: True, interval=interval
     )
     targets = [
-        Target(f"acct-{i}", Credentials(SecretStr(f"key-{i}"), HmacSigner(SecretStr("s"))))
-        for i in range(n)
+        Target(n, Credentials(SecretStr(key_of(n)), HmacSigner(SecretStr("s")))) for n in names
     ]
     store = SnapshotStore(AccountSnapshot(t.name, interval) for t in targets)
     budget = WeightBudget("default", limits, clock=clock, sleep=clock.sleep)
@@ -89,7 +95,7 @@ def make_poller(
         make_client=partial(
             BinanceClient,
             base_url="http://binance.test",
-            timeout_seconds=1,
+            timeout_seconds=timeout,
             recv_window_ms=5000,
             clock=clock,
             transport=httpx.MockTransport(api),
@@ -100,6 +106,25 @@ def make_poller(
         settings=settings,
         clock=clock,
         sleep=clock.sleep,
+    )
+    return poller, store, budget
+
+
+def make_poller(
+    n: int, limits: BudgetLimits, min_interval: float, *, account_info: bool = True
+) -> tuple[EgressPoller, FakeApi, VirtualTime, SnapshotStore, WeightBudget]:
+    """n accounts acct-0.. (API keys key-0..) against a FakeApi, on virtual time."""
+    clock = VirtualTime()
+    api = FakeApi(clock)
+    interval = refresh_interval(n, 40 if account_info else 20, limits, min_interval)
+    poller, store, budget = build_poller(
+        [f"acct-{i}" for i in range(n)],
+        limits,
+        interval,
+        clock,
+        api,
+        account_info=account_info,
+        key_of=lambda name: name.replace("acct", "key"),
     )
     return poller, api, clock, store, budget
 
@@ -261,3 +286,78 @@ def test_timestamp_error_resyncs_the_clock_and_retries() -> None:
     paths = [path.rsplit("/", 1)[1] for _, path, _ in api.log]
     assert paths[:5] == ["time", "balance", "time", "balance", "account"]
     assert store.get("acct-0").up
+
+
+# --- a pause holds the later requests of a refresh already in flight -----------------------
+
+
+class EventClock:
+    """A clock that moves only when every task waits: then to the earliest sleeper's wake."""
+
+    def __init__(self, start: float) -> None:
+        self.now = start
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self.now + max(seconds, 0.0), next(self._seq), future))
+        await future
+
+    async def run_until(self, end: float) -> None:
+        while self.now < end:
+            for _ in range(50):  # let every ready task run before time moves on
+                await asyncio.sleep(0)
+            if self._sleepers:
+                wake, _, future = heapq.heappop(self._sleepers)
+                self.now = max(self.now, wake)
+                if not future.done():
+                    future.set_result(None)
+
+
+def test_a_pause_holds_the_later_requests_of_a_refresh_in_flight() -> None:
+    """a's balance is answered only once b has had a 429 (Retry-After 30): a's account
+    request, the second of its refresh, must wait for the pause to end."""
+    start = 1_700_000_000.0
+    clock = EventClock(start)
+    sent: list[tuple[float, str, str]] = []
+    b_limited = asyncio.Event()
+
+    async def api(request: httpx.Request) -> httpx.Response:
+        key = request.headers.get("X-MBX-APIKEY", "")
+        path = request.url.path.rsplit("/", 1)[1]
+        sent.append((clock.now, key, path))
+        if path == "time":
+            return httpx.Response(200, json={"serverTime": int(clock.now * 1000)})
+        if key == "b" and not b_limited.is_set():
+            b_limited.set()
+            return httpx.Response(429, json={"code": -1003}, headers={"Retry-After": "30"})
+        if key == "a" and path == "balance":
+            await b_limited.wait()
+        body: object = [] if path == "balance" else {"uniMMR": "5"}
+        return httpx.Response(200, json=body)
+
+    egress, store, budget = build_poller(
+        ["a", "b"], BudgetLimits(6000, 1.0, 0.9), 10.0, clock, api, timeout=100
+    )
+
+    async def go() -> None:
+        task = asyncio.create_task(egress.run())
+        await clock.run_until(start + 60)
+        if task.done():
+            task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await egress.drain(1)
+
+    asyncio.run(go())
+    limited = next(i for i, (_, key, _) in enumerate(sent) if key == "b")
+    end = sent[limited][0] + 30
+    assert budget.paused_until == pytest.approx(end, abs=0.001)
+    assert min(t for t, _, _ in sent[limited + 1 :]) == pytest.approx(end, abs=0.001)
+    a_account = next(t for t, key, path in sent if key == "a" and path == "account")
+    assert a_account == pytest.approx(end, abs=0.001)
+    assert store.get("a").up
