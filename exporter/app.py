@@ -9,7 +9,6 @@ from dataclasses import replace
 from functools import partial
 from itertools import groupby
 
-import httpx
 import structlog
 from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.registry import Collector
@@ -43,7 +42,6 @@ class Exporter:
         self,
         config: Config,
         *,
-        transport: Callable[[AccountConfig], httpx.AsyncBaseTransport | None] = lambda _: None,
         clock: Callable[[], float] = time.time,
         shard: Shard = WHOLE,
     ) -> None:
@@ -92,7 +90,6 @@ class Exporter:
                         timeout_seconds=config.binance.timeout_seconds,
                         recv_window_ms=config.binance.recv_window_ms,
                         clock=clock,
-                        transport=transport(accounts[0]),
                         proxy=accounts[0].proxy,
                         source_address=accounts[0].source_address,
                     ),

@@ -18,6 +18,8 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from exporter.binance.client import WEIGHTS
+
 WINDOW_SECONDS = 60.0
 #: the budget is spent over a little more than Binance's minute, to absorb
 #: network jitter between the time we send and the time Binance counts
@@ -30,10 +32,6 @@ DEFAULT_BAN_SECONDS = 120.0
 MAX_PAUSE_SECONDS = 3 * 86400.0
 
 Sleep = Callable[[float], Awaitable[None]]
-
-#: request weight of the endpoints an account refresh calls, per Binance's docs
-BALANCE_WEIGHT = 20  # GET /papi/v1/balance without `asset`
-ACCOUNT_WEIGHT = 20  # GET /papi/v1/account
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +106,6 @@ class WeightBudget:
         while (wait := self.paused_until - self._clock()) > 0:
             await self._sleep(wait)
 
-    def spent_in_window(self, now: float) -> int:
-        self._expire(now)
-        return self._logged
-
     def _expire(self, now: float) -> None:
         while self._log and self._log[0][0] <= now - GUARD_SECONDS:
             self._logged -= self._log.popleft()[1]
@@ -182,4 +176,4 @@ def refresh_interval(accounts: int, weight: int, settings: BudgetLimits, floor: 
 
 def refresh_weight(account_info: bool) -> int:
     """w: the weight of one account refresh, balance plus account info when collected."""
-    return BALANCE_WEIGHT + (ACCOUNT_WEIGHT if account_info else 0)
+    return WEIGHTS["balance"] + (WEIGHTS["account"] if account_info else 0)
