@@ -7,9 +7,11 @@ broken configs in tests/conffiles/, whose relative paths point there.
 
 from __future__ import annotations
 
+import ast
 import datetime
 import json
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from exporter.budget import shard_limits
 from exporter.config import (
     AccountConfig,
     AssetFilter,
@@ -33,8 +36,8 @@ from exporter.config import (
     ConfigError,
     load_config,
     parse_config,
-    summarize,
 )
+from exporter.summary import check_budget, summarize
 
 HERE = Path(__file__).parent
 CONFFILES = sorted((HERE / "conffiles").glob("*.yaml"))
@@ -148,8 +151,9 @@ def _assert_clean(message: str, conf_dir: Path | None = None) -> None:
 
 
 def _load_error(path: Path, environ: dict[str, str]) -> ConfigError:
+    """The error the command line reports: loading, then the budget check of the wiring."""
     with pytest.raises(ConfigError) as info:
-        load_config(path, environ)
+        check_budget(load_config(path, environ))
     return info.value
 
 
@@ -245,7 +249,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.binance.timeout_seconds == 10
     assert config.budget.ip_weight_limit_per_minute == 6000
     assert config.budget.share == 0.25
-    assert config.budget.limits.per_minute == 1500
+    assert shard_limits(config.budget).per_minute == 1500
     assert config.budget.ip_high_water == 0.8
     assert config.budget.min_interval_seconds == 10
     assert config.collect.account_info is True
@@ -660,3 +664,35 @@ def test_mutated_configs_give_config_error_only(document: dict[str, Any]) -> Non
             assert secret not in summarize(config)
             assert secret not in repr(config)
             assert secret not in config.model_dump_json()
+
+
+# ---- the config is plain data -------------------------------------------------
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_config_package_imports_no_running_part() -> None:
+    package = HERE.parent / "exporter" / "config"
+    for path in package.glob("*.py"):
+        for name in _imported_modules(path):
+            assert not name.startswith(
+                ("exporter.budget", "exporter.binance", "exporter.poller", "httpx")
+            ), f"{path.name} imports {name}"
+
+
+def test_weights_and_budget_need_only_the_standard_library() -> None:
+    # The --check-config summary and the config checks read them without the HTTP client.
+    for module in ("weights", "budget"):
+        path = HERE.parent / "exporter" / f"{module}.py"
+        for name in _imported_modules(path):
+            top = name.split(".")[0]
+            assert top in sys.stdlib_module_names or name == "exporter.weights", (module, name)

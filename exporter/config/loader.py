@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from exporter.budget import refresh_weight
 from exporter.config.errors import (
     ConfigError,
     Loc,
@@ -98,27 +97,10 @@ def parse_config(data: object, *, environ: Mapping[str, str], base_dir: Path) ->
         accounts = _accounts(raw_accounts, base_dir, checked)
 
     # A value whose ${VAR} failed was replaced by "": its own problems are noise.
-    if top is not None:
-        checked += _budget_fits(top)
     problems += [p for p in checked if not _under_any(p.loc, failed)]
     if problems or top is None:
         raise ConfigError(format_problems(problems))
     return Config(binance=top.binance, budget=top.budget, collect=top.collect, accounts=accounts)
-
-
-def _budget_fits(top: ConfigInput) -> list[Problem]:
-    """B must pay for at least one whole account refresh a minute."""
-    per_minute = top.budget.limits.per_minute
-    weight = refresh_weight(top.collect.account_info)
-    if per_minute >= weight:
-        return []
-    return [
-        Problem(
-            ("budget", "share"),
-            f"the budget ip_weight_limit_per_minute x share = {per_minute:g} weight/min "
-            f"cannot pay for one account refresh ({weight} weight)",
-        )
-    ]
 
 
 def _accounts(

@@ -25,7 +25,6 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from exporter.budget import BudgetLimits
 from exporter.config.secrets import PrivateKey, key_type
 
 DEFAULT_BASE_URL = "https://papi.binance.com"
@@ -186,11 +185,6 @@ class BudgetSettings(_Frozen):
     share: Annotated[float, _NotBool, _Finite, _range(gt=0, le=1)] = 0.25
     ip_high_water: Annotated[float, _NotBool, _Finite, _range(gt=0, le=1)] = 0.8
     min_interval_seconds: Annotated[float, _NotBool, _Finite, _range(ge=1, le=86400)] = 10.0
-
-    @property
-    def limits(self) -> BudgetLimits:
-        """The budget's figures; `limits.per_minute` is B = limit x share."""
-        return BudgetLimits(self.ip_weight_limit_per_minute, self.share, self.ip_high_water)
 
 
 class AssetFilter(_Frozen):
