@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from exporter.budget import shard_limits
+from exporter.cli import main
 from exporter.config import (
     AccountConfig,
     AssetFilter,
@@ -195,12 +196,75 @@ def test_several_problems_give_one_line_each(conf_dir: Path) -> None:
         "binance.recv_window_ms: must be >= 1 and <= 60000 (got 0)",
         "binance.nope: unknown key (allowed: base_url, recv_window_ms, timeout_seconds)",
         "budget.share: must be > 0 and <= 1 (got 2)",
+        "accounts[1].name: duplicate account name 'a' (also accounts[0])",
         "accounts[0]: missing secret: give api_secret or api_secret_file (HMAC),"
         " or private_key or private_key_file (RSA or Ed25519)",
-        "accounts[1].name: duplicate account name 'a' (also accounts[0])",
         f"accounts[2].api_secret_file: file not found: {conf_dir / 'missing.txt'}",
     ]
     _assert_clean(str(info.value))
+
+
+# A Binance API key pasted where a key belongs: messages name it by its start only.
+PASTED = "AbCdEfGhIjKlMnOpQrStUvWxYz0123456789s3cr3tIjKlMnOpQrStUvWx012345"
+assert len(PASTED) == 64
+
+
+def test_a_secret_pasted_as_a_key_is_named_not_quoted(tmp_path: Path) -> None:
+    data = {**_minimal(**{PASTED: 1}), "binance": {PASTED: "${UNSET}"}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, environ={}, base_dir=tmp_path)
+    assert info.value.problems == [
+        "binance.AbCd...(64 characters): environment variable UNSET is not set",
+        "accounts[0].AbCd...(64 characters): unknown key (allowed: name, api_key, api_key_file,"
+        " api_secret, api_secret_file, private_key, private_key_file, private_key_passphrase,"
+        " private_key_passphrase_file, proxy, source_address)",
+    ]
+    path = tmp_path / "config.yaml"
+    path.write_text(f"{PASTED}: 1\n{PASTED}: 2\n")
+    error = _load_error(path, {})
+    assert error.problems == [
+        f"{path}:2:1: YAML syntax error: duplicate key 'AbCd...(64 characters)'"
+    ]
+    _assert_clean(str(error))
+
+
+def test_keys_are_duplicates_by_value(tmp_path: Path) -> None:
+    # `1` and `01` are the same integer key: the second would silently replace the first.
+    path = tmp_path / "config.yaml"
+    path.write_text("accounts: []\nbinance: {1: a, 01: b}\n")
+    assert _load_error(path, {}).problems == [f"{path}:2:17: YAML syntax error: duplicate key '01'"]
+
+
+def test_one_account_reports_each_problem_with_its_secrets(tmp_path: Path) -> None:
+    data = _minimal(api_key_file="k.txt", private_key="pem", private_key_passphrase_file="p")
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, environ={}, base_dir=tmp_path)
+    assert info.value.problems == [
+        "accounts[0]: both api_key and api_key_file given (give one)",
+        "accounts[0]: both an HMAC secret (api_secret/api_secret_file) and a private key"
+        " (private_key/private_key_file) given (give one)",
+    ]
+
+
+def test_numbers_from_variables_are_range_checked(tmp_path: Path) -> None:
+    data = {**_minimal(), "budget": {"share": "${S}", "ip_weight_limit_per_minute": -(10**400)}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, environ={"S": " 2 "}, base_dir=tmp_path)
+    assert info.value.problems == [
+        "budget.ip_weight_limit_per_minute: must be > 0 (got -1.00000e+400)",
+        "budget.share: must be > 0 and <= 1 (got 2)",
+    ]
+
+
+def test_the_command_line_refuses_a_budget_below_one_refresh(
+    conf_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = conf_dir / "budget_below_one_refresh.yaml"
+    assert main(["--config.file", str(path), "--check-config"], environ={}) == 2
+    assert capsys.readouterr().err == (
+        f"{path}: budget.share: the budget ip_weight_limit_per_minute x share = 30 weight/min"
+        " cannot pay for one account refresh (40 weight)\n"
+    )
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
