@@ -432,6 +432,38 @@ def test_interpolation_forms(tmp_path: Path) -> None:
     assert account.api_secret.get_secret_value() == "${KEY}s-1"
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("${UNSET:-${KEY}}", "k-1"),
+        ("${KEY:-${UNSET}}", "k-1"),  # a default not used needs no variable
+        ("${EMPTY:-${UNSET:-x}}-y", "x-y"),
+        ("a${UNSET:-b${UNSET:-c}d}e", "abcde"),
+    ],
+)
+def test_nested_defaults(tmp_path: Path, text: str, expected: str) -> None:
+    environ = {"KEY": "k-1", "EMPTY": ""}
+    config = parse_config(_minimal(api_secret=text), environ=environ, base_dir=tmp_path)
+    secret = config.accounts[0].api_secret
+    assert secret is not None
+    assert secret.get_secret_value() == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("${UNSET:-${ALSO_UNSET}}", "environment variable ALSO_UNSET is not set"),
+        ("${UNSET:-${KEY}", "malformed ${...} reference"),
+        ("${A:-" * 9 + "x" + "}" * 9, "${...} defaults nested more than 8 deep"),
+    ],
+)
+def test_nested_defaults_that_fail(tmp_path: Path, text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(_minimal(api_secret=text), environ={"KEY": "k"}, base_dir=tmp_path)
+    (line,) = info.value.problems
+    assert line.startswith(f"accounts[0].api_secret: {problem}")
+
+
 def test_keys_are_not_interpolated(tmp_path: Path) -> None:
     data = {**_minimal(), "${X}": 1}
     with pytest.raises(ConfigError) as info:
