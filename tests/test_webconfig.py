@@ -788,6 +788,14 @@ def test_bad_config_gives_one_line_naming_the_field(
     assert e.value.__suppress_context__
 
 
+def test_a_password_in_place_of_a_hash_is_not_shown(tmp_path: Path) -> None:
+    path = tmp_path / "web.yml"
+    path.write_text("basic_auth_users:\n  prometheus: 271828182845\n")
+    with pytest.raises(WebConfigError) as e:
+        load_web_config(path)
+    assert str(e.value) == f"{path}: basic_auth_users.prometheus: must be a string (got a number)"
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(WebConfigError, match=r"nope\.yml: cannot read: No such file"):
         load_web_config(tmp_path / "nope.yml")
