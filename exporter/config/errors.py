@@ -55,12 +55,12 @@ class Problem:
     loc: Loc
     message: str
 
-    def render(self, names: Collection[str] = ()) -> str:
+    def render(self, names: Collection[str]) -> str:
         """``<path>: <message>`` on one line; ``names`` are the schema's field names."""
-        return " ".join(f"{format_loc(self.loc, names)}: {self.message}".split())
+        return " ".join(f"{format_loc(self.loc, names)}: {self.message}".splitlines())
 
 
-def format_loc(loc: Loc, names: Collection[str] = ()) -> str:
+def format_loc(loc: Loc, names: Collection[str]) -> str:
     """``("accounts", 1, "name")`` -> ``accounts[1].name``; ``()`` -> ``(top level)``."""
     out = ""
     for part in loc:
@@ -71,7 +71,7 @@ def format_loc(loc: Loc, names: Collection[str] = ()) -> str:
     return out or "(top level)"
 
 
-def shown_key(key: str, names: Collection[str] = ()) -> str:
+def shown_key(key: str, names: Collection[str]) -> str:
     """A mapping key as a message may show it.
 
     A field name, a near typo of one, or a short key is shown whole; any other key
@@ -84,8 +84,9 @@ def shown_key(key: str, names: Collection[str] = ()) -> str:
     return f"{key[:KEY_HEAD]}...({len(key)} characters)"
 
 
-def format_problems(problems: Iterable[Problem], names: Collection[str] = ()) -> list[str]:
-    """Render problems as lines, each a single line (newlines folded)."""
+def format_problems(problems: Iterable[Problem], names: Collection[str]) -> list[str]:
+    """Render problems as lines, each a single line (newlines folded); ``names`` are the
+    schema's field names, shown whole in a path."""
     return [p.render(names) for p in problems]
 
 

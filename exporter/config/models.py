@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeGuard
 from urllib.parse import SplitResult, urlsplit
 
 from pydantic import (
@@ -111,10 +111,6 @@ def _check_asset(value: str) -> str:
     return asset
 
 
-def _is_name(value: str) -> bool:
-    return len(value) <= ACCOUNT_NAME_MAX and re.fullmatch(ACCOUNT_NAME_PATTERN, value) is not None
-
-
 def _check_name(value: str) -> str:
     if not value:
         raise _problem("must not be empty")
@@ -133,6 +129,13 @@ def proxy_without_credentials(proxy: str) -> str:
         host = f"[{host}]"
     port = f":{parts.port}" if parts.port is not None else ""
     return f"{parts.scheme}://{host}{port}"
+
+
+def _is_name(value: object) -> TypeGuard[str]:
+    try:
+        return isinstance(value, str) and _check_name(value) == value
+    except PydanticCustomError:
+        return False
 
 
 BaseUrl = Annotated[str, AfterValidator(_check_base_url)]
@@ -342,8 +345,8 @@ class ConfigInput(_Sections):
         problems = []
         for index, account in enumerate(accounts):
             name = account.get("name") if isinstance(account, dict) else None
-            if not isinstance(name, str) or not _is_name(name):
-                continue  # not a name: the account's own check says so
+            if not _is_name(name):
+                continue  # the account's own check says what is wrong with it
             if name in first:
                 message = "duplicate account name {name} (also accounts[{first}])"
                 error = _problem(message, name=repr(name), first=first[name])
