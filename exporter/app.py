@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from functools import partial
 from itertools import groupby
 
@@ -15,7 +14,7 @@ from prometheus_client.registry import Collector
 
 from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import make_signer
-from exporter.budget import WeightBudget, refresh_interval, refresh_weight
+from exporter.budget import WeightBudget, refresh_interval, shard_limits
 from exporter.collector import SnapshotCollector
 from exporter.config import AccountConfig, Config
 from exporter.exposition import CachedExposition
@@ -25,6 +24,7 @@ from exporter.server import ExporterApp, MetricsServer
 from exporter.shard import WHOLE, Shard
 from exporter.snapshot import AccountSnapshot, SnapshotStore
 from exporter.webconfig import WebConfig
+from exporter.weights import refresh_weight
 
 log = structlog.get_logger("exporter")
 
@@ -51,9 +51,7 @@ class Exporter:
         self.accounts = shard.select(config.accounts, lambda a: a.name)
         #: the live self-metrics, rendered per scrape
         self.live_registry = CollectorRegistry(auto_describe=True)
-        # Shards run on the same egress IPs (same config): each spends its part of the budget,
-        # so the IP sees `share` whatever the number of shards, and intervals stay N·w/B.
-        limits = replace(config.budget.limits, share=config.budget.limits.share / shard.total)
+        limits = shard_limits(config.budget, shard.total)
         self.instruments = instruments = Instruments(self.live_registry)
         weight = refresh_weight(config.collect.account_info)
         groups = [

@@ -17,8 +17,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-
-from exporter.binance.client import WEIGHTS
+from typing import Protocol
 
 WINDOW_SECONDS = 60.0
 #: the budget is spent over a little more than Binance's minute, to absorb
@@ -34,6 +33,17 @@ MAX_PAUSE_SECONDS = 3 * 86400.0
 Sleep = Callable[[float], Awaitable[None]]
 
 
+class BudgetFigures(Protocol):
+    """The budget's settings as the config holds them (`BudgetSettings`)."""
+
+    @property
+    def ip_weight_limit_per_minute(self) -> int: ...
+    @property
+    def share(self) -> float: ...
+    @property
+    def ip_high_water(self) -> float: ...
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetLimits:
     limit_per_minute: int
@@ -43,6 +53,17 @@ class BudgetLimits:
     @property
     def per_minute(self) -> float:
         return self.limit_per_minute * self.share
+
+
+def shard_limits(settings: BudgetFigures, shards: int = 1) -> BudgetLimits:
+    """The limits of one of `shards` replicas polling from the same egress IPs.
+
+    Each spends its part, B / shards per minute (B = limit x share), so the IP sees B
+    whatever the number of shards, and refresh intervals stay N·w/B.
+    """
+    return BudgetLimits(
+        settings.ip_weight_limit_per_minute, settings.share / shards, settings.ip_high_water
+    )
 
 
 class WeightBudget:
@@ -172,8 +193,3 @@ def refresh_interval(accounts: int, weight: int, settings: BudgetLimits, floor: 
     guard agree and the guard never has to hold back a refresh in steady state.
     """
     return max(accounts * weight / settings.per_minute * GUARD_SECONDS, floor)
-
-
-def refresh_weight(account_info: bool) -> int:
-    """w: the weight of one account refresh, balance plus account info when collected."""
-    return WEIGHTS["balance"] + (WEIGHTS["account"] if account_info else 0)

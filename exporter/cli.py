@@ -16,12 +16,14 @@ import structlog
 
 from exporter import __version__
 from exporter.app import Exporter
-from exporter.budget import refresh_weight
-from exporter.config import Config, ConfigError, load_config, parse_config, summarize
+from exporter.budget import shard_limits
+from exporter.config import Config, ConfigError, load_config, parse_config
 from exporter.logs import FORMATS, LEVELS, configure_logging
 from exporter.server import parse_listen_address
 from exporter.shard import ShardError, parse_shard
+from exporter.summary import check_budget, summarize
 from exporter.webconfig import WebConfigError, load_web_config
+from exporter.weights import refresh_weight
 
 DEFAULT_PORT = 9745
 ENV_PREFIX = "BINANCE_PM_EXPORTER_"
@@ -120,7 +122,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     with _config(args, environ) as config:
         if config is None:
             return EXIT_USAGE
-        per_shard = config.budget.limits.per_minute / shard.total
+        per_shard = shard_limits(config.budget, shard.total).per_minute
         weight = refresh_weight(config.collect.account_info)
         if per_shard < weight:
             return _usage_error(
@@ -129,14 +131,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
                 "use fewer shards or a larger budget.share"
             )
         if args.check_config:
-            print(summarize(config))
-            if shard.total > 1:
-                names = [a.name for a in shard.select(config.accounts, lambda a: a.name)]
-                print(
-                    f"shard {shard}: budget B / {shard.total} = {per_shard:g} weight/min per "
-                    f"egress IP; {len(names)} of {len(config.accounts)} accounts: "
-                    + (", ".join(names) or "none")
-                )
+            print(summarize(config, shard))
             return 0
         exporter = Exporter(config, shard=shard)
         try:
@@ -172,6 +167,7 @@ def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> Iterator[Co
     path = Path(args.config_file)
     try:
         config = load_config(path, environ)
+        check_budget(config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"{path}: {problem}", file=sys.stderr)

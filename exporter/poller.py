@@ -17,11 +17,12 @@ from typing import TypeVar
 import structlog
 
 from exporter.binance import errors
-from exporter.binance.client import WEIGHTS, BinanceClient, Credentials, RequestReport
+from exporter.binance.client import BinanceClient, Credentials, RequestReport
 from exporter.binance.models import AccountInfo, AssetBalance, ParsedBalances
-from exporter.budget import WeightBudget, refresh_weight
+from exporter.budget import WeightBudget
 from exporter.selfmetrics import Instruments
 from exporter.snapshot import AccountSnapshot, SnapshotStore
+from exporter.weights import WEIGHTS, refresh_weight
 
 BACKOFF_CAP_SECONDS = 300.0
 T = TypeVar("T")

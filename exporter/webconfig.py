@@ -59,10 +59,12 @@ from types import MappingProxyType
 from typing import Any, Literal, NoReturn
 
 import bcrypt
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+
+from exporter.config.errors import field_names, format_problems, problems_from_validation
+from exporter.config.yamlfile import YamlError, parse_yaml
 
 CheckPw = Callable[[bytes, bytes], bool]
 """`bcrypt.checkpw`'s shape: (password, hashed) -> matches. Injectable for tests."""
@@ -243,29 +245,8 @@ class WebConfig:
 # --- loading -------------------------------------------------------------------------------
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys (Go's yaml.UnmarshalStrict does)."""
-
-
-def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[object] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        try:
-            duplicate = key in seen
-        except TypeError:  # unhashable; construct_mapping reports it
-            continue
-        if duplicate:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node)
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
-)
+#: the keys a message may show whole
+_FIELD_NAMES = field_names(_WebConfigFile)
 
 
 def load_web_config(path: Path, *, checkpw: CheckPw = bcrypt.checkpw) -> WebConfig:
@@ -275,13 +256,13 @@ def load_web_config(path: Path, *, checkpw: CheckPw = bcrypt.checkpw) -> WebConf
     stand-in for tests.
     """
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        text = path.read_bytes()
+    except OSError as e:
         raise WebConfigError(f"{path}: cannot read: {_reason(e)}") from None
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise WebConfigError(f"{path}: {_yaml_reason(e)}") from None
+        raw = parse_yaml(text, _FIELD_NAMES)
+    except YamlError as e:
+        raise WebConfigError(f"{path}:{e}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -290,7 +271,8 @@ def load_web_config(path: Path, *, checkpw: CheckPw = bcrypt.checkpw) -> WebConf
     try:
         parsed = _WebConfigFile.model_validate(raw)
     except ValidationError as e:
-        raise WebConfigError(f"{path}: {_validation_reason(e)}") from None
+        problems = format_problems(problems_from_validation(e, _WebConfigFile), _FIELD_NAMES)
+        raise WebConfigError(f"{path}: {'; '.join(problems)}") from None
     return WebConfig(
         ssl_context=_ssl_context(path, parsed.tls_server_config),
         basic_auth=_basic_auth(path, parsed.basic_auth_users, checkpw),
@@ -307,36 +289,6 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return type(e).__name__
-
-
-def _yaml_reason(e: yaml.YAMLError) -> str:
-    # str(e) would quote the offending line, which may hold a password hash.
-    if isinstance(e, yaml.MarkedYAMLError):
-        mark = e.problem_mark or e.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        return f"invalid YAML: {where}{e.problem or e.context or 'syntax error'}"
-    return "invalid YAML"
-
-
-_PYDANTIC_PROBLEMS = {
-    "extra_forbidden": "unknown field",
-    "model_type": "must be a mapping",
-    "dict_type": "must be a mapping",
-    "string_type": "must be a string",
-    "bool_type": "must be true or false",
-}
-
-
-def _validation_reason(e: ValidationError) -> str:
-    problems = []
-    for error in e.errors():
-        where = ".".join(str(part) for part in error["loc"] if part != "[key]") or "top level"
-        if error["type"] == "literal_error":
-            what = f"must be one of {error.get('ctx', {}).get('expected', '')}"
-        else:
-            what = _PYDANTIC_PROBLEMS.get(error["type"], error["msg"])
-        problems.append(f"{where}: {what}")
-    return "; ".join(problems)
 
 
 def _reject_unsupported(path: Path, raw: dict[Any, Any]) -> None:

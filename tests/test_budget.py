@@ -10,7 +10,9 @@ from exporter.budget import (
     WeightBudget,
     next_minute,
     refresh_interval,
+    shard_limits,
 )
+from exporter.config import BudgetSettings
 
 LIMITS = BudgetLimits(limit_per_minute=6000, share=0.25, high_water=0.8)
 
@@ -25,6 +27,14 @@ def test_refresh_interval_is_n_w_over_b_or_the_floor() -> None:
         16, rel=0.01
     )
     assert refresh_interval(1, 40, BudgetLimits(6000, 0.25, 0.8), 10) == 10
+
+
+def test_shards_split_the_budget_from_the_plain_settings() -> None:
+    settings = BudgetSettings(ip_weight_limit_per_minute=6000, share=0.25, ip_high_water=0.8)
+    assert shard_limits(settings) == LIMITS
+    quarter = shard_limits(settings, 4)
+    assert quarter.per_minute == 375  # B / 4: the IP still sees B from the four together
+    assert (quarter.limit_per_minute, quarter.high_water) == (6000, 0.8)  # the IP's own figures
 
 
 def test_reservations_are_paced_evenly_with_no_burst() -> None:

@@ -7,9 +7,11 @@ broken configs in tests/conffiles/, whose relative paths point there.
 
 from __future__ import annotations
 
+import ast
 import datetime
 import json
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from exporter.budget import shard_limits
+from exporter.cli import main
 from exporter.config import (
     AccountConfig,
     AssetFilter,
@@ -33,8 +37,8 @@ from exporter.config import (
     ConfigError,
     load_config,
     parse_config,
-    summarize,
 )
+from exporter.summary import check_budget, summarize
 
 HERE = Path(__file__).parent
 CONFFILES = sorted((HERE / "conffiles").glob("*.yaml"))
@@ -148,8 +152,9 @@ def _assert_clean(message: str, conf_dir: Path | None = None) -> None:
 
 
 def _load_error(path: Path, environ: dict[str, str]) -> ConfigError:
+    """The error the command line reports: loading, then the budget check of the wiring."""
     with pytest.raises(ConfigError) as info:
-        load_config(path, environ)
+        check_budget(load_config(path, environ))
     return info.value
 
 
@@ -191,12 +196,75 @@ def test_several_problems_give_one_line_each(conf_dir: Path) -> None:
         "binance.recv_window_ms: must be >= 1 and <= 60000 (got 0)",
         "binance.nope: unknown key (allowed: base_url, recv_window_ms, timeout_seconds)",
         "budget.share: must be > 0 and <= 1 (got 2)",
+        "accounts[1].name: duplicate account name 'a' (also accounts[0])",
         "accounts[0]: missing secret: give api_secret or api_secret_file (HMAC),"
         " or private_key or private_key_file (RSA or Ed25519)",
-        "accounts[1].name: duplicate account name 'a' (also accounts[0])",
         f"accounts[2].api_secret_file: file not found: {conf_dir / 'missing.txt'}",
     ]
     _assert_clean(str(info.value))
+
+
+# A Binance API key pasted where a key belongs: messages name it by its start only.
+PASTED = "AbCdEfGhIjKlMnOpQrStUvWxYz0123456789s3cr3tIjKlMnOpQrStUvWx012345"
+assert len(PASTED) == 64
+
+
+def test_a_secret_pasted_as_a_key_is_named_not_quoted(tmp_path: Path) -> None:
+    data = {**_minimal(**{PASTED: 1}), "binance": {PASTED: "${UNSET}"}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, environ={}, base_dir=tmp_path)
+    assert info.value.problems == [
+        "binance.AbCd...(64 characters): environment variable UNSET is not set",
+        "accounts[0].AbCd...(64 characters): unknown key (allowed: name, api_key, api_key_file,"
+        " api_secret, api_secret_file, private_key, private_key_file, private_key_passphrase,"
+        " private_key_passphrase_file, proxy, source_address)",
+    ]
+    path = tmp_path / "config.yaml"
+    path.write_text(f"{PASTED}: 1\n{PASTED}: 2\n")
+    error = _load_error(path, {})
+    assert error.problems == [
+        f"{path}:2:1: YAML syntax error: duplicate key 'AbCd...(64 characters)'"
+    ]
+    _assert_clean(str(error))
+
+
+def test_keys_are_duplicates_by_value(tmp_path: Path) -> None:
+    # `1` and `01` are the same integer key: the second would silently replace the first.
+    path = tmp_path / "config.yaml"
+    path.write_text("accounts: []\nbinance: {1: a, 01: b}\n")
+    assert _load_error(path, {}).problems == [f"{path}:2:17: YAML syntax error: duplicate key '01'"]
+
+
+def test_one_account_reports_each_problem_with_its_secrets(tmp_path: Path) -> None:
+    data = _minimal(api_key_file="k.txt", private_key="pem", private_key_passphrase_file="p")
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, environ={}, base_dir=tmp_path)
+    assert info.value.problems == [
+        "accounts[0]: both api_key and api_key_file given (give one)",
+        "accounts[0]: both an HMAC secret (api_secret/api_secret_file) and a private key"
+        " (private_key/private_key_file) given (give one)",
+    ]
+
+
+def test_numbers_from_variables_are_range_checked(tmp_path: Path) -> None:
+    data = {**_minimal(), "budget": {"share": "${S}", "ip_weight_limit_per_minute": -(10**400)}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, environ={"S": " 2 "}, base_dir=tmp_path)
+    assert info.value.problems == [
+        "budget.ip_weight_limit_per_minute: must be > 0 (got -1.00000e+400)",
+        "budget.share: must be > 0 and <= 1 (got 2)",
+    ]
+
+
+def test_the_command_line_refuses_a_budget_below_one_refresh(
+    conf_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = conf_dir / "budget_below_one_refresh.yaml"
+    assert main(["--config.file", str(path), "--check-config"], environ={}) == 2
+    assert capsys.readouterr().err == (
+        f"{path}: budget.share: the budget ip_weight_limit_per_minute x share = 30 weight/min"
+        " cannot pay for one account refresh (40 weight)\n"
+    )
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
@@ -245,7 +313,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.binance.timeout_seconds == 10
     assert config.budget.ip_weight_limit_per_minute == 6000
     assert config.budget.share == 0.25
-    assert config.budget.limits.per_minute == 1500
+    assert shard_limits(config.budget).per_minute == 1500
     assert config.budget.ip_high_water == 0.8
     assert config.budget.min_interval_seconds == 10
     assert config.collect.account_info is True
@@ -362,6 +430,38 @@ def test_interpolation_forms(tmp_path: Path) -> None:
     assert account.api_key.get_secret_value() == "k-1"
     assert account.api_secret is not None
     assert account.api_secret.get_secret_value() == "${KEY}s-1"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("${UNSET:-${KEY}}", "k-1"),
+        ("${KEY:-${UNSET}}", "k-1"),  # a default not used needs no variable
+        ("${EMPTY:-${UNSET:-x}}-y", "x-y"),
+        ("a${UNSET:-b${UNSET:-c}d}e", "abcde"),
+    ],
+)
+def test_nested_defaults(tmp_path: Path, text: str, expected: str) -> None:
+    environ = {"KEY": "k-1", "EMPTY": ""}
+    config = parse_config(_minimal(api_secret=text), environ=environ, base_dir=tmp_path)
+    secret = config.accounts[0].api_secret
+    assert secret is not None
+    assert secret.get_secret_value() == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("${UNSET:-${ALSO_UNSET}}", "environment variable ALSO_UNSET is not set"),
+        ("${UNSET:-${KEY}", "malformed ${...} reference"),
+        ("${A:-" * 9 + "x" + "}" * 9, "${...} defaults nested more than 8 deep"),
+    ],
+)
+def test_nested_defaults_that_fail(tmp_path: Path, text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(_minimal(api_secret=text), environ={"KEY": "k"}, base_dir=tmp_path)
+    (line,) = info.value.problems
+    assert line.startswith(f"accounts[0].api_secret: {problem}")
 
 
 def test_keys_are_not_interpolated(tmp_path: Path) -> None:
@@ -660,3 +760,35 @@ def test_mutated_configs_give_config_error_only(document: dict[str, Any]) -> Non
             assert secret not in summarize(config)
             assert secret not in repr(config)
             assert secret not in config.model_dump_json()
+
+
+# ---- the config is plain data -------------------------------------------------
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_config_package_imports_no_running_part() -> None:
+    package = HERE.parent / "exporter" / "config"
+    for path in package.glob("*.py"):
+        for name in _imported_modules(path):
+            assert not name.startswith(
+                ("exporter.budget", "exporter.binance", "exporter.poller", "httpx")
+            ), f"{path.name} imports {name}"
+
+
+def test_weights_and_budget_need_only_the_standard_library() -> None:
+    # The --check-config summary and the config checks read them without the HTTP client.
+    for module in ("weights", "budget"):
+        path = HERE.parent / "exporter" / f"{module}.py"
+        for name in _imported_modules(path):
+            top = name.split(".")[0]
+            assert top in sys.stdlib_module_names or name == "exporter.weights", (module, name)

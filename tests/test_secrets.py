@@ -32,8 +32,9 @@ from exporter.app import Exporter
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import make_signer
-from exporter.config import Config, ConfigError, load_config, summarize
+from exporter.config import Config, ConfigError, load_config
 from exporter.simulator import SimAccount, Simulator
+from exporter.summary import summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 BALANCE = "/papi/v1/balance"

@@ -602,12 +602,12 @@ def test_headers_are_exposed_and_sent(
 
 BAD_CONFIGS: list[tuple[str, str, str]] = [
     # (id, YAML with {pki} and {hash} placeholders, the field the one-line error must name)
-    ("unknown-top-level", "tls_config: {{}}\n", "tls_config: unknown field"),
+    ("unknown-top-level", "tls_config: {{}}\n", "tls_config: unknown key"),
     (
         "unknown-tls-key",
         "tls_server_config:\n  cert_file: {pki}/server.crt\n  key_file: {pki}/server.key\n"
         "  certfile: x\n",
-        "tls_server_config.certfile: unknown field",
+        "tls_server_config.certfile: unknown key (did you mean cert_file?)",
     ),
     ("no-cert-file", "tls_server_config:\n  key_file: {pki}/server.key\n", "cert_file"),
     ("no-key-file", "tls_server_config:\n  cert_file: {pki}/server.crt\n", "key_file"),
@@ -749,9 +749,10 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     (
         "yaml-syntax-error-beside-a-hash",
         "basic_auth_users:\n  prometheus: '{hash}'\n  alice: [{password}\n",
-        "invalid YAML: line",
+        ":4:1: YAML syntax error:",
     ),
     ("top-level-list", "- a\n", "top level"),
+    ("hash-pasted-as-a-key", "'{hash}': 1\n", "$2b$...(60 characters): unknown key"),
     (
         "unknown-header",
         "http_server_config:\n  headers:\n    X-Powered-By: me\n",
@@ -780,11 +781,19 @@ def test_bad_config_gives_one_line_naming_the_field(
     message = str(e.value)
     assert "\n" not in message
     assert field in message
-    assert message.startswith(f"{path}: ")
+    assert message.startswith(f"{path}:")  # then LINE:COL: for YAML errors
     for secret in (HASH, HASH[:-3], HASH[7:], PASSWORD):
         assert secret not in message
     assert e.value.__cause__ is None
     assert e.value.__suppress_context__
+
+
+def test_a_password_in_place_of_a_hash_is_not_shown(tmp_path: Path) -> None:
+    path = tmp_path / "web.yml"
+    path.write_text("basic_auth_users:\n  prometheus: 271828182845\n")
+    with pytest.raises(WebConfigError) as e:
+        load_web_config(path)
+    assert str(e.value) == f"{path}: basic_auth_users.prometheus: must be a string (got a number)"
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -32,9 +32,6 @@ BALANCE_PATH = "/papi/v1/balance"
 ACCOUNT_PATH = "/papi/v1/account"
 TIME_PATH = "/papi/v1/time"
 
-#: request weight of each endpoint, per Binance's docs
-WEIGHTS = {"balance": 20, "account": 20, "time": 1}
-
 _USED_WEIGHT = re.compile(r"x-mbx-used-weight-(\d+)([smhd])", re.IGNORECASE)
 
 

@@ -17,7 +17,6 @@ from exporter.config.models import (
     Config,
 )
 from exporter.config.secrets import PrivateKey
-from exporter.config.summary import summarize
 
 __all__ = [
     "AccountConfig",
@@ -30,5 +29,4 @@ __all__ = [
     "PrivateKey",
     "load_config",
     "parse_config",
-    "summarize",
 ]

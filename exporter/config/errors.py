@@ -5,24 +5,35 @@ A problem is located by a path into the YAML document (``("accounts", 1,
 Pydantic's own error text is never shown as is: it can carry the input value,
 and an input value may be a secret. Validation errors are converted here into
 messages that show an input only when it is a number or a boolean in a field
-that cannot hold a secret.
+that cannot hold a secret. A key that is not a field of the schema (a typo, or a
+secret pasted where a key belongs) is shown whole only when it is short or a near
+typo of a field; otherwise by its first characters and its length.
+
+The exporter's config and the web config (``--web.config.file``) both report
+their problems through this module.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, get_args
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
 Loc = tuple[str | int, ...]
 
 # A field whose name contains one of these may hold a secret (or, for a proxy
 # URL, credentials): its input value is never described beyond its type.
-_SENSITIVE = ("key", "secret", "passphrase", "proxy", "password", "token")
-_MAX_KEY_SHOWN = 40
+_SENSITIVE = ("key", "secret", "passphrase", "proxy", "password", "token", "basic_auth")
+#: a key that is neither a field name nor a near typo of one is shown whole up to this length
+SHORT_KEY = 12
+#: ... and beyond it, only this many of its first characters
+KEY_HEAD = 4
 
 
 class ConfigError(Exception):
@@ -43,24 +54,39 @@ class Problem:
     loc: Loc
     message: str
 
-    def __str__(self) -> str:
-        return f"{format_loc(self.loc)}: {self.message}"
+    def render(self, names: Collection[str]) -> str:
+        """``<path>: <message>`` on one line; ``names`` are the schema's field names."""
+        return " ".join(f"{format_loc(self.loc, names)}: {self.message}".splitlines())
 
 
-def format_loc(loc: Loc) -> str:
+def format_loc(loc: Loc, names: Collection[str]) -> str:
     """``("accounts", 1, "name")`` -> ``accounts[1].name``; ``()`` -> ``(top level)``."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{_shorten(part)}" if out else _shorten(part)
+            out += f".{shown_key(part, names)}" if out else shown_key(part, names)
     return out or "(top level)"
 
 
-def format_problems(problems: Iterable[Problem]) -> list[str]:
-    """Render problems as lines, each a single line (newlines folded)."""
-    return [" ".join(str(p).splitlines()) for p in problems]
+def shown_key(key: str, names: Collection[str]) -> str:
+    """A mapping key as a message may show it.
+
+    A field name, a near typo of one, or a short key is shown whole; any other key
+    (perhaps a secret pasted where a key belongs) only by its first characters and
+    its length.
+    """
+    key = " ".join(key.split())
+    if key in names or len(key) <= SHORT_KEY or difflib.get_close_matches(key, names, n=1):
+        return key
+    return f"{key[:KEY_HEAD]}...({len(key)} characters)"
+
+
+def format_problems(problems: Iterable[Problem], names: Collection[str]) -> list[str]:
+    """Render problems as lines, each a single line (newlines folded); ``names`` are the
+    schema's field names, shown whole in a path."""
+    return [p.render(names) for p in problems]
 
 
 def is_sensitive(loc: Loc) -> bool:
@@ -91,63 +117,147 @@ def describe_input(value: object, *, sensitive: bool) -> str:
     return f"a {type(value).__name__} value"
 
 
-def problems_from_validation(
-    error: ValidationError, prefix: Loc = (), known_keys: dict[Loc, Sequence[str]] | None = None
-) -> list[Problem]:
-    """Convert a pydantic ``ValidationError`` into clean problems.
+# ---- the schema, read from the models ----------------------------------------
 
-    ``known_keys`` maps a mapping's location (without ``prefix``) to its allowed
-    keys, so that an unknown key gets a "did you mean" hint.
+
+def schema_keys(model: type[BaseModel]) -> dict[Loc, tuple[str, ...]]:
+    """The keys each mapping of a model tree allows, by location (``()``: the model's own)."""
+    keys: dict[Loc, tuple[str, ...]] = {}
+
+    def walk(node: type[BaseModel], loc: Loc) -> None:
+        keys[loc] = tuple(node.model_fields)
+        for name, field in node.model_fields.items():
+            for child in _models_in(field.annotation):
+                walk(child, (*loc, name))
+
+    walk(model, ())
+    return keys
+
+
+def field_names(*models: type[BaseModel]) -> frozenset[str]:
+    """Every field name in the model trees: keys a message may show whole."""
+    return frozenset(
+        name for model in models for names in schema_keys(model).values() for name in names
+    )
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in get_args(annotation) for model in _models_in(arg)]
+
+
+def _field_at(model: type[BaseModel], loc: Loc) -> FieldInfo | None:
+    field = None
+    models = [model]
+    for part in loc:
+        fields = [m.model_fields.get(part) for m in models] if isinstance(part, str) else []
+        field = next((f for f in fields if f is not None), None)
+        if field is None:
+            return None
+        models = _models_in(field.annotation)
+    return field
+
+
+# ---- pydantic's errors as problems -------------------------------------------
+
+
+def problems_from_validation(
+    error: ValidationError, model: type[BaseModel], prefix: Loc = ()
+) -> list[Problem]:
+    """Convert a pydantic ``ValidationError`` of ``model`` into clean problems.
+
+    The model tree gives an unknown key its "did you mean" hint and a bound its
+    whole range.
     """
+    keys = schema_keys(model)
     problems = []
     for detail in error.errors(include_url=False, include_input=True, include_context=True):
         loc = _clean_loc(detail["loc"])
-        problems.append(
-            Problem(prefix + loc, _message(detail, prefix + loc, known_keys or {}, loc))
-        )
+        message = _message(detail, prefix + loc, keys.get(loc[:-1], ()), model, loc)
+        problems.append(Problem(prefix + loc, message))
     return problems
 
 
 def _clean_loc(loc: tuple[int | str, ...]) -> Loc:
     # Pydantic adds the validator's name for function validators and union
-    # members (e.g. "function-after[...]"); those are not places in the YAML.
+    # members (e.g. "function-after[...]", "[key]"); those are not places in the YAML.
     return tuple(
         part for part in loc if not (isinstance(part, str) and "[" in part and "]" in part)
     )
 
 
+_SIMPLE = {
+    "missing": "required",
+    "string_type": "must be a string (got {got})",
+    "int_type": "must be an integer (got {got})",
+    "int_parsing": "must be an integer (got {got})",
+    "int_from_float": "must be an integer (got {got})",
+    "float_type": "must be a number (got {got})",
+    "float_parsing": "must be a number (got {got})",
+    "finite_number": "must be a finite number",
+    "bool_type": "must be true or false (got {got})",
+    "bool_parsing": "must be true or false (got {got})",
+    "list_type": "must be a list (got {got})",
+    "dict_type": "must be a mapping (got {got})",
+    "model_type": "must be a mapping (got {got})",
+    "model_attributes_type": "must be a mapping (got {got})",
+    "invalid_key": "mapping keys must be strings",
+    "string_too_short": "must not be empty",
+}
+#: the bounds Field(gt=..., ...) puts in a field's metadata, in the order a message names them
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+
+
 def _message(
-    detail: ErrorDetails, loc: Loc, known_keys: dict[Loc, Sequence[str]], local_loc: Loc
+    detail: ErrorDetails,
+    loc: Loc,
+    allowed: Sequence[str],
+    model: type[BaseModel],
+    local_loc: Loc,
 ) -> str:
     kind = detail["type"]
-    got = describe_input(detail.get("input"), sensitive=is_sensitive(loc))
-    simple = {
-        "missing": "required",
-        "string_type": f"must be a string (got {got})",
-        "int_type": f"must be an integer (got {got})",
-        "int_parsing": f"must be an integer (got {got})",
-        "int_from_float": f"must be an integer (got {got})",
-        "float_type": f"must be a number (got {got})",
-        "float_parsing": f"must be a number (got {got})",
-        "finite_number": "must be a finite number",
-        "bool_type": f"must be true or false (got {got})",
-        "bool_parsing": f"must be true or false (got {got})",
-        "list_type": f"must be a list (got {got})",
-        "dict_type": f"must be a mapping (got {got})",
-        "model_type": f"must be a mapping (got {got})",
-        "model_attributes_type": f"must be a mapping (got {got})",
-        "invalid_key": "mapping keys must be strings",
-        "string_too_short": "must not be empty",
-    }
-    if kind in simple:
-        return simple[kind]
+    value = detail.get("input")
+    if kind in _SIMPLE:
+        return _SIMPLE[kind].format(got=describe_input(value, sensitive=is_sensitive(loc)))
     if kind == "extra_forbidden":
-        return _unknown_key(loc, known_keys.get(local_loc[:-1], ()))
+        return _unknown_key(loc, allowed)
     if kind == "too_short":
         return f"must have at least {detail.get('ctx', {}).get('min_length', 1)} item(s)"
+    if kind == "literal_error":
+        return f"must be one of {detail.get('ctx', {}).get('expected', '')}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return _out_of_range(_field_at(model, local_loc), value)
     # Our own PydanticCustomError messages are written to be safe; pydantic's
     # built-in `msg` never contains the input value.
     return detail["msg"]
+
+
+def _out_of_range(field: FieldInfo | None, value: object) -> str:
+    """``must be > 0 and <= 1 (got 2)``: the field's whole range, and the number given."""
+    metadata = field.metadata if field is not None else []
+    bounds = [
+        f"{symbol} {_number(getattr(m, attribute))}"
+        for attribute, symbol in _BOUNDS
+        for m in metadata
+        if getattr(m, attribute, None) is not None
+    ]
+    return f"must be {' and '.join(bounds) or 'in range'} (got {_number(value)})"
+
+
+def _number(value: object) -> str:
+    # Only for numeric fields, which never hold a secret; a string input parsed as a number.
+    if isinstance(value, str):
+        try:
+            value = Decimal(value.strip())
+        except ArithmeticError:
+            return "a number"
+    if isinstance(value, int | float | Decimal):
+        try:
+            return f"{float(value):g}"
+        except OverflowError:
+            return f"{Decimal(value):.6g}"
+    return "a number"
 
 
 def _unknown_key(loc: Loc, allowed: Sequence[str]) -> str:
@@ -157,8 +267,3 @@ def _unknown_key(loc: Loc, allowed: Sequence[str]) -> str:
         close = difflib.get_close_matches(key, allowed, n=1)
         hint = f" (did you mean {close[0]}?)" if close else f" (allowed: {', '.join(allowed)})"
     return f"unknown key{hint}"
-
-
-def _shorten(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_KEY_SHOWN else text[: _MAX_KEY_SHOWN - 3] + "..."

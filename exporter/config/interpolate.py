@@ -2,7 +2,9 @@
 
 Forms:
   ``${NAME}``            the variable's value; an undefined variable is a problem
-  ``${NAME:-default}``   the value, or ``default`` when undefined or empty
+  ``${NAME:-default}``   the value, or ``default`` when undefined or empty; the
+                         default may itself hold references (``${A:-${B}}``), which
+                         are read only when the default is used
   ``$${``                a literal ``${``
 Mapping keys are never interpolated. A value that fails is replaced by ``""``
 and its location reported, so that later checks can skip it. Problems name the
@@ -16,8 +18,10 @@ from collections.abc import Mapping
 
 from exporter.config.errors import Loc, Problem
 
-_TOKEN = re.compile(r"\$\$\{|\$\{(?P<body>[^}]*)\}|\$\{")
-_BODY = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>.*))?", re.DOTALL)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: defaults nest at most this deep (``${A:-${B:-...}}``)
+MAX_NESTING = 8
+_MALFORMED = "malformed ${...} reference (write ${NAME} or ${NAME:-default}; $${ for a literal ${)"
 
 
 class _Failure(Exception):
@@ -71,26 +75,55 @@ def substitute(text: str, environ: Mapping[str, str]) -> str:
     """Substitute the variables in one string; raise ``_Failure`` on a bad one."""
     if "${" not in text:
         return text
+    value, _ = _scan(text, 0, environ, depth=0, used=True)
+    return value
 
-    def replace(match: re.Match[str]) -> str:
-        if match.group(0) == "$${":
-            return "${"
-        body = match.group("body")
-        parsed = _BODY.fullmatch(body) if body is not None else None
-        if parsed is None:
-            raise _Failure(
-                "malformed ${...} reference (write ${NAME} or ${NAME:-default}; "
-                "$${ for a literal ${)"
-            )
-        name, default = parsed.group("name"), parsed.group("default")
-        value = environ.get(name)
-        if default is not None:
-            return value if value else default
-        if value is None:
+
+def _scan(
+    text: str, start: int, environ: Mapping[str, str], *, depth: int, used: bool
+) -> tuple[str, int]:
+    """Substitute from ``start`` to the end of ``text`` or, in a default (``depth`` > 0),
+    to the ``}`` that closes it; return the result and where the scan stopped. A default
+    that is not ``used`` is only parsed: its variables need not be set."""
+    if depth > MAX_NESTING:
+        raise _Failure(f"${{...}} defaults nested more than {MAX_NESTING} deep")
+    in_default = depth > 0
+    out: list[str] = []
+    i = start
+    while i < len(text):
+        if text.startswith("$${", i):
+            out.append("${")
+            i += 3
+        elif text.startswith("${", i):
+            value, i = _reference(text, i + 2, environ, depth=depth, used=used)
+            out.append(value)
+        elif in_default and text[i] == "}":
+            return "".join(out), i
+        else:
+            out.append(text[i])
+            i += 1
+    if in_default:
+        raise _Failure(_MALFORMED)
+    return "".join(out), i
+
+
+def _reference(
+    text: str, start: int, environ: Mapping[str, str], *, depth: int, used: bool
+) -> tuple[str, int]:
+    """The value of the reference whose name starts at ``start``, and the index after it."""
+    match = _NAME.match(text, start)
+    if match is None:
+        raise _Failure(_MALFORMED)
+    name, i = match.group(), match.end()
+    value = environ.get(name)
+    if text.startswith("}", i):
+        if value is None and used:
             raise _Failure(f"environment variable {name} is not set")
-        return value
-
-    return _TOKEN.sub(replace, text)
+        return value or "", i + 1
+    if text.startswith(":-", i):
+        default, i = _scan(text, i + 2, environ, depth=depth + 1, used=used and not value)
+        return value or default, i + 1
+    raise _Failure(_MALFORMED)
 
 
 def _loc_part(key: object) -> str | int:

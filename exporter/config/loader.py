@@ -13,26 +13,17 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from exporter.budget import refresh_weight
 from exporter.config.errors import (
     ConfigError,
     Loc,
     Problem,
     describe_input,
+    field_names,
     format_problems,
     problems_from_validation,
 )
 from exporter.config.interpolate import interpolate
-from exporter.config.models import (
-    AccountConfig,
-    AccountInput,
-    AssetFilter,
-    BinanceSettings,
-    BudgetSettings,
-    CollectSettings,
-    Config,
-    ConfigInput,
-)
+from exporter.config.models import AccountConfig, AccountInput, Config, ConfigInput
 from exporter.config.secrets import (
     PrivateKey,
     SecretSourceError,
@@ -43,15 +34,8 @@ from exporter.config.secrets import (
 )
 from exporter.config.yamlfile import YamlError, parse_yaml
 
-# Allowed keys per mapping, for "did you mean" hints on unknown keys.
-_KNOWN_KEYS: dict[Loc, list[str]] = {
-    (): list(ConfigInput.model_fields),
-    ("binance",): list(BinanceSettings.model_fields),
-    ("budget",): list(BudgetSettings.model_fields),
-    ("collect",): list(CollectSettings.model_fields),
-    ("collect", "assets"): list(AssetFilter.model_fields),
-}
-_ACCOUNT_KEYS: dict[Loc, list[str]] = {(): list(AccountInput.model_fields)}
+#: the keys a message may show whole (any other key may be a secret pasted as a key)
+_FIELD_NAMES = field_names(ConfigInput, AccountInput)
 
 
 def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
@@ -69,9 +53,9 @@ def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
     except ValueError:
         raise ConfigError([f"{shown}: invalid config file path"]) from None
     try:
-        data = parse_yaml(raw)
+        data = parse_yaml(raw, _FIELD_NAMES)
     except YamlError as exc:
-        raise ConfigError([f"{shown}:{exc.where}: YAML syntax error: {exc.problem}"]) from None
+        raise ConfigError([f"{shown}:{exc}"]) from None
     base_dir = Path(os.path.abspath(path)).parent
     return parse_config(data, environ=environ, base_dir=base_dir)
 
@@ -86,7 +70,7 @@ def parse_config(data: object, *, environ: Mapping[str, str], base_dir: Path) ->
     assert isinstance(interpolated, dict)
     checked: list[Problem] = []
 
-    top = _validate(ConfigInput, interpolated, (), _KNOWN_KEYS, checked)
+    top = _validate(ConfigInput, interpolated, (), checked)
     raw_accounts = interpolated.get("accounts")
     accounts: list[AccountConfig] = []
     if "accounts" not in interpolated:
@@ -98,50 +82,20 @@ def parse_config(data: object, *, environ: Mapping[str, str], base_dir: Path) ->
         accounts = _accounts(raw_accounts, base_dir, checked)
 
     # A value whose ${VAR} failed was replaced by "": its own problems are noise.
-    if top is not None:
-        checked += _budget_fits(top)
     problems += [p for p in checked if not _under_any(p.loc, failed)]
     if problems or top is None:
-        raise ConfigError(format_problems(problems))
+        raise ConfigError(format_problems(problems, _FIELD_NAMES))
     return Config(binance=top.binance, budget=top.budget, collect=top.collect, accounts=accounts)
-
-
-def _budget_fits(top: ConfigInput) -> list[Problem]:
-    """B must pay for at least one whole account refresh a minute."""
-    per_minute = top.budget.limits.per_minute
-    weight = refresh_weight(top.collect.account_info)
-    if per_minute >= weight:
-        return []
-    return [
-        Problem(
-            ("budget", "share"),
-            f"the budget ip_weight_limit_per_minute x share = {per_minute:g} weight/min "
-            f"cannot pay for one account refresh ({weight} weight)",
-        )
-    ]
 
 
 def _accounts(
     raw_accounts: list[Any], base_dir: Path, problems: list[Problem]
 ) -> list[AccountConfig]:
     accounts = []
-    first_index: dict[str, int] = {}
     for index, raw in enumerate(raw_accounts):
         loc: Loc = ("accounts", index)
-        given = _validate(AccountInput, raw, loc, _ACCOUNT_KEYS, problems)
-        if given is None:
-            continue
-        if given.name in first_index:
-            problems.append(
-                Problem(
-                    (*loc, "name"),
-                    f"duplicate account name {given.name!r} "
-                    f"(also accounts[{first_index[given.name]}])",
-                )
-            )
-            continue
-        first_index[given.name] = index
-        account = _resolve_account(given, loc, base_dir, problems)
+        given = _validate(AccountInput, raw, loc, problems)
+        account = None if given is None else _resolve_account(given, loc, base_dir, problems)
         if account is not None:
             accounts.append(account)
     return accounts
@@ -150,17 +104,11 @@ def _accounts(
 _M = TypeVar("_M", bound=BaseModel)
 
 
-def _validate(
-    model: type[_M],
-    data: object,
-    loc: Loc,
-    known_keys: dict[Loc, list[str]],
-    problems: list[Problem],
-) -> _M | None:
+def _validate(model: type[_M], data: object, loc: Loc, problems: list[Problem]) -> _M | None:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems.extend(problems_from_validation(exc, loc, dict(known_keys)))
+        problems.extend(problems_from_validation(exc, model, loc))
         return None
 
 
@@ -174,56 +122,25 @@ def _under_any(loc: Loc, prefixes: set[Loc]) -> bool:
 def _resolve_account(
     given: AccountInput, loc: Loc, base_dir: Path, problems: list[Problem]
 ) -> AccountConfig | None:
-    """Check which secrets were given, read the files, load the key.
-
-    Returns ``None`` (with the problems appended) when anything fails.
-    """
+    """Read the secret files and load the key; ``AccountInput`` has checked which
+    secrets were given. Returns ``None`` (with the problems appended) when anything fails."""
     reader = _SecretReader(given, loc, base_dir, problems)
     before = len(problems)
-    key_given, key_field = reader.pick("api_key", "api_key_file")
-    hmac_given, secret_field = reader.pick("api_secret", "api_secret_file")
-    pem_given, pem_field = reader.pick("private_key", "private_key_file")
-    pass_given, pass_field = reader.pick("private_key_passphrase", "private_key_passphrase_file")
-
-    if not key_given:
-        problems.append(Problem(loc, "missing api_key (give api_key or api_key_file)"))
-    if hmac_given and pem_given:
-        problems.append(
-            Problem(
-                loc,
-                "both an HMAC secret (api_secret/api_secret_file) and a private key "
-                "(private_key/private_key_file) given (give one)",
-            )
-        )
-    elif not hmac_given and not pem_given:
-        problems.append(
-            Problem(
-                loc,
-                "missing secret: give api_secret or api_secret_file (HMAC), "
-                "or private_key or private_key_file (RSA or Ed25519)",
-            )
-        )
-    if pass_given and not pem_given:
-        problems.append(
-            Problem(
-                (*loc, pass_field or "private_key_passphrase"),
-                "only valid with private_key or private_key_file",
-            )
-        )
-
-    api_key = reader.text(key_field, strip_all=True) if key_field else None
+    api_key = reader.text(reader.pick("api_key"), strip_all=True)
     if api_key is not None and not _is_header_safe(api_key):
-        problems.append(Problem((*loc, str(key_field)), "must be printable ASCII without spaces"))
-    api_secret = None
-    if secret_field and not pem_given:
-        api_secret = reader.text(secret_field, strip_all=True)
-    passphrase = None
-    if pass_field and pem_given:
-        passphrase = reader.text(pass_field, strip_all=False)
-    private_key = None
-    if pem_field and not hmac_given and (passphrase is not None or not pass_given):
-        private_key = reader.private_key(pem_field, passphrase)
-
+        problems.append(
+            Problem((*loc, reader.pick("api_key")), "must be printable ASCII without spaces")
+        )
+    api_secret = private_key = None
+    if given.given("api_secret") or given.given("api_secret_file"):
+        api_secret = reader.text(reader.pick("api_secret"), strip_all=True)
+    else:
+        passphrase = None
+        if given.given("private_key_passphrase") or given.given("private_key_passphrase_file"):
+            passphrase = reader.text(reader.pick("private_key_passphrase"), strip_all=False)
+            if passphrase is None:
+                return None
+        private_key = reader.private_key(reader.pick("private_key"), passphrase)
     if len(problems) > before or api_key is None:
         return None
     return AccountConfig(
@@ -251,16 +168,9 @@ class _SecretReader:
         value: str | None = getattr(self._given, field)
         return value
 
-    def pick(self, inline: str, from_file: str) -> tuple[bool, str | None]:
-        """``(either given, the field to use)``; both given is a problem and no field."""
-        has_inline = self._value(inline) is not None
-        has_file = self._value(from_file) is not None
-        if has_inline and has_file:
-            self._problems.append(
-                Problem(self._loc, f"both {inline} and {from_file} given (give one)")
-            )
-            return True, None
-        return has_inline or has_file, inline if has_inline else from_file if has_file else None
+    def pick(self, inline: str) -> str:
+        """The field that gives this secret: ``inline`` or ``inline + "_file"``."""
+        return inline if self._given.given(inline) else f"{inline}_file"
 
     def text(self, field: str, *, strip_all: bool) -> str | None:
         """A secret's text: the inline value, or the file's content."""

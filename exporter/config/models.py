@@ -8,9 +8,8 @@ the loader turns it into an ``AccountConfig`` holding the loaded secrets.
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeGuard
 from urllib.parse import SplitResult, urlsplit
 
 from pydantic import (
@@ -20,12 +19,13 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    ValidationError,
     field_serializer,
+    field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from exporter.budget import BudgetLimits
 from exporter.config.secrets import PrivateKey, key_type
 
 DEFAULT_BASE_URL = "https://papi.binance.com"
@@ -43,40 +43,14 @@ def _problem(message: str, **values: Any) -> PydanticCustomError:
 
 
 def _not_bool(value: object) -> object:
-    # Pydantic would read `true` as 1 in a number field; a typo should fail.
+    # Pydantic's lax mode reads `true` as 1 in a number field, and strict mode would
+    # also refuse "${VAR}" numbers (strings): a typo should fail, a variable should not.
     if isinstance(value, bool):
         raise _problem("must be a number (got {got})", got=str(value).lower())
     return value
 
 
-def _range(
-    *, gt: float | None = None, ge: float | None = None, le: float | None = None
-) -> AfterValidator:
-    bounds = []
-    if gt is not None:
-        bounds.append(f"> {gt:g}")
-    if ge is not None:
-        bounds.append(f">= {ge:g}")
-    if le is not None:
-        bounds.append(f"<= {le:g}")
-    text = "must be " + " and ".join(bounds)
-
-    def check(value: float) -> float:
-        ok = (
-            math.isfinite(value)
-            and (gt is None or value > gt)
-            and (ge is None or value >= ge)
-            and (le is None or value <= le)
-        )
-        if not ok:
-            raise _problem(text + " (got {got})", got=f"{value:g}")
-        return value
-
-    return AfterValidator(check)
-
-
 _NotBool = BeforeValidator(_not_bool)
-_Finite = Field(allow_inf_nan=False)
 
 
 def _none_as_empty(value: object) -> object:
@@ -157,6 +131,13 @@ def proxy_without_credentials(proxy: str) -> str:
     return f"{parts.scheme}://{host}{port}"
 
 
+def _is_name(value: object) -> TypeGuard[str]:
+    try:
+        return isinstance(value, str) and _check_name(value) == value
+    except PydanticCustomError:
+        return False
+
+
 BaseUrl = Annotated[str, AfterValidator(_check_base_url)]
 ProxyUrl = Annotated[str, AfterValidator(_check_proxy)]
 IpAddress = Annotated[str, AfterValidator(_check_ip)]
@@ -175,22 +156,19 @@ class BinanceSettings(_Frozen):
     """Where and how to call the API."""
 
     base_url: BaseUrl = DEFAULT_BASE_URL
-    recv_window_ms: Annotated[int, _NotBool, _range(ge=1, le=60000)] = 5000
-    timeout_seconds: Annotated[float, _NotBool, _Finite, _range(gt=0, le=300)] = 10.0
+    recv_window_ms: Annotated[int, Field(ge=1, le=60000), _NotBool] = 5000
+    timeout_seconds: Annotated[float, Field(gt=0, le=300, allow_inf_nan=False), _NotBool] = 10.0
 
 
 class BudgetSettings(_Frozen):
     """The request-weight budget (see the README for the arithmetic)."""
 
-    ip_weight_limit_per_minute: Annotated[int, _NotBool, _range(gt=0)] = 6000
-    share: Annotated[float, _NotBool, _Finite, _range(gt=0, le=1)] = 0.25
-    ip_high_water: Annotated[float, _NotBool, _Finite, _range(gt=0, le=1)] = 0.8
-    min_interval_seconds: Annotated[float, _NotBool, _Finite, _range(ge=1, le=86400)] = 10.0
-
-    @property
-    def limits(self) -> BudgetLimits:
-        """The budget's figures; `limits.per_minute` is B = limit x share."""
-        return BudgetLimits(self.ip_weight_limit_per_minute, self.share, self.ip_high_water)
+    ip_weight_limit_per_minute: Annotated[int, Field(gt=0), _NotBool] = 6000
+    share: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False), _NotBool] = 0.25
+    ip_high_water: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False), _NotBool] = 0.8
+    min_interval_seconds: Annotated[float, Field(ge=1, le=86400, allow_inf_nan=False), _NotBool] = (
+        10.0
+    )
 
 
 class AssetFilter(_Frozen):
@@ -235,8 +213,8 @@ class CollectSettings(_Frozen):
 class AccountInput(_Frozen):
     """One account as written in YAML: inline values or ``*_file`` paths.
 
-    Only the shape is checked here; the loader reads the files, checks which
-    secrets were given and loads the key.
+    The shape and which secrets were given are checked here; the loader reads
+    the files and loads the key.
     """
 
     name: AccountName
@@ -250,6 +228,48 @@ class AccountInput(_Frozen):
     private_key_passphrase_file: str | None = None
     proxy: ProxyUrl | None = None
     source_address: IpAddress | None = None
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> AccountInput:
+        """One API key; one HMAC secret or one private key; a passphrase only with a key."""
+        problems: list[InitErrorDetails] = []
+
+        def problem(message: str, *loc: str) -> None:
+            problems.append(InitErrorDetails(type=_problem(message), loc=loc, input=None))
+
+        def one_of(inline: str, from_file: str) -> bool:
+            has_inline, has_file = self.given(inline), self.given(from_file)
+            if has_inline and has_file:
+                problem(f"both {inline} and {from_file} given (give one)")
+            return has_inline or has_file
+
+        key = one_of("api_key", "api_key_file")
+        hmac = one_of("api_secret", "api_secret_file")
+        pem = one_of("private_key", "private_key_file")
+        passphrase = one_of("private_key_passphrase", "private_key_passphrase_file")
+        if not key:
+            problem("missing api_key (give api_key or api_key_file)")
+        if hmac and pem:
+            problem(
+                "both an HMAC secret (api_secret/api_secret_file) and a private key "
+                "(private_key/private_key_file) given (give one)"
+            )
+        elif not hmac and not pem:
+            problem(
+                "missing secret: give api_secret or api_secret_file (HMAC), "
+                "or private_key or private_key_file (RSA or Ed25519)"
+            )
+        if passphrase and not pem:
+            inline = self.given("private_key_passphrase")
+            field = "private_key_passphrase" if inline else "private_key_passphrase_file"
+            problem("only valid with private_key or private_key_file", field)
+        if problems:
+            raise ValidationError.from_exception_data(type(self).__name__, problems)
+        return self
+
+    def given(self, field: str) -> bool:
+        """Whether the YAML gave this field."""
+        return getattr(self, field) is not None
 
 
 class AccountConfig(_Frozen):
@@ -268,12 +288,6 @@ class AccountConfig(_Frozen):
     private_key: PrivateKey | None = Field(default=None, repr=False)
     proxy: ProxyUrl | None = Field(default=None, repr=False)
     source_address: IpAddress | None = None
-
-    @model_validator(mode="after")
-    def _one_secret(self) -> AccountConfig:
-        if (self.api_secret is None) == (self.private_key is None):
-            raise _problem("exactly one of api_secret and private_key is required")
-        return self
 
     @property
     def key_type(self) -> str:
@@ -318,15 +332,27 @@ class Config(_Sections):
 
     accounts: list[AccountConfig] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _unique_names(self) -> Config:
-        names = [account.name for account in self.accounts]
-        if len(set(names)) != len(names):
-            raise _problem("account names must be unique")
-        return self
-
 
 class ConfigInput(_Sections):
-    """The top level as written in YAML; accounts are checked one by one."""
+    """The top level as written in YAML; the loader checks the accounts one by one."""
 
     accounts: list[Any]
+
+    @field_validator("accounts")
+    @classmethod
+    def _unique_names(cls, accounts: list[Any]) -> list[Any]:
+        first: dict[str, int] = {}
+        problems = []
+        for index, account in enumerate(accounts):
+            name = account.get("name") if isinstance(account, dict) else None
+            if not _is_name(name):
+                continue  # the account's own check says what is wrong with it
+            if name in first:
+                message = "duplicate account name {name} (also accounts[{first}])"
+                error = _problem(message, name=repr(name), first=first[name])
+                problems.append(InitErrorDetails(type=error, loc=(index, "name"), input=None))
+            else:
+                first[name] = index
+        if problems:
+            raise ValidationError.from_exception_data(cls.__name__, problems)
+        return accounts

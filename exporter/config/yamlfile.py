@@ -1,52 +1,73 @@
 """Safe YAML parsing with errors as ``LINE:COL`` and a message that never quotes
-the document (a line of YAML may hold an inline secret)."""
+the document (a line of YAML may hold an inline secret). The exporter's config
+and the web config (``--web.config.file``) are both read with it."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import yaml
 from yaml.constructor import ConstructorError
 
+from exporter.config.errors import shown_key
+
 _MERGE_TAG = "tag:yaml.org,2002:merge"
-_MAX_KEY_SHOWN = 40
 
 
 class YamlError(Exception):
-    """A document that is not valid YAML; ``where`` is ``LINE:COL`` (1-based)."""
+    """A document that is not valid YAML; ``where`` is ``LINE:COL`` (1-based).
+
+    ``str()`` is ``LINE:COL: YAML syntax error: <problem>``: put the file's path before it.
+    """
 
     def __init__(self, where: str, problem: str) -> None:
-        super().__init__(f"{where}: {problem}")
+        super().__init__(f"{where}: YAML syntax error: {problem}")
         self.where = where
         self.problem = problem
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys in a mapping instead of keeping the last."""
+    """SafeLoader that refuses a mapping key given twice instead of keeping the last.
+
+    Keys are compared by value, as the mapping would store them (``1`` and ``01``,
+    ``true`` and ``yes`` collide), as Go's yaml.UnmarshalStrict does. Keys merged in
+    with ``<<`` may be overridden, as YAML allows.
+    """
+
+    #: the schema's field names, which a message may quote whole
+    names: Collection[str] = ()
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[tuple[str, str]] = set()
+        seen: set[object] = set()
         for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE_TAG:
-                key = (key_node.tag, key_node.value)
-                if key in seen:
-                    shown = " ".join(key_node.value.split())[:_MAX_KEY_SHOWN]
-                    raise ConstructorError(
-                        None, None, f"duplicate key {shown!r}", key_node.start_mark
-                    )
-                seen.add(key)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                continue  # a collection as a key is refused by SafeLoader itself
+            key = self.construct_object(key_node)
+            if key in seen:
+                shown = shown_key(key_node.value, self.names)
+                raise ConstructorError(None, None, f"duplicate key {shown!r}", key_node.start_mark)
+            seen.add(key)
         return super().construct_mapping(node, deep)
 
 
-def parse_yaml(raw: bytes) -> object:
-    """Parse one YAML document (UTF-8); raise ``YamlError``."""
+def parse_yaml(raw: bytes, names: Collection[str] = ()) -> object:
+    """Parse one YAML document (UTF-8); raise ``YamlError``.
+
+    ``names`` are the schema's field names: a duplicate key among them is quoted whole,
+    any other only as far as ``shown_key`` allows."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line, col = _line_col(raw[: exc.start].decode("utf-8", errors="replace"), None)
         raise YamlError(f"{line}:{col}", "not valid UTF-8") from None
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+        loader = _StrictLoader(text)
+        loader.names = names
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{mark.line + 1}:{mark.column + 1}" if mark is not None else "1:1"

@@ -1,18 +1,35 @@
-"""``--check-config`` output: what the exporter will do, without any secret."""
+"""What a config means for the weight budget: the check that the budget pays for an
+account refresh, and the ``--check-config`` summary. Never prints a secret."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from exporter.budget import refresh_interval, refresh_weight
-from exporter.config.models import Config
+from exporter.budget import refresh_interval, shard_limits
+from exporter.config import Config, ConfigError
+from exporter.shard import WHOLE, Shard
+from exporter.weights import refresh_weight
 
 
-def summarize(config: Config) -> str:
-    """A few lines: endpoint, budget arithmetic, accounts with key type and egress."""
+def check_budget(config: Config) -> None:
+    """Raise ``ConfigError`` unless B pays for at least one whole account refresh a minute."""
+    per_minute = shard_limits(config.budget).per_minute
+    weight = refresh_weight(config.collect.account_info)
+    if per_minute < weight:
+        raise ConfigError(
+            [
+                "budget.share: the budget ip_weight_limit_per_minute x share ="
+                f" {per_minute:g} weight/min cannot pay for one account refresh ({weight} weight)"
+            ]
+        )
+
+
+def summarize(config: Config, shard: Shard = WHOLE) -> str:
+    """A few lines: endpoint, budget arithmetic, accounts with key type and egress, and
+    this replica's accounts when there are several shards."""
     budget = config.budget
     weight = refresh_weight(config.collect.account_info)
-    limits = budget.limits
+    limits = shard_limits(budget)
     per_minute = limits.per_minute
     high_water = budget.ip_high_water * budget.ip_weight_limit_per_minute
     assets = config.collect.assets
@@ -40,6 +57,14 @@ def summarize(config: Config) -> str:
     lines.append(f"accounts ({len(config.accounts)}):")
     width = max(len(a.name) for a in config.accounts)
     lines += [f"  {a.name:<{width}}  {a.key_type:<7}  egress={a.egress}" for a in config.accounts]
+    if shard.total > 1:
+        names = [a.name for a in shard.select(config.accounts, lambda a: a.name)]
+        per_shard = shard_limits(budget, shard.total).per_minute
+        lines.append(
+            f"shard {shard}: budget B / {shard.total} = {per_shard:g} weight/min per "
+            f"egress IP; {len(names)} of {len(config.accounts)} accounts: "
+            + (", ".join(names) or "none")
+        )
     return "\n".join(lines)
 
 
