@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import yaml
 from faultkit import captured_logs, secret_forms
 from harness import RunningExporter, sim_config, wait_until
 
+from exporter.binance.client import BinanceClient
 from exporter.cli import main
 from exporter.route import Route
 from exporter.simulator import Simulator
@@ -306,3 +308,33 @@ def test_no_proxy_credential_in_check_config(
     out, err = capsys.readouterr()
     assert "egress=source:127.0.0.2,proxy:http://127.0.0.1:3129#" in out
     assert leaked(out + err) == []
+
+
+def test_a_route_is_a_value() -> None:
+    route = Route("http://u:pw@proxy.internal:3128", "10.0.0.2")
+    assert Route("HTTP://u:pw@Proxy.Internal:3128/", "10.0.0.2") == route
+    assert len({route, Route("http://u:pw@proxy.internal:3128", "10.0.0.2")}) == 1
+    others = [
+        Route("http://u:other@proxy.internal:3128", "10.0.0.2"),  # another password
+        Route("http://v:pw@proxy.internal:3128", "10.0.0.2"),  # another user
+        Route("http://u:pw@proxy.internal:3128"),  # no source address
+        Route("http://u:pw@proxy.internal:3129", "10.0.0.2"),
+        Route(source_address="10.0.0.2"),
+        Route(),
+    ]
+    labels = [route.label, *(other.label for other in others)]
+    assert len(set(labels)) == len(labels)
+    assert all("pw" not in label and "other" not in label for label in labels)
+    assert repr(route) == f"Route({route.label})"
+    assert Route().label == "default"
+
+
+def test_a_client_takes_a_route_or_a_transport_never_both() -> None:
+    with pytest.raises(ValueError, match="exclusive"):
+        BinanceClient(
+            base_url="http://127.0.0.1:1",
+            timeout_seconds=1,
+            recv_window_ms=5000,
+            transport=httpx.MockTransport(lambda request: httpx.Response(200)),
+            route=Route(source_address="127.0.0.2"),
+        )
