@@ -26,6 +26,7 @@ import yaml
 from faultkit import captured_logs, secret_forms
 from harness import RunningExporter, sim_config, wait_until
 
+from exporter.binance import errors
 from exporter.binance.client import BinanceClient
 from exporter.cli import main
 from exporter.route import Route
@@ -41,6 +42,7 @@ class Seen:
     user: str | None
     password: str | None
     api_key: str | None
+    method: str = "GET"
 
 
 @dataclass
@@ -71,9 +73,11 @@ class RecordingProxy:
             decoded = base64.b64decode(found["proxy-authorization"][6:]).decode()
             user, _, password = decoded.partition(":")
         client_ip = writer.get_extra_info("peername")[0]
-        self.seen.append(Seen(client_ip, user, password, found.get("x-mbx-apikey")))
+        self.seen.append(Seen(client_ip, user, password, found.get("x-mbx-apikey"), method))
         known = self.users.get(user or "")
-        if known is None or known[0] != password:
+        if method == "CONNECT":  # a tunnel (https:// origins): seen, then refused
+            writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+        elif known is None or known[0] != password:
             writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n")
             writer.write(b"Proxy-Authenticate: Basic\r\nContent-Length: 0\r\n\r\n")
         else:
@@ -327,6 +331,28 @@ def test_a_route_is_a_value() -> None:
     assert all("pw" not in label and "other" not in label for label in labels)
     assert repr(route) == f"Route({route.label})"
     assert Route().label == "default"
+
+
+def test_a_tunnel_to_an_https_origin_leaves_from_the_source_address_too() -> None:
+    # Binance is https://: httpx opens a CONNECT tunnel, another path through httpcore.
+    proxy = RecordingProxy({"user-alice-0001": (PASSWORDS["user-alice-0001"], "127.0.0.4")})
+
+    async def sync_time() -> None:
+        client = BinanceClient(
+            base_url="https://papi.binance.test",
+            timeout_seconds=5,
+            recv_window_ms=5000,
+            route=Route(proxy.url("user-alice-0001"), "127.0.0.2"),
+        )
+        with pytest.raises(errors.ConnectionFailed) as caught:
+            await client.sync_time()
+        await client.aclose()
+        assert leaked(str(caught.value)) == []
+
+    with running(proxy):
+        asyncio.run(sync_time())
+    password = PASSWORDS["user-alice-0001"]
+    assert proxy.seen == [Seen("127.0.0.2", "user-alice-0001", password, None, "CONNECT")]
 
 
 def test_a_client_takes_a_route_or_a_transport_never_both() -> None:
