@@ -28,6 +28,7 @@ from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import make_signer
 from exporter.config import parse_config
 from exporter.logs import configure_logging
+from exporter.route import Route
 from exporter.simulator import Simulator
 from exporter.simulator.demo import exporter_config, generate_account
 
@@ -51,7 +52,10 @@ def parse(text: str) -> tuple[Counter[str], dict[str, float]]:
 async def poll_on_scrape(url: str, credentials: list[Credentials]) -> int:
     """What a poll-on-scrape exporter does per scrape: every account, now. Returns failures."""
     client = BinanceClient(
-        base_url=url, timeout_seconds=10, recv_window_ms=5000, source_address="127.0.0.2"
+        base_url=url,
+        timeout_seconds=10,
+        recv_window_ms=5000,
+        route=Route(source_address="127.0.0.2"),
     )
     try:
         results = await asyncio.gather(

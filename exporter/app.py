@@ -6,7 +6,6 @@ import asyncio
 import time
 from collections.abc import Callable
 from functools import partial
-from itertools import groupby
 
 import structlog
 from prometheus_client import CollectorRegistry, disable_created_metrics
@@ -19,6 +18,7 @@ from exporter.collector import SnapshotCollector
 from exporter.config import AccountConfig, Config
 from exporter.exposition import CachedExposition
 from exporter.poller import EgressPoller, PollSettings, Target
+from exporter.route import Route
 from exporter.selfmetrics import BudgetCollector, BuildInfoCollector, Instruments
 from exporter.server import ExporterApp, MetricsServer
 from exporter.shard import WHOLE, Shard
@@ -54,30 +54,29 @@ class Exporter:
         limits = shard_limits(config.budget, shard.total)
         self.instruments = instruments = Instruments(self.live_registry)
         weight = refresh_weight(config.collect.account_info)
-        groups = [
-            (egress, list(accounts))
-            for egress, accounts in groupby(
-                sorted(self.accounts, key=lambda a: a.egress), lambda a: a.egress
-            )
-        ]
+        # One client and one budget per route, built from the route itself.
+        by_route: dict[Route, list[AccountConfig]] = {}
+        for account in self.accounts:
+            by_route.setdefault(account.route, []).append(account)
+        groups = sorted(by_route.items(), key=lambda group: group[0].label)
         settings = {
-            egress: PollSettings(
+            route: PollSettings(
                 account_info=config.collect.account_info,
                 allows_asset=config.collect.assets.allows,
                 interval=refresh_interval(
                     len(accounts), weight, limits, config.budget.min_interval_seconds
                 ),
             )
-            for egress, accounts in groups
+            for route, accounts in groups
         }
         self.store = SnapshotStore(
-            AccountSnapshot(a.name, settings[a.egress].interval)
+            AccountSnapshot(a.name, settings[a.route].interval)
             for a in sorted(self.accounts, key=lambda a: a.name)
         )
         self.budgets: list[WeightBudget] = []
         self.pollers: list[EgressPoller] = []
-        for egress, accounts in groups:
-            budget = WeightBudget(egress, limits, clock=clock)
+        for route, accounts in groups:
+            budget = WeightBudget(route.label, limits, clock=clock)
             self.budgets.append(budget)
             self.pollers.append(
                 EgressPoller(
@@ -88,13 +87,12 @@ class Exporter:
                         timeout_seconds=config.binance.timeout_seconds,
                         recv_window_ms=config.binance.recv_window_ms,
                         clock=clock,
-                        proxy=accounts[0].proxy,
-                        source_address=accounts[0].source_address,
+                        route=route,
                     ),
                     budget=budget,
                     store=self.store,
                     instruments=instruments,
-                    settings=settings[egress],
+                    settings=settings[route],
                     clock=clock,
                 )
             )

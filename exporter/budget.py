@@ -5,8 +5,8 @@ The exporter may spend `limit * share` per minute. Requests are paced evenly
 (a reservation of `w` weight moves the earliest next start by `w / rate`), and a
 sliding log guarantees that no 60 s window ever holds more than the budget, even
 with the network's jitter between our clock and Binance's. When a response
-shows the IP near its limit, or Binance answers 429 or 418, every request on the
-IP waits until the pause ends.
+shows the IP near its limit, or Binance answers 429, 418 or 403 (its firewall),
+every request on the IP waits until the pause ends.
 """
 
 from __future__ import annotations
@@ -144,10 +144,17 @@ class WeightBudget:
         if used >= self.settings.high_water * self.settings.limit_per_minute:
             self.pause(next_minute(now, clock_offset), "high_water")
 
-    def rate_limited(self, retry_after: float | None, now: float, clock_offset: float) -> None:
-        """HTTP 429: until Retry-After, else the next minute boundary."""
+    def rate_limited(
+        self,
+        retry_after: float | None,
+        now: float,
+        clock_offset: float,
+        reason: str = "rate_limited",
+    ) -> None:
+        """HTTP 429, or 403 from the WAF (`reason` "waf_blocked"): until Retry-After, else
+        the next minute boundary."""
         until = now + retry_after if retry_after is not None else next_minute(now, clock_offset)
-        self.pause(min(until, now + MAX_PAUSE_SECONDS), "rate_limited")
+        self.pause(min(until, now + MAX_PAUSE_SECONDS), reason)
 
     def banned(
         self,

@@ -154,10 +154,10 @@ class EgressPoller:
         previous = self._store.get(name)
         current = previous
         try:
-            balances = await self._call(self._client.balance, account)
+            balances = await self._call(self._client.balance, "balance", account)
             current = replace(current, balances=self._merge(previous, balances))
             if self._settings.account_info:
-                info: AccountInfo = await self._call(self._client.account, account)
+                info: AccountInfo = await self._call(self._client.account, "account", account)
                 current = replace(current, info=info)
         except asyncio.CancelledError:
             raise
@@ -180,8 +180,10 @@ class EgressPoller:
             account.in_flight = False
             self._store.replace(current)
 
-    async def _call(self, fetch: Callable[[Credentials], Awaitable[T]], account: _Account) -> T:
-        """One request; after a -1021, resync the clock and try once more."""
+    async def _call(
+        self, fetch: Callable[[Credentials], Awaitable[T]], endpoint: str, account: _Account
+    ) -> T:
+        """One request to `endpoint`; after a -1021, resync the clock and try once more."""
         # The refresh reserved its weight before its first request; a pause that began
         # since (a 429 or 418 on another account) holds its later requests too.
         await self._budget.wait_unpaused()
@@ -191,7 +193,7 @@ class EgressPoller:
             log.info("timestamp_rejected")
             await self._budget.acquire(WEIGHTS["time"])
             await self._client.sync_time()
-            await self._budget.acquire(WEIGHTS["balance"])
+            await self._budget.acquire(WEIGHTS[endpoint])
             return await fetch(account.target.credentials)
 
     def _merge(self, previous: AccountSnapshot, parsed: ParsedBalances) -> tuple[AssetBalance, ...]:
@@ -228,8 +230,8 @@ class EgressPoller:
         now, offset = self._clock(), self._client.clock_offset
         if isinstance(exc, errors.IpBanned):
             self._budget.banned(exc.retry_after, exc.banned_until, now, offset)
-        elif isinstance(exc, errors.RateLimited):
-            self._budget.rate_limited(exc.retry_after, now, offset)
+        elif isinstance(exc, errors.RateLimited):  # a 429, or a 403 of the WAF
+            self._budget.rate_limited(exc.retry_after, now, offset, reason=exc.outcome)
         else:
             return
         self._log_pause()

@@ -70,14 +70,14 @@ class BudgetCollector(Collector):
         )
         paused = GaugeMetricFamily(
             "binance_pm_paused_until_timestamp_seconds",
-            "Until when all requests on the egress IP are paused (high water, 429 or 418); "
+            "Until when all requests on the egress IP are paused (high water, 429, 418 or 403); "
             "0 when not paused.",
             labels=["egress"],
         )
         pauses = CounterMetricFamily(
             "binance_pm_pauses",
             "Pauses of all requests on the egress IP, by reason "
-            "(high_water, rate_limited, banned).",
+            "(high_water, rate_limited, banned, waf_blocked).",
             labels=["egress", "reason"],
         )
         for b in self._budgets:
@@ -87,7 +87,7 @@ class BudgetCollector(Collector):
             budget.add_metric([b.egress], b.settings.per_minute)
             limit.add_metric([b.egress], b.settings.limit_per_minute)
             paused.add_metric([b.egress], b.paused_until if b.is_paused(b.now()) else 0.0)
-            for reason in ("high_water", "rate_limited", "banned"):
+            for reason in ("high_water", "rate_limited", "banned", "waf_blocked"):
                 pauses.add_metric([b.egress, reason], b.pauses[reason])
         yield from (used, spent, budget, limit, paused, pauses)
 

@@ -45,7 +45,7 @@ def summarize(config: Config, shard: Shard = WHOLE) -> str:
         f" pause while the IP's used weight >= {_num(high_water)}"
         f" ({_num(budget.ip_high_water)} x {budget.ip_weight_limit_per_minute})",
     ]
-    for egress, count in Counter(a.egress for a in config.accounts).items():
+    for egress, count in Counter(a.route.label for a in config.accounts).items():
         by_budget = refresh_interval(count, weight, limits, 0.0)
         interval = refresh_interval(count, weight, limits, budget.min_interval_seconds)
         binding = "budget" if by_budget >= budget.min_interval_seconds else "min_interval"
@@ -56,7 +56,9 @@ def summarize(config: Config, shard: Shard = WHOLE) -> str:
         )
     lines.append(f"accounts ({len(config.accounts)}):")
     width = max(len(a.name) for a in config.accounts)
-    lines += [f"  {a.name:<{width}}  {a.key_type:<7}  egress={a.egress}" for a in config.accounts]
+    lines += [
+        f"  {a.name:<{width}}  {a.key_type:<7}  egress={a.route.label}" for a in config.accounts
+    ]
     if shard.total > 1:
         names = [a.name for a in shard.select(config.accounts, lambda a: a.name)]
         per_shard = shard_limits(budget, shard.total).per_minute

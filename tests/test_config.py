@@ -326,7 +326,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert account.api_secret.get_secret_value() == "s-1"
     assert account.private_key is None
     assert account.key_type == "hmac"
-    assert account.egress == "default"
+    assert account.route.label == "default"
 
 
 def test_null_sections_mean_defaults(tmp_path: Path) -> None:
@@ -347,7 +347,7 @@ def test_values_are_normalised(tmp_path: Path) -> None:
     assert config.binance.timeout_seconds == 2.5
     assert config.collect.assets.include == ["BTC", "USDT"]
     assert config.accounts[0].source_address == "2001:db8::7"
-    assert config.accounts[0].egress == "source:2001:db8::7"
+    assert config.accounts[0].route.label == "source:2001:db8::7"
 
 
 def test_config_is_frozen(tmp_path: Path) -> None:
@@ -400,7 +400,7 @@ def test_example_config_documents_every_key_and_loads(tmp_path: Path) -> None:
     assert config.budget == type(config.budget)()
     assert [a.name for a in config.accounts] == ["desk-a", "desk-b", "desk-c"]
     assert [a.key_type for a in config.accounts] == ["hmac", "ed25519", "ed25519"]
-    assert config.accounts[2].egress == "proxy:http://proxy.internal:3128"
+    assert config.accounts[2].route.label.startswith("proxy:http://proxy.internal:3128#")
     _assert_clean(summarize(config))
 
 
@@ -566,7 +566,8 @@ def test_secrets_do_not_leak_from_the_config_objects(
         json.dumps(config.model_dump(mode="json")),
         *(repr(a) for a in config.accounts),
         *(str(a) for a in config.accounts),
-        *(a.egress for a in config.accounts),
+        *(a.route.label for a in config.accounts),
+        *(repr(a.route) for a in config.accounts),
         summarize(config),
     ]
     for text in texts:
@@ -585,16 +586,22 @@ def test_secrets_do_not_leak_from_the_config_objects(
     ("proxy", "source", "egress"),
     [
         (None, None, "default"),
-        ("http://u:p@proxy.internal:3128", None, "proxy:http://proxy.internal:3128"),
-        ("socks5h://u@[2001:db8::1]:1080/", None, "proxy:socks5h://[2001:db8::1]:1080"),
-        ("https://proxy.internal", "10.0.0.2", "proxy:https://proxy.internal"),
+        # credentials: a fingerprint of them, stable across restarts; never the credentials
+        ("http://u:p@proxy.internal:3128", None, "proxy:http://proxy.internal:3128#617a0cd0"),
+        ("HTTP://u:p@Proxy.Internal:3128/", None, "proxy:http://proxy.internal:3128#617a0cd0"),
+        ("socks5h://u@[2001:db8::1]:1080/", None, "proxy:socks5h://[2001:db8::1]:1080#4634929f"),
+        # proxy and source address: the proxy is reached from the source address
+        ("https://proxy.internal", "10.0.0.2", "source:10.0.0.2,proxy:https://proxy.internal"),
         (None, "10.0.0.2", "source:10.0.0.2"),
     ],
 )
-def test_egress(tmp_path: Path, proxy: str | None, source: str | None, egress: str) -> None:
+def test_route(tmp_path: Path, proxy: str | None, source: str | None, egress: str) -> None:
     extra = {k: v for k, v in (("proxy", proxy), ("source_address", source)) if v}
     config = parse_config(_minimal(**extra), environ={}, base_dir=tmp_path)
-    assert config.accounts[0].egress == egress
+    route = config.accounts[0].route
+    assert route.label == egress
+    assert repr(route) == f"Route({egress})"
+    assert route.source_address == source
 
 
 # ---- summarize ----------------------------------------------------------------

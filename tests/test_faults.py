@@ -493,8 +493,10 @@ class ShiftedClock:
         ("rate_limit", {"retry_after": 1}, "rate_limited"),
         ("rate_limit", {}, "rate_limited"),  # until the next minute boundary
         ("ban", {}, "banned"),  # until the ban's end in the message
+        # Binance's firewall: an HTML page, about the IP, not the account
+        ("raw", {"status": 403, "body": "<html>403 Forbidden</html>"}, "waf_blocked"),
     ],
-    ids=["429-retry-after", "429-next-minute", "418-ban-end"],
+    ids=["429-retry-after", "429-next-minute", "418-ban-end", "403-next-minute"],
 )
 def test_ip_wide_pause_stops_every_account_until_it_ends(
     fault_kind: str, params: dict[str, Any], reason: str
@@ -508,14 +510,14 @@ def test_ip_wide_pause_stops_every_account_until_it_ends(
     ):
         with RunningExporter(fast_config(sim.url, entries, limit=BUDGET), clock=clock) as run:
             wait_until(run.all_up, 5, "every account up")
-            if not params and fault_kind == "rate_limit":
+            if reason in ("rate_limited", "waf_blocked") and "retry_after" not in params:
                 clock.shift += (58.0 - clock() % 60) % 60  # jump to 2 s before a minute's end
             if fault_kind == "ban":
                 params = {"until_ms": int(clock() * 1000) + 1500}
             injected = clock()
             sim.inject_fault(fault_kind, account="b", count=1, endpoint=BALANCE, **params)
             hit = wait_until(
-                lambda: [r for r in sim.requests if r.status in (418, 429)], 3, "the fault"
+                lambda: [r for r in sim.requests if r.status in (403, 418, 429)], 3, "the fault"
             )[0]
             if "retry_after" in params:
                 end = hit.time + params["retry_after"]

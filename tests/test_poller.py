@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
+from exporter import poller as poller_module
 from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import HmacSigner
 from exporter.budget import BudgetLimits, WeightBudget, refresh_interval
@@ -192,24 +193,40 @@ def test_high_water_pauses_every_request_until_the_next_minute() -> None:
     assert any(t >= START + 110 for t, _, _ in api.log)  # and polling resumes
 
 
+WAF_PAGE = b"<html><head><title>403 Forbidden</title></head><body>403 Forbidden</body></html>"
+
+
 @pytest.mark.parametrize(
-    ("response", "pause"),
+    ("response", "pause", "reason"),
     [
         (
             httpx.Response(
                 429, json={"code": -1003, "msg": "Too many"}, headers={"Retry-After": "25"}
             ),
             "25 s",
+            "rate_limited",
         ),
-        (httpx.Response(429, json={"code": -1003, "msg": "Too many"}), "next minute"),
+        (
+            httpx.Response(429, json={"code": -1003, "msg": "Too many"}),
+            "next minute",
+            "rate_limited",
+        ),
         (
             httpx.Response(418, json={"code": -1003, "msg": "IP banned until 1700000200000."}),
             "ban end",
+            "banned",
+        ),
+        # Binance's firewall: about the IP, not the account, so it pauses the IP too
+        (httpx.Response(403, content=WAF_PAGE), "next minute", "waf_blocked"),
+        (
+            httpx.Response(403, content=WAF_PAGE, headers={"Retry-After": "25"}),
+            "25 s",
+            "waf_blocked",
         ),
     ],
 )
-def test_429_and_418_stop_every_account_until_the_pause_ends(
-    response: httpx.Response, pause: str
+def test_429_418_and_403_stop_every_account_until_the_pause_ends(
+    response: httpx.Response, pause: str, reason: str
 ) -> None:
     poller, api, clock, store, budget = make_poller(4, BudgetLimits(6000, 0.25, 0.8), 10)
     api.fail["key-1"] = (response, START, START + 3)  # its first refresh, at START + 2.5
@@ -224,6 +241,7 @@ def test_429_and_418_stop_every_account_until_the_pause_ends(
     assert [t for t, _, _ in api.log if t0 < t < end] == []
     assert min(t for t, _, _ in api.log if t > t0) == pytest.approx(end, abs=0.01)
     assert all(a.up for a in store.current.accounts.values())  # recovered afterwards
+    assert budget.pauses == {reason: 1}
 
 
 def test_a_failing_account_backs_off_alone_then_recovers() -> None:
@@ -285,6 +303,38 @@ def test_timestamp_error_resyncs_the_clock_and_retries() -> None:
     run_for(poller, clock, 5)
     paths = [path.rsplit("/", 1)[1] for _, path, _ in api.log]
     assert paths[:5] == ["time", "balance", "time", "balance", "account"]
+    assert store.get("acct-0").up
+
+
+def test_a_retry_after_a_1021_reserves_the_weight_of_the_call_it_retries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(poller_module.WEIGHTS, "account", 30)  # unlike balance's 20
+    clock = VirtualTime()
+    api = FakeApi(clock)
+    rejected: list[float] = []
+
+    def account_call_rejected_once(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/account") and not rejected:
+            rejected.append(clock.now)
+            return httpx.Response(400, json={"code": -1021, "msg": "Timestamp outside"})
+        return api(request)
+
+    limits = BudgetLimits(6000, 0.25, 0.8)
+    poller, store, budget = build_poller(["acct-0"], limits, 10, clock, account_call_rejected_once)
+    acquired: list[int] = []
+    acquire = budget.acquire
+
+    async def recording(weight: int) -> None:
+        acquired.append(weight)
+        await acquire(weight)
+
+    budget.acquire = recording  # type: ignore[method-assign]
+    run_for(poller, clock, 5)
+    paths = [path.rsplit("/", 1)[1] for _, path, _ in api.log]
+    assert paths[:4] == ["time", "balance", "time", "account"]
+    # time sync, the refresh (20 + 30), the resync, then the account call again: 30
+    assert acquired[:4] == [1, 50, 1, 30]
     assert store.get("acct-0").up
 
 

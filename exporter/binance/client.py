@@ -27,6 +27,8 @@ from exporter.binance.models import (
     parse_server_time,
 )
 from exporter.binance.signing import Signer, signed_query
+from exporter.binance.transport import route_transport
+from exporter.route import DEFAULT, Route
 
 BALANCE_PATH = "/papi/v1/balance"
 ACCOUNT_PATH = "/papi/v1/account"
@@ -97,16 +99,14 @@ class BinanceClient:
         observer: Observer | None = None,
         clock: Callable[[], float] = time.time,
         transport: httpx.AsyncBaseTransport | None = None,
-        proxy: str | None = None,
-        source_address: str | None = None,
+        route: Route = DEFAULT,
     ) -> None:
-        if transport is None and source_address is not None:
-            transport = httpx.AsyncHTTPTransport(local_address=source_address)
+        if transport is not None and route != DEFAULT:
+            raise ValueError("a transport of its own and a route are exclusive")
         self._http = httpx.AsyncClient(
             base_url=base_url,
             timeout=timeout_seconds,
-            transport=transport,
-            proxy=proxy if transport is None else None,
+            transport=transport or route_transport(route),
             headers={"Accept": "application/json", "User-Agent": "binance-pm-exporter"},
             follow_redirects=False,
             trust_env=False,

@@ -91,6 +91,14 @@ class IpBanned(RateLimited):
         return int(match.group(1)) / 1000 if match else None
 
 
+class WafBlocked(RateLimited):
+    """HTTP 403: Binance's web application firewall rejected the request. Like a 429 it is
+    about the IP, not the account (Binance lists it with the rate limits): pause the IP
+    until `retry_after` s, else the minute's end."""
+
+    outcome = "waf_blocked"
+
+
 class ServerError(BinanceError):
     """HTTP 5xx. For a read-only GET, retrying with backoff is safe."""
 
@@ -126,6 +134,8 @@ def api_error(
     """The typed error for a non-2xx response, by HTTP status first, then Binance code."""
     if status == 418:
         return IpBanned(status, code, msg, retry_after=retry_after, used_weight=used_weight)
+    if status == 403:
+        return WafBlocked(status, code, msg, retry_after=retry_after, used_weight=used_weight)
     if status == 429 or code == TOO_MANY_REQUESTS:
         return RateLimited(status, code, msg, retry_after=retry_after, used_weight=used_weight)
     if code == TIMESTAMP_OUTSIDE_RECV_WINDOW:

@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from exporter.config.secrets import PrivateKey, key_type
+from exporter.route import Route
 
 DEFAULT_BASE_URL = "https://papi.binance.com"
 ACCOUNT_NAME_PATTERN = r"[A-Za-z0-9_.-]+"
@@ -277,7 +278,7 @@ class AccountConfig(_Frozen):
 
     Exactly one of ``api_secret`` (HMAC) and ``private_key`` (RSA or Ed25519)
     is set. ``proxy`` may hold credentials: it is left out of the repr and
-    dumped without them; use ``egress`` to name the route in logs and labels.
+    dumped without them; ``route.label`` names the route in logs and labels.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
@@ -295,14 +296,10 @@ class AccountConfig(_Frozen):
         return key_type(self.private_key)
 
     @property
-    def egress(self) -> str:
-        """The route to Binance: ``default``, ``proxy:<url without credentials>``
-        or ``source:<ip>``. Weight is counted per egress IP."""
-        if self.proxy is not None:
-            return "proxy:" + proxy_without_credentials(self.proxy)
-        if self.source_address is not None:
-            return "source:" + self.source_address
-        return "default"
+    def route(self) -> Route:
+        """Where this account's requests go; accounts on one route share a client and a
+        weight budget (Binance counts weight per IP)."""
+        return Route(self.proxy, self.source_address)
 
     @field_serializer("private_key")
     def _dump_key(self, key: PrivateKey | None) -> str | None:
