@@ -27,13 +27,14 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.binance.models import BALANCE_FIELDS, AccountInfo, AssetBalance
+from exporter import fields
 from exporter.collector import SnapshotCollector
 from exporter.exposition import CachedExposition, render_metrics
 from exporter.simulator import Simulator
 from exporter.simulator.demo import generate_account
-from exporter.snapshot import AccountSnapshot, SnapshotStore
+from exporter.snapshot import AccountInfo, AccountSnapshot, AssetBalance, SnapshotStore
 
+BALANCE_FIELDS = [f.api for f in fields.BALANCE]
 VALUES = [0.0, -0.0, 1.0, -1.5, 0.1, 1e-9, 123456.789, 1234567.0, 1e22, -3.3e-300, 17e9]
 
 
