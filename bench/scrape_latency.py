@@ -22,8 +22,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from common import median, synthetic_account, table
+from prometheus_client import CollectorRegistry
 
 from exporter.app import Exporter
+from exporter.collector import SnapshotCollector
 from exporter.config import parse_config
 from exporter.server import ExporterApp, MetricsServer
 from exporter.simulator.demo import exporter_config, generate_account
@@ -91,7 +93,10 @@ def main() -> int:
         exporter.instruments.duration.labels(endpoint).observe(0.05)
 
     ours = exporter.serve_http("127.0.0.1", 0)
-    baseline = MetricsServer(ExporterApp(exporter.registry, exporter.store), "127.0.0.1", 0)
+    everything = CollectorRegistry()  # the snapshot and the live metrics, all per scrape
+    everything.register(SnapshotCollector(exporter.store))
+    everything.register(exporter.registry)
+    baseline = MetricsServer(ExporterApp(everything, exporter.store), "127.0.0.1", 0)
     baseline.start()
     static_app = StaticApp()
     static = MetricsServer(static_app, "127.0.0.1", 0)  # type: ignore[arg-type]
