@@ -30,7 +30,14 @@ from exporter.config import parse_config
 from exporter.server import ExporterApp, MetricsServer
 from exporter.simulator.demo import exporter_config, generate_account
 
+#: what Prometheus 2 asks for; prometheus_client escapes every name in it character by character
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+#: what Prometheus 3 asks for: names may be UTF-8, so prometheus_client only escapes quotes
+PROMETHEUS_3 = (
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+    "application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;"
+    "escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+)
 
 
 def scrape(port: int, headers: dict[str, str]) -> tuple[float, int]:
@@ -106,6 +113,7 @@ def main() -> int:
         "text": {"Accept-Encoding": "identity"},
         "text+gzip": {"Accept-Encoding": "gzip"},
         "openmetrics+gzip": {"Accept": OPENMETRICS, "Accept-Encoding": "gzip"},
+        "openmetrics+gzip, Prometheus 3": {"Accept": PROMETHEUS_3, "Accept-Encoding": "gzip"},
     }
     for headers in variants.values():
         key = (headers.get("Accept", ""), headers.get("Accept-Encoding", ""))

@@ -15,21 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import (
     CollectorRegistry,
-    Enum,
-    Gauge,
-    Histogram,
-    Info,
-    Summary,
     generate_latest,
 )
-from prometheus_client import Counter as Counter_
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import fields
 from exporter.collector import SnapshotCollector
-from exporter.exposition import CachedExposition, render_metrics
+from exporter.exposition import CachedExposition
 from exporter.simulator import Simulator
 from exporter.simulator.demo import generate_account
 from exporter.snapshot import AccountInfo, AccountSnapshot, AssetBalance, SnapshotStore
@@ -222,26 +216,3 @@ def test_a_real_exporters_metrics_equal_the_full_registry_and_pass_promtool() ->
         )
         assert result.stdout + result.stderr == b""
         assert result.returncode == 0
-
-
-def live_like_registry() -> CollectorRegistry:
-    registry = CollectorRegistry()
-    requests = Counter_("t_requests", "Requests.", ["endpoint", "outcome"], registry=registry)
-    requests.labels("balance", "success").inc(3)
-    requests.labels('we"ird\\', "new\nline").inc()
-    duration = Histogram("t_duration_seconds", "Time.", ["endpoint"], registry=registry)
-    duration.labels("balance").observe(0.07)
-    Gauge("t_gauge", 'A "quoted" help\\ with\nnewline.', registry=registry).set(1e22)
-    Summary("t_summary", "S.", registry=registry).observe(2.5)
-    Gauge("t_bytes", "With a unit.", unit="bytes", registry=registry).set(3)
-    Info("t_build", "Info.", registry=registry).info({"version": "1"})
-    Enum("t_state", "Enum.", states=["a", "b"], registry=registry).state("b")
-    return registry
-
-
-@pytest.mark.parametrize("fmt", ["text", "openmetrics"])
-def test_render_metrics_equals_prometheus_client_for_every_kind_of_family(fmt: str) -> None:
-    registry = live_like_registry()
-    expected = generate_latest(registry) if fmt == "text" else openmetrics.generate_latest(registry)
-    rendered = render_metrics(registry.collect(), fmt)  # type: ignore[arg-type]
-    assert rendered == expected.removesuffix(b"# EOF\n")
