@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
 from harness import accounts, sim_config
 
 from exporter import fields
@@ -57,6 +58,21 @@ def test_readme_names_each_metrics_api_field_in_its_row() -> None:
     for field in (*fields.BALANCE, *fields.ACCOUNT):
         row = next(r for r in rows if field.metric in names_in(r.split(" | ")[0]))
         assert f"`{field.api}`" in row, (field.metric, field.api)
+
+
+def test_the_status_code_rule_numbers_the_known_statuses_in_their_order() -> None:
+    data = yaml.safe_load((ROOT / "prometheus" / "alerts.yml").read_text())
+    rule = next(
+        r
+        for group in data["groups"]
+        for r in group["rules"]
+        if r.get("record") == "account:binance_pm_account_status:code"
+    )
+    coded = re.findall(r'status="([A-Z_]+)"\} == 1\) \* (\d+)', rule["expr"])
+    assert coded == [(s, str(i)) for i, s in enumerate(fields.ACCOUNT_STATUSES)]
+    unknown = re.search(r'status!~"([A-Z_|]+)"\} == 1\) \* (\d+)', rule["expr"])
+    assert unknown is not None
+    assert unknown.groups() == ("|".join(fields.ACCOUNT_STATUSES), str(len(coded)))
 
 
 # --- imports ---------------------------------------------------------------------------------
