@@ -22,13 +22,22 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from common import median, synthetic_account, table
+from prometheus_client import CollectorRegistry
 
 from exporter.app import Exporter
+from exporter.collector import SnapshotCollector
 from exporter.config import parse_config
 from exporter.server import ExporterApp, MetricsServer
 from exporter.simulator.demo import exporter_config, generate_account
 
+#: what Prometheus 2 asks for; prometheus_client escapes every name in it character by character
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+#: what Prometheus 3 asks for: names may be UTF-8, so prometheus_client only escapes quotes
+PROMETHEUS_3 = (
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+    "application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;"
+    "escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+)
 
 
 def scrape(port: int, headers: dict[str, str]) -> tuple[float, int]:
@@ -91,7 +100,10 @@ def main() -> int:
         exporter.instruments.duration.labels(endpoint).observe(0.05)
 
     ours = exporter.serve_http("127.0.0.1", 0)
-    baseline = MetricsServer(ExporterApp(exporter.registry, exporter.store), "127.0.0.1", 0)
+    everything = CollectorRegistry()  # the snapshot and the live metrics, all per scrape
+    everything.register(SnapshotCollector(exporter.store))
+    everything.register(exporter.registry)
+    baseline = MetricsServer(ExporterApp(everything, exporter.store), "127.0.0.1", 0)
     baseline.start()
     static_app = StaticApp()
     static = MetricsServer(static_app, "127.0.0.1", 0)  # type: ignore[arg-type]
@@ -101,6 +113,7 @@ def main() -> int:
         "text": {"Accept-Encoding": "identity"},
         "text+gzip": {"Accept-Encoding": "gzip"},
         "openmetrics+gzip": {"Accept": OPENMETRICS, "Accept-Encoding": "gzip"},
+        "openmetrics+gzip, Prometheus 3": {"Accept": PROMETHEUS_3, "Accept-Encoding": "gzip"},
     }
     for headers in variants.values():
         key = (headers.get("Accept", ""), headers.get("Accept-Encoding", ""))

@@ -8,13 +8,11 @@ from collections.abc import Callable
 from functools import partial
 
 import structlog
-from prometheus_client import CollectorRegistry, disable_created_metrics
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry
 
 from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import make_signer
 from exporter.budget import WeightBudget, refresh_interval, shard_limits
-from exporter.collector import SnapshotCollector
 from exporter.config import AccountConfig, Config
 from exporter.exposition import CachedExposition
 from exporter.poller import EgressPoller, PollSettings, Target
@@ -27,9 +25,6 @@ from exporter.webconfig import WebConfig
 from exporter.weights import refresh_weight
 
 log = structlog.get_logger("exporter")
-
-# `_created` series of the counters would double the health metrics for no use.
-disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: how long in-flight requests may take to finish after a stop signal
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -49,10 +44,11 @@ class Exporter:
         self.shard = shard
         #: the accounts this replica polls: all of them, or its shard's share
         self.accounts = shard.select(config.accounts, lambda a: a.name)
-        #: the live self-metrics, rendered per scrape
-        self.live_registry = CollectorRegistry(auto_describe=True)
+        #: what /metrics serves after the snapshot's exposition: the live self-metrics,
+        #: rendered per scrape
+        self.registry = CollectorRegistry(auto_describe=True)
         limits = shard_limits(config.budget, shard.total)
-        self.instruments = instruments = Instruments(self.live_registry)
+        self.instruments = instruments = Instruments(self.registry)
         weight = refresh_weight(config.collect.account_info)
         # One client and one budget per route, built from the route itself.
         by_route: dict[Route, list[AccountConfig]] = {}
@@ -96,22 +92,15 @@ class Exporter:
                     clock=clock,
                 )
             )
-        live: list[Collector] = [instruments.requests, instruments.duration]
-        live += [BudgetCollector(self.budgets), BuildInfoCollector()]
-        for collector in live[2:]:
-            self.live_registry.register(collector)
+        self.registry.register(BudgetCollector(self.budgets))
+        self.registry.register(BuildInfoCollector())
         #: the snapshot's families, rendered once per snapshot change
         self.exposition = CachedExposition(self.store)
-        #: everything, through prometheus_client: the reference /metrics must equal
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(SnapshotCollector(self.store))
-        for collector in live:
-            self.registry.register(collector)
 
     def serve_http(self, host: str, port: int, web: WebConfig | None = None) -> MetricsServer:
         """Serve /metrics and the other endpoints on host:port, with TLS and auth from `web`."""
         web = web or WebConfig()
-        app = ExporterApp(self.live_registry, self.store, web, exposition=self.exposition)
+        app = ExporterApp(self.registry, self.store, web, exposition=self.exposition)
         server = MetricsServer(app, host, port, web.ssl_context)
         server.start()
         return server

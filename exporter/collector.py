@@ -12,71 +12,8 @@ from dataclasses import dataclass
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from exporter.binance.models import ACCOUNT_STATUSES
+from exporter import fields
 from exporter.snapshot import AccountSnapshot, Snapshot, SnapshotStore
-
-_BALANCE = "GET /papi/v1/balance"
-_ACCOUNT = "GET /papi/v1/account"
-
-#: (metric name, API field, what it is) for each amount of a balance record
-BALANCE_METRICS = (
-    (
-        "binance_pm_wallet_balance",
-        "totalWalletBalance",
-        "Wallet balance: cross margin free + locked + UM wallet + CM wallet",
-    ),
-    (
-        "binance_pm_cross_margin_asset",
-        "crossMarginAsset",
-        "Cross margin asset: cross margin free + locked",
-    ),
-    ("binance_pm_cross_margin_borrowed", "crossMarginBorrowed", "Cross margin borrowed principal"),
-    ("binance_pm_cross_margin_free", "crossMarginFree", "Cross margin free asset"),
-    ("binance_pm_cross_margin_interest", "crossMarginInterest", "Cross margin interest"),
-    ("binance_pm_cross_margin_locked", "crossMarginLocked", "Cross margin locked asset"),
-    ("binance_pm_um_wallet_balance", "umWalletBalance", "USD-M futures wallet balance"),
-    ("binance_pm_um_unrealized_pnl", "umUnrealizedPNL", "USD-M futures unrealized profit"),
-    ("binance_pm_cm_wallet_balance", "cmWalletBalance", "COIN-M futures wallet balance"),
-    ("binance_pm_cm_unrealized_pnl", "cmUnrealizedPNL", "COIN-M futures unrealized profit"),
-    (
-        "binance_pm_negative_balance",
-        "negativeBalance",
-        "Negative balance amount, as Binance reports it (0 when none; any other value, "
-        "whatever its sign, is a negative balance)",
-    ),
-)
-
-#: (metric name, API field, what it is) for each amount of the account record
-ACCOUNT_METRICS = (
-    (
-        "binance_pm_uni_mmr",
-        "uniMMR",
-        "Unified maintenance margin ratio (lower is riskier; liquidation near 1.05)",
-    ),
-    ("binance_pm_account_equity_usd", "accountEquity", "Account equity in USD"),
-    (
-        "binance_pm_actual_equity_usd",
-        "actualEquity",
-        "Actual equity in USD (without collateral rate)",
-    ),
-    ("binance_pm_initial_margin_usd", "accountInitialMargin", "Initial margin in USD"),
-    ("binance_pm_maint_margin_usd", "accountMaintMargin", "Maintenance margin in USD"),
-    (
-        "binance_pm_total_available_balance_usd",
-        "totalAvailableBalance",
-        "Total available balance in USD",
-    ),
-    (
-        "binance_pm_total_margin_open_loss_usd",
-        "totalMarginOpenLoss",
-        "Total margin open loss in USD",
-    ),
-    (
-        "binance_pm_virtual_max_withdraw_amount_usd",
-        "virtualMaxWithdrawAmount",
-        "Virtual maximum withdrawal amount in USD",
-    ),
-)
 
 
 def _help(what: str, field: str, endpoint: str) -> str:
@@ -136,7 +73,9 @@ def _account_status(account: AccountSnapshot) -> Iterable[Sample]:
     status = None if account.info is None else account.info.status
     if status is None:
         return
-    known = ACCOUNT_STATUSES if status in ACCOUNT_STATUSES else (*ACCOUNT_STATUSES, status)
+    known: tuple[str, ...] = fields.ACCOUNT_STATUSES
+    if status not in known:
+        known = (*known, status)
     for name in known:
         yield (name,), 1.0 if name == status else 0.0
 
@@ -166,32 +105,48 @@ def _interval(account: AccountSnapshot) -> Iterable[Sample]:
 #: every family the snapshot renders to, in exposition order
 FAMILIES: tuple[Family, ...] = (
     *(
-        Family(name, _help(what, field, _BALANCE), ("account", "asset"), _balance_field(field))
-        for name, field, what in BALANCE_METRICS
+        Family(
+            f.metric,
+            _help(f.help, f.api, fields.BALANCE_ENDPOINT),
+            ("account", "asset"),
+            _balance_field(f.api),
+        )
+        for f in fields.BALANCE
     ),
     Family(
         "binance_pm_balance_update_timestamp_seconds",
-        _help("When Binance last updated the asset's balance", "updateTime / 1000", _BALANCE),
+        _help(
+            "When Binance last updated the asset's balance",
+            "updateTime / 1000",
+            fields.BALANCE_ENDPOINT,
+        ),
         ("account", "asset"),
         _balance_time,
     ),
     *(
-        Family(name, _help(what, field, _ACCOUNT), ("account",), _account_field(field))
-        for name, field, what in ACCOUNT_METRICS
+        Family(
+            f.metric,
+            _help(f.help, f.api, fields.ACCOUNT_ENDPOINT),
+            ("account",),
+            _account_field(f.api),
+        )
+        for f in fields.ACCOUNT
     ),
     Family(
         "binance_pm_account_status",
         _help(
             "1 for the account's current status, 0 for every other known status",
             "accountStatus",
-            _ACCOUNT,
+            fields.ACCOUNT_ENDPOINT,
         ),
         ("account", "status"),
         _account_status,
     ),
     Family(
         "binance_pm_account_update_timestamp_seconds",
-        _help("When Binance last updated the account", "updateTime / 1000", _ACCOUNT),
+        _help(
+            "When Binance last updated the account", "updateTime / 1000", fields.ACCOUNT_ENDPOINT
+        ),
         ("account",),
         _account_time,
     ),

@@ -18,10 +18,10 @@ import structlog
 
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient, Credentials, RequestReport
-from exporter.binance.models import AccountInfo, AssetBalance, ParsedBalances
+from exporter.binance.models import ParsedBalances
 from exporter.budget import WeightBudget
 from exporter.selfmetrics import Instruments
-from exporter.snapshot import AccountSnapshot, SnapshotStore
+from exporter.snapshot import AccountInfo, AccountSnapshot, AssetBalance, SnapshotStore
 from exporter.weights import WEIGHTS, refresh_weight
 
 BACKOFF_CAP_SECONDS = 300.0

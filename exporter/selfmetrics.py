@@ -19,23 +19,38 @@ from exporter.budget import WeightBudget
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-class Instruments:
-    """Counters the poller updates for every request it makes."""
+class Instruments(Collector):
+    """Counters the poller updates for every request it makes, registered in `registry`.
+
+    Collected without their `_created` series, which would double the health metrics
+    for no use; prometheus_client's switch for that (`disable_created_metrics`) is
+    global to the process, so it is left alone.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
             "binance_pm_requests",
             "Requests to the Binance PM API, by endpoint and outcome.",
             ["endpoint", "outcome"],
-            registry=registry,
+            registry=None,
         )
         self.duration = Histogram(
             "binance_pm_request_duration_seconds",
             "Time from sending a request to the Binance PM API to its complete response.",
             ["endpoint"],
             buckets=LATENCY_BUCKETS,
-            registry=registry,
+            registry=None,
         )
+        registry.register(self)
+
+    def describe(self) -> Iterable[Metric]:
+        return [*self.requests.describe(), *self.duration.describe()]
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in (*self.requests.collect(), *self.duration.collect()):
+            created = metric.name + "_created"
+            metric.samples = [s for s in metric.samples if s.name != created]
+            yield metric
 
 
 class BudgetCollector(Collector):

@@ -24,7 +24,7 @@ from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector
 
 from exporter.collector import SnapshotCollector
-from exporter.exposition import CachedExposition, Format, render_metrics
+from exporter.exposition import CachedExposition, Format
 from exporter.snapshot import SnapshotStore
 from exporter.webconfig import WebConfig
 
@@ -117,9 +117,7 @@ class ExporterApp:
                 everything = _Chain(SnapshotCollector(self._store), self._registry)
             body = encoder(everything)
             return "200 OK", headers, [gzip.compress(body, compresslevel=6) if gzipped else body]
-        live = render_metrics(self._registry.collect(), fmt)
-        if fmt == "openmetrics":
-            live += b"# EOF\n"
+        live = encoder(self._registry)  # the live self-metrics (and `# EOF`), per scrape
         if gzipped:
             return "200 OK", headers, self._exposition.gzip(fmt).finish(live)
         return "200 OK", headers, [self._exposition.text(fmt), live]

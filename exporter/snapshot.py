@@ -9,10 +9,30 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from exporter.binance.models import AccountInfo, AssetBalance
+_EMPTY: Mapping[str, float] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class AssetBalance:
+    """One asset's record of GET /papi/v1/balance, as binance/models.py parses it."""
+
+    asset: str
+    #: API field name (fields.BALANCE) -> value, for the fields present with a value
+    values: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
+    update_time: float | None = None  # epoch seconds
+
+
+@dataclass(frozen=True, slots=True)
+class AccountInfo:
+    """GET /papi/v1/account, as binance/models.py parses it."""
+
+    #: API field name (fields.ACCOUNT) -> value, for the fields present with a value
+    values: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
+    status: str | None = None
+    update_time: float | None = None  # epoch seconds
 
 
 @dataclass(frozen=True, slots=True)

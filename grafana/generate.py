@@ -28,6 +28,8 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as dash
 from grafana_foundation_sdk.models import prometheus as prom
 
+from exporter import fields
+
 DASHBOARDS_DIR = Path(__file__).resolve().parent / "dashboards"
 
 # Keep in step with BinancePMUniMMRLow / BinancePMUniMMRCritical in prometheus/alerts.yml.
@@ -38,47 +40,21 @@ DATASOURCE = dash.DataSourceRef(type_val="prometheus", uid="${datasource}")
 TAGS = ["binance-pm"]
 TARGET = 'job=~"$job", instance=~"$instance"'
 
-# accountStatus as coded by the recording rule account:binance_pm_account_status:code.
-STATUS_CODES: list[tuple[str, str]] = [
-    ("NORMAL", "green"),
-    ("MARGIN_CALL", "orange"),
-    ("SUPPLY_MARGIN", "orange"),
-    ("REDUCE_ONLY", "red"),
-    ("ACTIVE_LIQUIDATION", "red"),
-    ("FORCE_LIQUIDATION", "dark-red"),
-    ("BANKRUPTED", "dark-red"),
-    ("UNKNOWN", "purple"),
-]
+# accountStatus as coded by the recording rule account:binance_pm_account_status:code:
+# the known statuses in their order, then UNKNOWN.
+STATUS_COLORS = {
+    "NORMAL": "green",
+    "MARGIN_CALL": "orange",
+    "SUPPLY_MARGIN": "orange",
+    "REDUCE_ONLY": "red",
+    "ACTIVE_LIQUIDATION": "red",
+    "FORCE_LIQUIDATION": "dark-red",
+    "BANKRUPTED": "dark-red",
+}
+STATUS_CODES = [(s, STATUS_COLORS[s]) for s in fields.ACCOUNT_STATUSES] + [("UNKNOWN", "purple")]
 
-# Per-asset fields of GET /papi/v1/balance: (metric, title, API field).
-ASSET_FIELDS: list[tuple[str, str, str]] = [
-    ("binance_pm_wallet_balance", "Wallet balance", "totalWalletBalance"),
-    ("binance_pm_cross_margin_asset", "Cross margin asset", "crossMarginAsset"),
-    ("binance_pm_cross_margin_borrowed", "Cross margin borrowed", "crossMarginBorrowed"),
-    ("binance_pm_cross_margin_free", "Cross margin free", "crossMarginFree"),
-    ("binance_pm_cross_margin_interest", "Cross margin interest", "crossMarginInterest"),
-    ("binance_pm_cross_margin_locked", "Cross margin locked", "crossMarginLocked"),
-    ("binance_pm_um_wallet_balance", "UM wallet balance", "umWalletBalance"),
-    ("binance_pm_um_unrealized_pnl", "UM unrealized PnL", "umUnrealizedPNL"),
-    ("binance_pm_cm_wallet_balance", "CM wallet balance", "cmWalletBalance"),
-    ("binance_pm_cm_unrealized_pnl", "CM unrealized PnL", "cmUnrealizedPNL"),
-    ("binance_pm_negative_balance", "Negative balance", "negativeBalance"),
-]
-
-# Per-account USD fields of GET /papi/v1/account: (metric, title, API field).
-ACCOUNT_USD_FIELDS: list[tuple[str, str, str]] = [
-    ("binance_pm_account_equity_usd", "Account equity", "accountEquity"),
-    ("binance_pm_actual_equity_usd", "Actual equity", "actualEquity"),
-    ("binance_pm_initial_margin_usd", "Initial margin", "accountInitialMargin"),
-    ("binance_pm_maint_margin_usd", "Maintenance margin", "accountMaintMargin"),
-    ("binance_pm_total_available_balance_usd", "Total available balance", "totalAvailableBalance"),
-    ("binance_pm_total_margin_open_loss_usd", "Total margin open loss", "totalMarginOpenLoss"),
-    (
-        "binance_pm_virtual_max_withdraw_amount_usd",
-        "Virtual max withdraw amount",
-        "virtualMaxWithdrawAmount",
-    ),
-]
+# Per-account USD fields of GET /papi/v1/account.
+ACCOUNT_USD_FIELDS = [f for f in fields.ACCOUNT if f.metric.endswith("_usd")]
 
 PanelBuilder = Callable[[], Any]
 
@@ -511,13 +487,13 @@ def account_detail() -> dict[str, Any]:
         .thresholds(thresholds((None, "green"), (1, "orange"), (3, "red")))
         .color_mode(common.BigValueColorMode.BACKGROUND)
     )
-    for metric, title, field in ACCOUNT_USD_FIELDS[:3]:
+    for field in ACCOUNT_USD_FIELDS[:3]:
         board.with_panel(
             stat(
-                title,
-                f"{field} in USD (GET /papi/v1/account).",
+                field.title,
+                f"{field.api} in USD ({fields.ACCOUNT_ENDPOINT}).",
                 "currencyUSD",
-                [query(f"{metric}{{{acc}}}", title)],
+                [query(f"{field.metric}{{{acc}}}", field.title)],
                 width=4,
             ).color_mode(common.BigValueColorMode.NONE)
         )
@@ -538,8 +514,8 @@ def account_detail() -> dict[str, Any]:
             "open loss and the virtual maximum withdrawal.",
             "currencyUSD",
             [
-                query(f"{metric}{{{acc}}}", title, chr(ord("A") + i))
-                for i, (metric, title, _) in enumerate(ACCOUNT_USD_FIELDS)
+                query(f"{f.metric}{{{acc}}}", f.title, chr(ord("A") + i))
+                for i, f in enumerate(ACCOUNT_USD_FIELDS)
             ],
         )
     )
@@ -574,8 +550,8 @@ def account_detail() -> dict[str, Any]:
 
     board.with_row(dash_b.Row("Assets"))
     table_targets: list[Any] = [
-        query(f"{metric}{{{asset}}}", title, chr(ord("A") + i), instant=True)
-        for i, (metric, title, _) in enumerate(ASSET_FIELDS)
+        query(f"{f.metric}{{{asset}}}", f.title, chr(ord("A") + i), instant=True)
+        for i, f in enumerate(fields.BALANCE)
     ]
     board.with_panel(
         table_b.Panel()
@@ -591,10 +567,7 @@ def account_detail() -> dict[str, Any]:
         .with_transformation(
             organize(
                 ["Time", "job", "instance", "account"],
-                {
-                    f"Value #{chr(ord('A') + i)}": title
-                    for i, (_, title, _) in enumerate(ASSET_FIELDS)
-                },
+                {f"Value #{chr(ord('A') + i)}": f.title for i, f in enumerate(fields.BALANCE)},
             )
         )
         .sort_by([common_b.TableSortByFieldState().display_name("Wallet balance").desc(True)])
@@ -621,13 +594,13 @@ def account_detail() -> dict[str, Any]:
         .height(10)
         .span(24)
     )
-    for metric, title, field in ASSET_FIELDS:
+    for field in fields.BALANCE:
         board.with_panel(
             timeseries(
-                title,
-                f"{field} per asset (GET /papi/v1/balance), in units of the asset.",
+                field.title,
+                f"{field.api} per asset ({fields.BALANCE_ENDPOINT}), in units of the asset.",
                 "short",
-                [query(f"{metric}{{{asset}}}", "{{asset}}")],
+                [query(f"{field.metric}{{{asset}}}", "{{asset}}")],
                 width=8,
             )
         )
@@ -832,8 +805,8 @@ def exporter_health() -> dict[str, Any]:
     board.with_panel(
         timeseries(
             "Pauses",
-            "Pauses started per egress and reason (high_water, rate_limited, banned), from "
-            "binance_pm_pauses_total.",
+            "Pauses started per egress and reason (high_water, rate_limited, banned, "
+            "waf_blocked), from binance_pm_pauses_total.",
             "none",
             [
                 query(

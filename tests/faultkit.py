@@ -151,7 +151,7 @@ class Recorder:
                     with self._lock:
                         self._history[name].append(Seen(now, snap))
             if went_down:  # one render for all of them: it takes a while
-                text = generate_latest(self._exporter.registry).decode()
+                text = generate_latest(harness.reference_registry(self._exporter)).decode()
                 for name in went_down:
                     self.scrapes[name].append(text)
                     with self._lock:
@@ -208,7 +208,7 @@ class RunningExporter(harness.RunningExporter):
         return all(accounts[n].up for n in (accounts if names is None else names))
 
     def parsed_metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        return parse_metrics(generate_latest(self.exporter.registry).decode())
+        return parse_metrics(generate_latest(harness.reference_registry(self.exporter)).decode())
 
     def spent(self, egress: str = "default") -> int:
         return next(b.spent_total for b in self.exporter.budgets if b.egress == egress)

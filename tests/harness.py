@@ -11,8 +11,10 @@ from types import TracebackType
 from typing import Any, Self
 
 import httpx
+from prometheus_client import CollectorRegistry
 
 from exporter.app import Exporter
+from exporter.collector import SnapshotCollector
 from exporter.config import Config, parse_config
 from exporter.server import MetricsServer
 from exporter.shard import WHOLE, Shard
@@ -33,6 +35,15 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
         time.sleep(step)
+
+
+def reference_registry(exporter: Exporter) -> CollectorRegistry:
+    """Everything /metrics serves, rendered by prometheus_client alone: the snapshot's
+    families and the served (live) registry. The cached exposition must equal it."""
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(exporter.store))
+    registry.register(exporter.registry)
+    return registry
 
 
 def accounts(n: int, key_types: tuple[str, ...] = ("hmac",)) -> list[GeneratedAccount]:

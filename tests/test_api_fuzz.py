@@ -17,12 +17,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
+from exporter import fields
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient, Credentials, RequestReport
 from exporter.binance.models import (
-    ACCOUNT_FIELDS,
-    BALANCE_FIELDS,
-    AccountInfo,
     ParsedBalances,
     parse_account,
     parse_balances,
@@ -30,6 +28,7 @@ from exporter.binance.models import (
 )
 from exporter.binance.signing import HmacSigner
 from exporter.budget import MAX_PAUSE_SECONDS, BudgetLimits, WeightBudget
+from exporter.snapshot import AccountInfo
 
 NOW = 1_700_000_000.0
 
@@ -98,8 +97,10 @@ assets = st.one_of(
 )
 
 
-def records(fields: tuple[str, ...], *, with_asset: bool) -> st.SearchStrategy[dict[str, object]]:
-    known: dict[str, st.SearchStrategy[object]] = dict.fromkeys(fields, decimals)
+def records(
+    table: tuple[fields.Field, ...], *, with_asset: bool
+) -> st.SearchStrategy[dict[str, object]]:
+    known: dict[str, st.SearchStrategy[object]] = dict.fromkeys((f.api for f in table), decimals)
     known["updateTime"] = millis
     if with_asset:
         known["asset"] = assets
@@ -114,13 +115,13 @@ def records(fields: tuple[str, ...], *, with_asset: bool) -> st.SearchStrategy[d
     )
 
 
-balance_records = records(BALANCE_FIELDS, with_asset=True)
+balance_records = records(fields.BALANCE, with_asset=True)
 balance_payloads = st.one_of(
     st.lists(st.one_of(balance_records, json_values), max_size=6),
     balance_records,
     json_values,
 )
-account_payloads = st.one_of(records(ACCOUNT_FIELDS, with_asset=False), json_values)
+account_payloads = st.one_of(records(fields.ACCOUNT, with_asset=False), json_values)
 time_payloads = st.one_of(st.fixed_dictionaries({"serverTime": millis}), json_values)
 
 

@@ -19,16 +19,11 @@ import httpx
 from pydantic import SecretStr
 
 from exporter.binance import errors
-from exporter.binance.models import (
-    AccountInfo,
-    ParsedBalances,
-    parse_account,
-    parse_balances,
-    parse_server_time,
-)
+from exporter.binance.models import ParsedBalances, parse_account, parse_balances, parse_server_time
 from exporter.binance.signing import Signer, signed_query
 from exporter.binance.transport import route_transport
 from exporter.route import DEFAULT, Route
+from exporter.snapshot import AccountInfo
 
 BALANCE_PATH = "/papi/v1/balance"
 ACCOUNT_PATH = "/papi/v1/account"

@@ -12,72 +12,20 @@ import math
 import re
 import reprlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from exporter import fields
 from exporter.binance.errors import InvalidResponse
+from exporter.snapshot import AccountInfo, AssetBalance
 
 #: ASCII digits only: `\d` would also take Arabic-Indic and other Unicode digits
 _DECIMAL = re.compile(r"-?[0-9]{1,40}(?:\.[0-9]{1,40})?")
 
-#: GET /papi/v1/balance amount fields, in the order the API documents them.
-BALANCE_FIELDS = (
-    "totalWalletBalance",
-    "crossMarginAsset",
-    "crossMarginBorrowed",
-    "crossMarginFree",
-    "crossMarginInterest",
-    "crossMarginLocked",
-    "umWalletBalance",
-    "umUnrealizedPNL",
-    "cmWalletBalance",
-    "cmUnrealizedPNL",
-    "negativeBalance",
-)
-
-#: GET /papi/v1/account amount fields.
-ACCOUNT_FIELDS = (
-    "uniMMR",
-    "accountEquity",
-    "actualEquity",
-    "accountInitialMargin",
-    "accountMaintMargin",
-    "totalAvailableBalance",
-    "totalMarginOpenLoss",
-    "virtualMaxWithdrawAmount",
-)
-
-ACCOUNT_STATUSES = (
-    "NORMAL",
-    "MARGIN_CALL",
-    "SUPPLY_MARGIN",
-    "REDUCE_ONLY",
-    "ACTIVE_LIQUIDATION",
-    "FORCE_LIQUIDATION",
-    "BANKRUPTED",
-)
-
-_EMPTY: Mapping[str, float] = MappingProxyType({})
-
 
 class MalformedRecord(ValueError):
     """One record cannot be used; the rest of the response still can."""
-
-
-@dataclass(frozen=True, slots=True)
-class AssetBalance:
-    asset: str
-    #: API field name -> value, for the fields present with a value
-    values: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
-    update_time: float | None = None  # epoch seconds
-
-
-@dataclass(frozen=True, slots=True)
-class AccountInfo:
-    values: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
-    status: str | None = None
-    update_time: float | None = None  # epoch seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +58,9 @@ def parse_millis(value: object) -> float | None:
     return value / 1000
 
 
-def _amounts(record: Mapping[str, Any], fields: tuple[str, ...]) -> Mapping[str, float]:
+def _amounts(record: Mapping[str, Any], table: tuple[fields.Field, ...]) -> Mapping[str, float]:
     values = {}
-    for name in fields:
+    for name in (f.api for f in table):
         if name in record:
             try:
                 number = parse_decimal(record[name])
@@ -132,7 +80,7 @@ def parse_balance_record(record: object) -> AssetBalance:
     try:
         return AssetBalance(
             asset=asset,
-            values=_amounts(record, BALANCE_FIELDS),
+            values=_amounts(record, fields.BALANCE),
             update_time=parse_millis(record.get("updateTime")),
         )
     except MalformedRecord as exc:
@@ -176,7 +124,7 @@ def parse_account(payload: object) -> AccountInfo:
         raise InvalidResponse(f"account: accountStatus: not a status: {_preview(status)}")
     try:
         return AccountInfo(
-            values=_amounts(payload, ACCOUNT_FIELDS),
+            values=_amounts(payload, fields.ACCOUNT),
             status=status,
             update_time=parse_millis(payload.get("updateTime")),
         )

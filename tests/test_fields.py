@@ -1,0 +1,132 @@
+"""The field table (exporter/fields.py) is the one place the API fields and their metrics are
+written: the README's metric table agrees with it and with what /metrics serves, and the
+modules on the scrape side do not reach into the Binance client to get it."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+import yaml
+from harness import accounts, sim_config
+
+from exporter import fields
+from exporter.app import Exporter
+from exporter.collector import FAMILIES
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "exporter"
+
+
+def readme_metric_rows() -> list[str]:
+    """The rows of the README's "What you get" table."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## What you get\n", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("| `")]
+
+
+def names_in(cell: str) -> set[str]:
+    return set(re.findall(r"`([a-z_:][a-z0-9_:]*)`", cell))
+
+
+def served_metric_names() -> set[str]:
+    """Every metric family /metrics serves, named as in the text format."""
+    exporter = Exporter(sim_config("http://127.0.0.1:1", accounts(1)))
+    live = {
+        metric.name + "_total" if metric.type == "counter" else metric.name
+        for metric in exporter.registry.collect()
+    }
+    return live | {family.name for family in FAMILIES}
+
+
+def test_every_field_of_the_table_is_served() -> None:
+    served = {family.name for family in FAMILIES}
+    table = [*fields.BALANCE, *fields.ACCOUNT]
+    assert {f.metric for f in table} <= served
+    assert len({f.metric for f in table}) == len({f.api for f in table}) == len(table)
+
+
+def test_readme_lists_every_metric_served_and_no_other() -> None:
+    listed = set().union(*(names_in(row.split(" | ")[0]) for row in readme_metric_rows()))
+    assert listed == served_metric_names()
+
+
+def test_readme_names_each_metrics_api_field_in_its_row() -> None:
+    rows = readme_metric_rows()
+    for field in (*fields.BALANCE, *fields.ACCOUNT):
+        row = next(r for r in rows if field.metric in names_in(r.split(" | ")[0]))
+        assert f"`{field.api}`" in row, (field.metric, field.api)
+
+
+def test_the_status_code_rule_numbers_the_known_statuses_in_their_order() -> None:
+    data = yaml.safe_load((ROOT / "prometheus" / "alerts.yml").read_text())
+    rule = next(
+        r
+        for group in data["groups"]
+        for r in group["rules"]
+        if r.get("record") == "account:binance_pm_account_status:code"
+    )
+    coded = re.findall(r'status="([A-Z_]+)"\} == 1\) \* (\d+)', rule["expr"])
+    assert coded == [(s, str(i)) for i, s in enumerate(fields.ACCOUNT_STATUSES)]
+    unknown = re.search(r'status!~"([A-Z_|]+)"\} == 1\) \* (\d+)', rule["expr"])
+    assert unknown is not None
+    assert unknown.groups() == ("|".join(fields.ACCOUNT_STATUSES), str(len(coded)))
+
+
+# --- imports ---------------------------------------------------------------------------------
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute module names `path` imports (relative imports resolved within exporter/)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            modules.add(base)
+            # `from exporter import fields` imports the module exporter.fields
+            modules.update(f"{base}.{alias.name}" for alias in node.names)
+    return modules
+
+
+def module_path(module: str) -> Path | None:
+    parts = module.split(".")
+    if parts[0] != "exporter":
+        return None
+    candidate = ROOT.joinpath(*parts)
+    for path in (candidate.with_suffix(".py"), candidate / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def exporter_closure(module: str) -> set[str]:
+    """`module` and every exporter module it imports, directly or not."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = module_path(name)
+        if name in seen or path is None:
+            continue
+        seen.add(name)
+        todo.extend(imported_modules(path))
+    return seen
+
+
+def test_the_field_table_imports_only_the_standard_library() -> None:
+    top_levels = {m.split(".")[0] for m in imported_modules(PACKAGE / "fields.py")}
+    assert top_levels <= set(sys.stdlib_module_names) | {"__future__"}
+
+
+def test_the_scrape_side_imports_nothing_of_the_binance_client() -> None:
+    for module in ("exporter.collector", "exporter.exposition", "exporter.snapshot"):
+        reached = exporter_closure(module)
+        assert not [m for m in reached if m.startswith("exporter.binance")], module
