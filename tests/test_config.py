@@ -7,11 +7,9 @@ broken configs in tests/conffiles/, whose relative paths point there.
 
 from __future__ import annotations
 
-import ast
 import datetime
 import json
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -767,35 +765,3 @@ def test_mutated_configs_give_config_error_only(document: dict[str, Any]) -> Non
             assert secret not in summarize(config)
             assert secret not in repr(config)
             assert secret not in config.model_dump_json()
-
-
-# ---- the config is plain data -------------------------------------------------
-
-
-def _imported_modules(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-    return names
-
-
-def test_the_config_package_imports_no_running_part() -> None:
-    package = HERE.parent / "exporter" / "config"
-    for path in package.glob("*.py"):
-        for name in _imported_modules(path):
-            assert not name.startswith(
-                ("exporter.budget", "exporter.binance", "exporter.poller", "httpx")
-            ), f"{path.name} imports {name}"
-
-
-def test_weights_and_budget_need_only_the_standard_library() -> None:
-    # The --check-config summary and the config checks read them without the HTTP client.
-    for module in ("weights", "budget"):
-        path = HERE.parent / "exporter" / f"{module}.py"
-        for name in _imported_modules(path):
-            top = name.split(".")[0]
-            assert top in sys.stdlib_module_names or name == "exporter.weights", (module, name)

@@ -4,9 +4,7 @@ modules on the scrape side do not reach into the Binance client to get it."""
 
 from __future__ import annotations
 
-import ast
 import re
-import sys
 from pathlib import Path
 
 import yaml
@@ -73,60 +71,3 @@ def test_the_status_code_rule_numbers_the_known_statuses_in_their_order() -> Non
     unknown = re.search(r'status!~"([A-Z_|]+)"\} == 1\) \* (\d+)', rule["expr"])
     assert unknown is not None
     assert unknown.groups() == ("|".join(fields.ACCOUNT_STATUSES), str(len(coded)))
-
-
-# --- imports ---------------------------------------------------------------------------------
-
-
-def imported_modules(path: Path) -> set[str]:
-    """Absolute module names `path` imports (relative imports resolved within exporter/)."""
-    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
-    modules = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            modules.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                base = f"{parent}.{base}" if base else parent
-            modules.add(base)
-            # `from exporter import fields` imports the module exporter.fields
-            modules.update(f"{base}.{alias.name}" for alias in node.names)
-    return modules
-
-
-def module_path(module: str) -> Path | None:
-    parts = module.split(".")
-    if parts[0] != "exporter":
-        return None
-    candidate = ROOT.joinpath(*parts)
-    for path in (candidate.with_suffix(".py"), candidate / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
-def exporter_closure(module: str) -> set[str]:
-    """`module` and every exporter module it imports, directly or not."""
-    seen: set[str] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        path = module_path(name)
-        if name in seen or path is None:
-            continue
-        seen.add(name)
-        todo.extend(imported_modules(path))
-    return seen
-
-
-def test_the_field_table_imports_only_the_standard_library() -> None:
-    top_levels = {m.split(".")[0] for m in imported_modules(PACKAGE / "fields.py")}
-    assert top_levels <= set(sys.stdlib_module_names) | {"__future__"}
-
-
-def test_the_scrape_side_imports_nothing_of_the_binance_client() -> None:
-    for module in ("exporter.collector", "exporter.exposition", "exporter.snapshot"):
-        reached = exporter_closure(module)
-        assert not [m for m in reached if m.startswith("exporter.binance")], module

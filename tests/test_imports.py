@@ -1,0 +1,145 @@
+"""The shape of the house, as import rules: data flows one way, and leaves stay leaves.
+
+Each rule reads the source with `ast`, following `exporter` imports transitively, so an
+import added anywhere down a chain breaks the rule it breaks, with the chain's module named.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "exporter"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute module names `path` imports (relative imports resolved within exporter/)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            modules.add(base)
+            # `from exporter import fields` imports the module exporter.fields
+            modules.update(f"{base}.{alias.name}" for alias in node.names)
+    return modules
+
+
+def module_path(module: str) -> Path | None:
+    parts = module.split(".")
+    if parts[0] != "exporter":
+        return None
+    candidate = ROOT.joinpath(*parts)
+    for path in (candidate.with_suffix(".py"), candidate / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def closure(module: str) -> dict[str, set[str]]:
+    """`module` and every exporter module it reaches, each with the modules it imports."""
+    graph: dict[str, set[str]] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = module_path(name)
+        if name in graph or path is None:
+            continue
+        graph[name] = imported_modules(path)
+        todo.extend(graph[name])
+    return graph
+
+
+def package_modules(package: str) -> list[str]:
+    folder = ROOT.joinpath(*package.split("."))
+    return sorted(
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for path in folder.glob("*.py")
+    )
+
+
+def reached(module: str) -> set[str]:
+    """Every module name imported anywhere in `module`'s exporter closure."""
+    return set().union(*closure(module).values())
+
+
+#: (modules, module prefixes none of them may reach, why)
+FORBIDDEN = [
+    (
+        package_modules("exporter.config"),
+        ("exporter.budget", "exporter.binance", "exporter.poller", "httpx"),
+        "config is plain data: the wiring turns settings into running parts",
+    ),
+    (
+        ["exporter.collector", "exporter.exposition", "exporter.snapshot"],
+        ("exporter.binance", "exporter.poller", "httpx"),
+        "the scrape path never talks to Binance",
+    ),
+    (
+        package_modules("exporter.binance"),
+        ("exporter.poller", "exporter.budget", "exporter.app", "exporter.cli", "exporter.server"),
+        "the client knows nothing of scheduling or serving",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("module", "prefixes"),
+    [(module, prefixes) for modules, prefixes, _ in FORBIDDEN for module in modules],
+    ids=[module for modules, _, _ in FORBIDDEN for module in modules],
+)
+def test_no_import_runs_back_up(module: str, prefixes: tuple[str, ...]) -> None:
+    bad = sorted(name for name in reached(module) if name.startswith(prefixes))
+    assert not bad, f"{module} reaches {bad}"
+
+
+#: small modules every part reads: the standard library only (and each other)
+LEAVES = ["exporter.fields", "exporter.weights", "exporter.route", "exporter.budget"]
+
+
+@pytest.mark.parametrize("module", LEAVES)
+def test_leaves_import_only_the_standard_library(module: str) -> None:
+    allowed = set(sys.stdlib_module_names) | {"__future__"}
+    bad = sorted(
+        name for name in reached(module) if name.split(".")[0] not in allowed and name not in LEAVES
+    )
+    assert not bad, f"{module} imports {bad}"
+
+
+def test_no_import_cycles() -> None:
+    graph = closure("exporter.cli")
+    for simulator in package_modules("exporter.simulator"):
+        graph.update(closure(simulator))
+    # A module importing its own package (`exporter.config.loader` -> `exporter.config`)
+    # reaches only the package's __init__, which re-exports it: not a cycle.
+    edges = {
+        name: {m for m in imports if m in graph and m != name and not name.startswith(m + ".")}
+        for name, imports in graph.items()
+    }
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(name: str) -> None:
+        state[name] = 1
+        path.append(name)
+        for target in sorted(edges[name]):
+            if state.get(target) == 1:
+                cycle = [*path[path.index(target) :], target]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target)
+        path.pop()
+        state[name] = 2
+
+    for name in sorted(edges):
+        if name not in state:
+            visit(name)
