@@ -479,6 +479,7 @@ class Push:
 STREAM_FAULT_PARAMS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "drop": (frozenset(), frozenset()),
     "expire_key": (frozenset(), frozenset()),
+    "forget_key": (frozenset(), frozenset()),
     "refuse_upgrades": (frozenset(), frozenset({"count", "status"})),
     "silent": (frozenset(), frozenset()),
     "malformed": (frozenset(), frozenset({"body"})),
@@ -624,6 +625,9 @@ class SimState:
                 if key is not None:
                     text = json.dumps(events.listen_key_expired(key, now_ms))
                     self.stream.push(name, Push("expired", text, key))
+        elif kind == "forget_key":  # the key vanishes without a word: keep-alive gets -1125
+            for name in [account] if account is not None else self.book.names:
+                self.listen_keys.forget(name)
         elif kind == "refuse_upgrades":
             count, status = params.get("count"), params.get("status", 503)
             if (count is not None and (not _is_int(count) or count < 1)) or not _is_int(status):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -32,6 +33,9 @@ from exporter.simulator.events import listen_key_expired
 from exporter.simulator.state import Push, SimState
 
 PATH_PREFIX = "/pm/ws/"
+# The library logs each handshake's request line, listenKey included, at debug level;
+# the demo runs the simulator in the exporter's process: a logger that emits nothing.
+_SILENT_LOGGER = logging.Logger("exporter.simulator.websockets", level=logging.CRITICAL + 1)
 SWEEP_SECONDS = 0.05
 _JOIN_SECONDS = 5.0
 
@@ -70,6 +74,7 @@ class StreamServer:
         self._lock = threading.Lock()  # guards the counters read from other threads
         self._pongs: dict[str, int] = {}
         self._accepted: dict[str, int] = {}
+        self._peers: dict[str, list[str]] = {}
         self._refused = 0
 
     # -------------------------------------------------------------- life cycle
@@ -112,6 +117,7 @@ class StreamServer:
             ping_interval=None,  # the pinger below pings, or not when silent
             max_size=2**16,
             close_timeout=1.0,
+            logger=_SILENT_LOGGER,
         ) as server:
             self._server = server
             self._state.stream.attach(self._from_any_thread)
@@ -140,6 +146,11 @@ class StreamServer:
         """WebSocket connections of the account accepted so far."""
         with self._lock:
             return self._accepted.get(account, 0)
+
+    def peers(self, account: str) -> list[str]:
+        """The client IP of each of the account's accepted connections, oldest first."""
+        with self._lock:
+            return list(self._peers.get(account, []))
 
     @property
     def refused(self) -> int:
@@ -175,6 +186,7 @@ class StreamServer:
         with self._lock:
             self._connections.add(connection)
             self._accepted[account] = self._accepted.get(account, 0) + 1
+            self._peers.setdefault(account, []).append(str(ws.remote_address[0]))
         if self._state.stream.is_silent(account):
             ws.transport.pause_reading()  # a dead peer: no pongs either
             connection.paused = True
