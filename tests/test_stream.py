@@ -123,8 +123,10 @@ async def running(
     reports: list[RequestReport] = []
     weights: list[int] = []
 
-    async def acquire(weight: int) -> None:
+    async def record(weight: int) -> None:
         weights.append(weight)
+
+    acquire = options.pop("acquire", record)
 
     client = BinanceClient(
         base_url=sim.url,
@@ -320,6 +322,20 @@ def test_close_deletes_the_key(sim: Simulator) -> None:
     run(scenario)
 
 
+def test_close_does_not_wait_for_a_paused_budget(sim: Simulator) -> None:
+    async def scenario() -> None:
+        async def paused_for_good(weight: int) -> None:
+            await asyncio.Event().wait()
+
+        async with running(sim, acquire=paused_for_good) as h:
+            await asyncio.sleep(0)
+        assert h.task.done()  # running() waited for it
+        assert h.recorder.reasons == ["shutdown"]
+        assert listen_key_requests(sim) == []
+
+    run(scenario)
+
+
 # ---------------------------------------------------------------- drops and faults
 
 
@@ -344,6 +360,34 @@ def test_a_dropped_connection_reconnects_within_the_backoff() -> None:
                 assert len(backoffs) == 1
                 assert 0.5 <= backoffs[0] <= 1.0
                 assert [m for m, _, _ in listen_key_requests(sim)] == ["POST"]  # same key
+
+        run(scenario)
+
+
+def test_a_connection_that_lived_a_minute_resets_the_backoff() -> None:
+    fast = FastTime(1e4)
+    now = [0.0]  # the clock that measures how long a connection lived: moved by hand
+    accounts = [SimAccount.hmac("a", API_KEYS["a"], "s")]
+    with Simulator(accounts) as sim:
+
+        async def scenario() -> None:
+            async with running(
+                sim,
+                clock=lambda: now[0],
+                sleep=fast.sleep,
+                backoff_initial_seconds=1.0,
+                backoff_cap_seconds=120.0,
+            ) as h:
+                await connected(h)
+                for times in (2, 3):
+                    now[0] += 61
+                    sim.stream_fault("drop", account="a")
+                    await connected(h, times)
+                sim.stream_fault("drop", account="a")  # at once: a second failure in a row
+                await connected(h, 4)
+                backoffs = [s for s in fast.sleeps if s not in (1800.0, 82800.0)]
+                assert [b <= 1.0 for b in backoffs] == [True, True, False]
+                assert backoffs[2] <= 2.0
 
         run(scenario)
 

@@ -200,9 +200,8 @@ class UserDataStream:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._key: SecretStr | None = None
         self._stopping = asyncio.Event()
-        #: set to end the current connection early (-1125 on keep-alive, close())
-        self._interrupt = asyncio.Event()
-        self._interrupt_reason = ""
+        #: set by a -1125 on keep-alive: the connection's key is gone
+        self._key_unknown = asyncio.Event()
         self.connected = False
 
     def __repr__(self) -> str:
@@ -240,18 +239,21 @@ class UserDataStream:
     async def close(self) -> None:
         """Ask run() to end; it closes the connection and deletes the key."""
         self._stopping.set()
-        self._interrupt_reason = "shutdown"
-        self._interrupt.set()
 
     # -------------------------------------------------------------- one connection
 
     async def _connect_once(self) -> tuple[str, float | None]:
         """Connect, read until the connection ends; (reason, seconds it lived or None)."""
         if self._key is None:
-            try:
-                self._key = await self._listen_key("open")
-            except errors.BinanceError:
-                return "listen_key_failed", None
+            opening = asyncio.ensure_future(self._listen_key("open"))
+            if not await self._unless_stopped(opening):
+                return "shutdown", None
+            error = opening.exception()
+            if isinstance(error, errors.BinanceError):
+                return "listen_key_failed", None  # logged and reported by _listen_key
+            if error is not None:
+                raise error
+            self._key = opening.result()
         if not await self._unless_stopped(self._pacer.acquire()):
             return "shutdown", None
         key = self._key
@@ -294,13 +296,13 @@ class UserDataStream:
         return reason, lived
 
     async def _serve(self, ws: ClientConnection) -> str:
-        """Read until the connection ends, the key expires, it gets too old or we stop."""
-        self._interrupt.clear()
-        self._interrupt_reason = "shutdown" if self._stopping.is_set() else ""
+        """Read until the connection ends, the key dies, it gets too old or we stop."""
+        self._key_unknown.clear()  # one set between connections needs no action: no key now
         reader = asyncio.create_task(self._read(ws))
         aging = asyncio.ensure_future(self._sleep(self._max_connection_seconds))
-        interrupted = asyncio.create_task(self._interrupt.wait())
-        tasks = (reader, aging, interrupted)
+        stopped = asyncio.create_task(self._stopping.wait())
+        key_unknown = asyncio.create_task(self._key_unknown.wait())
+        tasks = (reader, aging, stopped, key_unknown)
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -308,8 +310,10 @@ class UserDataStream:
                 task.cancel()
         if reader.done() and not reader.cancelled():
             return reader.result()
-        if interrupted.done() and not interrupted.cancelled():
-            return self._interrupt_reason or "shutdown"
+        if stopped.done() and not stopped.cancelled():
+            return "shutdown"
+        if key_unknown.done() and not key_unknown.cancelled():
+            return "key_unknown"
         return "max_age"
 
     async def _read(self, ws: ClientConnection) -> str:
@@ -341,8 +345,7 @@ class UserDataStream:
             except errors.ApiError as exc:
                 if exc.code == errors.LISTEN_KEY_DOES_NOT_EXIST:
                     self._key = None
-                    self._interrupt_reason = "key_unknown"
-                    self._interrupt.set()
+                    self._key_unknown.set()
             except errors.BinanceError:
                 pass  # reported; the key lives 60 minutes, the next try is in 30
 
@@ -377,7 +380,7 @@ class UserDataStream:
             pass  # logged; the key expires on its own within 60 minutes
 
     async def _unless_stopped(self, waiting: Awaitable[Any]) -> bool:
-        """Await `waiting` unless close() comes first; True when it completed."""
+        """Await `waiting` unless close() comes first (then cancel it); True when it ended."""
         task = asyncio.ensure_future(waiting)
         stop = asyncio.create_task(self._stopping.wait())
         try:
