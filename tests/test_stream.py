@@ -291,6 +291,33 @@ def test_listen_key_expired_gets_a_new_key_and_reconnects(sim: Simulator) -> Non
     run(scenario)
 
 
+def test_expiry_after_expiry_backs_off() -> None:
+    fast = FastTime(1e4)
+    now = [0.0]
+    accounts = [SimAccount.hmac("a", API_KEYS["a"], "s")]
+    with Simulator(accounts) as sim:
+
+        async def scenario() -> None:
+            async with running(
+                sim,
+                clock=lambda: now[0],
+                sleep=fast.sleep,
+                backoff_initial_seconds=1.0,
+                backoff_cap_seconds=120.0,
+            ) as h:
+                await connected(h)
+                sim.stream_fault("expire_key", account="a")
+                await connected(h, 2)
+                assert [s for s in fast.sleeps if s not in (1800.0, 82800.0)] == []
+                sim.stream_fault("expire_key", account="a")  # again, within a minute
+                await connected(h, 3)
+                assert h.recorder.reasons == ["key_expired", "key_expired"]
+                (backoff,) = [s for s in fast.sleeps if s not in (1800.0, 82800.0)]
+                assert 1.0 <= backoff <= 2.0  # the second failure in a row
+
+        run(scenario)
+
+
 def test_a_429_on_the_listen_key_is_reported_and_retried(sim: Simulator) -> None:
     async def scenario() -> None:
         sim.inject_fault("rate_limit", endpoint="/papi/v1/listenKey", count=1, retry_after=7)

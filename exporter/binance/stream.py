@@ -76,7 +76,7 @@ REASONS = (
     "max_age",  # our own reconnect before 24 h
     "shutdown",  # close()
 )
-#: planned reconnects: no backoff (the pacer still applies)
+#: planned reconnects: none of the backoff after a stable connection (the pacer still applies)
 _PLANNED = frozenset({"key_expired", "key_unknown", "max_age"})
 
 # The WebSocket library logs each handshake's request line (with the listenKey) at
@@ -221,9 +221,9 @@ class UserDataStream:
                     break
                 if lived is not None and lived >= self._stable_seconds:
                     failures = 0
-                if reason in _PLANNED:
-                    continue
                 failures += 1
+                if reason in _PLANNED and failures == 1:
+                    continue  # at once, unless it keeps happening
                 delay = backoff_seconds(failures, self._rng, *self._backoff)
                 log.info(
                     "stream_reconnecting",
