@@ -146,6 +146,7 @@ def test_admin_api_changes_push_liability_account_update_and_risk(sim: Simulator
             "m": info["accountMaintMargin"],
         }
         sim.set_account_info("a", {**info, "accountStatus": "NORMAL"})  # no event for NORMAL
+        sim.set_asset("a", "USDT", umUnrealizedPNL="-5", updateTime=1)  # nor for PnL alone
         sim.set_balances("a", {"not": "a list"})  # a shape the API never sends: still news
         (odd,) = events(ws, 1)
         assert odd["e"] == "outboundAccountPosition"

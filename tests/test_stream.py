@@ -531,6 +531,18 @@ def test_each_stream_connects_from_its_source_address(sim: Simulator) -> None:
     run(scenario)
 
 
+def test_streams_of_one_egress_share_the_pacer(sim: Simulator) -> None:
+    async def scenario() -> None:
+        pacer = ConnectPacer(1, 3600.0)  # one attempt an hour for the whole egress
+        async with running(sim, "a", pacer=pacer) as a, running(sim, "b", pacer=pacer) as b:
+            await until(lambda: a.recorder.connects + b.recorder.connects == 1, what="one")
+            with pytest.raises(AssertionError, match="timed out"):
+                await until(lambda: a.recorder.connects + b.recorder.connects > 1, timeout=0.3)
+        assert sim.stream.accepted("a") + sim.stream.accepted("b") == 1
+
+    run(scenario)
+
+
 class ConnectProxy:
     """An HTTP CONNECT proxy on loopback; its upstream connections come from `source`."""
 

@@ -6,7 +6,8 @@ events, as on Binance: a cross-margin change pushes `outboundAccountPosition` an
 `balanceUpdate`, a borrow pushes `liabilityChange`, a UM or CM wallet change an
 `ACCOUNT_UPDATE`, and a risk status other than NORMAL a `riskLevelChange`.
 Data of shapes the API never sends (tests set them on purpose) still pushes an
-`outboundAccountPosition`, with no assets: every change is announced.
+`outboundAccountPosition`, with no assets. What Binance does not push, neither
+does the simulator: unrealized PnL moving alone, and the return to NORMAL.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Any
 
 MARGIN_FIELDS = ("crossMarginFree", "crossMarginLocked", "crossMarginAsset", "negativeBalance")
 LIABILITY_FIELDS = ("crossMarginBorrowed", "crossMarginInterest")
-UM_FIELDS = ("umWalletBalance", "umUnrealizedPNL")
-CM_FIELDS = ("cmWalletBalance", "cmUnrealizedPNL")
-#: fields whose change alone is not news (they move with the others)
-QUIET_FIELDS = frozenset({"updateTime"})
+UM_FIELDS = ("umWalletBalance",)
+CM_FIELDS = ("cmWalletBalance",)
+#: fields whose change alone pushes nothing: as on Binance, no event carries
+#: unrealized PnL moving with prices
+QUIET_FIELDS = frozenset({"updateTime", "umUnrealizedPNL", "cmUnrealizedPNL"})
 #: the default reason (`a.m`) of an ACCOUNT_UPDATE the simulator pushes
 ACCOUNT_UPDATE_REASON = "ORDER"
 
