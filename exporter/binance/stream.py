@@ -263,6 +263,7 @@ class UserDataStream:
                 proxy=self._proxy,  # None: no proxy, whatever the environment says
                 local_addr=(self._source_address, 0) if self._source_address else None,
                 user_agent_header="binance-pm-exporter",
+                compression=None,  # events are small; deflate costs ~60 kB per connection
                 open_timeout=self._open_timeout,
                 ping_interval=self._ping[0],
                 ping_timeout=self._ping[1],
