@@ -44,6 +44,7 @@ Sleep = Callable[[float], Awaitable[None]]
 Acquire = Callable[[int], Awaitable[None]]
 
 KEEPALIVE_SECONDS = 30 * 60.0  # a key lives 60 minutes
+KEEPALIVE_RETRY_SECONDS = 60.0  # after a failed keep-alive
 #: reconnect before Binance closes a connection at 24 h
 MAX_CONNECTION_SECONDS = 23 * 3600.0
 BACKOFF_INITIAL_SECONDS = 1.0
@@ -337,8 +338,10 @@ class UserDataStream:
     # -------------------------------------------------------------- the listenKey
 
     async def _keep_alive(self) -> None:
+        wait = self._keepalive_seconds
         while True:
-            await self._sleep(self._keepalive_seconds)
+            await self._sleep(wait)
+            wait = self._keepalive_seconds
             if self._key is None:
                 continue
             try:
@@ -347,8 +350,11 @@ class UserDataStream:
                 if exc.code == errors.LISTEN_KEY_DOES_NOT_EXIST:
                     self._key = None
                     self._key_unknown.set()
+                else:
+                    wait = min(wait, KEEPALIVE_RETRY_SECONDS)
             except errors.BinanceError:
-                pass  # reported; the key lives 60 minutes, the next try is in 30
+                # reported; the key has 30 of its 60 minutes left: try again soon
+                wait = min(wait, KEEPALIVE_RETRY_SECONDS)
 
     async def _listen_key(self, action: str) -> Any:
         await self._acquire(WEIGHTS["listen_key"])
