@@ -5,7 +5,7 @@ and the --check-config summary all read these figures from here."""
 from __future__ import annotations
 
 #: request weight of each endpoint, per Binance's docs
-WEIGHTS = {"balance": 20, "account": 20, "time": 1}
+WEIGHTS = {"balance": 20, "account": 20, "time": 1, "listen_key": 1}
 
 
 def refresh_weight(account_info: bool) -> int:

@@ -746,6 +746,8 @@ def test_command_line_writes_config_and_stops_on_sigterm(tmp_path: Path) -> None
         match = re.fullmatch(r"simulator listening on (http://127\.0\.0\.1:\d+)\n", line)
         assert match, line
         url = match[1]
+        line = process.stdout.readline()
+        assert re.fullmatch(r"simulator stream on ws://127\.0\.0\.1:\d+/pm/ws\n", line), line
         config = yaml.safe_load(config_path.read_text())
         assert config_path.stat().st_mode & 0o077 == 0
         assert config["binance"]["base_url"] == url

@@ -28,6 +28,7 @@ from exporter.snapshot import AccountInfo
 BALANCE_PATH = "/papi/v1/balance"
 ACCOUNT_PATH = "/papi/v1/account"
 TIME_PATH = "/papi/v1/time"
+LISTEN_KEY_PATH = "/papi/v1/listenKey"
 
 _USED_WEIGHT = re.compile(r"x-mbx-used-weight-(\d+)([smhd])", re.IGNORECASE)
 
@@ -122,26 +123,48 @@ class BinanceClient:
     async def sync_time(self) -> float:
         """Measure the server's clock offset (round-trip midpoint) and return it."""
         before = self._clock()
-        server_time = await self._get(TIME_PATH, "time", None, parse_server_time)
+        server_time = await self._request("GET", TIME_PATH, "time", None, parse_server_time)
         after = self._clock()
         self.clock_offset = server_time - (before + after) / 2
         return self.clock_offset
 
     async def balance(self, credentials: Credentials) -> ParsedBalances:
-        return await self._get(BALANCE_PATH, "balance", credentials, parse_balances)
+        return await self._request("GET", BALANCE_PATH, "balance", credentials, parse_balances)
 
     async def account(self, credentials: Credentials) -> AccountInfo:
-        return await self._get(ACCOUNT_PATH, "account", credentials, parse_account)
+        return await self._request("GET", ACCOUNT_PATH, "account", credentials, parse_account)
 
-    async def _get(
+    # The user data stream's listenKey: the API key header only, no timestamp, no signature
+    # (as Binance's SDK sends them). The key is a bearer token: held as a SecretStr.
+
+    async def open_listen_key(self, api_key: SecretStr) -> SecretStr:
+        """POST: a new listenKey, or the account's live one, extended by 60 minutes."""
+        return await self._request(
+            "POST", LISTEN_KEY_PATH, "listen_key", None, _parse_listen_key, api_key=api_key
+        )
+
+    async def keep_listen_key(self, api_key: SecretStr) -> None:
+        """PUT: extend the account's listenKey by 60 minutes; -1125 if it has none."""
+        await self._request("PUT", LISTEN_KEY_PATH, "listen_key", None, _ignore, api_key=api_key)
+
+    async def close_listen_key(self, api_key: SecretStr) -> None:
+        """DELETE: close the account's listenKey."""
+        await self._request("DELETE", LISTEN_KEY_PATH, "listen_key", None, _ignore, api_key=api_key)
+
+    async def _request(
         self,
+        method: str,
         path: str,
         endpoint: str,
         credentials: Credentials | None,
         parse: Callable[[object], T],
+        *,
+        api_key: SecretStr | None = None,
     ) -> T:
         headers = {}
         url = path
+        if api_key is not None:
+            headers["X-MBX-APIKEY"] = api_key.get_secret_value()
         if credentials is not None:
             params = [
                 ("recvWindow", str(self._recv_window_ms)),
@@ -154,7 +177,7 @@ class BinanceClient:
             # httpx's timeout bounds each connect, write and read; this bounds the whole
             # request, so a server trickling its answer byte by byte cannot hold it forever.
             async with asyncio.timeout(self._timeout):
-                response = await self._http.get(url, headers=headers)
+                response = await self._http.request(method, url, headers=headers)
         except (httpx.TimeoutException, TimeoutError) as exc:
             sent = not isinstance(exc, _NOT_SENT)
             error: errors.BinanceError = errors.RequestTimeout(f"{endpoint}: timed out ({exc!r})")
@@ -182,6 +205,17 @@ class BinanceClient:
     ) -> None:
         if self._observer is not None:
             self._observer(RequestReport(endpoint, outcome, duration, used, sent))
+
+
+def _parse_listen_key(payload: object) -> SecretStr:
+    key = payload.get("listenKey") if isinstance(payload, dict) else None
+    if not isinstance(key, str) or not key:
+        raise errors.InvalidResponse('listenKey: no "listenKey" string in the answer')
+    return SecretStr(key)
+
+
+def _ignore(payload: object) -> None:
+    return None
 
 
 def _decode(response: httpx.Response, used_weight: int | None) -> object:

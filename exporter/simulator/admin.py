@@ -6,7 +6,9 @@
     PUT    /_sim/account/{account}         body: the /papi/v1/account object (any JSON)
     POST   /_sim/faults                    body: {"kind": ..., "endpoint": ..., "account": ...,
                                                   "count": ..., <params>}
-    DELETE /_sim/faults
+    DELETE /_sim/faults                    REST faults, and the stream's refusals and silence
+    POST   /_sim/stream/faults             body: {"kind": ..., "account": ..., <params>}
+                                           (kinds and params: state.STREAM_FAULT_PARAMS)
     PUT    /_sim/clock                     body: {"offset_ms": n}
     GET    /_sim/requests                  the request log
     GET    /_sim/weight?ip=127.0.0.1       {"ip": ..., "weight": used this minute}
@@ -72,6 +74,13 @@ def _route(state: SimState, method: str, parts: list[str], query: str, body: byt
             state.inject_fault(kind, **spec)
         case ["faults"], "DELETE":
             state.faults.clear()
+            state.stream.clear()
+        case ["stream", "faults"], "POST":
+            spec = _json(body, dict)
+            kind = spec.pop("kind", None)
+            if not isinstance(kind, str):
+                raise AdminError(400, 'a fault needs "kind"')
+            state.stream_fault(kind, **spec)
         case ["clock"], "PUT":
             offset = _json(body, dict).get("offset_ms")
             if not isinstance(offset, int) or isinstance(offset, bool):
@@ -94,6 +103,7 @@ def _route(state: SimState, method: str, parts: list[str], query: str, body: byt
                 | ["assets", _, _]
                 | ["account", _]
                 | ["faults"]
+                | ["stream", "faults"]
                 | ["clock"]
                 | ["requests"]
                 | ["weight"]

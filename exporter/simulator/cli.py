@@ -2,7 +2,8 @@
 
 With --write-config it first writes an exporter config pointing at itself
 (accounts sim-00, sim-01, ... with their secrets inline, file mode 0600). The line
-`simulator listening on http://HOST:PORT` on stdout says it is ready.
+`simulator listening on http://HOST:PORT` on stdout says it is ready; the next line,
+`simulator stream on ws://HOST:PORT/pm/ws`, gives the user data stream's base URL.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             budget = {"ip_weight_limit_per_minute": args.ip_weight_limit}
             write_config(args.write_config, exporter_config(sim.url, generated, budget=budget))
         print(f"simulator listening on {sim.url}", flush=True)
+        print(f"simulator stream on {sim.stream_url}", flush=True)
         stop.wait()
     except OSError as error:
         print(f"simulator: {error.filename}: {error.strerror}", file=sys.stderr)

@@ -57,7 +57,8 @@ class Reply:
 @dataclass(frozen=True)
 class Endpoint:
     weight: int
-    signed: bool
+    #: "none", "api_key" (the X-MBX-APIKEY header only, as the listenKey calls) or "signed"
+    auth: str
     serve: Callable[[SimState, SimAccount | None, dict[str, str]], Any]
 
 
@@ -89,19 +90,45 @@ def _account(state: SimState, account: SimAccount | None, params: dict[str, str]
     return state.book.account_info(account.name)
 
 
-ENDPOINTS: dict[str, Endpoint] = {
-    "/papi/v1/ping": Endpoint(weight=1, signed=False, serve=_ping),
-    "/papi/v1/time": Endpoint(weight=1, signed=False, serve=_time),
-    "/papi/v1/balance": Endpoint(weight=20, signed=True, serve=_balance),
-    "/papi/v1/account": Endpoint(weight=20, signed=True, serve=_account),
+def _open_listen_key(state: SimState, account: SimAccount | None, params: dict[str, str]) -> Any:
+    assert account is not None
+    return {"listenKey": state.listen_keys.open(account.name, state.now_ms())}
+
+
+def _keep_listen_key(state: SimState, account: SimAccount | None, params: dict[str, str]) -> Any:
+    assert account is not None
+    if not state.listen_keys.extend(account.name, state.now_ms(), params.get("listenKey")):
+        raise ApiError(400, -1125, "This listenKey does not exist.")
+    return {}
+
+
+def _close_listen_key(state: SimState, account: SimAccount | None, params: dict[str, str]) -> Any:
+    assert account is not None
+    if not state.listen_keys.close(account.name, state.now_ms(), params.get("listenKey")):
+        raise ApiError(400, -1125, "This listenKey does not exist.")
+    return {}
+
+
+LISTEN_KEY_PATH = "/papi/v1/listenKey"
+
+#: (method, path) -> endpoint
+ENDPOINTS: dict[tuple[str, str], Endpoint] = {
+    ("GET", "/papi/v1/ping"): Endpoint(weight=1, auth="none", serve=_ping),
+    ("GET", "/papi/v1/time"): Endpoint(weight=1, auth="none", serve=_time),
+    ("GET", "/papi/v1/balance"): Endpoint(weight=20, auth="signed", serve=_balance),
+    ("GET", "/papi/v1/account"): Endpoint(weight=20, auth="signed", serve=_account),
+    ("POST", LISTEN_KEY_PATH): Endpoint(weight=1, auth="api_key", serve=_open_listen_key),
+    ("PUT", LISTEN_KEY_PATH): Endpoint(weight=1, auth="api_key", serve=_keep_listen_key),
+    ("DELETE", LISTEN_KEY_PATH): Endpoint(weight=1, auth="api_key", serve=_close_listen_key),
 }
+PATHS = frozenset(path for _, path in ENDPOINTS)
 
 
 def handle(state: SimState, request: ApiRequest, sleep: Callable[[float], object]) -> Reply:
     """Answer one API request; `sleep` waits (and returns early when the server stops)."""
     arrived = state.clock()
     account = state.book.by_key(request.api_key)
-    endpoint = ENDPOINTS.get(request.path)
+    endpoint = ENDPOINTS.get((request.method, request.path))
     weight = endpoint.weight if endpoint else 0
     fault = state.faults.take(request.path, account.name if account else None)
     charged = 0
@@ -158,14 +185,16 @@ def _admitted(
 def _serve(
     state: SimState, request: ApiRequest, endpoint: Endpoint | None, account: SimAccount | None
 ) -> Any:
-    if endpoint is None:
+    if request.path not in PATHS:
         raise ApiError(404, -1020, "This operation is not supported.")
-    if request.method != "GET":
+    if endpoint is None:
         raise ApiError(405, -1020, "This operation is not supported.")
-    if endpoint.signed:
+    if endpoint.auth == "signed":
         account = require_account(request.api_key, account)
         params = check_signed_query(account, request.query, state.now_ms())
     else:
+        if endpoint.auth == "api_key":
+            account = require_account(request.api_key, account)
         params = dict(parse_qsl(request.query, keep_blank_values=True))
     return endpoint.serve(state, account, params)
 

@@ -22,7 +22,8 @@ from urllib.parse import urlsplit
 from exporter.simulator.admin import PREFIX, handle_admin
 from exporter.simulator.auth import SimAccount
 from exporter.simulator.endpoints import ApiRequest, Reply, handle, json_reply
-from exporter.simulator.state import RequestRecord, SimState
+from exporter.simulator.state import MAX_CONNECTION_SECONDS, RequestRecord, SimState
+from exporter.simulator.stream import PATH_PREFIX, StreamServer
 
 _JOIN_SECONDS = 5.0
 
@@ -46,6 +47,10 @@ class Simulator:
         assets_per_account: int = 8,
         seed: int = 0,
         ban_after_429s: int = 3,
+        stream_port: int = 0,
+        stream_ping_interval: float = 180.0,
+        stream_ping_timeout: float = 600.0,
+        max_connection_seconds: float = MAX_CONNECTION_SECONDS,
     ) -> None:
         self.state = SimState(
             accounts,
@@ -54,8 +59,17 @@ class Simulator:
             assets_per_account=assets_per_account,
             seed=seed,
             ban_after_429s=ban_after_429s,
+            max_connection_seconds=max_connection_seconds,
         )
         self._address = (host, port)
+        #: the user data stream, /pm/ws/<listenKey>, on its own port (see stream.py)
+        self.stream = StreamServer(
+            self.state,
+            host,
+            stream_port,
+            ping_interval=stream_ping_interval,
+            ping_timeout=stream_ping_timeout,
+        )
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._threads: list[threading.Thread] = []
@@ -68,11 +82,17 @@ class Simulator:
         self._server = _Server(self._address, self.state, self._stopping)
         server = self._server
         self._spawn(lambda: server.serve_forever(poll_interval=0.05), "sim-http")
+        try:
+            self.stream.start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
         """Stop serving, close open connections, stop background tasks; idempotent."""
         self._stopping.set()
+        self.stream.stop()
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
@@ -120,6 +140,13 @@ class Simulator:
         host, port = self._bound()
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
+    @property
+    def stream_url(self) -> str:
+        """The user data stream's base URL; a client connects to `{stream_url}/<listenKey>`."""
+        host, port = self.stream.address
+        host = f"[{host}]" if ":" in host else host
+        return f"ws://{host}:{port}{PATH_PREFIX.rstrip('/')}"
+
     def _bound(self) -> tuple[str, int]:
         if self._server is None:
             raise RuntimeError("simulator not started")
@@ -165,7 +192,17 @@ class Simulator:
         self.state.inject_fault(kind, endpoint=endpoint, account=account, count=count, **params)
 
     def clear_faults(self) -> None:
+        """End the REST faults and the stream's refusals and silence."""
         self.state.faults.clear()
+        self.state.stream.clear()
+
+    def stream_fault(self, kind: str, *, account: str | None = None, **params: Any) -> None:
+        """Misbehave on the user data stream; see state.STREAM_FAULT_PARAMS for kinds."""
+        self.state.stream_fault(kind, account=account, **params)
+
+    def listen_key(self, account: str) -> str | None:
+        """The account's live listenKey, if it has one."""
+        return self.state.listen_keys.key_of(account, self.state.now_ms())
 
     @property
     def clock_offset_ms(self) -> int:

@@ -7,22 +7,29 @@ knows nothing of HTTP. Times come in as arguments or from an injected clock.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import random
+import secrets
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from exporter.simulator import synthetic
+from exporter.simulator import events, synthetic
 from exporter.simulator.auth import SimAccount
 
 MINUTE_MS = 60_000
 FIRST_BAN_MS = 2 * MINUTE_MS
 MAX_BAN_MS = 3 * 24 * 60 * MINUTE_MS
 REQUEST_LOG_SIZE = 100_000
+LISTEN_KEY_TTL_MS = 60 * MINUTE_MS
+MAX_CONNECTION_SECONDS = 24 * 3600.0
+
+#: pushes an account's events to its stream connections: publish(account, events)
+Publish = Callable[[str, list[dict[str, Any]]], None]
 
 
 class UnknownAccountError(LookupError):
@@ -40,9 +47,18 @@ class AccountBook:
     """
 
     def __init__(
-        self, accounts: Iterable[SimAccount], *, assets_per_account: int, seed: int, now_ms: int
+        self,
+        accounts: Iterable[SimAccount],
+        *,
+        assets_per_account: int,
+        seed: int,
+        now_ms: Callable[[], int],
+        publish: Publish | None = None,
     ) -> None:
         self._lock = threading.Lock()
+        self._now_ms = now_ms
+        self._publish = publish
+        self._update_ids = itertools.count(1)
         self._by_key: dict[str, SimAccount] = {}
         self._balances: dict[str, Any] = {}
         self._info: dict[str, Any] = {}
@@ -53,10 +69,10 @@ class AccountBook:
                 raise ValueError(f"account {account.name}: API key already used")
             self._by_key[account.api_key] = account
             rng = random.Random(f"{seed}:{account.name}")  # noqa: S311 - made-up data, not crypto
-            portfolio = synthetic.make_portfolio(rng, assets_per_account, now_ms)
+            portfolio = synthetic.make_portfolio(rng, assets_per_account, now_ms())
             self._balances[account.name] = [asset.record() for asset in portfolio]
             risk = synthetic.make_risk(rng)
-            self._info[account.name] = synthetic.account_info(portfolio, risk, now_ms)
+            self._info[account.name] = synthetic.account_info(portfolio, risk, now_ms())
 
     @property
     def names(self) -> list[str]:
@@ -79,36 +95,51 @@ class AccountBook:
         stored = _json_copy(records)
         with self._lock:
             self._check(name)
-            self._balances[name] = stored
+            self._replace_balances(name, stored)
 
     def set_asset(self, name: str, asset: str, fields: dict[str, Any]) -> None:
         """Update one asset's fields, or add the asset (zero amounts, then `fields`)."""
         update = _json_copy(fields)
         with self._lock:
             self._check(name)
-            records = self._balances[name]
+            records = copy.deepcopy(self._balances[name])
             if not isinstance(records, list):
-                records = self._balances[name] = []
+                records = []
             for record in records:
                 if isinstance(record, dict) and record.get("asset") == asset:
                     record.update(update)
-                    return
-            records.append({**_zero_record(asset), **update})
+                    break
+            else:
+                records.append({**_zero_record(asset), **update})
+            self._replace_balances(name, records)
 
     def remove_asset(self, name: str, asset: str) -> None:
         with self._lock:
             self._check(name)
             records = self._balances[name]
             if isinstance(records, list):
-                records[:] = [
-                    r for r in records if not (isinstance(r, dict) and r.get("asset") == asset)
-                ]
+                kept = [r for r in records if not (isinstance(r, dict) and r.get("asset") == asset)]
+                self._replace_balances(name, kept)
 
     def set_account_info(self, name: str, info: Any) -> None:
         stored = _json_copy(info)
         with self._lock:
             self._check(name)
-            self._info[name] = stored
+            old, self._info[name] = self._info[name], stored
+            self._announce(name, events.risk_events(old, stored, self._now_ms()))
+
+    def _replace_balances(self, name: str, records: Any) -> None:
+        """Store new records and push their events; call with the lock held."""
+        old, self._balances[name] = self._balances[name], records
+        if self._publish is not None:
+            update_id = next(self._update_ids)
+            self._announce(name, events.balance_events(old, records, self._now_ms(), update_id))
+
+    def _announce(self, name: str, pushed: list[dict[str, Any]]) -> None:
+        # Under the lock, so that one account's events leave in the order of its changes;
+        # publish only hands them over (it never blocks).
+        if pushed and self._publish is not None:
+            self._publish(name, pushed)
 
     def _check(self, name: str) -> None:
         if name not in self._balances:
@@ -363,6 +394,161 @@ class RequestLog:
             return list(self._records)
 
 
+# ---------------------------------------------------------------- the user data stream
+
+
+class ListenKeys:
+    """Each account's listenKey and when it expires; at most one live key per account."""
+
+    def __init__(self, ttl_ms: int = LISTEN_KEY_TTL_MS) -> None:
+        self.ttl_ms = ttl_ms
+        self._lock = threading.Lock()
+        self._keys: dict[str, tuple[str, int]] = {}  # account -> (key, expires at ms)
+
+    def open(self, account: str, now_ms: int) -> str:
+        """POST: the account's live key extended, or a new one."""
+        with self._lock:
+            live = self._live(account, now_ms)
+            key = live if live is not None else secrets.token_hex(32)
+            self._keys[account] = (key, now_ms + self.ttl_ms)
+            return key
+
+    def extend(self, account: str, now_ms: int, key: str | None = None) -> bool:
+        """PUT: False when the account has no live key (or `key` is not it): -1125."""
+        with self._lock:
+            live = self._live(account, now_ms)
+            if live is None or (key is not None and key != live):
+                return False
+            self._keys[account] = (live, now_ms + self.ttl_ms)
+            return True
+
+    def close(self, account: str, now_ms: int, key: str | None = None) -> bool:
+        """DELETE: False when there is no such live key."""
+        with self._lock:
+            live = self._live(account, now_ms)
+            if live is None or (key is not None and key != live):
+                return False
+            del self._keys[account]
+            return True
+
+    def forget(self, account: str) -> str | None:
+        """Drop the account's key at once (an expiry fault); return it."""
+        with self._lock:
+            entry = self._keys.pop(account, None)
+            return entry[0] if entry else None
+
+    def account_of(self, key: str, now_ms: int) -> str | None:
+        with self._lock:
+            for account, (live, expires_ms) in self._keys.items():
+                if live == key and expires_ms > now_ms:
+                    return account
+            return None
+
+    def key_of(self, account: str, now_ms: int) -> str | None:
+        with self._lock:
+            return self._live(account, now_ms)
+
+    def take_expired(self, now_ms: int) -> list[tuple[str, str]]:
+        """(account, key) of every key past its time, forgotten."""
+        with self._lock:
+            gone = [(a, key) for a, (key, until) in self._keys.items() if until <= now_ms]
+            for account, _ in gone:
+                del self._keys[account]
+            return gone
+
+    def _live(self, account: str, now_ms: int) -> str | None:
+        entry = self._keys.get(account)
+        return entry[0] if entry is not None and entry[1] > now_ms else None
+
+
+@dataclass(frozen=True)
+class Push:
+    """What the WebSocket server does to an account's connections.
+
+    kind "text": send `text`; "drop": cut the TCP connection without a close frame;
+    "expired": send `text` (a listenKeyExpired event) on connections opened with
+    `listen_key`, then close them.
+    """
+
+    kind: str
+    text: str = ""
+    listen_key: str = field(default="", repr=False)
+
+
+#: stream fault kind -> (required params, optional params)
+STREAM_FAULT_PARAMS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "drop": (frozenset(), frozenset()),
+    "expire_key": (frozenset(), frozenset()),
+    "forget_key": (frozenset(), frozenset()),
+    "refuse_upgrades": (frozenset(), frozenset({"count", "status"})),
+    "silent": (frozenset(), frozenset()),
+    "malformed": (frozenset(), frozenset({"body"})),
+    "unknown_event": (frozenset(), frozenset()),
+    "big_frame": (frozenset(), frozenset({"bytes"})),
+    "max_age": (frozenset({"seconds"}), frozenset()),
+}
+STREAM_FAULT_KINDS = tuple(STREAM_FAULT_PARAMS)
+MALFORMED_FRAME = '{"e":"ACCOUNT_UPDATE","E":17000000'
+BIG_FRAME_BYTES = 1_000_000
+
+
+class StreamControls:
+    """The stream's faults and settings, and the hand-over of pushes to the WebSocket server.
+
+    Read by the server's thread, set by the admin API's threads and the tests.
+    """
+
+    def __init__(self, max_connection_seconds: float = MAX_CONNECTION_SECONDS) -> None:
+        self._lock = threading.Lock()
+        self._listener: Callable[[str | None, Push], None] | None = None
+        self.max_connection_seconds = max_connection_seconds
+        self._refusals: int | None = 0  # upgrades still to refuse; None: until cleared
+        self.refusal_status = 503
+        self._silent: set[str | None] = set()  # None: every account
+
+    def attach(self, listener: Callable[[str | None, Push], None] | None) -> None:
+        with self._lock:
+            self._listener = listener
+
+    def push(self, account: str | None, push: Push) -> None:
+        """Hand `push` to the server for `account` (None: every account); a no-op without one."""
+        with self._lock:
+            listener = self._listener
+        if listener is not None:
+            listener(account, push)
+
+    def publish(self, account: str, pushed: list[dict[str, Any]]) -> None:
+        for event in pushed:
+            self.push(account, Push("text", json.dumps(event, separators=(",", ":"))))
+
+    def take_refusal(self) -> int | None:
+        """The HTTP status to refuse this upgrade with, or None to accept it."""
+        with self._lock:
+            if self._refusals == 0:
+                return None
+            if self._refusals is not None:
+                self._refusals -= 1
+            return self.refusal_status
+
+    def refuse_upgrades(self, count: int | None, status: int) -> None:
+        with self._lock:
+            self._refusals, self.refusal_status = count, status
+
+    def silence(self, account: str | None) -> None:
+        with self._lock:
+            self._silent.add(account)
+
+    def is_silent(self, account: str) -> bool:
+        with self._lock:
+            return None in self._silent or account in self._silent
+
+    def clear(self) -> None:
+        """End refusals and silence."""
+        with self._lock:
+            self._refusals = 0
+            self._silent.clear()
+
+
 # ---------------------------------------------------------------- all of it
 
 
@@ -378,11 +564,18 @@ class SimState:
         assets_per_account: int,
         seed: int,
         ban_after_429s: int,
+        max_connection_seconds: float = MAX_CONNECTION_SECONDS,
     ) -> None:
         self.clock = clock
         self.clock_offset_ms = 0  # server clock = clock() + offset
+        self.stream = StreamControls(max_connection_seconds)
+        self.listen_keys = ListenKeys()
         self.book = AccountBook(
-            accounts, assets_per_account=assets_per_account, seed=seed, now_ms=self.now_ms()
+            accounts,
+            assets_per_account=assets_per_account,
+            seed=seed,
+            now_ms=self.now_ms,
+            publish=self.stream.publish,
         )
         self.faults = FaultTable()
         self.weights = WeightLimiter(ip_weight_limit, ban_after_429s=ban_after_429s)
@@ -405,3 +598,55 @@ class SimState:
             raise UnknownAccountError(f"unknown account: {account}")
         fault = make_fault(kind, endpoint=endpoint, account=account, count=count, params=params)
         self.faults.add(fault)
+
+    def stream_fault(self, kind: str, *, account: str | None = None, **params: Any) -> None:
+        """Misbehave on the user data stream; see STREAM_FAULT_PARAMS for kinds and params."""
+        if kind not in STREAM_FAULT_PARAMS:
+            known = ", ".join(STREAM_FAULT_KINDS)
+            raise ValueError(f"unknown stream fault kind {kind!r}; known: {known}")
+        required, optional = STREAM_FAULT_PARAMS[kind]
+        missing = required - params.keys()
+        if missing:
+            raise ValueError(f"stream fault {kind}: missing {', '.join(sorted(missing))}")
+        unknown = params.keys() - required - optional
+        if unknown:
+            raise ValueError(f"stream fault {kind}: unknown parameter {', '.join(sorted(unknown))}")
+        if account is not None and account not in self.book.names:
+            raise UnknownAccountError(f"unknown account: {account}")
+        self._stream_fault(kind, account, params)
+
+    def _stream_fault(self, kind: str, account: str | None, params: dict[str, Any]) -> None:
+        now_ms = self.now_ms()
+        if kind == "drop":
+            self.stream.push(account, Push("drop"))
+        elif kind == "expire_key":
+            for name in [account] if account is not None else self.book.names:
+                key = self.listen_keys.forget(name)
+                if key is not None:
+                    text = json.dumps(events.listen_key_expired(key, now_ms))
+                    self.stream.push(name, Push("expired", text, key))
+        elif kind == "forget_key":  # the key vanishes without a word: keep-alive gets -1125
+            for name in [account] if account is not None else self.book.names:
+                self.listen_keys.forget(name)
+        elif kind == "refuse_upgrades":
+            count, status = params.get("count"), params.get("status", 503)
+            if (count is not None and (not _is_int(count) or count < 1)) or not _is_int(status):
+                raise ValueError("stream fault refuse_upgrades: count and status are integers")
+            self.stream.refuse_upgrades(count, status)
+        elif kind == "silent":
+            self.stream.silence(account)
+        elif kind == "malformed":
+            body = params.get("body", MALFORMED_FRAME)
+            if not isinstance(body, str):
+                raise ValueError("stream fault malformed: body must be a string")
+            self.stream.push(account, Push("text", body))
+        elif kind in ("unknown_event", "big_frame"):
+            size = params.get("bytes", BIG_FRAME_BYTES) if kind == "big_frame" else 0
+            if not _is_int(size) or size < 0:
+                raise ValueError("stream fault big_frame: bytes must be a non-negative integer")
+            event = events.unknown_event(now_ms, padding=size)
+            self.stream.push(account, Push("text", json.dumps(event)))
+        else:  # max_age
+            seconds = params["seconds"]
+            _check_param(kind, "seconds", seconds)
+            self.stream.max_connection_seconds = float(seconds)

@@ -1,0 +1,280 @@
+"""The user data stream's WebSocket server: `/pm/ws/<listenKey>` on its own port and thread.
+
+Its own port, as Binance's stream has its own host (fstream.binance.com beside
+papi.binance.com), and because the threaded stdlib HTTP server cannot hand a
+connection over to an asyncio WebSocket cleanly. An asyncio loop in one thread
+runs the `websockets` server; other threads reach it only through
+`StreamControls.push`, which hands work over with `call_soon_threadsafe`.
+
+Per connection, one writer task sends what is pushed in order, and one pinger
+pings every `ping_interval` seconds (Binance: 3 minutes) and cuts a client that
+does not answer within `ping_timeout` (Binance: 10 minutes). A sweep every
+`SWEEP_SECONDS` closes connections whose key expired (after `listenKeyExpired`)
+or that lived `max_connection_seconds` on the simulator's clock, so tests can
+reach "24 h" by moving an injected clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from exporter.simulator.events import listen_key_expired
+from exporter.simulator.state import Push, SimState
+
+PATH_PREFIX = "/pm/ws/"
+# The library logs each handshake's request line, listenKey included, at debug level;
+# the demo runs the simulator in the exporter's process: a logger that emits nothing.
+_SILENT_LOGGER = logging.Logger("exporter.simulator.websockets", level=logging.CRITICAL + 1)
+SWEEP_SECONDS = 0.05
+_JOIN_SECONDS = 5.0
+
+
+@dataclass(eq=False)
+class _Connection:
+    ws: ServerConnection
+    account: str
+    listen_key: str = field(repr=False)
+    opened_ms: int
+    queue: asyncio.Queue[Push] = field(default_factory=asyncio.Queue)
+    paused: bool = False  # reading paused: the connection plays dead
+
+
+class StreamServer:
+    """The WebSocket side of the simulator; started and stopped by `Simulator`."""
+
+    def __init__(
+        self,
+        state: SimState,
+        host: str,
+        port: int = 0,
+        *,
+        ping_interval: float = 180.0,
+        ping_timeout: float = 600.0,
+    ) -> None:
+        self._state = state
+        self._address = (host, port)
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: Server | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Event | None = None
+        self._connections: set[_Connection] = set()
+        self._lock = threading.Lock()  # guards the counters read from other threads
+        self._pongs: dict[str, int] = {}
+        self._accepted: dict[str, int] = {}
+        self._peers: dict[str, list[str]] = {}
+        self._refused = 0
+
+    # -------------------------------------------------------------- life cycle
+
+    def start(self) -> None:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                asyncio.run(self._main(ready))
+            except BaseException as error:  # surfaced by start(); the thread then ends
+                failure.append(error)
+                ready.set()
+
+        self._thread = threading.Thread(target=run, name="sim-stream", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            raise failure[0]
+
+    def stop(self) -> None:
+        loop, stopped = self._loop, self._stopped
+        if loop is not None and stopped is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                loop.call_soon_threadsafe(stopped.set)
+        if self._thread is not None:
+            self._thread.join(_JOIN_SECONDS)
+        self._state.stream.attach(None)
+
+    async def _main(self, ready: threading.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        host, port = self._address
+        async with serve(
+            self._handle,
+            host,
+            port,
+            process_request=self._process_request,
+            ping_interval=None,  # the pinger below pings, or not when silent
+            max_size=2**16,
+            close_timeout=1.0,
+            logger=_SILENT_LOGGER,
+        ) as server:
+            self._server = server
+            self._state.stream.attach(self._from_any_thread)
+            ready.set()
+            sweeper = asyncio.create_task(self._sweep())
+            await self._stopped.wait()
+            sweeper.cancel()
+            for connection in self._live():
+                connection.ws.transport.abort()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None:
+            raise RuntimeError("stream server not started")
+        host, port = next(iter(self._server.sockets)).getsockname()[:2]
+        return str(host), int(port)
+
+    # -------------------------------------------------------------- what tests read
+
+    def pongs(self, account: str) -> int:
+        """Pongs the account's connections answered to the server's pings."""
+        with self._lock:
+            return self._pongs.get(account, 0)
+
+    def accepted(self, account: str) -> int:
+        """WebSocket connections of the account accepted so far."""
+        with self._lock:
+            return self._accepted.get(account, 0)
+
+    def peers(self, account: str) -> list[str]:
+        """The client IP of each of the account's accepted connections, oldest first."""
+        with self._lock:
+            return list(self._peers.get(account, []))
+
+    @property
+    def refused(self) -> int:
+        with self._lock:
+            return self._refused
+
+    def open_connections(self, account: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for c in self._connections if account in (None, c.account))
+
+    # -------------------------------------------------------------- connections
+
+    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        status = self._state.stream.take_refusal()
+        if status is not None:
+            with self._lock:
+                self._refused += 1
+            return _respond(status, "upgrade refused by the simulator\n")
+        if not request.path.startswith(PATH_PREFIX):
+            return _respond(404, "not found\n")
+        key = request.path[len(PATH_PREFIX) :]
+        if self._state.listen_keys.account_of(key, self._state.now_ms()) is None:
+            return _respond(400, "invalid listenKey\n")  # never echo the key
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        key = ws.request.path[len(PATH_PREFIX) :] if ws.request else ""
+        account = self._state.listen_keys.account_of(key, self._state.now_ms())
+        if account is None:  # expired between the upgrade check and here
+            await ws.close(1008, "invalid listenKey")
+            return
+        connection = _Connection(ws, account, key, self._state.now_ms())
+        with self._lock:
+            self._connections.add(connection)
+            self._accepted[account] = self._accepted.get(account, 0) + 1
+            self._peers.setdefault(account, []).append(str(ws.remote_address[0]))
+        if self._state.stream.is_silent(account):
+            ws.transport.pause_reading()  # a dead peer: no pongs either
+            connection.paused = True
+        writer = asyncio.create_task(self._write(connection))
+        pinger = asyncio.create_task(self._ping(connection))
+        try:
+            await ws.wait_closed()
+        finally:
+            writer.cancel()
+            pinger.cancel()
+            with self._lock:
+                self._connections.discard(connection)
+
+    async def _write(self, connection: _Connection) -> None:
+        ws = connection.ws
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                push = await connection.queue.get()
+                if push.kind == "drop":
+                    ws.transport.abort()
+                    return
+                if push.kind == "expired":
+                    await ws.send(push.text)
+                    await ws.close(1000, "listenKey expired")
+                    return
+                if not self._state.stream.is_silent(connection.account):
+                    await ws.send(push.text)
+
+    async def _ping(self, connection: _Connection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await asyncio.sleep(self.ping_interval)
+                if self._state.stream.is_silent(connection.account):
+                    continue
+                pong = await connection.ws.ping()
+                try:
+                    await asyncio.wait_for(pong, self.ping_timeout)
+                except TimeoutError:
+                    connection.ws.transport.abort()
+                    return
+                with self._lock:
+                    self._pongs[connection.account] = self._pongs.get(connection.account, 0) + 1
+
+    async def _sweep(self) -> None:
+        stream, keys = self._state.stream, self._state.listen_keys
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            now_ms = self._state.now_ms()
+            for account, key in keys.take_expired(now_ms):
+                text = json.dumps(listen_key_expired(key, now_ms), separators=(",", ":"))
+                self._deliver(account, Push("expired", text, key))
+            max_ms = stream.max_connection_seconds * 1000
+            for connection in self._live():
+                silent = stream.is_silent(connection.account)
+                if silent != connection.paused:
+                    connection.paused = silent
+                    transport = connection.ws.transport
+                    if silent:
+                        transport.pause_reading()
+                    else:
+                        transport.resume_reading()
+                if now_ms - connection.opened_ms >= max_ms:
+                    with self._lock:
+                        self._connections.discard(connection)
+                    await connection.ws.close(1000, "connection lived its maximum age")
+
+    def _live(self) -> list[_Connection]:
+        with self._lock:
+            return list(self._connections)
+
+    def _from_any_thread(self, account: str | None, push: Push) -> None:
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                loop.call_soon_threadsafe(self._deliver, account, push)
+
+    def _deliver(self, account: str | None, push: Push) -> None:
+        for connection in self._live():
+            if account is not None and connection.account != account:
+                continue
+            if push.kind == "expired" and connection.listen_key != push.listen_key:
+                continue
+            connection.queue.put_nowait(push)
+
+
+def _respond(status: int, text: str) -> Response:
+    body = text.encode()
+    headers = Headers(
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
+    )
+    return Response(status, HTTPStatus(status).phrase, headers, body)
