@@ -19,7 +19,7 @@ from exporter.budget import WeightBudget, refresh_interval, refresh_weight
 from exporter.collector import SnapshotCollector
 from exporter.config import AccountConfig, Config
 from exporter.exposition import CachedExposition
-from exporter.poller import EgressPoller, PollSettings, Target
+from exporter.poller import BACKOFF_CAP_SECONDS, EgressPoller, PollSettings, Target
 from exporter.selfmetrics import BudgetCollector, BuildInfoCollector, Instruments
 from exporter.server import ExporterApp, MetricsServer
 from exporter.shard import WHOLE, Shard
@@ -44,6 +44,7 @@ class Exporter:
         *,
         clock: Callable[[], float] = time.time,
         shard: Shard = WHOLE,
+        backoff_cap: float = BACKOFF_CAP_SECONDS,
     ) -> None:
         self.config = config
         self.shard = shard
@@ -69,6 +70,7 @@ class Exporter:
                 interval=refresh_interval(
                     len(accounts), weight, limits, config.budget.min_interval_seconds
                 ),
+                backoff_cap=backoff_cap,
             )
             for egress, accounts in groups
         }

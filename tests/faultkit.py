@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.app import Exporter
 from exporter.config import Config, parse_config
 from exporter.logs import configure_logging
+from exporter.poller import BACKOFF_CAP_SECONDS
 from exporter.simulator import RequestRecord, SimAccount
 from exporter.snapshot import AccountSnapshot
 from exporter.webconfig import WebConfig
@@ -177,9 +178,14 @@ class RunningExporter(harness.RunningExporter):
     """The real `Exporter` in a background thread, watched by a Recorder."""
 
     def __init__(
-        self, config: Config, web: WebConfig | None = None, *, clock: Clock = time.time
+        self,
+        config: Config,
+        web: WebConfig | None = None,
+        *,
+        clock: Clock = time.time,
+        backoff_cap: float = BACKOFF_CAP_SECONDS,
     ) -> None:
-        super().__init__(config, web, clock=clock)
+        super().__init__(config, web, clock=clock, backoff_cap=backoff_cap)
         self.recorder = Recorder(self.exporter, clock)
 
     def start(self) -> RunningExporter:

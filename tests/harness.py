@@ -14,6 +14,7 @@ import httpx
 
 from exporter.app import Exporter
 from exporter.config import Config, parse_config
+from exporter.poller import BACKOFF_CAP_SECONDS
 from exporter.server import MetricsServer
 from exporter.shard import WHOLE, Shard
 from exporter.simulator.demo import GeneratedAccount, exporter_config, generate_account
@@ -76,8 +77,9 @@ class RunningExporter:
         shard: Shard = WHOLE,
         *,
         clock: Callable[[], float] = time.time,
+        backoff_cap: float = BACKOFF_CAP_SECONDS,
     ) -> None:
-        self.exporter = Exporter(config, shard=shard, clock=clock)
+        self.exporter = Exporter(config, shard=shard, clock=clock, backoff_cap=backoff_cap)
         self.clock = clock
         self.web = web
         self.error: BaseException | None = None

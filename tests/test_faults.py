@@ -42,7 +42,6 @@ from faultkit import (
     weight_by_ip,
 )
 
-from exporter import poller
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient
 from exporter.simulator import RequestRecord, Simulator
@@ -243,19 +242,15 @@ def matrix() -> Matrix:
     names = [*CONTROLS, *(c.name for c in CASES), REFUSED, DNS, PARTIAL]
     sims, entries = hmac_accounts(names)
     by_name = {e["name"]: e for e in entries}
-    with (
-        pytest.MonkeyPatch.context() as mp,
-        captured_logs() as logs,
-        Simulator(sims, ip_weight_limit=10**7) as sim,
-    ):
-        mp.setattr(poller, "BACKOFF_CAP_SECONDS", CAP)
+    with captured_logs() as logs, Simulator(sims, ip_weight_limit=10**7) as sim:
         for name in names:
             sim.set_asset(name, "TESTCOIN", totalWalletBalance=OLD)
         relay = Relay((sim.host, sim.port))
         relay.on()
         by_name[REFUSED]["proxy"] = relay.url
         by_name[DNS]["proxy"] = "http://nonexistent.invalid:3128"
-        run = RunningExporter(fast_config(sim.url, entries, limit=BUDGET, timeout=TIMEOUT))
+        config = fast_config(sim.url, entries, limit=BUDGET, timeout=TIMEOUT)
+        run = RunningExporter(config, backoff_cap=CAP)
         try:
             with run:
                 matrix = _drive(sim, run, relay, logs, entries)
