@@ -22,7 +22,7 @@ from exporter.webconfig import WebConfig
 
 
 def wait_until(
-    condition: Callable[[], Any], timeout: float = 10.0, what: str = "", step: float = 0.02
+    condition: Callable[[], Any], timeout: float = 30.0, what: str = "", step: float = 0.02
 ) -> Any:
     """Poll `condition` until it returns something truthy (and return that); fail after
     `timeout` seconds."""
