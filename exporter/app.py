@@ -15,7 +15,7 @@ from exporter.binance.signing import make_signer
 from exporter.budget import WeightBudget, refresh_interval, shard_limits
 from exporter.config import AccountConfig, Config
 from exporter.exposition import CachedExposition
-from exporter.poller import EgressPoller, PollSettings, Target
+from exporter.poller import BACKOFF_CAP_SECONDS, EgressPoller, PollSettings, Target
 from exporter.route import Route
 from exporter.selfmetrics import BudgetCollector, BuildInfoCollector, Instruments
 from exporter.server import ExporterApp, MetricsServer
@@ -39,6 +39,7 @@ class Exporter:
         *,
         clock: Callable[[], float] = time.time,
         shard: Shard = WHOLE,
+        backoff_cap: float = BACKOFF_CAP_SECONDS,
     ) -> None:
         self.config = config
         self.shard = shard
@@ -62,6 +63,7 @@ class Exporter:
                 interval=refresh_interval(
                     len(accounts), weight, limits, config.budget.min_interval_seconds
                 ),
+                backoff_cap=backoff_cap,
             )
             for route, accounts in groups
         }

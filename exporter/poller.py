@@ -46,6 +46,8 @@ class PollSettings:
     allows_asset: Callable[[str], bool]
     #: seconds between two refreshes of one account
     interval: float
+    #: the longest a failing account waits before its next try (auth errors wait this long)
+    backoff_cap: float = BACKOFF_CAP_SECONDS
 
     @property
     def weight(self) -> int:
@@ -61,9 +63,11 @@ class _Account:
     failure: str | None = None
 
 
-def backoff(interval: float, failures: int, error: BaseException) -> float:
+def backoff(
+    interval: float, failures: int, error: BaseException, cap: float = BACKOFF_CAP_SECONDS
+) -> float:
     """Seconds until a failing account's next try."""
-    cap = max(BACKOFF_CAP_SECONDS, interval)
+    cap = max(cap, interval)
     if isinstance(error, errors.AuthError):
         return cap
     if isinstance(error, errors.BinanceError) and not error.account_fault:
@@ -164,7 +168,10 @@ class EgressPoller:
         except Exception as exc:  # the one broad boundary: one account's refresh
             failures = previous.consecutive_failures + 1
             current = replace(current, up=False, attempted=True, consecutive_failures=failures)
-            account.next_due = started + backoff(self._settings.interval, failures, exc)
+            settings = self._settings
+            account.next_due = started + backoff(
+                settings.interval, failures, exc, settings.backoff_cap
+            )
             self._note_pause(exc)
             self._log_failure(account, exc, failures, self._clock() - started)
         else:

@@ -21,14 +21,16 @@ from typing import Any
 
 import harness
 from harness import wait_until
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import Exporter
+from exporter.collector import SnapshotCollector
 from exporter.config import Config, parse_config
 from exporter.logs import configure_logging
+from exporter.poller import BACKOFF_CAP_SECONDS
 from exporter.simulator import RequestRecord, SimAccount
-from exporter.snapshot import AccountSnapshot
+from exporter.snapshot import AccountSnapshot, Snapshot, SnapshotStore
 from exporter.webconfig import WebConfig
 
 #: request weight by path, as Binance (and the simulator) charge it
@@ -99,11 +101,18 @@ def sample(
 
 @dataclass(frozen=True)
 class Seen:
-    """An account's snapshot as the recorder first saw it, and the exporter's up gauge then."""
+    """An account's snapshot as the exporter stored it, and the up gauge a scrape showed."""
 
     time: float
     snapshot: AccountSnapshot
-    up_metric: float | None = None  # scraped only when the snapshot says down
+    up_metric: float | None = None  # rendered only when the account went down
+
+
+def _scrape(snap: AccountSnapshot) -> str:
+    """What a scrape shows of one account: the exporter's collector over its snapshot."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(SnapshotCollector(SnapshotStore([snap])))
+    return generate_latest(registry).decode()
 
 
 def _up(text: str, account: str) -> float | None:
@@ -115,10 +124,15 @@ def _up(text: str, account: str) -> float | None:
 
 
 class Recorder:
-    """Watches the snapshot store every 5 ms and keeps each new account snapshot.
+    """Keeps every account snapshot the exporter swaps into its store, when it does.
 
-    When an account goes down it also renders the registry once, to see what a scrape
-    would have shown (binance_pm_up and the kept values) at that moment.
+    It wraps the store's `replace` (a spy: the exporter runs unchanged), so a state that
+    lasts a few milliseconds (a timeout followed at once by a successful retry) is seen
+    however loaded the machine; a recorder sampling the store missed those. When an
+    account goes down it also renders that account with the exporter's collector, to see
+    what a scrape would have shown of it (binance_pm_up and the kept values) then;
+    `up_metric` is set for that first down state only. (Rendering the whole registry
+    there would hold the exporter's loop for a while at every fault.)
     """
 
     def __init__(self, exporter: Exporter, clock: Clock) -> None:
@@ -127,39 +141,38 @@ class Recorder:
         self._lock = threading.Lock()
         self._history: dict[str, list[Seen]] = defaultdict(list)
         self.scrapes: dict[str, list[str]] = defaultdict(list)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="recorder", daemon=True)
 
     def start(self) -> Recorder:
-        self._thread.start()
+        store = self._exporter.store
+        replace = store.replace
+
+        def recording_replace(account: AccountSnapshot) -> Snapshot:
+            snapshot = replace(account)
+            self._record(account)
+            return snapshot
+
+        for account in store.current.accounts.values():
+            self._record(account)
+        store.replace = recording_replace  # type: ignore[method-assign]
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        self._exporter.store.__dict__.pop("replace", None)
 
-    def _loop(self) -> None:
-        last: dict[str, AccountSnapshot] = {}
-        while True:
-            stopping = self._stop.is_set()  # then one last pass sees the final state
-            now = self._clock()
-            went_down = []
-            for name, snap in self._exporter.store.current.accounts.items():
-                if last.get(name) is not snap:
-                    last[name] = snap
-                    went_down += [name] if snap.attempted and not snap.up else []
-                    with self._lock:
-                        self._history[name].append(Seen(now, snap))
-            if went_down:  # one render for all of them: it takes a while
-                text = generate_latest(harness.reference_registry(self._exporter)).decode()
-                for name in went_down:
-                    self.scrapes[name].append(text)
-                    with self._lock:
-                        seen = self._history[name][-1]
-                        self._history[name][-1] = Seen(seen.time, seen.snapshot, _up(text, name))
-            if stopping:
-                return
-            self._stop.wait(0.005)
+    def _record(self, snap: AccountSnapshot) -> None:
+        now = self._clock()
+        up_metric = None
+        with self._lock:
+            earlier = self._history[snap.name]
+            was_down = (
+                bool(earlier) and earlier[-1].snapshot.attempted and not earlier[-1].snapshot.up
+            )
+        if snap.attempted and not snap.up and not was_down:  # went down: render once
+            text = _scrape(snap)
+            self.scrapes[snap.name].append(text)
+            up_metric = _up(text, snap.name)
+        with self._lock:
+            self._history[snap.name].append(Seen(now, snap, up_metric))
 
     def caught_up(self) -> bool:
         """Every account's current snapshot has been recorded."""
@@ -177,9 +190,14 @@ class RunningExporter(harness.RunningExporter):
     """The real `Exporter` in a background thread, watched by a Recorder."""
 
     def __init__(
-        self, config: Config, web: WebConfig | None = None, *, clock: Clock = time.time
+        self,
+        config: Config,
+        web: WebConfig | None = None,
+        *,
+        clock: Clock = time.time,
+        backoff_cap: float = BACKOFF_CAP_SECONDS,
     ) -> None:
-        super().__init__(config, web, clock=clock)
+        super().__init__(config, web, clock=clock, backoff_cap=backoff_cap)
         self.recorder = Recorder(self.exporter, clock)
 
     def start(self) -> RunningExporter:
@@ -323,6 +341,10 @@ class Relay:
                 client.close()
                 continue
             with self._lock:
+                if stop.is_set():  # off() has taken the sockets: this one must not outlive it
+                    client.close()
+                    upstream.close()
+                    return
                 self._sockets += [client, upstream]
             self._spawn(self._pump, client, upstream)
             self._spawn(self._pump, upstream, client)

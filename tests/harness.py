@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from exporter.app import Exporter
 from exporter.collector import SnapshotCollector
 from exporter.config import Config, parse_config
+from exporter.poller import BACKOFF_CAP_SECONDS
 from exporter.server import MetricsServer
 from exporter.shard import WHOLE, Shard
 from exporter.simulator.demo import GeneratedAccount, exporter_config, generate_account
@@ -23,7 +24,7 @@ from exporter.webconfig import WebConfig
 
 
 def wait_until(
-    condition: Callable[[], Any], timeout: float = 10.0, what: str = "", step: float = 0.02
+    condition: Callable[[], Any], timeout: float = 30.0, what: str = "", step: float = 0.02
 ) -> Any:
     """Poll `condition` until it returns something truthy (and return that); fail after
     `timeout` seconds."""
@@ -87,8 +88,9 @@ class RunningExporter:
         shard: Shard = WHOLE,
         *,
         clock: Callable[[], float] = time.time,
+        backoff_cap: float = BACKOFF_CAP_SECONDS,
     ) -> None:
-        self.exporter = Exporter(config, shard=shard, clock=clock)
+        self.exporter = Exporter(config, shard=shard, clock=clock, backoff_cap=backoff_cap)
         self.clock = clock
         self.web = web
         self.error: BaseException | None = None

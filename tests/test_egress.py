@@ -68,20 +68,28 @@ def test_a_ban_of_one_ip_pauses_only_that_ips_accounts(
     sim, running = setup
     banned, free = running.exporter.budgets
     until_ms = int((time.time() + 600) * 1000)
+    injected = time.time()
     sim.inject_fault("ban", account="a-0", count=1, until_ms=until_ms, retry_after=3)
     wait_until(lambda: banned.pause_reason == "banned", what="the ban seen")
     ban_seen = time.time()
     assert not free.is_paused(ban_seen)
     paused_until = banned.paused_until
-    assert paused_until == pytest.approx(ban_seen + 3, abs=1.0)
+    # Retry-After counts from the 418's arrival, somewhere between injecting and seeing it
+    assert injected + 3 <= paused_until <= ban_seen + 3
     gauge = egress_gauges(running.url, "binance_pm_paused_until_timestamp_seconds")
     assert gauge == {("source:127.0.0.2",): paused_until, ("source:127.0.0.3",): 0.0}
-    wait_until(lambda: time.time() > paused_until + 1.5, timeout=10, what="the ban over")
-    during = [r for r in sim.requests if ban_seen < r.time < paused_until]
-    after = [r for r in sim.requests if r.time >= paused_until]
-    assert {r.client_ip for r in during} == {"127.0.0.3"}  # the other IP kept polling
-    assert len(during) >= 4
-    assert "127.0.0.2" in {r.client_ip for r in after}  # and the banned one resumed
+
+    def resumed() -> bool:
+        return any(r.client_ip == "127.0.0.2" and r.time >= paused_until for r in sim.requests)
+
+    wait_until(resumed, timeout=30, what="the banned IP to poll again")
+    log = sim.requests
+    ban = next(i for i, r in enumerate(log) if r.status == 418)
+    during = [r for r in log[ban + 1 :] if r.time < paused_until]
+    # at most one request of the banned IP after the 418: the other account's, already on
+    # its way when the 418 came; the other IP kept polling
+    assert len([r for r in during if r.client_ip == "127.0.0.2"]) <= 1
+    assert [r for r in during if r.client_ip == "127.0.0.3"]
     pauses = egress_gauges(running.url, "binance_pm_pauses_total")
     assert pauses[("source:127.0.0.2", "banned")] == 1.0
     assert pauses[("source:127.0.0.3", "banned")] == 0.0

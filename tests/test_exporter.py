@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,25 +92,34 @@ def test_a_failing_account_keeps_its_values_and_recovers(sim3) -> None:
         )
 
 
-def test_ten_accounts_refresh_at_the_budgeted_pace_with_no_429() -> None:
-    # B = 48000 x 0.25 = 12000/min, w = 40: 10 accounts each every 2 s (x 60.5/60).
-    interval = 2 * 60.5 / 60
+def test_ten_accounts_refresh_round_robin_never_faster_than_the_budget() -> None:
+    """The pace itself is asserted on virtual time (test_poller); here, the wiring. A loaded
+    machine can only delay requests, so what holds is a bound: the k-th refresh cannot
+    reach the simulator before k reservations of w = 40 at B = 12000 per 60.5 s."""
+    interval = 2 * 60.5 / 60  # B = 48000 x 0.25 = 12000/min, w = 40: each of 10 every 2 s
+    spacing = 40 * 60.5 / 12000  # between two refreshes, whichever account
     generated = accounts(10)
     with Simulator([g.sim_account for g in generated], ip_weight_limit=48000) as sim:
         config = fast_config(sim.url, generated, ip_weight_limit_per_minute=48000, share=0.25)
+        started = time.time()
         with RunningExporter(config) as running:
             assert running.sample("binance_pm_refresh_interval_seconds", account="acct-00") == (
                 pytest.approx(interval)
             )
-            wait_until(lambda: len(_balance_times(sim)) >= 40, timeout=30)
-        starts = _balance_times(sim)
-        for name in (g.sim_account.name for g in generated):
-            own = [t for t, a in starts if a == name]
-            gaps = [b - a for a, b in itertools.pairwise(own)]
-            assert sum(gaps) / len(gaps) == pytest.approx(interval, rel=0.05)
-        times = [t for t, _ in starts]
-        assert min(b - a for a, b in itertools.pairwise(times)) > 0.15  # spread, no burst
-        assert [r for r in sim.requests if r.status in (418, 429)] == []
+            names = [g.sim_account.name for g in generated]
+
+            def three_each() -> bool:
+                refreshed = [a for _, a in _balance_times(sim)]
+                return all(refreshed.count(name) >= 3 for name in names)
+
+            wait_until(three_each, timeout=60, what="three refreshes of every account")
+        starts = sorted(_balance_times(sim))  # by arrival
+    for k, (t, _) in enumerate(starts):
+        assert t >= started + k * spacing, k
+    for name in names:
+        own = [t for t, a in starts if a == name]
+        assert all(t >= started + j * interval for j, t in enumerate(own)), name
+    assert [r for r in sim.requests if r.status in (418, 429)] == []
 
 
 def _balance_times(sim: Simulator) -> list[tuple[float, str]]:

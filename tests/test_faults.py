@@ -8,8 +8,10 @@ faults (429, 418), the server's clock, and unreachable hosts get exporters of th
 Every account is refreshed each second (INTERVAL) with a 1 s timeout, and the backoff
 cap is shortened from 300 s to 1.5 s (CAP) for the matrix. Faults are injected with a
 count, so each clears itself after the failures it stands for; recovery is asserted
-within the backoff in force after the last failure (1 interval after one failure,
-then 2, 4, ... capped; CAP at once for auth errors).
+at the first try after the last failure. The tries' spacing follows the backoff (1
+interval after one failure, then 2, 4, ... capped; CAP at once for auth errors): never
+early, late by less than LATE however loaded the machine. The exact schedule is
+asserted on virtual time in test_poller.py.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ from faultkit import (
     weight_by_ip,
 )
 
-from exporter import poller
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient
 from exporter.simulator import RequestRecord, Simulator
@@ -52,11 +53,21 @@ INTERVAL = 1.0
 TIMEOUT = 1.0
 CAP = 1.5
 BUDGET = 100_000  # weight per minute; with share 1 the budget never binds here
-SLACK = 0.5  # seconds of scheduling leeway on a loaded 2-core machine
+EARLY = 0.2  # a gap between two arrivals may look shorter by the first request's transit
+LATE = 1.0  # how late a loaded machine may run a try: less than a backoff step
 BALANCE = "/papi/v1/balance"
 ACCOUNT = "/papi/v1/account"
 OLD, NEW = "1.00000000", "2.00000000"  # TESTCOIN's wallet balance before and after
 NEW_MMR = "9.99"
+
+
+def assert_spaced(times: list[float], expected: list[float]) -> None:
+    """Consecutive `times` are `expected` apart: never early, and late by less than LATE,
+    which still tells one backoff step (or the cap) from the next."""
+    actual = gaps(times)
+    assert len(actual) >= len(expected), (actual, expected)
+    for got, want in zip(actual, expected, strict=False):
+        assert want - EARLY <= got <= want + LATE, (actual, expected)
 
 
 def fault(kind: str, *, count: int = 1, endpoint: str = BALANCE, **params: Any) -> dict[str, Any]:
@@ -75,13 +86,6 @@ class Case:
     failures: int = 1
     endpoint: str = BALANCE
     warnings: int = 1  # poll_failed warnings expected: one per change of state
-
-    @property
-    def backoff_in_force(self) -> float:
-        """Seconds from the last failure's refresh to the next try."""
-        if self.outcome == "auth_error":
-            return CAP
-        return min(INTERVAL * 2 ** (self.failures - 1), CAP)
 
 
 CASES = [
@@ -198,7 +202,6 @@ class Matrix:
     entries: list[dict[str, str]]
     injected: float  # when the faults went in
     relay_on: float  # when the refused account's route accepted connections again
-    refused_failures: int  # its failures by then
     restored: float  # when the partial account's bad record was fixed
     relay_egress: str
     end_metrics: dict[tuple[str, frozenset[tuple[str, str]]], float] = field(default_factory=dict)
@@ -243,19 +246,15 @@ def matrix() -> Matrix:
     names = [*CONTROLS, *(c.name for c in CASES), REFUSED, DNS, PARTIAL]
     sims, entries = hmac_accounts(names)
     by_name = {e["name"]: e for e in entries}
-    with (
-        pytest.MonkeyPatch.context() as mp,
-        captured_logs() as logs,
-        Simulator(sims, ip_weight_limit=10**7) as sim,
-    ):
-        mp.setattr(poller, "BACKOFF_CAP_SECONDS", CAP)
+    with captured_logs() as logs, Simulator(sims, ip_weight_limit=10**7) as sim:
         for name in names:
             sim.set_asset(name, "TESTCOIN", totalWalletBalance=OLD)
         relay = Relay((sim.host, sim.port))
         relay.on()
         by_name[REFUSED]["proxy"] = relay.url
         by_name[DNS]["proxy"] = "http://nonexistent.invalid:3128"
-        run = RunningExporter(fast_config(sim.url, entries, limit=BUDGET, timeout=TIMEOUT))
+        config = fast_config(sim.url, entries, limit=BUDGET, timeout=TIMEOUT)
+        run = RunningExporter(config, backoff_cap=CAP)
         try:
             with run:
                 matrix = _drive(sim, run, relay, logs, entries)
@@ -292,31 +291,28 @@ def _drive(
     sim.set_balances(PARTIAL, [*records, {"asset": "NEWCOIN", "totalWalletBalance": "3.0"}])
 
     relay_on = restored = 0.0
-    refused_failures = 0
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while True:
         assert run.alive, "the exporter's loop died"
         now = time.time()
         if not relay_on and not run.snapshot(REFUSED).up:
             relay.on()
-            relay_on, refused_failures = time.time(), run.snapshot(REFUSED).consecutive_failures
+            relay_on = time.time()
         if not restored and _wallet(run.snapshot(PARTIAL), "NEWCOIN") is not None:
             sim.set_asset(PARTIAL, "TESTCOIN", totalWalletBalance=NEW)
             restored = time.time()
-        done = (
-            now - injected > 2.0  # the latency fault's handler has finished and logged
-            and all(_recovered(run.recorder.history(c.name), injected) for c in CASES)
-            and relay_on
-            and _recovered(run.recorder.history(REFUSED), injected)
-            and restored
-            and _wallet(run.snapshot(PARTIAL)) == float(NEW)
+        pending = [c.name for c in CASES if not _recovered(run.recorder.history(c.name), injected)]
+        pending += [] if now - injected > 2.0 else ["latency"]  # its handler has logged
+        pending += (
+            [] if relay_on and _recovered(run.recorder.history(REFUSED), injected) else [REFUSED]
         )
-        if done:
+        pending += [] if restored and _wallet(run.snapshot(PARTIAL)) == float(NEW) else [PARTIAL]
+        if not pending:
             break
-        assert time.monotonic() < deadline, "the matrix did not settle within 20 s"
+        assert time.monotonic() < deadline, f"the matrix did not settle within 60 s: {pending}"
         time.sleep(0.02)
     egress = f"proxy:{relay.url}"
-    return Matrix(run, [], logs, entries, injected, relay_on, refused_failures, restored, egress)
+    return Matrix(run, [], logs, entries, injected, relay_on, restored, egress)
 
 
 # --- what every fault must do --------------------------------------------------------------
@@ -328,14 +324,20 @@ def test_loop_stays_up_and_stops_cleanly(matrix: Matrix) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_fault(matrix: Matrix, case: Case) -> None:
-    failing = [r.time for r in matrix.records if r.account == case.name and r.path == case.endpoint]
-    failing = [t for t in failing if t >= matrix.injected][: case.failures]
-    assert len(failing) == case.failures
+    tries = sorted(
+        (
+            r
+            for r in matrix.records
+            if r.account == case.name and r.path == case.endpoint and r.time >= matrix.injected
+        ),
+        key=lambda r: r.time,
+    )
+    assert len(tries) > case.failures
     history = matrix.history(case.name)
     before, downs, recovered = _episode(history, matrix.injected)
 
-    # binance_pm_up 0 within one refresh: as soon as the failing request has failed
-    assert downs[0].time - failing[0] <= TIMEOUT + SLACK
+    # binance_pm_up 0 at the first failure, not after retries
+    assert downs[0].snapshot.consecutive_failures == 1
     assert downs[0].up_metric == 0.0
     assert len(downs) == case.failures
     # the last values stay while down, and so does the last success
@@ -350,9 +352,10 @@ def test_fault(matrix: Matrix, case: Case) -> None:
         wallet = sample(scraped, "binance_pm_wallet_balance", account=case.name, asset="TESTCOIN")
         assert wallet == float(OLD)
 
-    # recovery within the backoff in force after the last failure, with the new values
+    # recovery at the first try after the last failure, with the new values
     assert recovered is not None
-    assert recovered.time - failing[-1] <= case.backoff_in_force + SLACK
+    assert recovered.time >= tries[case.failures].time
+    assert tries[case.failures].status == 200
     assert recovered.snapshot.up
     assert _wallet(recovered.snapshot) == float(NEW)
     assert recovered.snapshot.info is not None
@@ -386,18 +389,18 @@ def test_other_accounts_keep_their_schedule(matrix: Matrix) -> None:
         times = request_times(matrix.records, name)
         assert len(times) >= 5
         intervals = gaps(times)
-        assert max(intervals) <= INTERVAL + SLACK, (name, intervals)
-        assert sum(intervals) / len(intervals) == pytest.approx(INTERVAL, abs=0.05)
+        # no turn skipped or held back by another account's fault (that would be 2 s or more)
+        assert max(intervals) < 2 * INTERVAL, (name, intervals)
 
 
 def test_backoff_is_exponential_then_capped(matrix: Matrix) -> None:
     tries = [t for t in request_times(matrix.records, "backoff") if t >= matrix.injected]
-    assert gaps(tries[:4]) == pytest.approx([INTERVAL, min(2 * INTERVAL, CAP), CAP], abs=0.2)
+    assert_spaced(tries[:4], [INTERVAL, min(2 * INTERVAL, CAP), CAP])
 
 
 def test_auth_errors_go_straight_to_the_cap(matrix: Matrix) -> None:
     tries = [t for t in request_times(matrix.records, "auth") if t >= matrix.injected]
-    assert gaps(tries[:4]) == pytest.approx([CAP] * 3, abs=0.2)
+    assert_spaced(tries[:4], [CAP] * 3)
     warned = matrix.logs.events("poll_failed", account="auth", level="warning")
     assert ["code -1022" in e["error"] for e in warned] == [True, False]
     assert "code -2015" in warned[1]["error"]
@@ -408,12 +411,14 @@ def test_auth_errors_go_straight_to_the_cap(matrix: Matrix) -> None:
 def test_connection_refused_on_one_route(matrix: Matrix) -> None:
     history = matrix.history(REFUSED)
     before, downs, recovered = _episode(history, matrix.injected)
-    assert downs[0].time - matrix.injected <= INTERVAL + SLACK
+    assert downs[0].snapshot.consecutive_failures == 1
     assert downs[0].up_metric == 0.0
     assert all(d.snapshot.balances == before.snapshot.balances for d in downs)
     assert recovered is not None
-    backoff = min(INTERVAL * 2 ** (matrix.refused_failures - 1), CAP)
-    assert recovered.time - matrix.relay_on <= backoff + SLACK
+    assert recovered.time >= matrix.relay_on
+    # the first request through the route once it listened again brought the recovery
+    through = [r for r in matrix.records if r.account == REFUSED and r.time >= matrix.relay_on]
+    assert through[0].status == 200
     assert _wallet(recovered.snapshot) == float(NEW)
     warned = matrix.logs.events("poll_failed", account=REFUSED, level="warning")
     assert [e["outcome"] for e in warned] == ["connection_error"]
@@ -424,7 +429,7 @@ def test_an_unresolvable_route_stays_down_harmlessly(matrix: Matrix) -> None:
     assert not any(s.snapshot.up for s in history)
     assert history[-1].snapshot.consecutive_failures >= 3
     failed_at = [s.time for s in history if s.snapshot.attempted]
-    assert gaps(failed_at[:3]) == pytest.approx([INTERVAL, CAP], abs=0.3)  # backoff, capped
+    assert_spaced(failed_at[:3], [INTERVAL, CAP])  # backoff, capped
     assert sample(matrix.end_metrics, "binance_pm_up", account=DNS) == 0.0
     assert not [r for r in matrix.records if r.account == DNS]
     assert matrix.run.spent("proxy:http://nonexistent.invalid:3128") == 0
@@ -519,29 +524,32 @@ def test_ip_wide_pause_stops_every_account_until_it_ends(
             hit = wait_until(
                 lambda: [r for r in sim.requests if r.status in (403, 418, 429)], 3, "the fault"
             )[0]
-            if "retry_after" in params:
-                end = hit.time + params["retry_after"]
-            elif fault_kind == "ban":
-                end = params["until_ms"] / 1000 + 0.5
-            else:
-                end = (hit.time // 60 + 1) * 60 + 0.5
+            budget = run.exporter.budgets[0]
+            wait_until(lambda: budget.pause_reason == reason, 3, "the pause")
+            seen = clock()
+            paused_until = budget.paused_until
 
             def resumed() -> bool:
-                after = [r for r in sim.requests if r.time > end]
+                after = [r for r in sim.requests if r.time >= paused_until]
                 return run.all_up() and all(request_times(after, n) for n in names)
 
             wait_until(resumed, 10, "every account to refresh after the pause")
             metrics = run.parsed_metrics()
-            paused_until = run.exporter.budgets[0].paused_until
         records = sim.requests
     assert hit.account == "b"
     assert hit.time >= injected
-    assert paused_until == pytest.approx(end, abs=0.1)
-    # zero requests from any account until the pause ends (a request already on its way
-    # when the 429 arrived may land just after it)
-    assert [r for r in records if hit.time + 0.05 < r.time < end - 0.05] == []
-    first_after = min(r.time for r in records if r.time > hit.time + 0.05)
-    assert end - 0.05 <= first_after <= end + SLACK
+    if "retry_after" in params:  # counted from the answer's arrival
+        retry_after = params["retry_after"]
+        assert hit.time + retry_after <= paused_until <= seen + retry_after
+    else:  # the server's minute or ban end, on our estimate of its clock (off by RTT/2)
+        server_end = params["until_ms"] / 1000 if fault_kind == "ban" else (hit.time // 60 + 1) * 60
+        assert paused_until == pytest.approx(server_end + 0.5, abs=0.5)
+    # no request from any account until the pause ends, but those already on their way
+    # when the answer came (one per other account at most)
+    after_hit = records[records.index(hit) + 1 :]
+    early = [r for r in after_hit if r.time < paused_until]
+    assert len(early) <= len(names) - 1, early
+    assert "b" not in {r.account for r in early}
     assert sample(metrics, "binance_pm_pauses_total", egress="default", reason=reason) == 1.0
     # b showed the failure; the others were held, not failed; all refresh again
     history = run.recorder.history("b")
@@ -549,10 +557,10 @@ def test_ip_wide_pause_stops_every_account_until_it_ends(
     for other in ("a", "c"):
         assert all(s.snapshot.up for s in run.recorder.history(other) if s.snapshot.attempted)
     for name in names:
-        assert [t for t in request_times(records, name) if t > end]
+        assert [t for t in request_times(records, name) if t >= paused_until]
     paused = logs.events("requests_paused", reason=reason)
     assert len(paused) == 1
-    assert paused[0]["until"] == pytest.approx(end, abs=0.1)
+    assert paused[0]["until"] == pytest.approx(paused_until, abs=0.001)
     assert run.error is None
     assert_budget_held(records)
     assert_no_secret_logged(logs, entries)
@@ -593,17 +601,16 @@ def test_server_clock_offset(offset_ms: int, when: str, resync: bool) -> None:
     rejected = [r for r in records if r.status == 400]
     if resync:
         assert rejected
-        assert offset == pytest.approx(offset_ms / 1000, abs=0.1)
+        assert offset == pytest.approx(offset_ms / 1000, abs=0.5)  # off by RTT/2 at most
         for r in rejected:  # each -1021 is followed by a time sync, then a success
             after = [s for s in records if s.time > r.time]
-            assert after[0].path == "/papi/v1/time"
-            assert after[0].time - r.time < SLACK
             retry = next(s for s in after if s.account == r.account and s.path == r.path)
             assert retry.status == 200
+            assert any(s.path == "/papi/v1/time" and s.time <= retry.time for s in after)
     else:
         assert rejected == []
         expected = offset_ms / 1000 if when == "at start" else 0.0
-        assert offset == pytest.approx(expected, abs=0.1)
+        assert offset == pytest.approx(expected, abs=0.5)
     for name in names:
         assert all(s.snapshot.up for s in run.recorder.history(name) if s.snapshot.attempted)
     counted = sum(
@@ -656,18 +663,19 @@ def test_refused_base_host_then_listening() -> None:
         try:
             wait_until(lambda: all(run.snapshot(n).attempted for n in names), 5, "a failure each")
             assert not any(run.snapshot(n).up for n in names)
-            sim.start()
-            listening = time.time()
             failures = {n: run.snapshot(n).consecutive_failures for n in names}
-            wait_until(run.all_up, 4 * INTERVAL * max(failures.values()), "recovery")
+            sim.start()
+            wait_until(run.all_up, 10 * INTERVAL * max(failures.values()), "recovery")
             run.settle()
         finally:
             run.close()
             sim.stop()
     for name in names:
-        up = next(s for s in run.recorder.history(name) if s.snapshot.up)
-        in_force = INTERVAL * 2 ** (failures[name] - 1)
-        assert up.time - listening <= in_force + SLACK
+        # at most the try already under way failed once the server listened: the next one
+        # (after the backoff in force) recovered
+        history = run.recorder.history(name)
+        assert max(s.snapshot.consecutive_failures for s in history) <= failures[name] + 1
+        assert history[-1].snapshot.up
         warned = logs.events("poll_failed", account=name, level="warning")
         assert [e["outcome"] for e in warned] == ["connection_error"]
         assert len(logs.events("poll_recovered", account=name)) == 1
@@ -719,4 +727,5 @@ def test_a_server_trickling_its_answer_times_out_as_a_whole() -> None:
         thread.join(5)
         listener.close()
     assert isinstance(error, errors.RequestTimeout)
-    assert time.monotonic() - started < TIMEOUT + SLACK
+    # a timeout per read would let the trickle run for 1000 x 0.2 s
+    assert time.monotonic() - started < 10 * TIMEOUT

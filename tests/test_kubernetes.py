@@ -1,16 +1,21 @@
-"""deploy/kubernetes/: the manifests' structure, their kustomize rendering and the rules' sync."""
+"""deploy/kubernetes/: the manifests' schemas and structure, their kustomize rendering and the
+rules' sync."""
 
+import copy
 import importlib.util
+import json
 import shutil
 import subprocess
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from jsonschema import Draft202012Validator
 
 from exporter.config import parse_config
 from exporter.shard import parse_shard
@@ -19,6 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 KUBE = ROOT / "deploy" / "kubernetes"
 ALERTS = ROOT / "prometheus" / "alerts.yml"
 NAME = "binance-pm-exporter"
+#: the oldest release the README names, and the newest kubernetes-validate ships
+KUBERNETES_VERSIONS = ("1.28", "1.37")
+#: the prometheus-operator fields we use: no package ships the CRDs' schemas
+CRD_SCHEMA = ROOT / "tests" / "fixtures" / "prometheus-operator.schema.json"
 
 
 def load(name: str) -> dict[str, Any]:
@@ -43,6 +52,65 @@ def generator() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def schema_errors(document: dict[str, Any]) -> list[str]:
+    """Where `document` breaks its schema: Kubernetes' own (strict: no unknown field) for the
+    core kinds, the prometheus-operator fields we use for the CRD kinds. A kind with no
+    schema raises."""
+    if document["apiVersion"].startswith("monitoring.coreos.com/"):
+        schema = json.loads(CRD_SCHEMA.read_text())
+        validator = Draft202012Validator({**schema, "$ref": f"#/$defs/{document['kind']}"})
+        return [
+            f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in validator.iter_errors(document)
+        ]
+    errors = []
+    for version in KUBERNETES_VERSIONS:
+        try:
+            kubernetes_validate.validate(document, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"{version} {'.'.join(map(str, e.absolute_path))}: {e.message}")
+    return errors
+
+
+RESOURCES = load("kustomization.yaml")["resources"]
+
+
+@pytest.mark.parametrize("name", RESOURCES)
+def test_every_manifest_matches_its_schema(name: str) -> None:
+    assert schema_errors(load(name)) == []
+
+
+CONTAINER = "spec.template.spec.containers.0"
+BROKEN = [  # (manifest, dotted path of the field to set (numbers index lists), value)
+    ("statefulset.yaml", "spec.replica", 3),  # unknown (a typo)
+    ("statefulset.yaml", "spec.replicas", "3"),  # mistyped
+    ("statefulset.yaml", f"{CONTAINER}.readinessProbe.httpGet.paht", "/readyz"),
+    ("statefulset.yaml", f"{CONTAINER}.securityContext.runAsNonRoot", "true"),
+    ("statefulset.yaml", "spec.template.spec.volumes.1.secret.defaultMode", "0440"),
+    ("service.yaml", "spec.ports.0.port", "9745"),
+    ("service.yaml", "metadata.label", {"a": "b"}),
+    ("servicemonitor.yaml", "spec.endpoints.0.intervall", "30s"),
+    ("servicemonitor.yaml", "spec.endpoints.0.interval", "30 seconds"),
+    ("servicemonitor.yaml", "spec.selector.matchLabel", {"a": "b"}),
+    ("servicemonitor.yaml", "spec.endpoints.0.port", 9745),
+    ("prometheusrule.yaml", "spec.groups.1.rules.0.expresion", "up"),
+    ("prometheusrule.yaml", "spec.groups.1.rules.0.for", "5 minutes"),
+    ("prometheusrule.yaml", "spec.groups.1.rules.0.labels", {"severity": 1}),
+    ("prometheusrule.yaml", "metadata.labels.x", True),
+]
+
+
+@pytest.mark.parametrize(("name", "path", "value"), BROKEN, ids=[f"{n}:{p}" for n, p, _ in BROKEN])
+def test_an_unknown_or_mistyped_field_is_refused(name: str, path: str, value: Any) -> None:
+    document = copy.deepcopy(load(name))
+    *parents, last = path.split(".")
+    node: Any = document
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[last] = value
+    assert schema_errors(document) != []
 
 
 def test_every_manifest_parses_and_the_kustomization_lists_them() -> None:
@@ -122,6 +190,8 @@ def test_keys_come_from_a_secret_the_set_references_but_does_not_contain(tmp_pat
         assert not {"api_key", "api_secret", "private_key"} & account.keys()
 
 
+# kustomize's own work (the generated ConfigMap, the replacement) needs kustomize; the
+# manifests themselves are checked above on every machine.
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
 def test_kubectl_kustomize_renders_the_set() -> None:
     result = subprocess.run(

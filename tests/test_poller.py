@@ -22,7 +22,7 @@ from exporter import poller as poller_module
 from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import HmacSigner
 from exporter.budget import BudgetLimits, WeightBudget, refresh_interval
-from exporter.poller import EgressPoller, PollSettings, Target
+from exporter.poller import BACKOFF_CAP_SECONDS, EgressPoller, PollSettings, Target
 from exporter.selfmetrics import Instruments
 from exporter.snapshot import AccountSnapshot, SnapshotStore
 
@@ -81,10 +81,14 @@ def build_poller(
     account_info: bool = True,
     timeout: float = 1,
     key_of: Callable[[str], str] = lambda name: name,
+    backoff_cap: float = BACKOFF_CAP_SECONDS,
 ) -> tuple[EgressPoller, SnapshotStore, WeightBudget]:
     """An EgressPoller of accounts `names` on `clock`, asking `api`."""
     settings = PollSettings(
-        account_info=account_info, allows_asset=lambda a: True, interval=interval
+        account_info=account_info,
+        allows_asset=lambda a: True,
+        interval=interval,
+        backoff_cap=backoff_cap,
     )
     targets = [
         Target(n, Credentials(SecretStr(key_of(n)), HmacSigner(SecretStr("s")))) for n in names
@@ -112,7 +116,12 @@ def build_poller(
 
 
 def make_poller(
-    n: int, limits: BudgetLimits, min_interval: float, *, account_info: bool = True
+    n: int,
+    limits: BudgetLimits,
+    min_interval: float,
+    *,
+    account_info: bool = True,
+    backoff_cap: float = BACKOFF_CAP_SECONDS,
 ) -> tuple[EgressPoller, FakeApi, VirtualTime, SnapshotStore, WeightBudget]:
     """n accounts acct-0.. (API keys key-0..) against a FakeApi, on virtual time."""
     clock = VirtualTime()
@@ -126,6 +135,7 @@ def make_poller(
         api,
         account_info=account_info,
         key_of=lambda name: name.replace("acct", "key"),
+        backoff_cap=backoff_cap,
     )
     return poller, api, clock, store, budget
 
@@ -291,6 +301,22 @@ def test_auth_errors_go_straight_to_the_cap() -> None:
     assert [round(b - a) for a, b in itertools.pairwise(tries)] == [300, 300]
     assert store.get("acct-0").consecutive_failures == 3
     assert store.get("acct-1").up
+
+
+def test_the_backoff_cap_is_a_setting() -> None:
+    limits = BudgetLimits(60000, 1.0, 0.8)  # a budget that never holds a retry back
+    poller, api, clock, _, _ = make_poller(2, limits, 10, backoff_cap=25)
+    api.fail["key-0"] = (httpx.Response(500, content=b"oops"), START, START + 10_000)
+    api.fail["key-1"] = (
+        httpx.Response(401, json={"code": -2015, "msg": "Invalid API-key"}),
+        START,
+        START + 10_000,
+    )
+    run_for(poller, clock, 120)
+    server_error = balance_times(api, "key-0")
+    assert [round(b - a) for a, b in itertools.pairwise(server_error)][:4] == [10, 20, 25, 25]
+    auth_error = balance_times(api, "key-1")
+    assert [round(b - a) for a, b in itertools.pairwise(auth_error)][:3] == [25, 25, 25]
 
 
 def test_timestamp_error_resyncs_the_clock_and_retries() -> None:

@@ -27,7 +27,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from faultkit import RunningExporter, captured_logs, secret_forms, wait_until
 
-from exporter import poller
 from exporter.app import Exporter
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient, Credentials
@@ -188,13 +187,12 @@ FAULTS = {
 def test_no_secret_in_logs_metrics_readyz_under_faults(
     setup: tuple[Secrets, Simulator, Config],
     caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     known, simulator, config = setup
-    monkeypatch.setattr(poller, "BACKOFF_CAP_SECONDS", 1.5)
     caplog.set_level(logging.DEBUG)  # httpx and httpcore too
     bodies: list[tuple[str, str]] = []
-    with captured_logs() as logs, RunningExporter(config) as run:
+    # an auth error waits out the backoff cap: 1.5 s here, not 300 s
+    with captured_logs() as logs, RunningExporter(config, backoff_cap=1.5) as run:
         server = run.exporter.serve_http("127.0.0.1", 0)
         base = f"http://127.0.0.1:{server.port}"
         try:

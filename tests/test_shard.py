@@ -154,10 +154,14 @@ def test_five_processes_together_show_every_account_exactly_once(tmp_path: Path)
                             stderr=stderr,
                         )
                     )  # fmt: skip
-            wait_until(lambda: all(_listening_port(log) for log in logs), what="5 listening")
+            # five interpreters starting at once on a loaded 2-core machine: a generous deadline
+            wait_until(
+                lambda: all(_listening_port(log) for log in logs), timeout=60, what="5 listening"
+            )
             urls = [f"http://127.0.0.1:{_listening_port(log)}" for log in logs]
             wait_until(
                 lambda: all(httpx.get(f"{u}/readyz").status_code == 200 for u in urls),
+                timeout=60,
                 what="every shard ready",
             )
             shown = [up_accounts(url) for url in urls]
