@@ -11,7 +11,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -27,6 +27,7 @@ from exporter.binance.models import (
     parse_server_time,
 )
 from exporter.binance.signing import Signer, signed_query
+from exporter.binance.spot import TICKER_PRICE_PATH, parse_ticker_prices
 from exporter.binance.transport import route_transport
 from exporter.route import DEFAULT, Route
 
@@ -137,6 +138,11 @@ class BinanceClient:
 
     async def account(self, credentials: Credentials) -> AccountInfo:
         return await self._get(ACCOUNT_PATH, "account", credentials, parse_account)
+
+    async def ticker_prices(self) -> Mapping[str, float]:
+        """Every spot symbol's last price (`GET /api/v3/ticker/price`, unsigned): call it on
+        a client whose base_url is the spot API."""
+        return await self._get(TICKER_PRICE_PATH, "ticker_price", None, parse_ticker_prices)
 
     async def _get(
         self,

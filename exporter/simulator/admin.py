@@ -8,6 +8,7 @@
                                                   "count": ..., <params>}
     DELETE /_sim/faults
     PUT    /_sim/clock                     body: {"offset_ms": n}
+    PATCH  /_sim/prices                    body: {symbol: price or null (removes it)}
     GET    /_sim/requests                  the request log
     GET    /_sim/weight?ip=127.0.0.1       {"ip": ..., "weight": used this minute}
     POST   /_sim/foreign-weight            body: {"ip": ..., "weight": n}
@@ -72,6 +73,9 @@ def _route(state: SimState, method: str, parts: list[str], query: str, body: byt
             state.inject_fault(kind, **spec)
         case ["faults"], "DELETE":
             state.faults.clear()
+        case ["prices"], "PATCH":
+            for symbol, price in _json(body, dict).items():
+                state.prices.set(symbol, price)
         case ["clock"], "PUT":
             offset = _json(body, dict).get("offset_ms")
             if not isinstance(offset, int) or isinstance(offset, bool):
@@ -95,6 +99,7 @@ def _route(state: SimState, method: str, parts: list[str], query: str, body: byt
                 | ["account", _]
                 | ["faults"]
                 | ["clock"]
+                | ["prices"]
                 | ["requests"]
                 | ["weight"]
                 | ["foreign-weight"]

@@ -175,7 +175,8 @@ def exporter_config(
     base_url: str, accounts: list[GeneratedAccount], *, budget: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Config data (as config.yaml would hold it) for an exporter polling the simulator."""
-    data: dict[str, Any] = {"binance": {"base_url": base_url}}
+    # The simulator serves the spot price ticker too.
+    data: dict[str, Any] = {"binance": {"base_url": base_url}, "prices": {"base_url": base_url}}
     if budget is not None:
         data["budget"] = dict(budget)
     data["accounts"] = [dict(account.config) for account in accounts]

@@ -46,6 +46,7 @@ class Simulator:
         assets_per_account: int = 8,
         seed: int = 0,
         ban_after_429s: int = 3,
+        spot_weight_limit: int = 6000,
     ) -> None:
         self.state = SimState(
             accounts,
@@ -54,6 +55,7 @@ class Simulator:
             assets_per_account=assets_per_account,
             seed=seed,
             ban_after_429s=ban_after_429s,
+            spot_weight_limit=spot_weight_limit,
         )
         self._address = (host, port)
         self._stopping = threading.Event()
@@ -181,6 +183,14 @@ class Simulator:
 
     def weight_used(self, client_ip: str = "127.0.0.1") -> int:
         return self.state.weights.used(client_ip, self.state.now_ms())
+
+    def spot_weight_used(self, client_ip: str = "127.0.0.1") -> int:
+        """Weight used on the spot API's pool (the price ticker) this minute."""
+        return self.state.spot_weights.used(client_ip, self.state.now_ms())
+
+    def set_price(self, symbol: str, price: str | None) -> None:
+        """Serve `price` for `symbol` in /api/v3/ticker/price; None removes the symbol."""
+        self.state.prices.set(symbol, price)
 
     def add_foreign_weight(self, client_ip: str, weight: int) -> None:
         self.state.weights.add(client_ip, weight, self.state.now_ms())
