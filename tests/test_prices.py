@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from faultkit import captured_logs
 from harness import RunningExporter, fast_config, wait_until
@@ -274,3 +275,22 @@ def test_prices_config_and_summary(tmp_path: Path) -> None:
         {"prices": {"enabled": False}, "accounts": [account]}, environ={}, base_dir=tmp_path
     )
     assert "prices: off" in summarize(off)
+
+
+def test_the_simulator_serves_the_ticker_on_a_weight_pool_of_its_own() -> None:
+    with Simulator([]) as sim, httpx.Client(base_url=sim.url, timeout=5) as http:
+        response = http.get(TICKER)
+        assert response.status_code == 200
+        assert {"symbol": "BTCUSDT", "price": "65000.00000000"} in response.json()
+        assert response.headers["X-MBX-USED-WEIGHT-1M"] == "4"
+        assert sim.weight_used() == 0
+        patched = http.patch("/_sim/prices", json={"BTCUSDT": None, "NEWUSDT": "2.5"})
+        assert patched.status_code == 200
+        symbols = {entry["symbol"]: entry["price"] for entry in http.get(TICKER).json()}
+        assert "BTCUSDT" not in symbols
+        assert symbols["NEWUSDT"] == "2.5"
+        assert sim.spot_weight_used() == 8
+        # A fault that names no endpoint is the PM API's: the ticker is another host.
+        sim.inject_fault("status", status=500)
+        assert http.get(TICKER).status_code == 200
+        assert http.get("/papi/v1/time").status_code == 500
