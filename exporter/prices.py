@@ -25,6 +25,7 @@ import structlog
 
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient, RequestReport
+from exporter.binance.models import AssetBalance
 from exporter.budget import BudgetLimits, WeightBudget
 from exporter.selfmetrics import Instruments
 from exporter.valuation import Price, Quote, usd_price
@@ -37,6 +38,31 @@ ENDPOINT = "ticker_price"
 #: 30 s interval spends (8/min) and more than the 5 s minimum needs (48/min)
 PRICE_BUDGET_SHARE = 0.01
 _NO_QUOTES: Mapping[str, Quote] = MappingProxyType({})
+
+
+#: net value of an asset: these balance fields with their signs (assets minus liabilities;
+#: negativeBalance by its size, its sign being undocumented), as account:binance_pm_net_usd:sum
+NET_FIELDS = {
+    "totalWalletBalance": 1.0,
+    "umUnrealizedPNL": 1.0,
+    "cmUnrealizedPNL": 1.0,
+    "crossMarginBorrowed": -1.0,
+    "crossMarginInterest": -1.0,
+}
+
+
+def net_usd(balances: Iterable[AssetBalance], book: PriceBook) -> tuple[float, list[str]]:
+    """The net USD value of an account's assets, and the assets left out (no price)."""
+    total, unpriced = 0.0, []
+    for balance in balances:
+        price = book.price(balance.asset)
+        if price is None:
+            unpriced.append(balance.asset)
+            continue
+        values = balance.values
+        units = sum(sign * values.get(field, 0.0) for field, sign in NET_FIELDS.items())
+        total += (units - abs(values.get("negativeBalance", 0.0))) * price.usd
+    return total, unpriced
 
 
 def price_budget_limits(high_water: float) -> BudgetLimits:

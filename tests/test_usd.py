@@ -8,37 +8,21 @@ float rounding; a real account differs by Binance's index prices and haircuts.""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 
 import pytest
+from faultkit import captured_logs
 from harness import RunningExporter, accounts, fast_config, wait_until
 
+from exporter.prices import net_usd
 from exporter.simulator import Simulator, synthetic
-from exporter.snapshot import AccountSnapshot
-from exporter.valuation import Price
+from exporter.simulator.demo import log_usd_totals
 
 #: relative tolerance of the check (float rounding of ~20 products of 8-decimal amounts)
 TOLERANCE = 1e-6
 ASSETS = 20  # well-known assets, then ASSET16.. priced through USDC, BTC and USDT pairs
-
-
-def net_usd(account: AccountSnapshot, price: dict[str, Price | None]) -> float:
-    """What the recording rule account:binance_pm_net_usd:sum computes."""
-    total = 0.0
-    for balance in account.balances:
-        found = price[balance.asset]
-        assert found is not None, f"{balance.asset} has no price"
-        v = balance.values
-        units = (
-            v.get("totalWalletBalance", 0.0)
-            + v.get("umUnrealizedPNL", 0.0)
-            + v.get("cmUnrealizedPNL", 0.0)
-            - v.get("crossMarginBorrowed", 0.0)
-            - v.get("crossMarginInterest", 0.0)
-            - abs(v.get("negativeBalance", 0.0))
-        )
-        total += units * found.usd
-    return total
 
 
 def test_net_usd_of_every_simulated_account_is_its_actual_equity() -> None:
@@ -59,8 +43,22 @@ def test_net_usd_of_every_simulated_account_is_its_actual_equity() -> None:
             book = exporter.price_store.current
     routes = {book.price(a).route for a in snapshot.assets if book.price(a)}  # type: ignore[union-attr]
     assert {"usd", "BTCUSDT", "ASSET16USDC", "ASSET17BTC*BTCUSDT", "ASSET18USDT"} <= routes
-    prices = {asset: book.price(asset) for asset in snapshot.assets}
     for account in snapshot.accounts.values():
         assert account.info is not None
         equity = account.info.values["actualEquity"]
-        assert net_usd(account, prices) == pytest.approx(equity, rel=TOLERANCE), account.name
+        net, unpriced = net_usd(account.balances, book)
+        assert unpriced == []
+        assert net == pytest.approx(equity, rel=TOLERANCE), account.name
+
+    # The demo logs the same figures.
+    async def one_round(seconds: float) -> None:
+        if rounds:
+            raise asyncio.CancelledError
+        rounds.append(seconds)
+
+    rounds: list[float] = []
+    with captured_logs() as logs, contextlib.suppress(asyncio.CancelledError):
+        asyncio.run(log_usd_totals(exporter.store, exporter.price_store, sleep=one_round))
+    (event,) = logs.events("demo_usd_totals")
+    for name, figures in event["accounts"].items():
+        assert figures["net_usd"] == pytest.approx(figures["actual_equity_usd"], abs=0.01), name
