@@ -149,20 +149,27 @@ class PriceSource:
         await self._budget.acquire(WEIGHTS[ENDPOINT])
         try:
             prices = await self._client.ticker_prices()
+            book = self._store.current.updated(prices, self._clock())
+            self._store.replace(book)
+            self._report_unpriced(book)
         except errors.BinanceError as exc:
             self._note_pause(exc)
-            state = f"{exc.outcome}:{getattr(exc, 'code', '')}"
-            if state != self._failure:
-                self._failure = state
-                log.warning("prices_failed", outcome=exc.outcome, error=str(exc))
+            self._log_failure(exc.outcome, getattr(exc, "code", ""), str(exc))
+            return False
+        except Exception as exc:  # the price loop's one broad boundary: it must not die
+            self._log_failure("crashed", "", type(exc).__name__)
             return False
         if self._failure is not None:
             log.info("prices_recovered")
             self._failure = None
-        book = self._store.current.updated(prices, self._clock())
-        self._store.replace(book)
-        self._report_unpriced(book)
         return True
+
+    def _log_failure(self, outcome: str, code: object, error: str) -> None:
+        """A warning when the failure changes, not on every refresh of a lasting one."""
+        state = f"{outcome}:{code}"
+        if state != self._failure:
+            self._failure = state
+            log.warning("prices_failed", outcome=outcome, error=error)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -294,3 +294,15 @@ def test_the_simulator_serves_the_ticker_on_a_weight_pool_of_its_own() -> None:
         sim.inject_fault("status", status=500)
         assert http.get(TICKER).status_code == 200
         assert http.get("/papi/v1/time").status_code == 500
+
+
+def test_a_bug_in_one_refresh_does_not_end_the_price_loop(setup: Setup) -> None:
+    def broken() -> set[str]:
+        raise RuntimeError("held assets unreadable")
+
+    setup.source._held = broken
+    with captured_logs() as logs:
+        assert not setup.refresh()
+    (event,) = logs.events("prices_failed")
+    assert event["outcome"] == "crashed"
+    assert event["error"] == "RuntimeError"
