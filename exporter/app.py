@@ -98,6 +98,8 @@ class Exporter:
                     clock=clock,
                 )
             )
+        #: the spot prices, read by the price metrics at scrape time
+        self.price_store = PriceStore(PriceBook(frozenset(config.prices.usd_assets)))
         self.prices = self._price_source(config, clock)
         budgets = self.budgets + ([self.prices.budget] if self.prices is not None else [])
         live: list[Collector] = [instruments.requests, instruments.duration]
@@ -117,7 +119,6 @@ class Exporter:
     def _price_source(self, config: Config, clock: Callable[[], float]) -> PriceSource | None:
         """The spot price source, on a budget of its own (the spot API's weight pool)."""
         settings = config.prices
-        self.price_store = PriceStore(PriceBook(frozenset(settings.usd_assets)))
         if not settings.enabled:
             return None
         limits = price_budget_limits(config.budget.ip_high_water)

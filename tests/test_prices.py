@@ -13,8 +13,9 @@ import httpx
 import pytest
 from faultkit import captured_logs
 from harness import RunningExporter, fast_config, wait_until
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
+from exporter.app import Exporter
 from exporter.binance.client import BinanceClient
 from exporter.budget import BudgetLimits, WeightBudget
 from exporter.config import parse_config
@@ -306,3 +307,15 @@ def test_a_bug_in_one_refresh_does_not_end_the_price_loop(setup: Setup) -> None:
     (event,) = logs.events("prices_failed")
     assert event["outcome"] == "crashed"
     assert event["error"] == "RuntimeError"
+
+
+def test_prices_disabled_means_no_source_and_no_price_series(tmp_path: Path) -> None:
+    data = {
+        "prices": {"enabled": False},
+        "accounts": [{"name": "a", "api_key": "k", "api_secret": "s"}],
+    }
+    exporter = Exporter(parse_config(data, environ={}, base_dir=tmp_path))
+    assert exporter.prices is None
+    text = generate_latest(exporter.registry).decode()
+    assert "binance_pm_asset_price_usd" not in text
+    assert 'egress="spot:' not in text
