@@ -16,6 +16,8 @@ from exporter.budget import WeightBudget, refresh_interval, shard_limits
 from exporter.config import AccountConfig, Config
 from exporter.exposition import CachedExposition
 from exporter.poller import BACKOFF_CAP_SECONDS, EgressPoller, PollSettings, Target
+from exporter.pricemetrics import PriceCollector
+from exporter.prices import PriceBook, PriceSource, PriceStore, price_budget_limits
 from exporter.route import Route
 from exporter.selfmetrics import BudgetCollector, BuildInfoCollector, Instruments
 from exporter.server import ExporterApp, MetricsServer
@@ -94,10 +96,39 @@ class Exporter:
                     clock=clock,
                 )
             )
-        self.registry.register(BudgetCollector(self.budgets))
+        #: the spot prices, read by the price metrics at scrape time
+        self.price_store = PriceStore(PriceBook(frozenset(config.prices.usd_assets)))
+        self.prices = self._price_source(config, clock)
+        budgets = self.budgets + ([self.prices.budget] if self.prices is not None else [])
+        self.registry.register(BudgetCollector(budgets))
         self.registry.register(BuildInfoCollector())
+        if self.prices is not None:
+            self.registry.register(PriceCollector(self.store, self.price_store))
         #: the snapshot's families, rendered once per snapshot change
         self.exposition = CachedExposition(self.store)
+
+    def _price_source(self, config: Config, clock: Callable[[], float]) -> PriceSource | None:
+        """The spot price source, on a budget of its own (the spot API's weight pool)."""
+        settings = config.prices
+        if not settings.enabled:
+            return None
+        limits = price_budget_limits(config.budget.ip_high_water)
+        return PriceSource(
+            make_client=partial(
+                BinanceClient,
+                base_url=settings.base_url,
+                timeout_seconds=config.binance.timeout_seconds,
+                recv_window_ms=config.binance.recv_window_ms,
+                clock=clock,
+                route=settings.route,
+            ),
+            budget=WeightBudget(f"spot:{settings.route.label}", limits, clock=clock),
+            store=self.price_store,
+            instruments=self.instruments,
+            interval=settings.interval_seconds,
+            held=lambda: self.store.current.assets,
+            clock=clock,
+        )
 
     def serve_http(self, host: str, port: int, web: WebConfig | None = None) -> MetricsServer:
         """Serve /metrics and the other endpoints on host:port, with TLS and auth from `web`."""
@@ -110,6 +141,8 @@ class Exporter:
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until `stop` is set, then let in-flight requests finish within the grace."""
         tasks = [asyncio.create_task(p.run(), name="poller") for p in self.pollers]
+        if self.prices is not None:
+            tasks.append(asyncio.create_task(self.prices.run(), name="prices"))
         if not self.accounts:
             log.warning(
                 "no_accounts_in_shard", shard=str(self.shard), configured=len(self.config.accounts)
@@ -127,6 +160,8 @@ class Exporter:
             task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(p.drain(SHUTDOWN_GRACE_SECONDS) for p in self.pollers))
+        if self.prices is not None:
+            await self.prices.aclose()
         stopped.cancel()
         for result in results:
             if isinstance(result, Exception):  # a poller loop must never die on its own

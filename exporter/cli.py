@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
             tls=bool(web_config and web_config.ssl_context),
         )
         try:
-            asyncio.run(_run_until_signalled(exporter))
+            asyncio.run(_run_until_signalled(exporter, demo=args.demo))
         finally:
             server.close()
         log.info("stopped")
@@ -176,12 +176,21 @@ def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> Iterator[Co
     yield config
 
 
-async def _run_until_signalled(exporter: Exporter) -> None:
+async def _run_until_signalled(exporter: Exporter, *, demo: bool = False) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _stop, stop, signum)
-    await exporter.run(stop)
+    if not demo:
+        await exporter.run(stop)
+        return
+    from exporter.simulator.demo import log_usd_totals  # noqa: PLC0415 - demo only
+
+    usd = asyncio.create_task(log_usd_totals(exporter.store, exporter.price_store))
+    try:
+        await exporter.run(stop)
+    finally:
+        usd.cancel()
 
 
 def _stop(stop: asyncio.Event, signum: int) -> None:

@@ -30,13 +30,14 @@ class Instruments(Collector):
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
             "binance_pm_requests",
-            "Requests to the Binance PM API, by endpoint and outcome.",
+            "Requests to Binance (the PM API; ticker_price: the spot API's prices), "
+            "by endpoint and outcome.",
             ["endpoint", "outcome"],
             registry=None,
         )
         self.duration = Histogram(
             "binance_pm_request_duration_seconds",
-            "Time from sending a request to the Binance PM API to its complete response.",
+            "Time from sending a request to Binance to its complete response.",
             ["endpoint"],
             buckets=LATENCY_BUCKETS,
             registry=None,

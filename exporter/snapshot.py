@@ -61,6 +61,11 @@ class Snapshot:
         """Accounts that have not completed a refresh yet."""
         return [name for name, account in self.accounts.items() if not account.attempted]
 
+    @property
+    def assets(self) -> frozenset[str]:
+        """Every asset held by any account: those the price metrics value."""
+        return frozenset(b.asset for a in self.accounts.values() for b in a.balances)
+
 
 class SnapshotStore:
     """Holds the current snapshot; `replace` swaps in a copy with one account changed."""

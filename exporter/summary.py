@@ -8,7 +8,7 @@ from collections import Counter
 from exporter.budget import refresh_interval, shard_limits
 from exporter.config import Config, ConfigError
 from exporter.shard import WHOLE, Shard
-from exporter.weights import refresh_weight
+from exporter.weights import SPOT_IP_WEIGHT_LIMIT_PER_MINUTE, WEIGHTS, refresh_weight
 
 
 def check_budget(config: Config) -> None:
@@ -54,6 +54,7 @@ def summarize(config: Config, shard: Shard = WHOLE) -> str:
             f" = {_num(by_budget)} s by budget, min_interval {_num(budget.min_interval_seconds)}"
             f" s -> each account every {_num(interval)} s ({binding})"
         )
+    lines.append(_prices_line(config))
     lines.append(f"accounts ({len(config.accounts)}):")
     width = max(len(a.name) for a in config.accounts)
     lines += [
@@ -68,6 +69,21 @@ def summarize(config: Config, shard: Shard = WHOLE) -> str:
             + (", ".join(names) or "none")
         )
     return "\n".join(lines)
+
+
+def _prices_line(config: Config) -> str:
+    prices = config.prices
+    if not prices.enabled:
+        return "prices: off (no binance_pm_asset_price_usd; USD rules and panels stay empty)"
+    weight = WEIGHTS["ticker_price"]
+    per_minute = weight * 60 / prices.interval_seconds
+    return (
+        f"prices: GET {prices.base_url}/api/v3/ticker/price every"
+        f" {_num(prices.interval_seconds)} s = {weight} x {_num(60 / prices.interval_seconds)}"
+        f" = {_num(per_minute)} weight/min of the spot API's own"
+        f" {SPOT_IP_WEIGHT_LIMIT_PER_MINUTE}/min (egress {prices.route.label});"
+        f" 1 USD each: {', '.join(prices.usd_assets)}"
+    )
 
 
 def _num(value: float) -> str:

@@ -1,11 +1,18 @@
-"""Request weights of the PM API endpoints the exporter calls (Binance's docs), and the
-weight of one account refresh. Standard library only: the client, the budget, the poller
-and the --check-config summary all read these figures from here."""
+"""Request weights of the Binance endpoints the exporter calls (Binance's docs), and the
+weight of one account refresh. Standard library only: the client, the budget, the poller,
+the price source and the --check-config summary all read these figures from here.
+
+`ticker_price` is on the spot API (api.binance.com), which counts weight in a pool of its
+own, apart from the PM API's: it is spent from the price source's budget, never the PM one.
+"""
 
 from __future__ import annotations
 
 #: request weight of each endpoint, per Binance's docs
-WEIGHTS = {"balance": 20, "account": 20, "time": 1, "listen_key": 1}
+WEIGHTS = {"balance": 20, "account": 20, "time": 1, "listen_key": 1, "ticker_price": 4}
+
+#: the spot API's request-weight limit per IP and minute (its own pool, Binance's docs)
+SPOT_IP_WEIGHT_LIMIT_PER_MINUTE = 6000
 
 
 def refresh_weight(account_info: bool) -> int:

@@ -342,6 +342,8 @@ def overview() -> dict[str, Any]:
         )
     )
 
+    usd_overview_panels(board, sel)
+
     board.with_row(dash_b.Row("Balances"))
     board.with_panel(
         table_b.Panel()
@@ -548,6 +550,8 @@ def account_detail() -> dict[str, Any]:
         .span(6)
     )
 
+    usd_account_panels(board, acc, asset)
+
     board.with_row(dash_b.Row("Assets"))
     table_targets: list[Any] = [
         query(f"{f.metric}{{{asset}}}", f.title, chr(ord("A") + i), instant=True)
@@ -620,6 +624,223 @@ def account_detail() -> dict[str, Any]:
         )
     )
     return finish(board)
+
+
+# --- USD values (prices from the exporter, multiplied by the recording rules) ----------
+
+# Per-account USD sums of prometheus/alerts.yml: (recording rule, title).
+USD_TOTALS: list[tuple[str, str]] = [
+    ("account:binance_pm_net_usd:sum", "Net"),
+    ("account:binance_pm_wallet_balance_usd:sum", "Wallet"),
+    ("account:binance_pm_cross_margin_borrowed_usd:sum", "Borrowed"),
+    ("account:binance_pm_cross_margin_interest_usd:sum", "Interest"),
+    ("account:binance_pm_negative_balance_usd:sum", "Negative balance"),
+    ("account:binance_pm_um_unrealized_pnl_usd:sum", "UM unrealized PnL"),
+    ("account:binance_pm_cm_unrealized_pnl_usd:sum", "CM unrealized PnL"),
+]
+# Per-asset amounts shown in USD on the Account detail dashboard: (metric, title).
+ASSET_USD_FIELDS: list[tuple[str, str]] = [
+    ("binance_pm_wallet_balance", "Wallet"),
+    ("binance_pm_cross_margin_borrowed", "Borrowed"),
+    ("binance_pm_cross_margin_interest", "Interest"),
+    ("binance_pm_negative_balance", "Negative balance"),
+    ("binance_pm_um_unrealized_pnl", "UM unrealized PnL"),
+    ("binance_pm_cm_unrealized_pnl", "CM unrealized PnL"),
+]
+USD_NOTE = (
+    "Valued at the last spot prices (binance_pm_asset_price_usd, README: USD values); "
+    "assets without a price are left out."
+)
+
+
+def in_usd(amount: str, sel: str) -> str:
+    """A per-asset amount times its asset's price, as the recording rules join them."""
+    return f"{amount} * on (job, instance, asset) group_left binance_pm_asset_price_usd{{{sel}}}"
+
+
+def usd_overview_panels(board: dash_b.Dashboard, sel: str) -> None:
+    """The desk's totals in USD and each account's, on the Overview."""
+    board.with_row(dash_b.Row("USD (at spot prices)"))
+    grand = [
+        ("Net, all accounts", "account:binance_pm_net_usd:sum", "Assets minus liabilities"),
+        ("Borrowed, all accounts", "account:binance_pm_cross_margin_borrowed_usd:sum",
+         "Cross margin borrowed"),
+        ("Interest, all accounts", "account:binance_pm_cross_margin_interest_usd:sum",
+         "Cross margin interest"),
+        ("Negative balances, all accounts", "account:binance_pm_negative_balance_usd:sum",
+         "Negative balances (any sign)"),
+    ]  # fmt: skip
+    for title, rule, what in grand:
+        panel = stat(
+            title,
+            f"{what} of every account together, in USD. {USD_NOTE}",
+            "currencyUSD",
+            [query(f"sum({rule}{{{sel}}})", title)],
+            width=5,
+        )
+        if rule == "account:binance_pm_negative_balance_usd:sum":
+            panel = panel.thresholds(thresholds((None, "green"), (1e-9, "red")))
+            panel = panel.color_mode(common.BigValueColorMode.BACKGROUND)
+        else:
+            panel = panel.color_mode(common.BigValueColorMode.NONE)
+        board.with_panel(panel)
+    board.with_panel(
+        stat(
+            "Unrealized PnL, all accounts",
+            f"UM and CM unrealized PnL of every account together, in USD. {USD_NOTE}",
+            "currencyUSD",
+            [
+                query(
+                    f"sum(account:binance_pm_um_unrealized_pnl_usd:sum{{{sel}}})"
+                    f" + (sum(account:binance_pm_cm_unrealized_pnl_usd:sum{{{sel}}}) or vector(0))",
+                    "unrealized PnL",
+                )
+            ],
+            width=4,
+        ).color_mode(common.BigValueColorMode.NONE)
+    )
+    board.with_panel(
+        table_b.Panel()
+        .title("USD by account")
+        .description(
+            "Per account: net (wallet + UM and CM unrealized PnL - borrowed - interest - "
+            f"negative balance), and each part, in USD. {USD_NOTE}"
+        )
+        .unit("currencyUSD")
+        .datasource(DATASOURCE)
+        .targets(
+            [
+                query(f"{rule}{{{sel}}}", ref=chr(ord("A") + i), instant=True)
+                for i, (rule, _) in enumerate(USD_TOTALS)
+            ]
+        )
+        .with_transformation(dash.DataTransformerConfig(id_val="merge", options={}))
+        .with_transformation(
+            organize(
+                ["Time", "job", "instance"],
+                {f"Value #{chr(ord('A') + i)}": title for i, (_, title) in enumerate(USD_TOTALS)},
+            )
+        )
+        .sort_by([common_b.TableSortByFieldState().display_name("Net").desc(True)])
+        .height(8)
+        .span(12)
+    )
+    board.with_panel(
+        timeseries(
+            "Net USD by account",
+            f"Assets minus liabilities per account, in USD. {USD_NOTE}",
+            "currencyUSD",
+            [query(f"account:binance_pm_net_usd:sum{{{sel}}}", "{{account}}")],
+        )
+    )
+    board.with_panel(
+        timeseries(
+            "Borrowed and negative balances in USD by account",
+            f"Cross margin borrowed and negative balances per account, in USD. {USD_NOTE}",
+            "currencyUSD",
+            [
+                query(
+                    f"account:binance_pm_cross_margin_borrowed_usd:sum{{{sel}}}",
+                    "borrowed {{account}}",
+                    "A",
+                ),
+                query(
+                    f"account:binance_pm_negative_balance_usd:sum{{{sel}}}",
+                    "negative {{account}}",
+                    "B",
+                ),
+            ],
+        )
+    )
+    board.with_panel(
+        timeseries(
+            "Unrealized PnL in USD by account",
+            f"UM and CM unrealized PnL per account, in USD. {USD_NOTE}",
+            "currencyUSD",
+            [
+                query(
+                    f"account:binance_pm_um_unrealized_pnl_usd:sum{{{sel}}}", "UM {{account}}", "A"
+                ),
+                query(
+                    f"account:binance_pm_cm_unrealized_pnl_usd:sum{{{sel}}}", "CM {{account}}", "B"
+                ),
+            ],
+        )
+    )
+
+
+def usd_account_panels(board: dash_b.Dashboard, acc: str, asset: str) -> None:
+    """The account's USD totals, and each asset's USD value beside its amount."""
+    board.with_row(dash_b.Row("USD (at spot prices)"))
+    for rule, title in USD_TOTALS[:5]:
+        board.with_panel(
+            stat(
+                f"{title} (USD)",
+                f"{title} of the account, in USD ({rule}). {USD_NOTE}",
+                "currencyUSD",
+                [query(f"{rule}{{{acc}}}", title)],
+                width=4,
+            ).color_mode(common.BigValueColorMode.NONE)
+        )
+    board.with_panel(
+        stat(
+            "Price age",
+            "Age of the oldest spot price behind the selected assets' USD values "
+            "(binance_pm_price_update_timestamp_seconds); BinancePMPricesStale fires past 5 min.",
+            "s",
+            [
+                query(
+                    f"max(time() - (binance_pm_wallet_balance{{{asset}}} * 0"
+                    " + on (job, instance, asset) group_left"
+                    f" binance_pm_price_update_timestamp_seconds{{{TARGET}}}))",
+                    "age",
+                )
+            ],
+            width=4,
+        ).color_mode(common.BigValueColorMode.NONE)
+    )
+    targets: list[Any] = [
+        query(f"binance_pm_wallet_balance{{{asset}}}", "Wallet amount", "A", instant=True),
+        query(f"binance_pm_wallet_balance{{{asset}}} * 0 + on (job, instance, asset) group_left "
+              f"binance_pm_asset_price_usd{{{TARGET}}}", "Price", "B", instant=True),
+    ]  # fmt: skip
+    targets += [
+        query(in_usd(f"{metric}{{{asset}}}", TARGET), title, chr(ord("C") + i), instant=True)
+        for i, (metric, title) in enumerate(ASSET_USD_FIELDS)
+    ]
+    rename = {"Value #A": "Wallet (amount)", "Value #B": "Price (USD)"}
+    rename |= {
+        f"Value #{chr(ord('C') + i)}": f"{title} (USD)"
+        for i, (_, title) in enumerate(ASSET_USD_FIELDS)
+    }
+    board.with_panel(
+        table_b.Panel()
+        .title("USD value by asset")
+        .description(
+            "Each selected asset's wallet amount, its price, and its amounts in USD "
+            f"(amount x price). {USD_NOTE}"
+        )
+        .unit("currencyUSD")
+        .datasource(DATASOURCE)
+        .targets(targets)
+        .with_transformation(dash.DataTransformerConfig(id_val="merge", options={}))
+        .with_transformation(organize(["Time", "job", "instance", "account"], rename))
+        .sort_by([common_b.TableSortByFieldState().display_name("Wallet (USD)").desc(True)])
+        .override_by_name(
+            "Wallet (amount)", [dash.DynamicConfigValue(id_val="unit", value="short")]
+        )
+        .height(10)
+        .span(16)
+    )
+    board.with_panel(
+        timeseries(
+            "Wallet in USD by asset",
+            f"totalWalletBalance x price per asset, in USD. {USD_NOTE}",
+            "currencyUSD",
+            [query(in_usd(f"binance_pm_wallet_balance{{{asset}}}", TARGET), "{{asset}}")],
+            width=8,
+        )
+    )
 
 
 def exporter_health() -> dict[str, Any]:

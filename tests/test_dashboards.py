@@ -69,6 +69,8 @@ EXPORTER_METRICS = {
     "binance_pm_pauses_total",
     "binance_pm_account_consecutive_failures",
     "binance_pm_exporter_build_info",
+    "binance_pm_asset_price_usd",
+    "binance_pm_price_update_timestamp_seconds",
 }
 SAMPLE_VALUES = {"job": "binance-pm-exporter", "instance": "127.0.0.1:9745"}
 SAMPLE_VALUES |= {"account": "desk-a", "asset": "USDT", "datasource": "prometheus"}

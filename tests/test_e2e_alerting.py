@@ -420,3 +420,81 @@ def test_negative_balance_alert_reaches_webhook_and_resolves(
             f"\nnegative balance -> webhook (firing): {fired_after:.2f} s; "
             f"cleared -> webhook (resolved): {resolved_after:.2f} s"
         )
+
+
+def _panel_query(dashboard: str, title: str) -> str:
+    """The (only) query of the panel `title` of `dashboard`."""
+    board = load_dashboards()[dashboard]
+    (query,) = [q for q in queries(dashboard, board) if q.panel == title]
+    return query.expr
+
+
+def test_usd_total_and_a_large_negative_balance_page_with_its_dollar_figure(
+    stack: Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wait_for("samples in Prometheus", lambda: _prometheus_has_samples(stack), timeout=60)
+    values = _scraped_values(stack)
+    wait_for(
+        "USD totals recorded",
+        lambda: len(stack.promql(f'account:binance_pm_net_usd:sum{{job="{JOB}"}}')) == ACCOUNTS,
+        timeout=30,
+    )
+    # The Overview's grand total, as Grafana would ask for it: the simulator prices its
+    # assets consistently, so it is the sum of the accounts' actualEquity (1e-6).
+    # (waited for: the recording rules may lag the last scrape by one evaluation)
+    grand_total = substitute(_panel_query("overview.json", "Net, all accounts"), values)
+    seen: list[tuple[float, float]] = []
+
+    def totals_agree() -> bool:
+        net = stack.promql(grand_total)
+        equity = stack.promql(f'sum(binance_pm_actual_equity_usd{{job="{JOB}"}})')
+        seen.append((float(net[0]["value"][1]), float(equity[0]["value"][1])))
+        return seen[-1][0] == pytest.approx(seen[-1][1], rel=1e-6)
+
+    try:
+        wait_for("net USD = sum of actualEquity", totals_agree, timeout=15)
+    except AssertionError as error:
+        raise AssertionError(f"{error}: (net, equity) {seen[-3:]}") from None
+    total = seen[-1][0]
+    assert total > 0
+
+    # 0.2 BTC owed at the simulator's 65000 USD: 13000 USD, over the 10000 USD threshold.
+    account = values["account"]
+    labels = {"alertname": "BinancePMNegativeBalanceLarge", "account": account}
+    patch_url = f"{stack.sim_url}/_sim/assets/{account}/BTC"
+    response = stack.http.patch(patch_url, json={"negativeBalance": "0.2"})
+    assert response.status_code < 300, response.text
+    try:
+        _, alert = stack.webhook.wait("firing", {**labels, "severity": "critical"}, timeout=45)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{stack.logs()}") from None
+    # The per-asset alert fires too, its USD value in its description (read from Prometheus:
+    # the webhook's queue may have passed it while waiting for the page).
+    small = wait_for(
+        "BinancePMNegativeBalance on BTC",
+        lambda: next(
+            (
+                a
+                for a in stack.http.get(f"{stack.prometheus_url}/api/v1/alerts").json()["data"][
+                    "alerts"
+                ]
+                if a["labels"]["alertname"] == ALERT and a["labels"].get("asset") == "BTC"
+            ),
+            None,
+        ),
+        timeout=30,
+    )
+    assert "13000.00 USD" in alert["annotations"]["summary"]
+    assert "worth 13000.00 USD" in alert["annotations"]["description"]
+    assert alert["annotations"]["runbook_url"].endswith("#binancepmnegativebalancelarge")
+    assert "Worth 13000.00 USD" in small["annotations"]["description"]
+
+    response = stack.http.patch(patch_url, json={"negativeBalance": "0"})
+    assert response.status_code < 300, response.text
+    try:
+        stack.webhook.wait("resolved", labels, timeout=45)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{stack.logs()}") from None
+    wait_for("no alert firing", lambda: not _firing(stack), timeout=30)
+    with capsys.disabled():
+        print(f"\nnet USD of all accounts: {total:.2f}; page: {alert['annotations']['summary']}")

@@ -14,18 +14,25 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.simulator import Simulator
 from exporter.simulator.demo import GeneratedAccount, generate_account
+from exporter.simulator.state import RequestRecord
 
 EGRESS = {"a-0": "127.0.0.2", "a-1": "127.0.0.2", "b-0": "127.0.0.3", "b-1": "127.0.0.3"}
 
 
 def egress_gauges(url: str, name: str) -> dict[tuple[str, ...], float]:
+    """The PM egresses' series (the price source's `spot:...` budget left out)."""
     text = httpx.get(f"{url}/metrics").text
     return {
         tuple(s.labels.values()): s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == name
+        if s.name == name and not s.labels["egress"].startswith("spot:")
     }
+
+
+def pm_requests(sim: Simulator) -> list[RequestRecord]:
+    """The requests to the PM API (the price ticker is the spot API's)."""
+    return [r for r in sim.requests if r.path.startswith("/papi/")]
 
 
 @pytest.fixture
@@ -48,9 +55,9 @@ def test_each_egress_has_its_own_budget_and_the_simulator_sees_each_ip(
 ) -> None:
     sim, running = setup
     assert [b.egress for b in running.exporter.budgets] == ["source:127.0.0.2", "source:127.0.0.3"]
-    by_ip = {r.client_ip for r in sim.requests}
+    by_ip = {r.client_ip for r in pm_requests(sim)}
     assert by_ip == {"127.0.0.2", "127.0.0.3"}
-    for record in sim.requests:
+    for record in pm_requests(sim):
         if record.account is not None:
             assert record.client_ip == EGRESS[record.account]
     spent = egress_gauges(running.url, "binance_pm_weight_spent_total")
@@ -80,10 +87,10 @@ def test_a_ban_of_one_ip_pauses_only_that_ips_accounts(
     assert gauge == {("source:127.0.0.2",): paused_until, ("source:127.0.0.3",): 0.0}
 
     def resumed() -> bool:
-        return any(r.client_ip == "127.0.0.2" and r.time >= paused_until for r in sim.requests)
+        return any(r.client_ip == "127.0.0.2" and r.time >= paused_until for r in pm_requests(sim))
 
     wait_until(resumed, timeout=30, what="the banned IP to poll again")
-    log = sim.requests
+    log = pm_requests(sim)
     ban = next(i for i, r in enumerate(log) if r.status == 418)
     during = [r for r in log[ban + 1 :] if r.time < paused_until]
     # at most one request of the banned IP after the 418: the other account's, already on

@@ -180,8 +180,10 @@ def test_a_real_exporters_metrics_equal_the_full_registry_and_pass_promtool() ->
         with RunningExporter(config) as running:
             exporter = running.exporter
             wait_until(lambda: not exporter.store.current.pending, what="every account refreshed")
+            wait_until(lambda: exporter.price_store.current.fetched, what="prices fetched")
             polling = httpx.get(f"{running.url}/metrics").text
             assert 'binance_pm_up{account="desk-0"} 1.0' in polling
+            assert 'binance_pm_asset_price_usd{asset="BTC"} 65000.0' in polling
             running.stop_polling()
             # Stopped: nothing moves any more, so both renderings see the same values.
             everything = reference_registry(exporter)

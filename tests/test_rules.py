@@ -121,3 +121,39 @@ def test_negative_balance_alert_fires_at_once_on_any_sign() -> None:
     assert rule.get("for") in (None, "0s", "0m")
     assert rule["labels"]["severity"] == "critical"
     assert re.fullmatch(r"binance_pm_negative_balance\s*!=\s*0", rule["expr"].strip())
+
+
+USD_RECORDS = {
+    "account:binance_pm_wallet_balance_usd:sum": "binance_pm_wallet_balance",
+    "account:binance_pm_cross_margin_borrowed_usd:sum": "binance_pm_cross_margin_borrowed",
+    "account:binance_pm_cross_margin_interest_usd:sum": "binance_pm_cross_margin_interest",
+    "account:binance_pm_negative_balance_usd:sum": "binance_pm_negative_balance",
+    "account:binance_pm_um_unrealized_pnl_usd:sum": "binance_pm_um_unrealized_pnl",
+    "account:binance_pm_cm_unrealized_pnl_usd:sum": "binance_pm_cm_unrealized_pnl",
+}
+
+
+def test_usd_rules_multiply_each_amount_by_its_price_per_account() -> None:
+    data = yaml.safe_load(RULES.read_text())
+    records = {r["record"]: r["expr"] for g in data["groups"] for r in g["rules"] if "record" in r}
+    for record, amount in USD_RECORDS.items():
+        expr = " ".join(records[record].split())
+        assert amount in expr, record
+        assert "* on (job, instance, asset) group_left binance_pm_asset_price_usd" in expr
+        assert expr.startswith("sum without (asset)"), record
+    assert "account:binance_pm_net_usd:sum" in records
+
+
+def test_large_negative_balance_threshold_is_the_runbooks() -> None:
+    rule = next(r for r in _alerts() if r["alert"] == "BinancePMNegativeBalanceLarge")
+    match = re.fullmatch(r"account:binance_pm_negative_balance_usd:sum > (\d+)", rule["expr"])
+    assert match, rule["expr"]
+    threshold = match.group(1)
+    assert rule["labels"]["severity"] == "critical"
+    assert f"more than {threshold} USD" in rule["annotations"]["description"]
+    row = next(
+        line
+        for line in RUNBOOK.read_text().splitlines()
+        if line.startswith("| BinancePMNegativeBalanceLarge |")
+    )
+    assert f"more than {threshold} USD" in row

@@ -11,7 +11,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from exporter.binance import errors
 from exporter.binance.models import ParsedBalances, parse_account, parse_balances, parse_server_time
 from exporter.binance.signing import Signer, signed_query
+from exporter.binance.spot import TICKER_PRICE_PATH, parse_ticker_prices
 from exporter.binance.transport import route_transport
 from exporter.route import DEFAULT, Route
 from exporter.snapshot import AccountInfo
@@ -150,6 +151,13 @@ class BinanceClient:
     async def close_listen_key(self, api_key: SecretStr) -> None:
         """DELETE: close the account's listenKey."""
         await self._request("DELETE", LISTEN_KEY_PATH, "listen_key", None, _ignore, api_key=api_key)
+
+    async def ticker_prices(self) -> Mapping[str, float]:
+        """Every spot symbol's last price (`GET /api/v3/ticker/price`, unsigned): call it on
+        a client whose base_url is the spot API."""
+        return await self._request(
+            "GET", TICKER_PRICE_PATH, "ticker_price", None, parse_ticker_prices
+        )
 
     async def _request(
         self,

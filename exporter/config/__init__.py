@@ -15,6 +15,7 @@ from exporter.config.models import (
     BudgetSettings,
     CollectSettings,
     Config,
+    PricesSettings,
 )
 from exporter.config.secrets import PrivateKey
 
@@ -26,6 +27,7 @@ __all__ = [
     "CollectSettings",
     "Config",
     "ConfigError",
+    "PricesSettings",
     "PrivateKey",
     "load_config",
     "parse_config",

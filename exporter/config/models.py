@@ -30,6 +30,11 @@ from exporter.config.secrets import PrivateKey, key_type
 from exporter.route import Route
 
 DEFAULT_BASE_URL = "https://papi.binance.com"
+DEFAULT_PRICES_BASE_URL = "https://api.binance.com"
+#: counted as 1 USD each: the quote currencies of the valuation rule (USDT, USDC, FDUSD),
+#: and Binance's USD tokens that have no spot pair and are subscribed and redeemed 1:1
+#: (BFUSD, RWUSD); the README says why these and not more
+DEFAULT_USD_ASSETS = ("USDT", "USDC", "FDUSD", "BFUSD", "RWUSD")
 ACCOUNT_NAME_PATTERN = r"[A-Za-z0-9_.-]+"
 ACCOUNT_NAME_MAX = 64
 _ASSET = re.compile(r"[A-Z0-9]{1,32}")
@@ -208,6 +213,28 @@ class CollectSettings(_Frozen):
     )
 
 
+class PricesSettings(_Frozen):
+    """The spot price source that lets Prometheus value every asset in USD."""
+
+    enabled: bool = True
+    base_url: BaseUrl = DEFAULT_PRICES_BASE_URL
+    interval_seconds: Annotated[float, Field(ge=5, le=3600, allow_inf_nan=False), _NotBool] = 30.0
+    usd_assets: Annotated[list[Asset], Field(min_length=1)] = Field(
+        default_factory=lambda: list(DEFAULT_USD_ASSETS)
+    )
+    proxy: ProxyUrl | None = Field(default=None, repr=False)
+    source_address: IpAddress | None = None
+
+    @property
+    def route(self) -> Route:
+        """Where price requests go: the default route unless proxy/source_address say so."""
+        return Route(self.proxy, self.source_address)
+
+    @field_serializer("proxy")
+    def _dump_proxy(self, proxy: str | None) -> str | None:
+        return None if proxy is None else proxy_without_credentials(proxy)
+
+
 # ---- accounts ------------------------------------------------------------
 
 
@@ -321,6 +348,9 @@ class _Sections(_Frozen):
     )
     collect: Annotated[CollectSettings, BeforeValidator(_none_as_empty)] = Field(
         default_factory=CollectSettings
+    )
+    prices: Annotated[PricesSettings, BeforeValidator(_none_as_empty)] = Field(
+        default_factory=PricesSettings
     )
 
 

@@ -10,6 +10,7 @@
     POST   /_sim/stream/faults             body: {"kind": ..., "account": ..., <params>}
                                            (kinds and params: state.STREAM_FAULT_PARAMS)
     PUT    /_sim/clock                     body: {"offset_ms": n}
+    PATCH  /_sim/prices                    body: {symbol: price or null (removes it)}
     GET    /_sim/requests                  the request log
     GET    /_sim/weight?ip=127.0.0.1       {"ip": ..., "weight": used this minute}
     POST   /_sim/foreign-weight            body: {"ip": ..., "weight": n}
@@ -81,6 +82,9 @@ def _route(state: SimState, method: str, parts: list[str], query: str, body: byt
             if not isinstance(kind, str):
                 raise AdminError(400, 'a fault needs "kind"')
             state.stream_fault(kind, **spec)
+        case ["prices"], "PATCH":
+            for symbol, price in _json(body, dict).items():
+                state.prices.set(symbol, price)
         case ["clock"], "PUT":
             offset = _json(body, dict).get("offset_ms")
             if not isinstance(offset, int) or isinstance(offset, bool):
@@ -105,6 +109,7 @@ def _route(state: SimState, method: str, parts: list[str], query: str, body: byt
                 | ["faults"]
                 | ["stream", "faults"]
                 | ["clock"]
+                | ["prices"]
                 | ["requests"]
                 | ["weight"]
                 | ["foreign-weight"]

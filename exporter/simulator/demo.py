@@ -3,24 +3,33 @@
 `start_demo()` returns the started simulator and config data for
 `exporter.config.parse_config`, so `binance-pm-exporter --demo` needs no file and
 no real keys. Balances drift every second and, now and then, one account shows a
-negative balance for a while, so dashboards and alerts have something to show.
+negative balance for a while, so dashboards and alerts have something to show. The
+simulator serves spot prices too, and `log_usd_totals` logs each account's net USD value
+every 10 s (`demo_usd_totals`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from exporter.prices import PriceStore, net_usd
 from exporter.simulator import synthetic
 from exporter.simulator.auth import KeyType, SimAccount
 from exporter.simulator.server import Simulator
+from exporter.snapshot import SnapshotStore
 
 DEMO_KEY_TYPES: tuple[KeyType, ...] = ("hmac", "ed25519", "rsa")
+USD_LOG_EVERY_SECONDS = 10.0
+log = structlog.get_logger("exporter.demo")
 NEGATIVE_EVERY_SECONDS = (30.0, 90.0)  # gap between two negative-balance episodes
 NEGATIVE_FOR_SECONDS = (10.0, 30.0)  # how long one lasts
 
@@ -130,6 +139,28 @@ def start_drift(
     return drift
 
 
+async def log_usd_totals(
+    store: SnapshotStore,
+    prices: PriceStore,
+    every: float = USD_LOG_EVERY_SECONDS,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """Demo only: every `every` seconds, each account's net value in USD at the served
+    prices beside Binance's actualEquity (Prometheus's recording rules do this for real)."""
+    while True:
+        await sleep(every)
+        book = prices.current
+        if book.fetched is None:
+            continue
+        totals, desk = {}, 0.0
+        for account in store.current.accounts.values():
+            net, _ = net_usd(account.balances, book)
+            desk += net
+            equity = None if account.info is None else account.info.values.get("actualEquity")
+            totals[account.name] = {"net_usd": round(net, 2), "actual_equity_usd": equity}
+        log.info("demo_usd_totals", accounts=totals, desk_net_usd=round(desk, 2))
+
+
 def account_name(prefix: str, index: int, count: int) -> str:
     return f"{prefix}{index:0{max(2, len(str(count - 1)))}d}"
 
@@ -175,7 +206,8 @@ def exporter_config(
     base_url: str, accounts: list[GeneratedAccount], *, budget: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Config data (as config.yaml would hold it) for an exporter polling the simulator."""
-    data: dict[str, Any] = {"binance": {"base_url": base_url}}
+    # The simulator serves the spot price ticker too.
+    data: dict[str, Any] = {"binance": {"base_url": base_url}, "prices": {"base_url": base_url}}
     if budget is not None:
         data["budget"] = dict(budget)
     data["accounts"] = [dict(account.config) for account in accounts]
@@ -187,6 +219,7 @@ __all__ = [
     "GeneratedAccount",
     "exporter_config",
     "generate_account",
+    "log_usd_totals",
     "start_demo",
     "start_drift",
 ]

@@ -7,7 +7,8 @@ Order of work per request, as a gateway in front of Binance would do it:
 4. any other matching fault answers (latency only delays, then carries on);
 5. routing (404, 405), then the API key, timestamp and signature checks;
 6. the endpoint's data.
-Every reply carries the IP's used weight, and every request is logged.
+Every reply carries the IP's used weight, and every request is logged. The spot API's
+ticker (`/api/v3/...`) is served too, its weight counted in a pool of its own.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from exporter.simulator.auth import ApiError, SimAccount, check_signed_query, require_account
-from exporter.simulator.state import Admission, Fault, RequestRecord, SimState
+from exporter.simulator.state import SPOT_PREFIX, Admission, Fault, RequestRecord, SimState
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
@@ -85,6 +86,10 @@ def _balance(state: SimState, account: SimAccount | None, params: dict[str, str]
     )
 
 
+def _ticker_price(state: SimState, account: SimAccount | None, params: dict[str, str]) -> Any:
+    return state.prices.ticker()
+
+
 def _account(state: SimState, account: SimAccount | None, params: dict[str, str]) -> Any:
     assert account is not None
     return state.book.account_info(account.name)
@@ -120,6 +125,8 @@ ENDPOINTS: dict[tuple[str, str], Endpoint] = {
     ("POST", LISTEN_KEY_PATH): Endpoint(weight=1, auth="api_key", serve=_open_listen_key),
     ("PUT", LISTEN_KEY_PATH): Endpoint(weight=1, auth="api_key", serve=_keep_listen_key),
     ("DELETE", LISTEN_KEY_PATH): Endpoint(weight=1, auth="api_key", serve=_close_listen_key),
+    # the spot API (api.binance.com), served here too: its weight is counted apart
+    ("GET", "/api/v3/ticker/price"): Endpoint(weight=4, auth="none", serve=_ticker_price),
 }
 PATHS = frozenset(path for _, path in ENDPOINTS)
 
@@ -131,20 +138,21 @@ def handle(state: SimState, request: ApiRequest, sleep: Callable[[float], object
     endpoint = ENDPOINTS.get((request.method, request.path))
     weight = endpoint.weight if endpoint else 0
     fault = state.faults.take(request.path, account.name if account else None)
+    weights = state.spot_weights if request.path.startswith(SPOT_PREFIX) else state.weights
     charged = 0
     if fault is not None and fault.kind in ("rate_limit", "ban"):
         reply = fault_reply(fault, request.client_ip)
     else:
-        admission = state.weights.admit(request.client_ip, weight, state.now_ms())
+        admission = weights.admit(request.client_ip, weight, state.now_ms())
         if admission.status == 200:
             charged = weight
             reply = _admitted(
                 state, request, endpoint=endpoint, account=account, fault=fault, sleep=sleep
             )
         else:
-            reply = _refused(admission, request.client_ip, state.weights.limit)
+            reply = _refused(admission, request.client_ip, weights.limit)
 
-    used = str(state.weights.used(request.client_ip, state.now_ms()))
+    used = str(weights.used(request.client_ip, state.now_ms()))
     present = {name.lower() for name in reply.headers}
     for name in ("X-MBX-USED-WEIGHT-1M", "X-MBX-USED-WEIGHT"):
         if name.lower() not in present:  # a `raw` fault may bring its own

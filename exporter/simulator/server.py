@@ -51,6 +51,7 @@ class Simulator:
         stream_ping_interval: float = 180.0,
         stream_ping_timeout: float = 600.0,
         max_connection_seconds: float = MAX_CONNECTION_SECONDS,
+        spot_weight_limit: int = 6000,
     ) -> None:
         self.state = SimState(
             accounts,
@@ -60,6 +61,7 @@ class Simulator:
             seed=seed,
             ban_after_429s=ban_after_429s,
             max_connection_seconds=max_connection_seconds,
+            spot_weight_limit=spot_weight_limit,
         )
         self._address = (host, port)
         #: the user data stream, /pm/ws/<listenKey>, on its own port (see stream.py)
@@ -218,6 +220,14 @@ class Simulator:
 
     def weight_used(self, client_ip: str = "127.0.0.1") -> int:
         return self.state.weights.used(client_ip, self.state.now_ms())
+
+    def spot_weight_used(self, client_ip: str = "127.0.0.1") -> int:
+        """Weight used on the spot API's pool (the price ticker) this minute."""
+        return self.state.spot_weights.used(client_ip, self.state.now_ms())
+
+    def set_price(self, symbol: str, price: str | None) -> None:
+        """Serve `price` for `symbol` in /api/v3/ticker/price; None removes the symbol."""
+        self.state.prices.set(symbol, price)
 
     def add_foreign_weight(self, client_ip: str, weight: int) -> None:
         self.state.weights.add(client_ip, weight, self.state.now_ms())

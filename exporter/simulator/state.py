@@ -170,6 +170,34 @@ def _zero_record(asset: str) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------- spot prices
+
+#: paths of the spot API (api.binance.com): a weight pool of their own, and faults
+#: injected without an endpoint do not reach them
+SPOT_PREFIX = "/api/"
+
+
+class PriceBoard:
+    """The spot API's last price per symbol, as decimal strings (any JSON value allowed)."""
+
+    def __init__(self, prices: dict[str, Any]) -> None:
+        self._lock = threading.Lock()
+        self._prices = dict(prices)
+
+    def ticker(self) -> list[dict[str, Any]]:
+        """GET /api/v3/ticker/price without `symbol`."""
+        with self._lock:
+            return [{"symbol": s, "price": p} for s, p in self._prices.items()]
+
+    def set(self, symbol: str, price: Any) -> None:
+        """Set a symbol's price; None removes the symbol."""
+        with self._lock:
+            if price is None:
+                self._prices.pop(symbol, None)
+            else:
+                self._prices[symbol] = _json_copy(price)
+
+
 # ---------------------------------------------------------------- faults
 
 # kind -> (required params, optional params)
@@ -202,9 +230,13 @@ class Fault:
     params: dict[str, Any] = field(default_factory=dict)
 
     def matches(self, path: str, account: str | None) -> bool:
-        return (self.endpoint is None or self.endpoint == path) and (
-            self.account is None or self.account == account
-        )
+        """A fault without an endpoint matches every PM API path, never a spot one: the
+        spot API is another host, and only a fault naming its path reaches it."""
+        if self.endpoint is None:
+            at_path = not path.startswith(SPOT_PREFIX)
+        else:
+            at_path = self.endpoint == path
+        return at_path and (self.account is None or self.account == account)
 
 
 def make_fault(
@@ -565,6 +597,7 @@ class SimState:
         seed: int,
         ban_after_429s: int,
         max_connection_seconds: float = MAX_CONNECTION_SECONDS,
+        spot_weight_limit: int = 6000,
     ) -> None:
         self.clock = clock
         self.clock_offset_ms = 0  # server clock = clock() + offset
@@ -579,6 +612,9 @@ class SimState:
         )
         self.faults = FaultTable()
         self.weights = WeightLimiter(ip_weight_limit, ban_after_429s=ban_after_429s)
+        #: the spot API counts weight apart from the PM API, per IP too
+        self.spot_weights = WeightLimiter(spot_weight_limit, ban_after_429s=ban_after_429s)
+        self.prices = PriceBoard(synthetic.spot_ticker(max(assets_per_account, 64)))
         self.log = RequestLog()
 
     def now_ms(self) -> int:

@@ -4,6 +4,12 @@ Amounts are `Decimal`s with 8 decimals, so the identities the API documents hold
 exactly in what is served:
     crossMarginAsset   = crossMarginFree + crossMarginLocked
     totalWalletBalance = crossMarginFree + crossMarginLocked + umWalletBalance + cmWalletBalance
+
+Every asset has one USD price, the same in every account, and `spot_ticker()` serves
+prices that lead back to exactly it by the exporter's valuation rule: the well-known
+assets through their USDT pair, the generated ones through USDT, USDC or BTC in turn
+(a BTC-routed price is a whole number of satoshis times the BTC price). So the sum over
+an account's assets of units x price is its `actualEquity`, to float rounding.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ KNOWN_ASSETS: tuple[tuple[str, str], ...] = (
     ("TON", "5.5"),
 )
 STABLECOINS = frozenset({"USDT", "FDUSD", "USDC"})
+#: quote of the spot pair that prices a generated asset ASSET<n>: by n modulo 3
+GENERATED_QUOTES = ("USDT", "USDC", "BTC")
 COIN_MARGINED = frozenset({"BTC", "ETH", "BNB", "SOL", "XRP", "DOGE", "ADA", "LINK", "DOT", "LTC"})
 
 
@@ -138,13 +146,38 @@ def make_asset(name: str, price_usd: Decimal, rng: random.Random, now_ms: int) -
     )
 
 
-def make_portfolio(rng: random.Random, n_assets: int, now_ms: int) -> list[SyntheticAsset]:
-    prices = dict(KNOWN_ASSETS)
-    portfolio = []
+def price_usd(name: str) -> Decimal:
+    """The asset's one USD price: known, or made up from its name (the same everywhere)."""
+    known = dict(KNOWN_ASSETS)
+    if name in known:
+        return Decimal(known[name])
+    made_up = amount(random.Random(f"price:{name}").uniform(0.01, 50.0))  # noqa: S311
+    if _quote_of(name) == "BTC":  # a whole number of satoshis, so the BTC route is exact
+        return amount(made_up / Decimal(known["BTC"])) * Decimal(known["BTC"])
+    return made_up
+
+
+def _quote_of(name: str) -> str:
+    index = name.removeprefix("ASSET")
+    return GENERATED_QUOTES[int(index) % 3] if index.isdigit() else "USDT"
+
+
+def spot_ticker(n_assets: int = 64) -> dict[str, str]:
+    """symbol -> price, as GET /api/v3/ticker/price serves them, for the first `n_assets`
+    asset names (stablecoins have no pair of their own: they count as 1 USD)."""
+    btc = Decimal(dict(KNOWN_ASSETS)["BTC"])
+    ticker = {"USDCUSDT": "1.00000000", "FDUSDUSDT": "1.00000000", "ETHBTC": "0.04923077"}
     for name in asset_names(n_assets):
-        price = Decimal(prices[name]) if name in prices else amount(rng.uniform(0.01, 50.0))
-        portfolio.append(make_asset(name, price, rng, now_ms))
-    return portfolio
+        if name in STABLECOINS:
+            continue
+        quote = _quote_of(name)
+        price = price_usd(name) / btc if quote == "BTC" else price_usd(name)
+        ticker[f"{name}{quote}"] = format_amount(price)
+    return ticker
+
+
+def make_portfolio(rng: random.Random, n_assets: int, now_ms: int) -> list[SyntheticAsset]:
+    return [make_asset(name, price_usd(name), rng, now_ms) for name in asset_names(n_assets)]
 
 
 @dataclass
