@@ -21,7 +21,7 @@ from exporter.config import AccountConfig, Config
 from exporter.exposition import CachedExposition
 from exporter.poller import EgressPoller, PollSettings, Target
 from exporter.selfmetrics import BudgetCollector, BuildInfoCollector, Instruments
-from exporter.server import ExporterApp, MetricsServer
+from exporter.server import ExporterApp, MetricsServer, ServerLimits
 from exporter.shard import WHOLE, Shard
 from exporter.snapshot import AccountSnapshot, SnapshotStore
 from exporter.webconfig import WebConfig
@@ -112,11 +112,17 @@ class Exporter:
         for collector in live:
             self.registry.register(collector)
 
-    def serve_http(self, host: str, port: int, web: WebConfig | None = None) -> MetricsServer:
+    def serve_http(
+        self,
+        host: str,
+        port: int,
+        web: WebConfig | None = None,
+        limits: ServerLimits | None = None,
+    ) -> MetricsServer:
         """Serve /metrics and the other endpoints on host:port, with TLS and auth from `web`."""
         web = web or WebConfig()
         app = ExporterApp(self.live_registry, self.store, web, exposition=self.exposition)
-        server = MetricsServer(app, host, port, web.ssl_context)
+        server = MetricsServer(app, host, port, web.ssl_context, limits)
         server.start()
         return server
 

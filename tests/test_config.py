@@ -201,9 +201,11 @@ def test_several_problems_give_one_line_each(conf_dir: Path) -> None:
 
 def test_missing_config_file(tmp_path: Path) -> None:
     error = _load_error(tmp_path / "config.yaml", {})
-    assert error.problems == [f"{tmp_path / 'config.yaml'}: config file not found"]
+    assert error.problems == [
+        f"{tmp_path / 'config.yaml'}: cannot read config file: file not found"
+    ]
     error = _load_error(tmp_path, {})
-    assert error.problems == [f"{tmp_path}: is a directory, not a config file"]
+    assert error.problems == [f"{tmp_path}: cannot read config file: is a directory, not a file"]
 
 
 def test_yaml_error_does_not_quote_the_line(tmp_path: Path) -> None:
