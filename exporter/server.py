@@ -35,6 +35,7 @@ import errno
 import gzip
 import json
 import math
+import os
 import socket
 import ssl
 import threading
@@ -75,6 +76,8 @@ ACCEPT_RETRY_SECONDS = 0.1
 #: how long a kept-alive connection may wait for its next request (Prometheus keeps its
 #: connection between scrapes, commonly 15-60 s apart)
 IDLE_SECONDS = 120.0
+#: a client that reads nothing of its answer for this long is dropped
+SEND_TIMEOUT_SECONDS = 30.0
 #: bodies are handed to the socket in pieces of this size, waiting while its buffer is full
 WRITE_CHUNK = 256 * 1024
 
@@ -284,7 +287,15 @@ DENIED = text_response(
     401, "unauthorized\n", ("WWW-Authenticate", 'Basic realm="binance-pm-exporter"')
 )
 TOO_MANY_CHECKS = text_response(429, "too many authentication attempts\n", ("Retry-After", "1"))
+#: `_Server.route`'s answer for /metrics: rendered by `_Server.render` in a worker thread
+RENDER = Response(200, [], [])
 TOO_MANY_REQUESTS = text_response(503, "too many requests in flight\n", ("Retry-After", "1"))
+
+
+def _header_bytes(event: h11.Request) -> int:
+    """The size of the request line and headers as sent (give or take whitespace)."""
+    size = len(event.method) + len(event.target) + len("  HTTP/1.1\r\n\r\n")
+    return size + sum(len(name) + len(value) + 4 for name, value in event.headers)
 
 
 def _request(event: h11.Request) -> Request:
@@ -295,6 +306,15 @@ def _request(event: h11.Request) -> Request:
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
     target = event.target.decode("latin-1")
     return Request(event.method.decode("ascii", "replace"), target.split("?")[0], headers)
+
+
+def _send_blocking(sock: socket.socket, chunks: list[bytes]) -> None:
+    """Send `chunks` on a duplicate of `sock` (its own timeout; the loop's socket stays
+    non-blocking), from a worker thread."""
+    with socket.socket(fileno=os.dup(sock.fileno())) as dup:
+        dup.settimeout(SEND_TIMEOUT_SECONDS)
+        for chunk in chunks:
+            dup.sendall(chunk)
 
 
 def _raw_response(
@@ -377,6 +397,9 @@ class _Connection(asyncio.Protocol):
             if not isinstance(event, h11.Request):
                 return False  # NEED_DATA: the transport will receive the rest
             request = _request(event)
+            if _header_bytes(event) > self._server.limits.max_header_bytes:
+                self._first = event  # refused by _start, with the connection's bookkeeping
+                return False
             quick = self._server.refusal(request, hung_up=hung_up)
             if quick is None:
                 self._first = event  # answered once the transport is there
@@ -453,6 +476,9 @@ class _Connection(asyncio.Protocol):
         self._start(event)
 
     def _start(self, event: h11.Request) -> None:
+        if _header_bytes(event) > self._server.limits.max_header_bytes:
+            self._refuse(431)  # arrived whole: h11 caps only what is still incomplete
+            return
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
@@ -490,8 +516,12 @@ class _Connection(asyncio.Protocol):
 
     async def _answer(self, request: Request, response: Response, metrics: bool) -> None:
         try:
+            if response is RENDER:  # /metrics: rendered in a worker thread, off this loop
+                response = await self._server.loop.run_in_executor(
+                    self._server.workers, self._server.render, request
+                )
             keep_alive = not self.lost and await self._send(request, response)
-        except (ConnectionError, h11.LocalProtocolError):
+        except (OSError, h11.LocalProtocolError):
             keep_alive = False
         finally:
             self._task = None
@@ -514,10 +544,29 @@ class _Connection(asyncio.Protocol):
         if not keep_alive:
             head.append(("Connection", "close"))
         reason = REASONS.get(response.status, "").encode()
-        self.transport.write(
-            self._h11.send(h11.Response(status_code=response.status, headers=head, reason=reason))
-            or b""
+        status_line = self._h11.send(
+            h11.Response(status_code=response.status, headers=head, reason=reason)
         )
+        if (
+            length > WRITE_CHUNK
+            and request.method != "HEAD"
+            and self._server.ssl_context is None
+            and self.transport.get_write_buffer_size() == 0
+        ):
+            # A large body goes out from a worker thread with a blocking send, as the
+            # threaded server did: on loopback the kernel does the receiver's work inside
+            # send(), which then runs on both cores, and this loop stays free meanwhile.
+            chunks = [status_line or b""]
+            for chunk in response.body:
+                chunks += self._h11.send_with_data_passthrough(h11.Data(data=chunk)) or ()
+            chunks.append(self._h11.send(h11.EndOfMessage()) or b"")
+            await self._server.loop.run_in_executor(
+                self._server.workers, _send_blocking, self._sock, chunks
+            )
+            return (
+                keep_alive and self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE
+            )
+        self.transport.write(status_line or b"")
         if request.method != "HEAD":
             for chunk in response.body:
                 view = memoryview(chunk)
@@ -553,14 +602,14 @@ class _Connection(asyncio.Protocol):
         self._server.forget(self)
 
     def abort(self) -> None:
-        if self.transport is None:
-            self._end_handshake()
-        else:
+        self._end_handshake()
+        if self.transport is not None:
             self.transport.abort()
         self._server.forget(self)
 
     def _end_handshake(self) -> None:
-        """Fail a TLS handshake in progress: its transport then closes the socket itself."""
+        """Fail a TLS handshake in progress, or a worker's send: the transport then closes
+        the socket itself."""
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
 
@@ -592,6 +641,10 @@ class _Server:
         self._auth_lock = asyncio.Lock()
         self._auth_queued = 0
         self.bcrypt = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bcrypt")
+        #: /metrics renders and large writes, at most max_requests at once
+        self.workers = concurrent.futures.ThreadPoolExecutor(
+            limits.max_requests, thread_name_prefix="http-worker"
+        )
 
     def start_accepting(self) -> None:
         if not self._accepting:
@@ -694,13 +747,16 @@ class _Server:
             if self._in_flight >= self.limits.max_requests:
                 return TOO_MANY_REQUESTS, False
             self._in_flight += 1
+            return RENDER, True
+        return self.render(request), False
+
+    def render(self, request: Request) -> Response:
+        """The app's answer (in a worker thread for /metrics)."""
         try:
-            return self.app(request), metrics
+            return self.app(request)
         except Exception:  # a bug: answer 500 rather than leave the client hanging
             log.exception("http_handler_failed", path=request.path)
-            if metrics:
-                self._in_flight -= 1
-            return text_response(500, "internal server error\n"), False
+            return text_response(500, "internal server error\n")
 
     def metrics_done(self) -> None:
         self._in_flight -= 1
@@ -728,7 +784,9 @@ class _Server:
         for task in asyncio.all_tasks(self.loop):
             task.cancel()
         # A bcrypt run in progress finishes (bounded by the cost cap); queued ones never start.
+        # Workers' sends fail at once: abort() shut their sockets down.
         self.bcrypt.shutdown(wait=False, cancel_futures=True)
+        self.workers.shutdown(wait=False, cancel_futures=True)
 
 
 class MetricsServer:
@@ -775,6 +833,7 @@ class MetricsServer:
     def close(self) -> None:
         if not self._thread.is_alive():
             self._server.bcrypt.shutdown(wait=False, cancel_futures=True)
+            self._server.workers.shutdown(wait=False, cancel_futures=True)
             self._sock.close()
             return
 
