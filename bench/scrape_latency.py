@@ -1,6 +1,6 @@
 """Target 1: /metrics latency with 200 accounts x 30 assets (~76k series).
 
-Three servers on the same stack (the exporter's threaded WSGI server, loopback):
+Three servers on the same stack (the exporter's HTTP server, loopback):
   ours      the exporter's /metrics: cached snapshot exposition + live self-metrics
   baseline  the same registry rendered by prometheus_client per scrape (generate_latest)
   static    the bytes `ours` serves, as a constant: the practical limit
@@ -18,8 +18,6 @@ import http.client
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
 
 from common import median, synthetic_account, table
 from prometheus_client import CollectorRegistry
@@ -27,8 +25,9 @@ from prometheus_client import CollectorRegistry
 from exporter.app import Exporter
 from exporter.collector import SnapshotCollector
 from exporter.config import parse_config
-from exporter.server import ExporterApp, MetricsServer
+from exporter.server import ExporterApp, MetricsServer, Request, Response
 from exporter.simulator.demo import exporter_config, generate_account
+from exporter.webconfig import WebConfig
 
 #: what Prometheus 2 asks for; prometheus_client escapes every name in it character by character
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -54,16 +53,15 @@ def scrape(port: int, headers: dict[str, str]) -> tuple[float, int]:
 class StaticApp:
     """The same bytes and headers as a given response, served as a constant."""
 
+    web = WebConfig()
+
     def __init__(self) -> None:
         self.responses: dict[tuple[str, str], tuple[list[tuple[str, str]], bytes]] = {}
 
-    def __call__(
-        self, environ: dict[str, Any], start_response: Callable[..., Any]
-    ) -> Iterable[bytes]:
-        key = (environ.get("HTTP_ACCEPT", ""), environ.get("HTTP_ACCEPT_ENCODING", ""))
+    def __call__(self, request: Request) -> Response:
+        key = (request.headers.get("accept", ""), request.headers.get("accept-encoding", ""))
         headers, body = self.responses[key]
-        start_response("200 OK", list(headers))
-        return [body]
+        return Response(200, list(headers), [body])
 
 
 def capture(port: int, headers: dict[str, str]) -> tuple[list[tuple[str, str]], bytes]:
@@ -72,7 +70,8 @@ def capture(port: int, headers: dict[str, str]) -> tuple[list[tuple[str, str]], 
     response = connection.getresponse()
     body = response.read()
     connection.close()
-    kept = [(k, v) for k, v in response.getheaders() if k.lower() not in ("date", "server")]
+    dropped = ("date", "server", "content-length")  # the server adds Content-Length itself
+    kept = [(k, v) for k, v in response.getheaders() if k.lower() not in dropped]
     return kept, body
 
 

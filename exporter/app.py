@@ -20,7 +20,7 @@ from exporter.pricemetrics import PriceCollector
 from exporter.prices import PriceBook, PriceSource, PriceStore, price_budget_limits
 from exporter.route import Route
 from exporter.selfmetrics import BudgetCollector, BuildInfoCollector, Instruments
-from exporter.server import ExporterApp, MetricsServer
+from exporter.server import ExporterApp, MetricsServer, ServerLimits
 from exporter.shard import WHOLE, Shard
 from exporter.snapshot import AccountSnapshot, SnapshotStore
 from exporter.webconfig import WebConfig
@@ -130,11 +130,17 @@ class Exporter:
             clock=clock,
         )
 
-    def serve_http(self, host: str, port: int, web: WebConfig | None = None) -> MetricsServer:
+    def serve_http(
+        self,
+        host: str,
+        port: int,
+        web: WebConfig | None = None,
+        limits: ServerLimits | None = None,
+    ) -> MetricsServer:
         """Serve /metrics and the other endpoints on host:port, with TLS and auth from `web`."""
         web = web or WebConfig()
         app = ExporterApp(self.registry, self.store, web, exposition=self.exposition)
-        server = MetricsServer(app, host, port, web.ssl_context)
+        server = MetricsServer(app, host, port, web.ssl_context, limits)
         server.start()
         return server
 

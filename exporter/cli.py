@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,7 +20,7 @@ from exporter.app import Exporter
 from exporter.budget import shard_limits
 from exporter.config import Config, ConfigError, load_config, parse_config
 from exporter.logs import FORMATS, LEVELS, configure_logging
-from exporter.server import parse_listen_address
+from exporter.server import ServerLimits, parse_listen_address
 from exporter.shard import ShardError, parse_shard
 from exporter.summary import check_budget, summarize
 from exporter.webconfig import WebConfigError, load_web_config
@@ -42,6 +43,7 @@ def _dest(flag: str) -> str:
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    defaults = ServerLimits()
     parser = argparse.ArgumentParser(
         prog="binance-pm-exporter",
         description="Prometheus exporter for Binance Portfolio Margin accounts. Every flag "
@@ -81,6 +83,32 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "exporter-toolkit web config for TLS and basic auth",
         metavar="PATH",
     )
+    option(
+        "--web.max-connections",
+        str(defaults.max_connections),
+        "connections served at once (also capped by the open-files limit); past it the "
+        "connection that has waited longest for its request is dropped",
+        metavar="N",
+    )
+    option(
+        "--web.max-requests",
+        str(defaults.max_requests),
+        "/metrics requests in flight; more are answered 503",
+        metavar="N",
+    )
+    option(
+        "--web.read-header-timeout",
+        f"{defaults.read_header_timeout:g}",
+        "seconds a client has for its request line and headers in total (and the keep-alive "
+        "idle limit); slower clients are dropped unserved",
+        metavar="SECONDS",
+    )
+    option(
+        "--web.max-header-bytes",
+        str(defaults.max_header_bytes),
+        "bytes of request line and headers; more are answered 431",
+        metavar="BYTES",
+    )
     option("--log.level", "info", "log level", choices=LEVELS)
     option(
         "--log.format",
@@ -110,6 +138,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     except ValueError as exc:
         return _usage_error(f"--web.listen-address: {exc}")
     try:
+        limits = _limits(args)
+    except ValueError as exc:
+        return _usage_error(str(exc))
+    try:
         shard = parse_shard(args.shard)
     except ShardError as exc:
         return _usage_error(f"--shard: {exc}")
@@ -134,14 +166,17 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
             print(summarize(config, shard))
             return 0
         exporter = Exporter(config, shard=shard)
+        open_files = raise_open_files_limit()
         try:
-            server = exporter.serve_http(host, port, web_config)
+            server = exporter.serve_http(host, port, web_config, limits)
         except OSError as exc:
             return _usage_error(f"--web.listen-address: cannot listen on {host}:{port}: {exc}")
         log.info(
             "listening",
             address=f"{host}:{server.port}",
             tls=bool(web_config and web_config.ssl_context),
+            max_connections=server.max_connections,
+            open_files_limit=open_files,
         )
         try:
             asyncio.run(_run_until_signalled(exporter, demo=args.demo))
@@ -149,6 +184,41 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
             server.close()
         log.info("stopped")
     return 0
+
+
+def _limits(args: argparse.Namespace) -> ServerLimits:
+    """The server limits from the --web.* flags; ValueError names the flag."""
+    values: dict[str, float] = {}
+    for name, kind in (
+        ("max_connections", int),
+        ("max_requests", int),
+        ("read_header_timeout", float),
+        ("max_header_bytes", int),
+    ):
+        flag = "--web." + name.replace("_", "-")
+        raw = getattr(args, f"web_{name}")
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ValueError(f"{flag}: not a number: {raw!r}") from None
+        if not 0 < value < float("inf"):
+            raise ValueError(f"{flag}: must be positive: {raw!r}")
+        values[name] = value
+    return ServerLimits(**values)  # type: ignore[arg-type]
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one, as Go programs do at start (node_exporter
+    too): the HTTP server's connection cap follows it. Returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):  # e.g. above fs.nr_open: keep what we have
+            pass
+    return soft
 
 
 @contextlib.contextmanager

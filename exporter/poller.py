@@ -266,7 +266,8 @@ class EgressPoller:
             "seconds": round(seconds, 3),
             "error": error,
             "failures": failures,
-            "retry_in": round(account.next_due - self._clock(), 1),
+            # next_due may already be past (a long request, a pause): never a negative wait
+            "retry_in": round(max(0.0, account.next_due - self._clock()), 1),
         }
         if state != account.failure:
             account.failure = state

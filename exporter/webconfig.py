@@ -52,6 +52,7 @@ import secrets
 import ssl
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from exporter.config.errors import field_names, format_problems, problems_from_validation
+from exporter.config.secrets import MAX_CONFIG_BYTES, SecretSourceError, read_small_file
 from exporter.config.yamlfile import YamlError, parse_yaml
 
 CheckPw = Callable[[bytes, bytes], bool]
@@ -114,6 +116,10 @@ _ALLOWED_HEADERS: dict[str, tuple[str, ...]] = {
 }
 
 _BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+#: the highest bcrypt cost accepted: ~1 s per check on a 2024 server core (each step doubles)
+MAX_BCRYPT_COST = 14
+#: distinct wrong credentials remembered (exporter-toolkit keeps 100 verdicts)
+CACHE_SIZE = 100
 _BCRYPT_MAX_PASSWORD = 72  # bytes; longer passwords would be truncated, so they never match
 
 
@@ -166,15 +172,31 @@ def _parse_basic_authorization(authorization: str | None) -> tuple[str, bytes] |
         return None
 
 
-class BasicAuth:
-    """Checks `Authorization: Basic` against bcrypt hashes, caching verified credentials.
+@dataclass(frozen=True)
+class Pending:
+    """Credentials the cache does not know: `BasicAuth.verify` runs bcrypt on them."""
 
-    A verified password is remembered per user as an HMAC-SHA-256 of username and
-    password under a key drawn at start (never the password itself), so a scrape
-    with the same credentials costs a hash and a constant-time compare, not a bcrypt
-    run. The cache holds at most one entry per configured user. Wrong passwords are
-    not cached: each costs a bcrypt run, one at a time, and an unknown user costs
-    the same as a known one.
+    key: bytes = field(repr=False)
+    username: str
+    password: bytes = field(repr=False)
+
+
+class BasicAuth:
+    """Checks `Authorization: Basic` against bcrypt hashes, caching recent verdicts.
+
+    Verdicts are remembered as an HMAC-SHA-256 of username and password under a key
+    drawn at start (never the password itself): the last verified credentials of each
+    user, and, as exporter-toolkit does, the last CACHE_SIZE failures. A scrape with
+    the same credentials, or a flood repeating one wrong password, costs a hash and a
+    lookup, not a bcrypt run; a flood of ever new wrong passwords cannot push a
+    verified user out (failures are kept apart). An unknown user costs the same bcrypt
+    run as a known one (against
+    the costliest configured hash), and never passes. Costs are capped at
+    MAX_BCRYPT_COST when the file is loaded, so one check is bounded too.
+
+    `verdict()` is cheap and answers from the cache or the header's shape; `verify()`
+    runs bcrypt (callers bound how many run: the server, one at a time with a short
+    queue). `check()` does both.
     """
 
     def __init__(self, users: Mapping[str, bytes], *, checkpw: CheckPw = bcrypt.checkpw) -> None:
@@ -182,38 +204,60 @@ class BasicAuth:
         self._checkpw = checkpw
         self._cache_key = secrets.token_bytes(32)
         self._verified: dict[str, bytes] = {}
-        self._cache_lock = threading.Lock()
-        # One bcrypt run at a time: a flood of bad passwords costs one core, not all.
-        self._bcrypt_lock = threading.Lock()
-        cost = max(int(hashed[4:6]) for hashed in self._users.values()) if self._users else 4
-        self._decoy_hash = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(rounds=cost))
+        self._failed: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+        # The costliest configured hash: checking against it takes as long as a known user.
+        self._decoy = max(self._users.values(), key=lambda h: int(h[4:6]), default=b"")
 
     def __repr__(self) -> str:
         return f"BasicAuth(users={len(self._users)})"
 
-    def check(self, authorization: str | None) -> bool:
+    def verdict(self, authorization: str | None) -> bool | Pending:
+        """True or False when known without bcrypt, else the check `verify()` must run."""
         credentials = _parse_basic_authorization(authorization)
         if credentials is None:
             return False
         username, password = credentials
         if len(password) > _BCRYPT_MAX_PASSWORD:
             return False
-        digest = self._digest(username, password)
-        with self._cache_lock:
-            remembered = self._verified.get(username)
-        if remembered is not None and hmac.compare_digest(remembered, digest):
-            return True
-        hashed = self._users.get(username)
-        with self._bcrypt_lock:
-            try:
-                matches = self._checkpw(password, self._decoy_hash if hashed is None else hashed)
-            except ValueError:  # bcrypt refusing its input is a failed login, not a 500
-                matches = False
-        if not matches or hashed is None:
-            return False
-        with self._cache_lock:
-            self._verified[username] = digest
-        return True
+        key = self._digest(username, password)
+        known = self._known(username, key)
+        return Pending(key, username, password) if known is None else known
+
+    def _known(self, username: str, key: bytes) -> bool | None:
+        with self._lock:
+            verified = self._verified.get(username)
+            if verified is not None and hmac.compare_digest(verified, key):
+                return True
+            if key in self._failed:
+                self._failed.move_to_end(key)
+                return False
+        return None
+
+    def verify(self, pending: Pending) -> bool:
+        """Run bcrypt for `pending` (blocking) and remember the verdict."""
+        known = self._known(pending.username, pending.key)  # the same may have been checked
+        if known is not None:
+            return known
+        hashed = self._users.get(pending.username)
+        try:
+            matches = self._checkpw(pending.password, self._decoy if hashed is None else hashed)
+        except ValueError:  # bcrypt refusing its input is a failed login, not a 500
+            matches = False
+        verdict = matches and hashed is not None
+        with self._lock:
+            if verdict:
+                self._verified[pending.username] = pending.key
+            else:
+                self._failed[pending.key] = None
+                while len(self._failed) > CACHE_SIZE:
+                    self._failed.popitem(last=False)
+        return verdict
+
+    def check(self, authorization: str | None) -> bool:
+        """Whether `authorization` holds a user's credentials (may run bcrypt, blocking)."""
+        verdict = self.verdict(authorization)
+        return self.verify(verdict) if isinstance(verdict, Pending) else verdict
 
     def _digest(self, username: str, password: bytes) -> bytes:
         name = username.encode("utf-8")
@@ -256,9 +300,9 @@ def load_web_config(path: Path, *, checkpw: CheckPw = bcrypt.checkpw) -> WebConf
     stand-in for tests.
     """
     try:
-        text = path.read_bytes()
-    except OSError as e:
-        raise WebConfigError(f"{path}: cannot read: {_reason(e)}") from None
+        text = read_small_file(path, MAX_CONFIG_BYTES)
+    except SecretSourceError as e:
+        raise WebConfigError(f"{path}: cannot read: {e}") from None
     try:
         raw = parse_yaml(text, _FIELD_NAMES)
     except YamlError as e:
@@ -420,6 +464,13 @@ def _basic_auth(
         hashed = secret.get_secret_value()
         if not _BCRYPT_HASH.fullmatch(hashed):
             _fail(path, where, "not a bcrypt hash ($2a$, $2b$ or $2y$, cost 04-31)")
+        if int(hashed[4:6]) > MAX_BCRYPT_COST:
+            _fail(
+                path,
+                where,
+                f"bcrypt cost {hashed[4:6]} is above {MAX_BCRYPT_COST}: every check would take "
+                "seconds; hash it again with a lower cost (e.g. htpasswd -nBC 10)",
+            )
         hashes[username] = hashed.encode("ascii")
     return BasicAuth(hashes, checkpw=checkpw)
 

@@ -2,14 +2,20 @@
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
 from pydantic import SecretStr
 
 from exporter.binance import errors
-from exporter.binance.client import BinanceClient, Credentials, RequestReport, used_weight_1m
+from exporter.binance.client import (
+    MAX_RESPONSE_BYTES,
+    BinanceClient,
+    Credentials,
+    RequestReport,
+    used_weight_1m,
+)
 from exporter.binance.signing import HmacSigner
 
 SECRET = "s3cr3t-value-for-tests"
@@ -208,3 +214,41 @@ def test_sync_time_measures_the_offset() -> None:
         return offset
 
     assert asyncio.run(go()) == 3.0
+
+
+def test_a_body_past_the_cap_is_refused_without_reading_it_all() -> None:
+    sent = [0]
+
+    async def endless() -> AsyncIterator[bytes]:
+        chunk = b"[" + b" " * (1024 * 1024 - 1)
+        while sent[0] < 100:  # 100 MiB if nothing stopped reading
+            sent[0] += 1
+            yield chunk
+
+    result, reports = run_balance(lambda request: httpx.Response(200, content=endless()))
+    assert isinstance(result, errors.InvalidResponse)
+    assert f"larger than {MAX_RESPONSE_BYTES} bytes" in str(result)
+    assert sent[0] <= MAX_RESPONSE_BYTES // (1024 * 1024) + 1
+    assert [r.outcome for r in reports] == ["invalid_response"]
+
+
+def test_a_balance_list_of_thousands_of_assets_fits() -> None:
+    record = {
+        "asset": "ASSET0000",
+        "totalWalletBalance": "123456789.12345678",
+        "crossMarginAsset": "123456789.12345678",
+        "crossMarginBorrowed": "123456789.12345678",
+        "crossMarginFree": "123456789.12345678",
+        "crossMarginInterest": "123456789.12345678",
+        "crossMarginLocked": "123456789.12345678",
+        "umWalletBalance": "123456789.12345678",
+        "umUnrealizedPNL": "123456789.12345678",
+        "cmWalletBalance": "123456789.12345678",
+        "cmUnrealizedPNL": "123456789.12345678",
+        "updateTime": 1700000000000,
+        "negativeBalance": "0.0",
+    }
+    body = [{**record, "asset": f"A{i:08d}"} for i in range(5000)]
+    assert len(json.dumps(body)) < MAX_RESPONSE_BYTES // 4
+    result, _ = run_balance(answer(200, body))
+    assert not isinstance(result, errors.BinanceError), result

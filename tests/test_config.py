@@ -267,9 +267,11 @@ def test_the_command_line_refuses_a_budget_below_one_refresh(
 
 def test_missing_config_file(tmp_path: Path) -> None:
     error = _load_error(tmp_path / "config.yaml", {})
-    assert error.problems == [f"{tmp_path / 'config.yaml'}: config file not found"]
+    assert error.problems == [
+        f"{tmp_path / 'config.yaml'}: cannot read config file: file not found"
+    ]
     error = _load_error(tmp_path, {})
-    assert error.problems == [f"{tmp_path}: is a directory, not a config file"]
+    assert error.problems == [f"{tmp_path}: cannot read config file: is a directory, not a file"]
 
 
 def test_yaml_error_does_not_quote_the_line(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog.testing
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
@@ -437,3 +438,22 @@ def test_a_pause_holds_the_later_requests_of_a_refresh_in_flight() -> None:
     a_account = next(t for t, key, path in sent if key == "a" and path == "account")
     assert a_account == pytest.approx(end, abs=0.001)
     assert store.get("a").up
+
+
+def test_a_failure_slower_than_its_backoff_says_retry_in_0_not_a_negative_wait() -> None:
+    clock = VirtualTime()
+    api = FakeApi(clock)
+
+    def slow_failure(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/balance"):
+            clock.now += 30  # the answer takes longer than the 10 s backoff
+            return httpx.Response(500, content=b"oops")
+        return api(request)
+
+    limits = BudgetLimits(6000, 0.25, 0.8)
+    poller, _, _ = build_poller(["acct-0"], limits, 10, clock, slow_failure, account_info=False)
+    with structlog.testing.capture_logs() as logs:
+        run_for(poller, clock, 100)
+    retry_in = [e["retry_in"] for e in logs if e["event"] == "poll_failed"]
+    assert retry_in
+    assert min(retry_in) == 0  # it was next_due - now: -20.0

@@ -37,7 +37,7 @@ from faultkit import RunningExporter, fast_config, hmac_accounts
 
 from exporter.server import MetricsServer
 from exporter.simulator import Simulator
-from exporter.webconfig import WebConfig, WebConfigError, load_web_config
+from exporter.webconfig import CACHE_SIZE, WebConfig, WebConfigError, load_web_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -418,16 +418,44 @@ def test_verified_credentials_are_cached(
         assert statuses(good, 5) == [200] * 5
         assert checkpw.calls == 1
         assert statuses(bad, 3) == [401] * 3
-        assert checkpw.calls == 4  # wrong passwords are never cached
+        assert checkpw.calls == 2  # a wrong password is remembered too, as exporter-toolkit does
         assert statuses(good, 1) == [200]
-        assert checkpw.calls == 4  # and do not evict the verified one
+        assert checkpw.calls == 2
+
+
+def test_a_flood_of_new_wrong_passwords_cannot_evict_a_verified_user(
+    tmp_path: Path, pki: PKI
+) -> None:
+    checkpw = CountingCheckPw()
+    web = load_web_config(web_config(tmp_path, pki, basic_auth_users={USER: HASH}), checkpw=checkpw)
+    assert web.authorized(basic(USER, PASSWORD))
+    for i in range(CACHE_SIZE * 2):
+        assert not web.authorized(basic(USER, f"wrong-{i}"))
+    calls = checkpw.calls
+    assert web.authorized(basic(USER, PASSWORD))
+    assert not web.authorized(basic(USER, f"wrong-{CACHE_SIZE * 2 - 1}"))  # recent: cached
+    assert checkpw.calls == calls
+    assert not web.authorized(basic(USER, "wrong-0"))  # long forgotten: checked again
+    assert checkpw.calls == calls + 1
+
+
+@pytest.mark.parametrize("cost", [15, 31])
+def test_bcrypt_costs_above_the_bound_are_refused_naming_the_user(
+    tmp_path: Path, pki: PKI, cost: int
+) -> None:
+    hashed = HASH[:4] + f"{cost:02d}" + HASH[6:]  # no need to compute a cost-31 hash
+    path = web_config(tmp_path, pki, basic_auth_users={"alice": hashed})
+    with pytest.raises(
+        WebConfigError, match=rf"basic_auth_users\.alice: bcrypt cost {cost} is above 14"
+    ):
+        load_web_config(path)
 
 
 def test_unknown_users_cost_a_bcrypt_run_too(tmp_path: Path, pki: PKI) -> None:
     checkpw = CountingCheckPw()
     web = load_web_config(web_config(tmp_path, pki, basic_auth_users={USER: HASH}), checkpw=checkpw)
     assert not web.authorized(basic("mallory", PASSWORD))
-    assert not web.authorized(basic("mallory", PASSWORD))
+    assert not web.authorized(basic("mallory", PASSWORD + "2"))
     assert checkpw.calls == 2
 
 
@@ -797,7 +825,7 @@ def test_a_password_in_place_of_a_hash_is_not_shown(tmp_path: Path) -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(WebConfigError, match=r"nope\.yml: cannot read: No such file"):
+    with pytest.raises(WebConfigError, match=r"nope\.yml: cannot read: file not found"):
         load_web_config(tmp_path / "nope.yml")
 
 

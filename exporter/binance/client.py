@@ -75,6 +75,11 @@ def used_weight_1m(headers: httpx.Headers) -> int | None:
     return None
 
 
+#: the largest response body read: a balance list of thousands of assets is ~1 KB each
+#: at most, so 16 MiB leaves ample room while a broken or hostile server cannot fill memory
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+
+
 def retry_after_seconds(headers: httpx.Headers) -> float | None:
     value = headers.get("retry-after")
     if value is None:
@@ -184,8 +189,11 @@ class BinanceClient:
         try:
             # httpx's timeout bounds each connect, write and read; this bounds the whole
             # request, so a server trickling its answer byte by byte cannot hold it forever.
-            async with asyncio.timeout(self._timeout):
-                response = await self._http.request(method, url, headers=headers)
+            async with (
+                asyncio.timeout(self._timeout),
+                self._http.stream(method, url, headers=headers) as response,
+            ):
+                body = await _read_capped(response)
         except (httpx.TimeoutException, TimeoutError) as exc:
             sent = not isinstance(exc, _NOT_SENT)
             error: errors.BinanceError = errors.RequestTimeout(f"{endpoint}: timed out ({exc!r})")
@@ -196,7 +204,7 @@ class BinanceClient:
             duration = time.perf_counter() - started
             used = used_weight_1m(response.headers)
             try:
-                result = parse(_decode(response, used))
+                result = parse(_decode(response, body, used))
             except errors.BinanceError as exc:
                 exc.used_weight = used
                 exc.endpoint = endpoint
@@ -226,10 +234,26 @@ def _ignore(payload: object) -> None:
     return None
 
 
-def _decode(response: httpx.Response, used_weight: int | None) -> object:
+async def _read_capped(response: httpx.Response) -> bytes | None:
+    """The body, or None past MAX_RESPONSE_BYTES (read no further)."""
+    chunks, size = [], 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decode(response: httpx.Response, body: bytes | None, used_weight: int | None) -> object:
     """The JSON body of a 2xx response, or the typed error of any other."""
+    if body is None:
+        raise errors.InvalidResponse(
+            f"HTTP {response.status_code}: body larger than {MAX_RESPONSE_BYTES} bytes",
+            used_weight=used_weight,
+        )
     try:
-        payload = json.loads(response.content)
+        payload = json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the stack allows
         payload = None
         malformed = True

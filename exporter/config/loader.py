@@ -25,10 +25,12 @@ from exporter.config.errors import (
 from exporter.config.interpolate import interpolate
 from exporter.config.models import AccountConfig, AccountInput, Config, ConfigInput
 from exporter.config.secrets import (
+    MAX_CONFIG_BYTES,
     PrivateKey,
     SecretSourceError,
     load_private_key,
     read_secret_file,
+    read_small_file,
     read_text_secret,
     resolve_path,
 )
@@ -42,16 +44,9 @@ def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
     """Read and validate the config file at ``path``; raise ``ConfigError``."""
     shown = str(path)
     try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ConfigError([f"{shown}: config file not found"]) from None
-    except IsADirectoryError:
-        raise ConfigError([f"{shown}: is a directory, not a config file"]) from None
-    except OSError as exc:
-        reason = exc.strerror or "I/O error"
-        raise ConfigError([f"{shown}: cannot read config file: {reason}"]) from None
-    except ValueError:
-        raise ConfigError([f"{shown}: invalid config file path"]) from None
+        raw = read_small_file(Path(path), MAX_CONFIG_BYTES)
+    except SecretSourceError as exc:
+        raise ConfigError([f"{shown}: cannot read config file: {exc}"]) from None
     try:
         data = parse_yaml(raw, _FIELD_NAMES)
     except YamlError as exc:

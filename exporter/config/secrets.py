@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 PrivateKey = RSAPrivateKey | Ed25519PrivateKey
 
 MAX_FILE_BYTES = 64 * 1024  # keys and secrets are a few KiB at most
+MAX_CONFIG_BYTES = 1024 * 1024  # the config and web config files
 
 _PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
 
@@ -36,29 +37,38 @@ def resolve_path(raw: str, base_dir: Path) -> Path:
 
 def read_secret_file(path: Path) -> bytes:
     """The bytes of a small regular file; refuses devices, FIFOs and directories."""
-    shown = os.path.abspath(path)
+    try:
+        return read_small_file(path, MAX_FILE_BYTES)
+    except SecretSourceError as exc:
+        raise SecretSourceError(f"{exc}: {os.path.abspath(path)}") from None
+
+
+def read_small_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`, read no further than that:
+    a device (/dev/zero), a FIFO or a huge file is refused at once. The error says
+    what is wrong, not which file (the caller names it)."""
     try:
         info = path.stat()
         if stat.S_ISDIR(info.st_mode):
-            raise SecretSourceError(f"is a directory, not a file: {shown}")
+            raise SecretSourceError("is a directory, not a file")
         if not stat.S_ISREG(info.st_mode):
-            raise SecretSourceError(f"not a regular file: {shown}")
-        if info.st_size > MAX_FILE_BYTES:
-            raise SecretSourceError(f"file too large (over {MAX_FILE_BYTES} bytes): {shown}")
+            raise SecretSourceError("not a regular file")
+        if info.st_size > max_bytes:
+            raise SecretSourceError(f"file too large (over {max_bytes} bytes)")
         with path.open("rb") as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
+            data = handle.read(max_bytes + 1)
     except FileNotFoundError:
-        raise SecretSourceError(f"file not found: {shown}") from None
+        raise SecretSourceError("file not found") from None
     except PermissionError:
-        raise SecretSourceError(f"permission denied: {shown}") from None
+        raise SecretSourceError("permission denied") from None
     except NotADirectoryError:
-        raise SecretSourceError(f"file not found (a parent is not a directory): {shown}") from None
+        raise SecretSourceError("file not found (a parent is not a directory)") from None
     except OSError as exc:
-        raise SecretSourceError(f"cannot read {shown}: {exc.strerror or 'I/O error'}") from None
+        raise SecretSourceError(f"cannot read: {exc.strerror or 'I/O error'}") from None
     except ValueError:  # e.g. an embedded NUL byte in the path
         raise SecretSourceError("invalid file path") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise SecretSourceError(f"file too large (over {MAX_FILE_BYTES} bytes): {shown}")
+    if len(data) > max_bytes:
+        raise SecretSourceError(f"file too large (over {max_bytes} bytes)")
     return data
 
 
