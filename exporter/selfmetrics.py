@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -36,6 +36,79 @@ class Instruments:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+
+
+#: the event types counted by name in binance_pm_stream_events_total; any other is
+#: counted as "other", so a stream cannot make up label values
+STREAM_EVENTS = frozenset(
+    {
+        "ACCOUNT_UPDATE",
+        "balanceUpdate",
+        "liabilityChange",
+        "listenKeyExpired",
+        "openOrderLoss",
+        "outboundAccountPosition",
+        "riskLevelChange",
+    }
+)
+
+
+class StreamHealth:
+    """The user data streams' own health, one series per account; the stream client
+    calls these methods, the poller `triggered_refresh`."""
+
+    def __init__(self, registry: CollectorRegistry, accounts: Iterable[str]) -> None:
+        self.up = Gauge(
+            "binance_pm_stream_up",
+            "1 while the account's user data stream is connected, else 0.",
+            ["account"],
+            registry=registry,
+        )
+        self.last_event = Gauge(
+            "binance_pm_stream_last_event_timestamp_seconds",
+            "Event time (E) of the last event received on the account's user data stream.",
+            ["account"],
+            registry=registry,
+        )
+        self.events = Counter(
+            "binance_pm_stream_events",
+            "Events received on the account's user data stream, by event type "
+            '("other" for types the exporter does not use).',
+            ["account", "event"],
+            registry=registry,
+        )
+        self.reconnects = Counter(
+            "binance_pm_stream_reconnects",
+            "Reconnections of the account's user data stream, by the reason of the drop.",
+            ["account", "reason"],
+            registry=registry,
+        )
+        self.triggered = Counter(
+            "binance_pm_stream_triggered_refreshes",
+            "Refreshes of the account started ahead of its turn by an event on its stream.",
+            ["account"],
+            registry=registry,
+        )
+        for account in accounts:
+            self.up.labels(account).set(0)
+            self.triggered.labels(account)
+
+    def stream_connected(self, account: str) -> None:
+        self.up.labels(account).set(1)
+
+    def stream_disconnected(self, account: str, reason: str) -> None:
+        """The stream dropped (or was closed to be reopened) and will reconnect."""
+        self.up.labels(account).set(0)
+        self.reconnects.labels(account, reason).inc()
+
+    def stream_event(self, account: str, event_type: str, event_time: float | None) -> None:
+        """An event arrived; `event_time` is its E in epoch seconds, when it has one."""
+        self.events.labels(account, event_type if event_type in STREAM_EVENTS else "other").inc()
+        if event_time is not None:
+            self.last_event.labels(account).set(event_time)
+
+    def triggered_refresh(self, account: str) -> None:
+        self.triggered.labels(account).inc()
 
 
 class BudgetCollector(Collector):
