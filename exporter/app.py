@@ -19,7 +19,7 @@ from exporter.config import AccountConfig, Config
 from exporter.exposition import CachedExposition
 from exporter.poller import EgressPoller, PollSettings, Target
 from exporter.route import Route
-from exporter.selfmetrics import BudgetCollector, BuildInfoCollector, Instruments
+from exporter.selfmetrics import BudgetCollector, BuildInfoCollector, Instruments, StreamHealth
 from exporter.server import ExporterApp, MetricsServer
 from exporter.shard import WHOLE, Shard
 from exporter.snapshot import AccountSnapshot, SnapshotStore
@@ -66,6 +66,7 @@ class Exporter:
                 interval=refresh_interval(
                     len(accounts), weight, limits, config.budget.min_interval_seconds
                 ),
+                trigger_interval=config.stream.min_refresh_interval_seconds,
             )
             for route, accounts in groups
         }
@@ -73,8 +74,14 @@ class Exporter:
             AccountSnapshot(a.name, settings[a.route].interval)
             for a in sorted(self.accounts, key=lambda a: a.name)
         )
+        #: the user data streams' health, fed by the stream clients (None: disabled)
+        self.stream_health = (
+            StreamHealth(a.name for a in self.accounts) if config.stream.enabled else None
+        )
         self.budgets: list[WeightBudget] = []
         self.pollers: list[EgressPoller] = []
+        #: each account's poller: `trigger` and `apply_risk` for its stream's events
+        self.poller_of: dict[str, EgressPoller] = {}
         for route, accounts in groups:
             budget = WeightBudget(route.label, limits, clock=clock)
             self.budgets.append(budget)
@@ -94,10 +101,13 @@ class Exporter:
                     instruments=instruments,
                     settings=settings[route],
                     clock=clock,
+                    stream=self.stream_health,
                 )
             )
+            self.poller_of.update((a.name, self.pollers[-1]) for a in accounts)
         live: list[Collector] = [instruments.requests, instruments.duration]
         live += [BudgetCollector(self.budgets), BuildInfoCollector()]
+        live += self.stream_health.collectors if self.stream_health else []
         for collector in live[2:]:
             self.live_registry.register(collector)
         #: the snapshot's families, rendered once per snapshot change

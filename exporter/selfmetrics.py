@@ -55,49 +55,54 @@ STREAM_EVENTS = frozenset(
 
 class StreamHealth:
     """The user data streams' own health, one series per account; the stream client
-    calls these methods, the poller `triggered_refresh`."""
+    calls these methods, the poller `triggered_refresh`. Register `collectors`."""
 
-    def __init__(self, registry: CollectorRegistry, accounts: Iterable[str]) -> None:
+    def __init__(self, accounts: Iterable[str]) -> None:
         self.up = Gauge(
             "binance_pm_stream_up",
             "1 while the account's user data stream is connected, else 0.",
             ["account"],
-            registry=registry,
+            registry=None,
         )
         self.last_event = Gauge(
             "binance_pm_stream_last_event_timestamp_seconds",
             "Event time (E) of the last event received on the account's user data stream.",
             ["account"],
-            registry=registry,
+            registry=None,
         )
         self.events = Counter(
             "binance_pm_stream_events",
             "Events received on the account's user data stream, by event type "
             '("other" for types the exporter does not use).',
             ["account", "event"],
-            registry=registry,
+            registry=None,
         )
         self.reconnects = Counter(
             "binance_pm_stream_reconnects",
             "Reconnections of the account's user data stream, by the reason of the drop.",
             ["account", "reason"],
-            registry=registry,
+            registry=None,
         )
         self.triggered = Counter(
             "binance_pm_stream_triggered_refreshes",
             "Refreshes of the account started ahead of its turn by an event on its stream.",
             ["account"],
-            registry=registry,
+            registry=None,
         )
         for account in accounts:
             self.up.labels(account).set(0)
             self.triggered.labels(account)
 
+    @property
+    def collectors(self) -> list[Collector]:
+        return [self.up, self.last_event, self.events, self.reconnects, self.triggered]
+
     def stream_connected(self, account: str) -> None:
         self.up.labels(account).set(1)
 
     def stream_disconnected(self, account: str, reason: str) -> None:
-        """The stream dropped (or was closed to be reopened) and will reconnect."""
+        """The stream dropped (or was closed to be reopened, e.g. before 24 h) and will
+        reconnect; `reason` is a short fixed word of the client's. Not on shutdown."""
         self.up.labels(account).set(0)
         self.reconnects.labels(account, reason).inc()
 

@@ -10,17 +10,25 @@ import itertools
 import random
 import shutil
 import subprocess
+import time
 from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
 
 import httpx
 import pytest
+from harness import RunningExporter, accounts, sim_config, wait_until
 from prometheus_client import CollectorRegistry, generate_latest
 from test_poller import EventClock, FakeApi, build_poller
 
+from exporter.app import Exporter
 from exporter.budget import BudgetLimits, refresh_interval
 from exporter.collector import SnapshotCollector
+from exporter.config import parse_config
 from exporter.poller import EgressPoller
 from exporter.selfmetrics import StreamHealth
+from exporter.simulator import Simulator
+from exporter.simulator.demo import exporter_config
 from exporter.triggers import Priority, TriggerQueue
 
 START = 1_700_000_010.0
@@ -135,7 +143,7 @@ def weight_of(path: str) -> int:
 def test_one_account_at_200_events_a_second_for_a_minute_stays_within_the_budget() -> None:
     """The issue's budget test: 20 accounts (polling-only interval 32.3 s), acct-7 emits
     200 events/s from t=30 to t=90."""
-    stream = StreamHealth(CollectorRegistry(), names(20))
+    stream = StreamHealth(names(20))
     poller, api, clock, interval = setup(20, stream=stream)
     events = 0
 
@@ -414,7 +422,9 @@ def test_apply_risk_without_account_info_is_ignored() -> None:
 
 def test_stream_health_metrics_and_promtool() -> None:
     registry = CollectorRegistry()
-    health = StreamHealth(registry, ["a", "b"])
+    health = StreamHealth(["a", "b"])
+    for collector in health.collectors:
+        registry.register(collector)
     health.stream_connected("a")
     health.stream_event("a", "riskLevelChange", 1_700_000_000.5)
     health.stream_event("a", "ORDER_TRADE_UPDATE", None)
@@ -441,3 +451,51 @@ def test_stream_health_metrics_and_promtool() -> None:
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout + check.stderr == ""
+
+
+# ---- wired: the exporter against the simulator, on real time -------------------------
+
+
+def test_the_exporter_refreshes_a_triggered_account_long_before_its_turn() -> None:
+    generated = accounts(3)
+    budget = {"min_interval_seconds": 300}  # turns at 0, 100 and 200 s
+    with Simulator([g.sim_account for g in generated]) as sim:
+        config = sim_config(sim.url, generated, budget)
+        with RunningExporter(config) as running:
+            wait_until(lambda: running.sample("binance_pm_up", account="acct-00") == 1)
+            assert running.sample("binance_pm_stream_up", account="acct-00") == 0
+            asset = sim.balances("acct-00")[0]["asset"]
+            sim.set_asset("acct-00", asset, negativeBalance="12.5")
+            poller = running.exporter.poller_of["acct-00"]
+            running.call_soon(poller.trigger, "acct-00", Priority.RISK)
+            labels = {"account": "acct-00", "asset": asset}
+            wait_until(lambda: running.sample("binance_pm_negative_balance", **labels) == 12.5)
+            triggered = "binance_pm_stream_triggered_refreshes_total"
+            assert running.sample(triggered, account="acct-00") == 1
+            risk = partial(
+                poller.apply_risk,
+                "acct-00",
+                uni_mmr=1.1,
+                equity=None,
+                actual_equity=None,
+                maint_margin=None,
+                status="MARGIN_CALL",
+                event_time=time.time(),
+            )
+            running.call_soon(risk)
+            status = {"account": "acct-00", "status": "MARGIN_CALL"}
+            wait_until(lambda: running.sample("binance_pm_account_status", **status) == 1)
+            assert running.sample("binance_pm_uni_mmr", account="acct-00") == 1.1
+
+
+def test_no_stream_series_when_the_stream_is_disabled() -> None:
+    generated = accounts(1)
+    data = exporter_config("http://127.0.0.1:9", generated)
+    data["stream"] = {"enabled": False}
+    exporter = Exporter(parse_config(data, environ={}, base_dir=Path.cwd()))
+    assert exporter.stream_health is None
+    assert "binance_pm_stream" not in generate_latest(exporter.registry).decode()
+    assert (
+        "binance_pm_stream_up"
+        in generate_latest(Exporter(sim_config("http://127.0.0.1:9", generated)).registry).decode()
+    )

@@ -15,6 +15,7 @@ from exporter.config.models import (
     BudgetSettings,
     CollectSettings,
     Config,
+    StreamSettings,
 )
 from exporter.config.secrets import PrivateKey
 
@@ -27,6 +28,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "PrivateKey",
+    "StreamSettings",
     "load_config",
     "parse_config",
 ]
