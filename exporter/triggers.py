@@ -8,8 +8,10 @@ busy stream from starving the rest:
 - Coalescing: at most one triggered refresh per account per `min_interval` seconds, and
   triggers that arrive while the account's refresh is in flight make one more after it.
 - A share: triggered refreshes spend at most B/2 (a token bucket filling at B/2 per
-  budget minute), so the round-robin keeps at least half of B and no account's polled
-  interval grows past twice its polling-only interval.
+  budget minute, holding up to three refreshes), so the round-robin keeps half of B and
+  no account's polled interval grows past twice its polling-only interval (the poller
+  also serves a round-robin turn first once it is a whole interval late, which bounds
+  the bucket's bursts too).
 - An order: RISK, then EVENT, then CATCHUP, oldest first within one priority. EVENT and
   CATCHUP refreshes leave one refresh's worth of tokens in the bucket, so a RISK trigger
   never waits behind a queue of them: it goes at the next slot of the budget.
@@ -59,7 +61,9 @@ class TriggerQueue:
         self.weight = weight
         self.min_interval = min_interval
         self._rate = rate / 2  # the triggered share: half of B
-        self._capacity = 2.0 * weight  # one refresh for a RISK, one for the rest
+        # Three refreshes: tokens that come while a refresh waits for its slot are kept
+        # (with two, a third of the share was lost to that wait), one is left for RISK.
+        self._capacity = 3.0 * weight
         self._tokens = self._capacity
         self._filled_at: float | None = None
         self._pending: dict[str, _Pending] = {}
@@ -118,7 +122,9 @@ class TriggerQueue:
         self.discard(name)
 
     def _need(self, priority: Priority) -> float:
-        return self.weight if priority is Priority.RISK else self._capacity
+        """Tokens in the bucket for a refresh of `priority` to go: all but RISK leave one
+        refresh's worth behind them."""
+        return self.weight if priority is Priority.RISK else 2.0 * self.weight
 
     def _fill(self, now: float) -> None:
         if self._filled_at is not None and now > self._filled_at:
