@@ -175,6 +175,26 @@ def test_one_account_at_200_events_a_second_for_a_minute_stays_within_the_budget
     assert worst > 1.3 * interval  # the triggers did take their half
 
 
+def test_every_account_busy_still_keeps_every_interval_within_2x() -> None:
+    """All 20 accounts emit events for 120 s, RISK and EVENT mixed: the triggered half is
+    always full, yet no account waits more than 2x its polling-only interval."""
+    poller, api, clock, interval = setup(20)
+    rng = random.Random(3)
+
+    async def storm() -> None:
+        await clock.sleep(10)
+        while clock.now < START + 130:
+            poller.trigger(rng.choice(names(20)), rng.choice([Priority.RISK, Priority.EVENT]))
+            await clock.sleep(0.05)
+
+    run(poller, clock, 200, storm)
+    spent = [(t, weight_of(path)) for t, path, _ in api.log]
+    assert max(sum(w for s, w in spent if t <= s < t + 60) for t, _ in spent) <= 1500
+    for name in names(20):
+        own = balance_times(api, name)
+        assert max(b - a for a, b in itertools.pairwise(own)) <= 2 * interval, name
+
+
 def test_a_risk_trigger_starts_within_a_slot_behind_200_catchups() -> None:
     """200 accounts on the default budget (a slot every 1.6 s, each account every 323 s):
     all 200 streams reconnect at t=20 (CATCHUPs), then a riskLevelChange every 15 s on a
