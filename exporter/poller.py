@@ -167,7 +167,8 @@ class EgressPoller:
         """Refresh account `name` ahead of its round-robin turn (an event on its stream).
 
         Coalesced per account, ordered by priority, paid from at most half of the budget
-        (see `exporter.triggers`). Unknown names are ignored."""
+        (see `exporter.triggers`). Unknown names are ignored. Like `apply_risk`, call it
+        from the event loop the poller runs in."""
         account = self._by_name.get(name)
         if account is None or self._store.get(name).consecutive_failures:
             return  # a failing account keeps its backoff: its next turn will tell
