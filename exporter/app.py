@@ -19,7 +19,7 @@ from exporter.poller import BACKOFF_CAP_SECONDS, EgressPoller, PollSettings, Tar
 from exporter.pricemetrics import PriceCollector
 from exporter.prices import PriceBook, PriceSource, PriceStore, price_budget_limits
 from exporter.route import Route
-from exporter.selfmetrics import BudgetCollector, BuildInfoCollector, Instruments
+from exporter.selfmetrics import BudgetCollector, BuildInfoCollector, Instruments, StreamHealth
 from exporter.server import ExporterApp, MetricsServer, ServerLimits
 from exporter.shard import WHOLE, Shard
 from exporter.snapshot import AccountSnapshot, SnapshotStore
@@ -66,6 +66,7 @@ class Exporter:
                     len(accounts), weight, limits, config.budget.min_interval_seconds
                 ),
                 backoff_cap=backoff_cap,
+                trigger_interval=config.stream.min_refresh_interval_seconds,
             )
             for route, accounts in groups
         }
@@ -73,8 +74,14 @@ class Exporter:
             AccountSnapshot(a.name, settings[a.route].interval)
             for a in sorted(self.accounts, key=lambda a: a.name)
         )
+        #: the user data streams' health, fed by the stream clients (None: disabled)
+        self.stream_health = (
+            StreamHealth(a.name for a in self.accounts) if config.stream.enabled else None
+        )
         self.budgets: list[WeightBudget] = []
         self.pollers: list[EgressPoller] = []
+        #: each account's poller: `trigger` and `apply_risk` for its stream's events
+        self.poller_of: dict[str, EgressPoller] = {}
         for route, accounts in groups:
             budget = WeightBudget(route.label, limits, clock=clock)
             self.budgets.append(budget)
@@ -94,8 +101,10 @@ class Exporter:
                     instruments=instruments,
                     settings=settings[route],
                     clock=clock,
+                    stream=self.stream_health,
                 )
             )
+            self.poller_of.update((a.name, self.pollers[-1]) for a in accounts)
         #: the spot prices, read by the price metrics at scrape time
         self.price_store = PriceStore(PriceBook(frozenset(config.prices.usd_assets)))
         self.prices = self._price_source(config, clock)
@@ -104,6 +113,8 @@ class Exporter:
         self.registry.register(BuildInfoCollector())
         if self.prices is not None:
             self.registry.register(PriceCollector(self.store, self.price_store))
+        if self.stream_health is not None:
+            self.registry.register(self.stream_health)
         #: the snapshot's families, rendered once per snapshot change
         self.exposition = CachedExposition(self.store)
 

@@ -4,14 +4,21 @@ Each account is refreshed every `max(N·w/B, min_interval)` seconds, the starts
 spread evenly from the first second. A refresh that fails backs off that
 account alone (exponentially, capped; auth errors straight to the cap). After
 every refresh the account's new state is swapped into the snapshot store.
+
+An event on the account's user data stream can `trigger` a refresh ahead of its
+turn (coalesced, prioritised, within half of the budget: `exporter.triggers`); the
+round-robin keeps the rest, so under a storm of events an account's interval grows
+to at most twice the above. A riskLevelChange goes into the snapshot at once
+(`apply_risk`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import TypeVar
 
 import structlog
@@ -19,9 +26,10 @@ import structlog
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient, Credentials, RequestReport
 from exporter.binance.models import ParsedBalances
-from exporter.budget import WeightBudget
-from exporter.selfmetrics import Instruments
+from exporter.budget import GUARD_SECONDS, WeightBudget
+from exporter.selfmetrics import Instruments, StreamHealth
 from exporter.snapshot import AccountInfo, AccountSnapshot, AssetBalance, SnapshotStore
+from exporter.triggers import CATCHUP_NEAR_SECONDS, Priority, TriggerQueue
 from exporter.weights import WEIGHTS, refresh_weight
 
 BACKOFF_CAP_SECONDS = 300.0
@@ -48,6 +56,8 @@ class PollSettings:
     interval: float
     #: the longest a failing account waits before its next try (auth errors wait this long)
     backoff_cap: float = BACKOFF_CAP_SECONDS
+    #: at most one event-triggered refresh of an account per this many seconds
+    trigger_interval: float = 2.0
 
     @property
     def weight(self) -> int:
@@ -61,6 +71,24 @@ class _Account:
     in_flight: bool = False
     #: what the last failure was, to log only changes of state
     failure: str | None = None
+    #: the last riskLevelChange applied to the snapshot
+    risk: _Risk | None = None
+
+
+@dataclass(frozen=True)
+class _Risk:
+    """A riskLevelChange's figures, as AccountInfo values (API field names)."""
+
+    values: Mapping[str, float]
+    status: str | None
+    time: float  # the event's time, epoch seconds
+    applied: float  # when it went into the snapshot, on the poller's clock
+
+    def over(self, info: AccountInfo | None) -> AccountInfo:
+        if info is None:
+            return AccountInfo(values=self.values, status=self.status)
+        values = MappingProxyType({**info.values, **self.values})
+        return replace(info, values=values, status=self.status or info.status)
 
 
 def backoff(
@@ -89,8 +117,10 @@ class EgressPoller:
         settings: PollSettings,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        stream: StreamHealth | None = None,
     ) -> None:
         self._accounts = [_Account(t) for t in targets]
+        self._by_name = {a.target.name: a for a in self._accounts}
         self._client = make_client(observer=self._observe)
         self._budget = budget
         self._store = store
@@ -99,6 +129,13 @@ class EgressPoller:
         self._clock = clock
         self._sleep = sleep
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stream = stream
+        rate = budget.settings.per_minute / GUARD_SECONDS
+        #: seconds between two refreshes when the budget is fully used
+        self._slot = settings.weight / rate
+        self._catchup_near = max(CATCHUP_NEAR_SECONDS, self._slot)
+        self._triggers = TriggerQueue(settings.weight, rate, settings.trigger_interval)
+        self._wake = asyncio.Event()
 
     @property
     def client(self) -> BinanceClient:
@@ -115,21 +152,120 @@ class EgressPoller:
         start = self._clock()
         for index, account in enumerate(self._accounts):
             account.next_due = start + index * interval / len(self._accounts)
+        weight = self._settings.weight
         while True:
-            account = min(self._accounts, key=lambda a: a.next_due)
-            wait = account.next_due - self._clock()
-            if wait > 0:
-                await self._sleep(wait)
+            self._wake.clear()  # a trigger or a finished refresh from now on wakes the nap
+            now = self._clock()
+            chosen, triggered, wake_at = self._next_refresh(now)
+            if chosen is None:
+                await self._nap(wake_at - now)
                 continue
-            if account.in_flight:  # slower than its interval: skip this turn
-                account.next_due += interval
+            # The slot is chosen when it comes: a trigger arriving meanwhile may take it.
+            if (wait := self._budget.delay(weight, now)) > 0:
+                await self._nap(wait)
                 continue
-            await self._budget.acquire(self._settings.weight)
-            account.next_due = max(account.next_due + interval, self._clock())
-            account.in_flight = True
-            task = asyncio.create_task(self._refresh(account), name=account.target.name)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._budget.reserve(weight, now)
+            self._start(chosen, triggered, now)
+
+    def trigger(self, name: str, priority: Priority) -> None:
+        """Refresh account `name` ahead of its round-robin turn (an event on its stream).
+
+        Coalesced per account, ordered by priority, paid from at most half of the budget
+        (see `exporter.triggers`). Unknown names are ignored. Like `apply_risk`, call it
+        from the event loop the poller runs in."""
+        account = self._by_name.get(name)
+        if account is None or self._store.get(name).consecutive_failures:
+            return  # a failing account keeps its backoff: its next turn will tell
+        if (
+            priority is Priority.CATCHUP
+            and not account.in_flight
+            and self._triggers.pending(name) is None
+            and account.next_due - self._clock() <= self._catchup_near
+        ):
+            return  # its round-robin turn is the catch-up
+        if self._triggers.add(name, priority):
+            self._wake.set()
+
+    def apply_risk(
+        self,
+        name: str,
+        *,
+        uni_mmr: float | None,
+        equity: float | None,
+        actual_equity: float | None,
+        maint_margin: float | None,
+        status: str | None,
+        event_time: float,
+    ) -> None:
+        """Put a riskLevelChange into the snapshot at once; the refresh it triggers then
+        reconciles. An event older than the last one applied is ignored."""
+        account = self._by_name.get(name)
+        if account is None or not self._settings.account_info:
+            return  # without account info polled, nothing would ever reconcile it
+        if account.risk is not None and event_time < account.risk.time:
+            return
+        values = {
+            field: value
+            for field, value in (
+                ("uniMMR", uni_mmr),
+                ("accountEquity", equity),
+                ("actualEquity", actual_equity),
+                ("accountMaintMargin", maint_margin),
+            )
+            if value is not None
+        }
+        account.risk = _Risk(MappingProxyType(values), status, event_time, self._clock())
+        snapshot = self._store.get(name)
+        self._store.replace(replace(snapshot, info=account.risk.over(snapshot.info)))
+
+    def _next_refresh(self, now: float) -> tuple[_Account | None, bool, float]:
+        """The account to refresh at `now` and whether by trigger; else when to look again.
+
+        Triggers first, within their share; but a round-robin turn already a whole
+        interval late goes before them, so no polled interval passes 2x."""
+        interval = self._settings.interval
+        while (due := min(self._accounts, key=lambda a: a.next_due)).in_flight and (
+            due.next_due <= now
+        ):
+            due.next_due += interval  # slower than its interval: skip this turn
+        late = due.next_due <= now - interval + self._slot
+        busy = {a.target.name for a in self._accounts if a.in_flight}
+        name, trigger_at = self._triggers.next(now, busy)
+        if name is not None and not late:
+            return self._by_name[name], True, now
+        if due.next_due <= now:
+            return due, False, now
+        return None, False, min(due.next_due, trigger_at)
+
+    def _start(self, account: _Account, triggered: bool, now: float) -> None:
+        interval = self._settings.interval
+        name = account.target.name
+        if triggered:
+            self._triggers.start(name, now)
+            account.next_due = now + interval  # just refreshed: its turn moves one interval on
+            if self._stream is not None:
+                self._stream.triggered_refresh(name)
+        else:
+            self._triggers.discard(name)  # this refresh answers the triggers so far
+            account.next_due = max(account.next_due + interval, now)
+        account.in_flight = True
+        task = asyncio.create_task(self._refresh(account), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep `seconds` (on the injected clock), or less if a trigger comes in."""
+        if seconds == float("inf"):
+            await self._wake.wait()
+            return
+        sleeper = asyncio.ensure_future(self._sleep(seconds))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeper, waker):
+                task.cancel()
+            await asyncio.gather(sleeper, waker, return_exceptions=True)
 
     async def drain(self, grace: float) -> None:
         """Let in-flight refreshes finish within `grace` seconds, cancel the rest, close."""
@@ -185,7 +321,11 @@ class EgressPoller:
             log.debug("refreshed", seconds=round(self._clock() - started, 3))
         finally:
             account.in_flight = False
+            if account.risk is not None and account.risk.applied > started:
+                # A riskLevelChange came in meanwhile: keep it until the refresh it triggered.
+                current = replace(current, info=account.risk.over(current.info))
             self._store.replace(current)
+            self._wake.set()  # a trigger that came in meanwhile may go now
 
     async def _call(
         self, fetch: Callable[[Credentials], Awaitable[T]], endpoint: str, account: _Account

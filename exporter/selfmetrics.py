@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from exporter import __version__
@@ -19,13 +20,26 @@ from exporter.budget import WeightBudget
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-class Instruments(Collector):
-    """Counters the poller updates for every request it makes, registered in `registry`.
+class _Live(Collector):
+    """prometheus_client metrics of ours (`_metrics`), collected without their `_created`
+    series, which would double the health metrics for no use; prometheus_client's switch
+    for that (`disable_created_metrics`) is global to the process, so it is left alone."""
 
-    Collected without their `_created` series, which would double the health metrics
-    for no use; prometheus_client's switch for that (`disable_created_metrics`) is
-    global to the process, so it is left alone.
-    """
+    _metrics: tuple[MetricWrapperBase, ...] = ()
+
+    def describe(self) -> Iterable[Metric]:
+        return [family for metric in self._metrics for family in metric.describe()]
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self._metrics:
+            for family in metric.collect():
+                created = family.name + "_created"
+                family.samples = [s for s in family.samples if s.name != created]
+                yield family
+
+
+class Instruments(_Live):
+    """Counters the poller updates for every request it makes, registered in `registry`."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
@@ -42,16 +56,83 @@ class Instruments(Collector):
             buckets=LATENCY_BUCKETS,
             registry=None,
         )
+        self._metrics = (self.requests, self.duration)
         registry.register(self)
 
-    def describe(self) -> Iterable[Metric]:
-        return [*self.requests.describe(), *self.duration.describe()]
 
-    def collect(self) -> Iterable[Metric]:
-        for metric in (*self.requests.collect(), *self.duration.collect()):
-            created = metric.name + "_created"
-            metric.samples = [s for s in metric.samples if s.name != created]
-            yield metric
+#: the event types counted by name in binance_pm_stream_events_total; any other is
+#: counted as "other", so a stream cannot make up label values
+STREAM_EVENTS = frozenset(
+    {
+        "ACCOUNT_UPDATE",
+        "balanceUpdate",
+        "liabilityChange",
+        "listenKeyExpired",
+        "openOrderLoss",
+        "outboundAccountPosition",
+        "riskLevelChange",
+    }
+)
+
+
+class StreamHealth(_Live):
+    """The user data streams' own health, one series per account; the stream client
+    calls these methods, the poller `triggered_refresh`. A collector to register."""
+
+    def __init__(self, accounts: Iterable[str]) -> None:
+        self.up = Gauge(
+            "binance_pm_stream_up",
+            "1 while the account's user data stream is connected, else 0.",
+            ["account"],
+            registry=None,
+        )
+        self.last_event = Gauge(
+            "binance_pm_stream_last_event_timestamp_seconds",
+            "Event time (E) of the last event received on the account's user data stream.",
+            ["account"],
+            registry=None,
+        )
+        self.events = Counter(
+            "binance_pm_stream_events",
+            "Events received on the account's user data stream, by event type "
+            '("other" for types the exporter does not use).',
+            ["account", "event"],
+            registry=None,
+        )
+        self.reconnects = Counter(
+            "binance_pm_stream_reconnects",
+            "Reconnections of the account's user data stream, by the reason of the drop.",
+            ["account", "reason"],
+            registry=None,
+        )
+        self.triggered = Counter(
+            "binance_pm_stream_triggered_refreshes",
+            "Refreshes of the account started ahead of its turn by an event on its stream.",
+            ["account"],
+            registry=None,
+        )
+        self._metrics = (self.up, self.last_event, self.events, self.reconnects, self.triggered)
+        for account in accounts:
+            self.up.labels(account).set(0)
+            self.triggered.labels(account)
+
+    def stream_connected(self, account: str) -> None:
+        self.up.labels(account).set(1)
+
+    def stream_disconnected(self, account: str, reason: str) -> None:
+        """The stream dropped (or was closed to be reopened, e.g. before 24 h) and will
+        reconnect; `reason` is a short fixed word of the client's. Not on shutdown."""
+        self.up.labels(account).set(0)
+        self.reconnects.labels(account, reason).inc()
+
+    def stream_event(self, account: str, event_type: str, event_time: float | None) -> None:
+        """An event arrived; `event_time` is its E in epoch seconds, when it has one."""
+        self.events.labels(account, event_type if event_type in STREAM_EVENTS else "other").inc()
+        if event_time is not None:
+            self.last_event.labels(account).set(event_time)
+
+    def triggered_refresh(self, account: str) -> None:
+        self.triggered.labels(account).inc()
 
 
 class BudgetCollector(Collector):

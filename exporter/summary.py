@@ -45,6 +45,14 @@ def summarize(config: Config, shard: Shard = WHOLE) -> str:
         f" pause while the IP's used weight >= {_num(high_water)}"
         f" ({_num(budget.ip_high_water)} x {budget.ip_weight_limit_per_minute})",
     ]
+    stream = config.stream
+    lines.append(
+        f"stream: {config.binance.stream_url}/<listenKey>, one per account; an event refreshes"
+        f" its account at most every {_num(stream.min_refresh_interval_seconds)} s, within"
+        f" B/2 = {_num(per_minute / 2)} weight/min (intervals at most 2x under events)"
+        if stream.enabled
+        else "stream: disabled (polling only)"
+    )
     for egress, count in Counter(a.route.label for a in config.accounts).items():
         by_budget = refresh_interval(count, weight, limits, 0.0)
         interval = refresh_interval(count, weight, limits, budget.min_interval_seconds)

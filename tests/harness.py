@@ -112,6 +112,10 @@ class RunningExporter:
         finally:
             self._loop.close()
 
+    def call_soon(self, function: Callable[..., Any], *args: Any) -> None:
+        """Call `function(*args)` in the exporter's loop, as its stream clients would."""
+        self._loop.call_soon_threadsafe(function, *args)
+
     @property
     def url(self) -> str:
         assert self.server is not None, "not started"

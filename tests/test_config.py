@@ -192,7 +192,8 @@ def test_several_problems_give_one_line_each(conf_dir: Path) -> None:
     assert problems == [
         "accounts[2].api_key: environment variable MISSING is not set",
         "binance.recv_window_ms: must be >= 1 and <= 60000 (got 0)",
-        "binance.nope: unknown key (allowed: base_url, recv_window_ms, timeout_seconds)",
+        "binance.nope: unknown key"
+        " (allowed: base_url, stream_url, recv_window_ms, timeout_seconds)",
         "budget.share: must be > 0 and <= 1 (got 2)",
         "accounts[1].name: duplicate account name 'a' (also accounts[0])",
         "accounts[0]: missing secret: give api_secret or api_secret_file (HMAC),"
@@ -319,6 +320,9 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.collect.account_info is True
     assert config.collect.assets.include == []
     assert config.collect.assets.exclude == []
+    assert config.binance.stream_url == "wss://fstream.binance.com/pm/ws"
+    assert config.stream.enabled is True
+    assert config.stream.min_refresh_interval_seconds == 2
     (account,) = config.accounts
     assert account.name == "desk-a"
     assert account.api_key.get_secret_value() == "key-1"
@@ -330,21 +334,36 @@ def test_defaults(tmp_path: Path) -> None:
 
 
 def test_null_sections_mean_defaults(tmp_path: Path) -> None:
-    data = {**_minimal(), "binance": None, "budget": None, "collect": {"assets": None}}
+    data = {
+        **_minimal(),
+        "binance": None,
+        "budget": None,
+        "collect": {"assets": None},
+        "stream": None,
+    }
     config = parse_config(data, environ={}, base_dir=tmp_path)
     assert config.binance.recv_window_ms == 5000
+    assert config.stream.enabled is True
     assert config.collect.assets.include == []
 
 
 def test_values_are_normalised(tmp_path: Path) -> None:
     data = {
         **_minimal(source_address="2001:DB8:0:0::7"),
-        "binance": {"base_url": "http://127.0.0.1:8080/", "timeout_seconds": "2.5"},
+        "binance": {
+            "base_url": "http://127.0.0.1:8080/",
+            "timeout_seconds": "2.5",
+            "stream_url": " ws://127.0.0.1:8080/pm/ws/ ",
+        },
+        "stream": {"enabled": False, "min_refresh_interval_seconds": "0.5"},
         "collect": {"assets": {"include": ["btc", "USDT"], "exclude": None}},
     }
     config = parse_config(data, environ={}, base_dir=tmp_path)
     assert config.binance.base_url == "http://127.0.0.1:8080"
     assert config.binance.timeout_seconds == 2.5
+    assert config.binance.stream_url == "ws://127.0.0.1:8080/pm/ws"
+    assert config.stream.enabled is False
+    assert config.stream.min_refresh_interval_seconds == 0.5
     assert config.collect.assets.include == ["BTC", "USDT"]
     assert config.accounts[0].source_address == "2001:db8::7"
     assert config.accounts[0].route.label == "source:2001:db8::7"
@@ -629,6 +648,10 @@ def test_summarize(conf_dir: Path) -> None:
     assert "each account every 14.52 s (budget)" in text
     assert "refresh (source:10.1.2.3): 1 account(s)" in text
     assert "each account every 10 s (min_interval)" in text
+    assert (
+        "stream: wss://fstream.binance.com/pm/ws/<listenKey>, one per account; an event"
+        " refreshes its account at most every 2 s, within B/2 = 750 weight/min" in text
+    )
     assert "accounts (10):" in text
     assert "h00  hmac     egress=default" in text
     assert "ed   ed25519  egress=source:10.1.2.3" in text
@@ -639,6 +662,9 @@ def test_summarize_without_account_info(tmp_path: Path) -> None:
     data = {**_minimal(), "collect": {"account_info": False, "assets": {"exclude": ["BNB"]}}}
     text = summarize(parse_config(data, environ={}, base_dir=tmp_path))
     assert "balance = 20 weight per account refresh; assets all except BNB" in text
+    data = {**_minimal(), "stream": {"enabled": False}}
+    text = summarize(parse_config(data, environ={}, base_dir=tmp_path))
+    assert "stream: disabled (polling only)" in text
 
 
 # ---- nothing but ConfigError, whatever the input -----------------------------

@@ -24,7 +24,7 @@ from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import HmacSigner
 from exporter.budget import BudgetLimits, WeightBudget, refresh_interval
 from exporter.poller import BACKOFF_CAP_SECONDS, EgressPoller, PollSettings, Target
-from exporter.selfmetrics import Instruments
+from exporter.selfmetrics import Instruments, StreamHealth
 from exporter.snapshot import AccountSnapshot, SnapshotStore
 
 START = 1_699_999_990.0  # 10 s into a minute
@@ -83,6 +83,8 @@ def build_poller(
     timeout: float = 1,
     key_of: Callable[[str], str] = lambda name: name,
     backoff_cap: float = BACKOFF_CAP_SECONDS,
+    stream: StreamHealth | None = None,
+    trigger_interval: float = 2.0,
 ) -> tuple[EgressPoller, SnapshotStore, WeightBudget]:
     """An EgressPoller of accounts `names` on `clock`, asking `api`."""
     settings = PollSettings(
@@ -90,6 +92,7 @@ def build_poller(
         allows_asset=lambda a: True,
         interval=interval,
         backoff_cap=backoff_cap,
+        trigger_interval=trigger_interval,
     )
     targets = [
         Target(n, Credentials(SecretStr(key_of(n)), HmacSigner(SecretStr("s")))) for n in names
@@ -112,6 +115,7 @@ def build_poller(
         settings=settings,
         clock=clock,
         sleep=clock.sleep,
+        stream=stream,
     )
     return poller, store, budget
 
@@ -350,13 +354,13 @@ def test_a_retry_after_a_1021_reserves_the_weight_of_the_call_it_retries(
     limits = BudgetLimits(6000, 0.25, 0.8)
     poller, store, budget = build_poller(["acct-0"], limits, 10, clock, account_call_rejected_once)
     acquired: list[int] = []
-    acquire = budget.acquire
+    reserve = budget.reserve
 
-    async def recording(weight: int) -> None:
+    def recording(weight: int, now: float) -> None:
         acquired.append(weight)
-        await acquire(weight)
+        reserve(weight, now)
 
-    budget.acquire = recording  # type: ignore[method-assign]
+    budget.reserve = recording  # type: ignore[method-assign]
     run_for(poller, clock, 5)
     paths = [path.rsplit("/", 1)[1] for _, path, _ in api.log]
     assert paths[:4] == ["time", "balance", "time", "account"]

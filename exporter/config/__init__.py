@@ -16,6 +16,7 @@ from exporter.config.models import (
     CollectSettings,
     Config,
     PricesSettings,
+    StreamSettings,
 )
 from exporter.config.secrets import PrivateKey
 
@@ -29,6 +30,7 @@ __all__ = [
     "ConfigError",
     "PricesSettings",
     "PrivateKey",
+    "StreamSettings",
     "load_config",
     "parse_config",
 ]

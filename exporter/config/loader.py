@@ -80,13 +80,8 @@ def parse_config(data: object, *, environ: Mapping[str, str], base_dir: Path) ->
     problems += [p for p in checked if not _under_any(p.loc, failed)]
     if problems or top is None:
         raise ConfigError(format_problems(problems, _FIELD_NAMES))
-    return Config(
-        binance=top.binance,
-        budget=top.budget,
-        collect=top.collect,
-        prices=top.prices,
-        accounts=accounts,
-    )
+    sections = {name: getattr(top, name) for name in Config.model_fields if name != "accounts"}
+    return Config(**sections, accounts=accounts)
 
 
 def _accounts(

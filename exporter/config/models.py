@@ -35,6 +35,7 @@ DEFAULT_PRICES_BASE_URL = "https://api.binance.com"
 #: and Binance's USD tokens that have no spot pair and are subscribed and redeemed 1:1
 #: (BFUSD, RWUSD); the README says why these and not more
 DEFAULT_USD_ASSETS = ("USDT", "USDC", "FDUSD", "BFUSD", "RWUSD")
+DEFAULT_STREAM_URL = "wss://fstream.binance.com/pm/ws"
 ACCOUNT_NAME_PATTERN = r"[A-Za-z0-9_.-]+"
 ACCOUNT_NAME_MAX = 64
 _ASSET = re.compile(r"[A-Z0-9]{1,32}")
@@ -93,6 +94,15 @@ def _check_base_url(value: str) -> str:
     return parts.geturl().rstrip("/")
 
 
+def _check_stream_url(value: str) -> str:
+    parts = _split_url(value.strip())
+    if parts.scheme not in ("ws", "wss"):
+        raise _problem("must be a ws:// or wss:// URL")
+    if parts.username is not None or parts.password is not None:
+        raise _problem("must not contain credentials")
+    return parts.geturl().rstrip("/")
+
+
 def _check_proxy(value: str) -> str:
     # The URL may carry credentials: messages never quote it.
     parts = _split_url(value.strip())
@@ -145,6 +155,7 @@ def _is_name(value: object) -> TypeGuard[str]:
 
 
 BaseUrl = Annotated[str, AfterValidator(_check_base_url)]
+StreamUrl = Annotated[str, AfterValidator(_check_stream_url)]
 ProxyUrl = Annotated[str, AfterValidator(_check_proxy)]
 IpAddress = Annotated[str, AfterValidator(_check_ip)]
 Asset = Annotated[str, AfterValidator(_check_asset)]
@@ -162,6 +173,8 @@ class BinanceSettings(_Frozen):
     """Where and how to call the API."""
 
     base_url: BaseUrl = DEFAULT_BASE_URL
+    #: the user data stream's root; an account's listenKey is appended as /<listenKey>
+    stream_url: StreamUrl = DEFAULT_STREAM_URL
     recv_window_ms: Annotated[int, Field(ge=1, le=60000), _NotBool] = 5000
     timeout_seconds: Annotated[float, Field(gt=0, le=300, allow_inf_nan=False), _NotBool] = 10.0
 
@@ -175,6 +188,16 @@ class BudgetSettings(_Frozen):
     min_interval_seconds: Annotated[float, Field(ge=1, le=86400, allow_inf_nan=False), _NotBool] = (
         10.0
     )
+
+
+class StreamSettings(_Frozen):
+    """The user data stream: events trigger refreshes ahead of the round-robin."""
+
+    enabled: bool = True
+    #: at most one event-triggered refresh of an account per this many seconds
+    min_refresh_interval_seconds: Annotated[
+        float, Field(ge=0.5, le=3600, allow_inf_nan=False), _NotBool
+    ] = 2.0
 
 
 class AssetFilter(_Frozen):
@@ -351,6 +374,9 @@ class _Sections(_Frozen):
     )
     prices: Annotated[PricesSettings, BeforeValidator(_none_as_empty)] = Field(
         default_factory=PricesSettings
+    )
+    stream: Annotated[StreamSettings, BeforeValidator(_none_as_empty)] = Field(
+        default_factory=StreamSettings
     )
 
 
