@@ -23,6 +23,7 @@ from exporter.selfmetrics import BudgetCollector, BuildInfoCollector, Instrument
 from exporter.server import ExporterApp, MetricsServer, ServerLimits
 from exporter.shard import WHOLE, Shard
 from exporter.snapshot import AccountSnapshot, SnapshotStore
+from exporter.streams import AccountStreams
 from exporter.webconfig import WebConfig
 from exporter.weights import refresh_weight
 
@@ -78,6 +79,14 @@ class Exporter:
         self.stream_health = (
             StreamHealth(a.name for a in self.accounts) if config.stream.enabled else None
         )
+        #: one user data stream per account, its events turned into refreshes (None: off)
+        self.streams = (
+            AccountStreams(
+                stream_url=config.binance.stream_url, health=self.stream_health, clock=clock
+            )
+            if self.stream_health is not None
+            else None
+        )
         self.budgets: list[WeightBudget] = []
         self.pollers: list[EgressPoller] = []
         #: each account's poller: `trigger` and `apply_risk` for its stream's events
@@ -85,9 +94,10 @@ class Exporter:
         for route, accounts in groups:
             budget = WeightBudget(route.label, limits, clock=clock)
             self.budgets.append(budget)
+            targets = [_target(a) for a in accounts]
             self.pollers.append(
                 EgressPoller(
-                    targets=[_target(a) for a in accounts],
+                    targets=targets,
                     make_client=partial(
                         BinanceClient,
                         base_url=config.binance.base_url,
@@ -105,6 +115,8 @@ class Exporter:
                 )
             )
             self.poller_of.update((a.name, self.pollers[-1]) for a in accounts)
+            if self.streams is not None:
+                self.streams.add(route, budget, self.pollers[-1], targets)
         #: the spot prices, read by the price metrics at scrape time
         self.price_store = PriceStore(PriceBook(frozenset(config.prices.usd_assets)))
         self.prices = self._price_source(config, clock)
@@ -171,8 +183,15 @@ class Exporter:
             egresses=[b.egress for b in self.budgets],
             intervals=[p.settings.interval for p in self.pollers],
         )
+        # Not among `tasks`: a stream ending (or none configured) does not stop the polling.
+        streams = asyncio.create_task(self.streams.run(), name="streams") if self.streams else None
         stopped = asyncio.create_task(stop.wait())
         _done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        if streams is not None and self.streams is not None:
+            # Each stream deletes its listenKey on the way out, through its route's client.
+            await self.streams.close()
+            await asyncio.wait([streams], timeout=SHUTDOWN_GRACE_SECONDS)
+            streams.cancel()
         for task in tasks:
             task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)

@@ -281,7 +281,7 @@ class EgressPoller:
             await self._budget.acquire(WEIGHTS["time"])
             offset = await self._client.sync_time()
         except errors.BinanceError as exc:
-            self._note_pause(exc)
+            self.note_pause(exc)
             log.warning("time_sync_failed", egress=self._budget.egress, error=str(exc))
         else:
             log.info("time_synced", egress=self._budget.egress, offset_ms=round(offset * 1000))
@@ -308,7 +308,7 @@ class EgressPoller:
             account.next_due = started + backoff(
                 settings.interval, failures, exc, settings.backoff_cap
             )
-            self._note_pause(exc)
+            self.note_pause(exc)
             self._log_failure(account, exc, failures, self._clock() - started)
         else:
             current = replace(
@@ -373,7 +373,9 @@ class EgressPoller:
         if self._budget.paused_until != was_paused:
             self._log_pause()
 
-    def _note_pause(self, exc: BaseException) -> None:
+    def note_pause(self, exc: BaseException) -> None:
+        """Pause the route after a 429, 418 or firewall 403 (any request of its, the
+        stream's listenKey calls included); other errors change nothing."""
         now, offset = self._clock(), self._client.clock_offset
         if isinstance(exc, errors.IpBanned):
             self._budget.banned(exc.retry_after, exc.banned_until, now, offset)

@@ -61,9 +61,11 @@ def sim_config(
     *,
     extra: dict[str, dict[str, Any]] | None = None,
     timeout_seconds: float | None = None,
+    stream_url: str | None = None,
 ) -> Config:
-    """Config for an exporter polling the simulator at `url`; `extra` adds keys per account."""
-    data = exporter_config(url, generated, budget=budget)
+    """Config for an exporter polling the simulator at `url`; `extra` adds keys per account;
+    with `stream_url` (the simulator's), the user data streams are on."""
+    data = exporter_config(url, generated, budget=budget, stream_url=stream_url)
     for account in data["accounts"]:
         account.update((extra or {}).get(account["name"], {}))
     if timeout_seconds is not None:

@@ -682,7 +682,7 @@ def private_key_of(entry: dict[str, str]) -> Key:
 def test_demo_serves_three_key_types_and_drifts() -> None:
     sim, config = start_demo(3, tick_seconds=0.05)
     try:
-        assert config["binance"] == {"base_url": sim.url}
+        assert config["binance"] == {"base_url": sim.url, "stream_url": sim.stream_url}
         assert config["budget"]["min_interval_seconds"] > 0
         entries = config["accounts"]
         assert [e["name"] for e in entries] == ["desk-a", "desk-b", "desk-c"]

@@ -55,7 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             start_drift(sim, assets_per_account=args.assets)
         if args.write_config is not None:
             budget = {"ip_weight_limit_per_minute": args.ip_weight_limit}
-            write_config(args.write_config, exporter_config(sim.url, generated, budget=budget))
+            write_config(
+                args.write_config,
+                exporter_config(sim.url, generated, budget=budget, stream_url=sim.stream_url),
+            )
         print(f"simulator listening on {sim.url}", flush=True)
         print(f"simulator stream on {sim.stream_url}", flush=True)
         stop.wait()

@@ -199,15 +199,26 @@ def start_demo(
         sim.url,
         generated,
         budget={"ip_weight_limit_per_minute": 6000, "share": 0.25, "min_interval_seconds": 5},
+        stream_url=sim.stream_url,
     )
 
 
 def exporter_config(
-    base_url: str, accounts: list[GeneratedAccount], *, budget: dict[str, Any] | None = None
+    base_url: str,
+    accounts: list[GeneratedAccount],
+    *,
+    budget: dict[str, Any] | None = None,
+    stream_url: str | None = None,
 ) -> dict[str, Any]:
-    """Config data (as config.yaml would hold it) for an exporter polling the simulator."""
+    """Config data (as config.yaml would hold it) for an exporter polling the simulator;
+    with the simulator's `stream_url`, listening to its user data streams too (without,
+    the stream is off: its default URL is Binance's)."""
     # The simulator serves the spot price ticker too.
     data: dict[str, Any] = {"binance": {"base_url": base_url}, "prices": {"base_url": base_url}}
+    if stream_url is None:
+        data["stream"] = {"enabled": False}
+    else:
+        data["binance"]["stream_url"] = stream_url
     if budget is not None:
         data["budget"] = dict(budget)
     data["accounts"] = [dict(account.config) for account in accounts]
