@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 import structlog
@@ -23,6 +24,7 @@ from exporter.selfmetrics import BudgetCollector, BuildInfoCollector, Instrument
 from exporter.server import ExporterApp, MetricsServer
 from exporter.shard import WHOLE, Shard
 from exporter.snapshot import AccountSnapshot, SnapshotStore
+from exporter.storage import StateFile
 from exporter.webconfig import WebConfig
 from exporter.weights import refresh_weight
 
@@ -44,9 +46,12 @@ class Exporter:
         *,
         clock: Callable[[], float] = time.time,
         shard: Shard = WHOLE,
+        storage: StateFile | None = None,
     ) -> None:
         self.config = config
         self.shard = shard
+        self.storage = storage
+        self._clock = clock
         #: the accounts this replica polls: all of them, or its shard's share
         self.accounts = shard.select(config.accounts, lambda a: a.name)
         #: the live self-metrics, rendered per scrape
@@ -69,8 +74,11 @@ class Exporter:
             )
             for route, accounts in groups
         }
+        saved = storage.load({a.name for a in self.accounts}) if storage is not None else {}
         self.store = SnapshotStore(
-            AccountSnapshot(a.name, settings[a.route].interval)
+            _restore(saved[a.name], settings[a.route])
+            if a.name in saved
+            else AccountSnapshot(a.name, settings[a.route].interval)
             for a in sorted(self.accounts, key=lambda a: a.name)
         )
         self.budgets: list[WeightBudget] = []
@@ -80,7 +88,8 @@ class Exporter:
             self.budgets.append(budget)
             self.pollers.append(
                 EgressPoller(
-                    targets=[_target(a) for a in accounts],
+                    # Accounts with nothing to show (not restored) first: readiness sooner.
+                    targets=[_target(a) for a in sorted(accounts, key=lambda a: a.name in saved)],
                     make_client=partial(
                         BinanceClient,
                         base_url=config.binance.base_url,
@@ -119,6 +128,12 @@ class Exporter:
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until `stop` is set, then let in-flight requests finish within the grace."""
         tasks = [asyncio.create_task(p.run(), name="poller") for p in self.pollers]
+        if self.storage is not None:
+            tasks.append(
+                asyncio.create_task(
+                    self.storage.keep_written(self.store, clock=self._clock), name="storage"
+                )
+            )
         if not self.accounts:
             log.warning(
                 "no_accounts_in_shard", shard=str(self.shard), configured=len(self.config.accounts)
@@ -137,9 +152,21 @@ class Exporter:
         results = await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(p.drain(SHUTDOWN_GRACE_SECONDS) for p in self.pollers))
         stopped.cancel()
+        if self.storage is not None:
+            self.storage.write(self.store.current, self._clock())
         for result in results:
             if isinstance(result, Exception):  # a poller loop must never die on its own
                 raise result
+
+
+def _restore(saved: AccountSnapshot, settings: PollSettings) -> AccountSnapshot:
+    """A saved account under today's settings: its interval, assets and account info."""
+    return replace(
+        saved,
+        refresh_interval=settings.interval,
+        balances=tuple(b for b in saved.balances if settings.allows_asset(b.asset)),
+        info=saved.info if settings.account_info else None,
+    )
 
 
 def _target(account: AccountConfig) -> Target:

@@ -21,6 +21,7 @@ from exporter.config import Config, ConfigError, load_config, parse_config
 from exporter.logs import FORMATS, LEVELS, configure_logging
 from exporter.server import parse_listen_address
 from exporter.shard import ShardError, parse_shard
+from exporter.storage import StateFile
 from exporter.summary import check_budget, summarize
 from exporter.webconfig import WebConfigError, load_web_config
 from exporter.weights import refresh_weight
@@ -96,6 +97,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "binance-pm-exporter-2; each shard spends budget.share / TOTAL",
         metavar="INDEX/TOTAL",
     )
+    option(
+        "--storage.path",
+        None,
+        "directory to keep the last snapshot in, so that a restart serves the last values at "
+        "once (off when unset)",
+        metavar="DIR",
+    )
     switch("--check-config", "validate the config, print a summary without secrets, and exit")
     switch("--demo", "poll a bundled simulator of the PM API with synthetic accounts; no keys")
     parser.add_argument("--version", action="version", version=f"binance-pm-exporter {__version__}")
@@ -133,7 +141,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         if args.check_config:
             print(summarize(config, shard))
             return 0
-        exporter = Exporter(config, shard=shard)
+        storage = StateFile(Path(args.storage_path)) if args.storage_path else None
+        exporter = Exporter(config, shard=shard, storage=storage)
         try:
             server = exporter.serve_http(host, port, web_config)
         except OSError as exc:
