@@ -112,6 +112,7 @@ class EgressPoller:
         for index, account in enumerate(self._accounts):
             account.next_due = start + index * interval / len(self._accounts)
         while True:
+            interval = self._settings.interval  # `update` may have changed it
             account = min(self._accounts, key=lambda a: a.next_due)
             wait = account.next_due - self._clock()
             if wait > 0:
@@ -126,6 +127,25 @@ class EgressPoller:
             task = asyncio.create_task(self._refresh(account), name=account.target.name)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def update(self, targets: Iterable[Target], settings: PollSettings) -> None:
+        """Take a reloaded config's accounts for this egress, and their settings.
+
+        An account given the same `Target` keeps its schedule and backoff; a new one, or one
+        with a new `Target` (new credentials), is due at once (the budget paces it); a removed
+        one is no longer scheduled, and a refresh of it in flight just ends. Never called
+        with no targets.
+        """
+        kept = {a.target.name: a for a in self._accounts}
+        now = self._clock()
+        accounts = []
+        for target in targets:
+            account = kept.get(target.name) or _Account(target, next_due=now)
+            if account.target is not target:
+                account.target, account.next_due = target, now
+            accounts.append(account)
+        self._accounts = accounts
+        self._settings = settings
 
     async def drain(self, grace: float) -> None:
         """Let in-flight refreshes finish within `grace` seconds, cancel the rest, close."""
