@@ -242,6 +242,7 @@ class Exporter:
         )
         if self.storage is not None:
             self.storage.write(self.store.current, self._clock())
+        self._loop = None  # no more reloads
         if self._crash is not None:  # a poller loop must never die on its own
             raise self._crash
 

@@ -76,8 +76,9 @@ class RunningExporter:
         shard: Shard = WHOLE,
         *,
         clock: Callable[[], float] = time.time,
+        load: Callable[[], Config] | None = None,
     ) -> None:
-        self.exporter = Exporter(config, shard=shard, clock=clock)
+        self.exporter = Exporter(config, shard=shard, clock=clock, load=load)
         self.clock = clock
         self.web = web
         self.error: BaseException | None = None

@@ -13,8 +13,9 @@ import pytest
 import yaml
 from exporterproc import ExporterProcess, running
 from faultkit import hmac_accounts
-from harness import wait_until
+from harness import RunningExporter, wait_until
 
+from exporter.config import Config, ConfigError, load_config
 from exporter.shard import owner
 from exporter.simulator import Simulator
 
@@ -184,3 +185,52 @@ def test_sighup_reapplies_the_shard(setup: Setup, tmp_path: Path) -> None:
         shown = sorted(n for n in names if f'binance_pm_up{{account="{n}"}}' in text)
         assert shown == mine
         assert run.stop() == 0
+
+
+def test_a_new_route_gets_a_client_of_its_own_and_an_empty_egress_leaves(setup: Setup) -> None:
+    setup.write(["acct-a", "acct-b"])
+    with running("--config.file", str(setup.config)) as run:
+        wait_until(lambda: run.get("/readyz").status_code == 200, 15, "ready")
+        # both accounts now leave from 127.0.0.2: the default egress has no account left
+        for name in ("acct-a", "acct-b"):
+            setup.entries[name]["source_address"] = "127.0.0.2"
+        setup.write(["acct-a", "acct-b"])
+        reloaded = setup.simulator.requests[-1].time if setup.simulator.requests else 0.0
+        reload(run)
+        assert run.events("config_reloaded")[-1]["changed"] == ["acct-a", "acct-b"]
+
+        def from_new_address() -> bool:
+            after = [r for r in setup.simulator.requests if r.time > reloaded and r.account]
+            accounts = {r.account for r in after if r.client_ip == "127.0.0.2"}
+            return accounts == {"acct-a", "acct-b"}
+
+        wait_until(from_new_address, 15, "requests from 127.0.0.2")
+        text = run.get("/metrics").text
+        assert 'binance_pm_weight_budget_per_minute{egress="source:127.0.0.2"}' in text
+        assert 'egress="default"' not in text
+        assert run.stop() == 0
+
+
+def test_reload_can_be_called_from_another_thread_as_the_http_endpoint_will(
+    setup: Setup,
+) -> None:
+    """Exporter.reload(): the entry point for `/-/reload`, from a server thread."""
+    setup.write(["acct-a"])
+    configs = [load_config(setup.config, {})]
+
+    def load() -> Config:
+        if len(configs) > 1:
+            return configs.pop()
+        raise ConfigError(["config.yaml: budget.share: must be <= 1"])
+
+    with RunningExporter(configs[0], load=load) as run:
+        assert run.exporter.reload() == "config.yaml: budget.share: must be <= 1"
+        assert run.sample(SUCCESSFUL) == 0.0
+        assert sorted(run.exporter.store.current.accounts) == ["acct-a"]
+        setup.write(["acct-a", "acct-c"])
+        configs.append(load_config(setup.config, {}))
+        assert run.exporter.reload() is None
+        assert run.sample(SUCCESSFUL) == 1.0
+        assert sorted(run.exporter.store.current.accounts) == ["acct-a", "acct-c"]
+        wait_until(lambda: run.sample("binance_pm_up", account="acct-c") == 1.0, 15, "acct-c")
+    assert run.exporter.reload() == "the exporter is not running"
