@@ -171,7 +171,10 @@ class EgressPoller:
         structlog.contextvars.bind_contextvars(account=account.target.name)
         started = self._clock()
         name = account.target.name
-        previous = self._store.get(name)
+        previous = self._store.current.accounts.get(name)
+        if previous is None:  # a reload removed the account since it was scheduled
+            account.in_flight = False
+            return
         current = previous
         try:
             balances = await self._call(self._client.balance, "balance", account)

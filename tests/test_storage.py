@@ -8,7 +8,9 @@ import signal
 import stat
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -18,9 +20,10 @@ from faultkit import hmac_accounts
 from harness import wait_until
 from test_secrets import assert_no_secret, make_secrets
 
+from exporter.binance.models import AssetBalance
 from exporter.simulator import SimAccount, Simulator
 from exporter.snapshot import AccountSnapshot, Snapshot
-from exporter.storage import FILE_NAME, VERSION, encode
+from exporter.storage import FILE_NAME, VERSION, Encoder, StateFile, encode
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -274,3 +277,30 @@ def test_no_secret_in_the_state_file(tmp_path: Path) -> None:
     assert_no_secret(state, "the state file", known.forms)
     for forbidden in ("api_key", "secret", "proxy", "private"):
         assert forbidden not in state
+
+
+def test_the_encoder_reuses_unchanged_accounts_and_equals_a_fresh_encoding() -> None:
+    balances = (AssetBalance("USDT", MappingProxyType({"negativeBalance": 0.1 + 0.2}), 1.5),)
+    accounts = {
+        name: AccountSnapshot(name, 10.0, balances, up=True, attempted=True, last_success=1.0)
+        for name in NAMES
+    }
+    encoder = Encoder()
+    first = encoder(Snapshot(accounts), 5.0)
+    assert first == encode(Snapshot(accounts), 5.0)
+    accounts["acct-b"] = replace(accounts["acct-b"], last_success=2.0, up=False)
+    second = encoder(Snapshot(accounts, 1), 6.0)
+    assert second == encode(Snapshot(accounts, 1), 6.0)
+    saved = json.loads(second)["accounts"]
+    assert saved["acct-b"]["last_success"] == 2.0
+    # amounts exactly as held: the float read back is the float written
+    assert saved["acct-a"]["balances"][0]["values"]["negativeBalance"] == 0.1 + 0.2
+
+
+def test_an_older_snapshot_never_overwrites_a_newer_one(tmp_path: Path) -> None:
+    state = StateFile(tmp_path)
+    older = Snapshot({"acct-a": AccountSnapshot("acct-a", 1.0, attempted=True)}, 1)
+    newer = Snapshot({"acct-a": AccountSnapshot("acct-a", 1.0, attempted=True, up=True)}, 2)
+    assert state.write(newer, 2.0)
+    assert state.write(older, 3.0)  # a slow write from the loop, finishing after shutdown's
+    assert json.loads((tmp_path / FILE_NAME).read_text())["accounts"]["acct-a"]["up"] is True
