@@ -328,8 +328,11 @@ class Exporter:
                 continue
             # A new route, or new client settings: a new poller (and client), on the
             # route's budget if it had one (its log keeps the last minute's spending).
-            budget = current.budget if current is not None else None
-            budget = budget or WeightBudget(route.label, plan.limits, clock=self._clock)
+            budget = (
+                current.budget
+                if current is not None
+                else WeightBudget(route.label, plan.limits, clock=self._clock)
+            )
             egresses[route] = self._egress(route, accounts, plan, budget)
         for route, egress in old.items():
             if egresses.get(route) is not egress:

@@ -224,6 +224,7 @@ def test_reload_can_be_called_from_another_thread_as_the_http_endpoint_will(
         raise ConfigError(["config.yaml: budget.share: must be <= 1"])
 
     with RunningExporter(configs[0], load=load) as run:
+        wait_until(lambda: run.sample("binance_pm_up", account="acct-a") == 1.0, 15, "polling")
         assert run.exporter.reload() == "config.yaml: budget.share: must be <= 1"
         assert run.sample(SUCCESSFUL) == 0.0
         assert sorted(run.exporter.store.current.accounts) == ["acct-a"]
