@@ -470,9 +470,10 @@ def test_a_restart_with_storage_neither_resolves_nor_refires_a_firing_alert(
         "the exporter ready again", _returns_200(stack.http, f"{stack.exporter_url}/readyz"), 30
     )
     restart_seconds = time.monotonic() - restart_began
-    # Let Prometheus scrape and evaluate, and Alertmanager flush (group_interval 1 s), a while.
+    # The assertion is that nothing arrives: watch for 10 s, ten scrapes and rule
+    # evaluations and Alertmanager flushes (group_interval 1 s) after the restart.
     settle = 10.0
-    time.sleep(settle)  # the assertion is that nothing arrives in this window
+    time.sleep(settle)
 
     after: list[dict[str, Any]] = []
     while not stack.webhook.alerts.empty():
@@ -492,5 +493,6 @@ def test_a_restart_with_storage_neither_resolves_nor_refires_a_firing_alert(
     # k <= restart / interval + 1, and the gap (k + 1 intervals) is at most one interval
     # plus the restart time rounded up to whole intervals.
     missed_at_most = math.floor(restart_seconds / scrape_interval) + 1
-    assert gap <= scrape_interval * (1 + missed_at_most) + 0.05, (gap, restart_seconds)
+    # (+ 0.25 s: a scrape that starts late on a loaded machine)
+    assert gap <= scrape_interval * (1 + missed_at_most) + 0.25, (gap, restart_seconds)
     stack.http.patch(patch_url, json={"negativeBalance": "0"})

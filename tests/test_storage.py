@@ -248,14 +248,14 @@ def test_readiness_without_a_state_file_waits_for_each_accounts_first_refresh(
     _, entries = hmac_accounts(NAMES)
     storage = tmp_path / "data"
     with black_hole() as nowhere:
-        # Requests time out after 1 s: each account's first refresh fails, and then counts.
-        config = write_config(tmp_path / "config.yaml", nowhere, entries, timeout=1)
+        # Requests time out after 3 s: each account's first refresh fails, and then counts.
+        config = write_config(tmp_path / "config.yaml", nowhere, entries, timeout=3)
         with running("--config.file", str(config), "--storage.path", str(storage)) as run:
             response = run.get("/readyz")
             assert response.status_code == 503
             assert response.json() == {"status": "pending", "pending": NAMES}
             assert run.events("state_file_absent")
-            wait_until(lambda: run.get("/readyz").status_code == 200, 20, "first refreshes")
+            wait_until(lambda: run.get("/readyz").status_code == 200, 30, "first refreshes")
             assert run.sample("binance_pm_up", account="acct-a") == 0.0
             run.stop()
 
