@@ -235,3 +235,32 @@ def test_reload_can_be_called_from_another_thread_as_the_http_endpoint_will(
         assert sorted(run.exporter.store.current.accounts) == ["acct-a", "acct-c"]
         wait_until(lambda: run.sample("binance_pm_up", account="acct-c") == 1.0, 15, "acct-c")
     assert run.exporter.reload() == "the exporter is not running"
+
+
+def test_an_unchanged_account_keeps_its_schedule_and_a_new_one_is_due_at_once(
+    setup: Setup,
+) -> None:
+    setup.write(["acct-a", "acct-b"], min_interval_seconds=6)
+    pending: list[Config] = []
+    with RunningExporter(load_config(setup.config, {}), load=pending.pop) as run:
+
+        def balance_times(name: str, since: float) -> list[float]:
+            return [
+                r.time
+                for r in setup.simulator.requests
+                if r.account == name and r.path == "/papi/v1/balance" and r.time > since
+            ]
+
+        wait_until(lambda: balance_times("acct-a", 0.0), 15, "acct-a polled")
+        last_a = balance_times("acct-a", 0.0)[-1]
+        (setup.directory / "acct-b.secret").write_text(setup.secret_b + "\n")  # same secret
+        setup.write(["acct-a", "acct-b", "acct-d"], min_interval_seconds=6)
+        pending.append(load_config(setup.config, {}))
+        assert run.exporter.reload() is None
+        wait_until(lambda: balance_times("acct-d", 0.0), 10, "acct-d polled")
+        wait_until(lambda: balance_times("acct-a", last_a), 15, "acct-a polled again")
+        next_a = balance_times("acct-a", last_a)[0]
+        # acct-a kept its turn: about one interval (6 s) after its last refresh, not at once;
+        # acct-d was due at once, so it went first (at the poller's next turn, acct-b's)
+        assert next_a - last_a > 4.0
+        assert balance_times("acct-d", 0.0)[0] < next_a
