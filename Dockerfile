@@ -4,8 +4,9 @@
 #   docker run --read-only --tmpfs /tmp -p 9745:9745 \
 #     -v "$PWD/config.yaml:/etc/binance-pm-exporter/config.yaml:ro" binance-pm-exporter
 #
-# Runs as UID/GID 10001 and writes nothing outside /tmp, so a read-only root
-# filesystem works. The HEALTHCHECK asks plain http://127.0.0.1:9745/healthz: with
+# Runs as UID/GID 10001 and writes nothing outside /tmp and the volume
+# /var/lib/binance-pm-exporter (--storage.path: the last snapshot, kept across restarts),
+# so a read-only root filesystem works. The HEALTHCHECK asks plain http://127.0.0.1:9745/healthz: with
 # --web.config.file (TLS or basic auth) or another listen address, override it
 # (docker run --health-cmd ...) or disable it (--no-healthcheck).
 #
@@ -34,15 +35,17 @@ LABEL org.opencontainers.image.title="binance-pm-exporter" \
       org.opencontainers.image.base.digest="sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d"
 RUN groupadd --system --gid 10001 exporter \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
-       --home-dir /nonexistent --shell /usr/sbin/nologin exporter
+       --home-dir /nonexistent --shell /usr/sbin/nologin exporter \
+    && install -d -m 0700 -o 10001 -g 10001 /var/lib/binance-pm-exporter
 COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     TMPDIR=/tmp
 USER 10001:10001
+VOLUME ["/var/lib/binance-pm-exporter"]
 EXPOSE 9745
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9745/healthz', timeout=3)"]
 ENTRYPOINT ["binance-pm-exporter"]
-CMD ["--config.file=/etc/binance-pm-exporter/config.yaml"]
+CMD ["--config.file=/etc/binance-pm-exporter/config.yaml", "--storage.path=/var/lib/binance-pm-exporter"]

@@ -1,36 +1,103 @@
-"""Assembles a running exporter from a config: budgets, pollers, snapshot, metrics, HTTP."""
+"""Assembles a running exporter from a config: budgets, pollers, snapshot, metrics, HTTP.
+
+A reload (SIGHUP, or `Exporter.reload()`) turns a new config into the same parts,
+keeping what did not change: an egress (route) that stays keeps its budget, its
+client and its poller, and an account that stays keeps its snapshot, schedule and
+backoff.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from functools import partial
 
 import structlog
+from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 
 from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import make_signer
-from exporter.budget import WeightBudget, refresh_interval, shard_limits
-from exporter.config import AccountConfig, Config
+from exporter.budget import BudgetLimits, WeightBudget, refresh_interval, shard_limits
+from exporter.config import AccountConfig, Config, ConfigError, PrivateKey
 from exporter.exposition import CachedExposition
 from exporter.poller import BACKOFF_CAP_SECONDS, EgressPoller, PollSettings, Target
 from exporter.pricemetrics import PriceCollector
 from exporter.prices import PriceBook, PriceSource, PriceStore, price_budget_limits
 from exporter.route import Route
-from exporter.selfmetrics import BudgetCollector, BuildInfoCollector, Instruments, StreamHealth
+from exporter.selfmetrics import (
+    BudgetCollector,
+    BuildInfoCollector,
+    Instruments,
+    ReloadCollector,
+    ReloadStatus,
+    StreamHealth,
+)
 from exporter.server import ExporterApp, MetricsServer, ServerLimits
 from exporter.shard import WHOLE, Shard
 from exporter.snapshot import AccountSnapshot, SnapshotStore
+from exporter.storage import StateFile
 from exporter.streams import AccountStreams
 from exporter.webconfig import WebConfig
 from exporter.weights import refresh_weight
 
 log = structlog.get_logger("exporter")
 
+# `_created` series of the counters would double the health metrics for no use.
+
 #: how long in-flight requests may take to finish after a stop signal
 SHUTDOWN_GRACE_SECONDS = 5.0
+
+#: reads and validates the config (file, secrets, budget, shard); raises ConfigError
+ConfigLoader = Callable[[], Config]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a config means for this replica: its accounts, grouped by route."""
+
+    config: Config
+    accounts: list[AccountConfig]
+    limits: BudgetLimits
+    #: route -> its accounts, in the order of the route labels
+    groups: dict[Route, list[AccountConfig]]
+    settings: dict[Route, PollSettings]
+
+
+def _plan(config: Config, shard: Shard, backoff_cap: float) -> _Plan:
+    accounts = shard.select(config.accounts, lambda a: a.name)
+    limits = shard_limits(config.budget, shard.total)
+    weight = refresh_weight(config.collect.account_info)
+    by_route: dict[Route, list[AccountConfig]] = {}
+    for account in accounts:
+        by_route.setdefault(account.route, []).append(account)
+    groups = dict(sorted(by_route.items(), key=lambda group: group[0].label))
+    settings = {
+        route: PollSettings(
+            account_info=config.collect.account_info,
+            allows_asset=config.collect.assets.allows,
+            interval=refresh_interval(
+                len(members), weight, limits, config.budget.min_interval_seconds
+            ),
+            backoff_cap=backoff_cap,
+            trigger_interval=config.stream.min_refresh_interval_seconds,
+        )
+        for route, members in groups.items()
+    }
+    return _Plan(config, accounts, limits, groups, settings)
+
+
+@dataclass
+class _Egress:
+    """One route's running parts."""
+
+    budget: WeightBudget
+    poller: EgressPoller
+    task: asyncio.Task[None] | None = None
 
 
 class Exporter:
@@ -42,43 +109,46 @@ class Exporter:
         *,
         clock: Callable[[], float] = time.time,
         shard: Shard = WHOLE,
+        storage: StateFile | None = None,
+        load: ConfigLoader | None = None,
         backoff_cap: float = BACKOFF_CAP_SECONDS,
     ) -> None:
-        self.config = config
         self.shard = shard
-        #: the accounts this replica polls: all of them, or its shard's share
-        self.accounts = shard.select(config.accounts, lambda a: a.name)
+        self.storage = storage
+        self._clock = clock
+        self._load = load
+        self._backoff_cap = backoff_cap
+        plan = self._plan = _plan(config, shard, backoff_cap)
+        #: each account's settings and the target made from them
+        self._targets: dict[str, tuple[AccountConfig, Target]] = {}
         #: what /metrics serves after the snapshot's exposition: the live self-metrics,
         #: rendered per scrape
         self.registry = CollectorRegistry(auto_describe=True)
-        limits = shard_limits(config.budget, shard.total)
-        self.instruments = instruments = Instruments(self.registry)
-        weight = refresh_weight(config.collect.account_info)
-        # One client and one budget per route, built from the route itself.
-        by_route: dict[Route, list[AccountConfig]] = {}
-        for account in self.accounts:
-            by_route.setdefault(account.route, []).append(account)
-        groups = sorted(by_route.items(), key=lambda group: group[0].label)
-        settings = {
-            route: PollSettings(
-                account_info=config.collect.account_info,
-                allows_asset=config.collect.assets.allows,
-                interval=refresh_interval(
-                    len(accounts), weight, limits, config.budget.min_interval_seconds
-                ),
-                backoff_cap=backoff_cap,
-                trigger_interval=config.stream.min_refresh_interval_seconds,
-            )
-            for route, accounts in groups
-        }
+        self.instruments = Instruments(self.registry)
+        self.reload_status = ReloadStatus(successful=True, last_success=clock())
+        names = {a.name for a in plan.accounts}
+        saved = storage.load(names) if storage is not None else {}
         self.store = SnapshotStore(
-            AccountSnapshot(a.name, settings[a.route].interval)
-            for a in sorted(self.accounts, key=lambda a: a.name)
+            _under(saved[a.name], plan.settings[a.route])
+            if a.name in saved
+            else AccountSnapshot(a.name, plan.settings[a.route].interval)
+            for a in sorted(plan.accounts, key=lambda a: a.name)
         )
-        #: the user data streams' health, fed by the stream clients (None: disabled)
+        #: the user data streams' health, fed by the stream clients (None: disabled); the
+        #: series of every account configured at start (a reload adds none: see README)
         self.stream_health = (
-            StreamHealth(a.name for a in self.accounts) if config.stream.enabled else None
+            StreamHealth(a.name for a in plan.accounts) if config.stream.enabled else None
         )
+        self._egresses: dict[Route, _Egress] = {
+            route: self._egress(
+                route,
+                # Accounts with nothing to show (not restored) first: readiness sooner.
+                sorted(accounts, key=lambda a: a.name in saved),
+                plan,
+                WeightBudget(route.label, plan.limits, clock=clock),
+            )
+            for route, accounts in plan.groups.items()
+        }
         #: one user data stream per account, its events turned into refreshes (None: off)
         self.streams = (
             AccountStreams(
@@ -87,41 +157,11 @@ class Exporter:
             if self.stream_health is not None
             else None
         )
-        self.budgets: list[WeightBudget] = []
-        self.pollers: list[EgressPoller] = []
-        #: each account's poller: `trigger` and `apply_risk` for its stream's events
-        self.poller_of: dict[str, EgressPoller] = {}
-        for route, accounts in groups:
-            budget = WeightBudget(route.label, limits, clock=clock)
-            self.budgets.append(budget)
-            targets = [_target(a) for a in accounts]
-            self.pollers.append(
-                EgressPoller(
-                    targets=targets,
-                    make_client=partial(
-                        BinanceClient,
-                        base_url=config.binance.base_url,
-                        timeout_seconds=config.binance.timeout_seconds,
-                        recv_window_ms=config.binance.recv_window_ms,
-                        clock=clock,
-                        route=route,
-                    ),
-                    budget=budget,
-                    store=self.store,
-                    instruments=instruments,
-                    settings=settings[route],
-                    clock=clock,
-                    stream=self.stream_health,
-                )
-            )
-            self.poller_of.update((a.name, self.pollers[-1]) for a in accounts)
-            if self.streams is not None:
-                self.streams.add(route, budget, self.pollers[-1], targets)
         #: the spot prices, read by the price metrics at scrape time
         self.price_store = PriceStore(PriceBook(frozenset(config.prices.usd_assets)))
         self.prices = self._price_source(config, clock)
-        budgets = self.budgets + ([self.prices.budget] if self.prices is not None else [])
-        self.registry.register(BudgetCollector(budgets))
+        self.registry.register(BudgetCollector(lambda: self._all_budgets))
+        self.registry.register(ReloadCollector(self.reload_status))
         self.registry.register(BuildInfoCollector())
         if self.prices is not None:
             self.registry.register(PriceCollector(self.store, self.price_store))
@@ -129,6 +169,45 @@ class Exporter:
             self.registry.register(self.stream_health)
         #: the snapshot's families, rendered once per snapshot change
         self.exposition = CachedExposition(self.store)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._crash: BaseException | None = None
+        self._reload_lock = asyncio.Lock()
+        #: pollers a reload removed, finishing their in-flight refreshes
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    # --- what is running -------------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        return self._plan.config
+
+    @property
+    def accounts(self) -> list[AccountConfig]:
+        """The accounts this replica polls: all of them, or its shard's share."""
+        return self._plan.accounts
+
+    @property
+    def pollers(self) -> list[EgressPoller]:
+        return [egress.poller for egress in self._egresses.values()]
+
+    @property
+    def budgets(self) -> list[WeightBudget]:
+        return [egress.budget for egress in self._egresses.values()]
+
+    @property
+    def _all_budgets(self) -> list[WeightBudget]:
+        """The routes' budgets and the price source's (the spot API's pool)."""
+        return self.budgets + ([self.prices.budget] if self.prices is not None else [])
+
+    @property
+    def poller_of(self) -> dict[str, EgressPoller]:
+        """Each account's poller: `trigger` and `apply_risk` for its stream's events."""
+        return {
+            target.name: egress.poller
+            for egress in self._egresses.values()
+            for target in egress.poller.targets
+        }
 
     def _price_source(self, config: Config, clock: Callable[[], float]) -> PriceSource | None:
         """The spot price source, on a budget of its own (the spot API's weight pool)."""
@@ -153,6 +232,39 @@ class Exporter:
             clock=clock,
         )
 
+    def _egress(
+        self, route: Route, accounts: Iterable[AccountConfig], plan: _Plan, budget: WeightBudget
+    ) -> _Egress:
+        binance = plan.config.binance
+        poller = EgressPoller(
+            targets=[self._target(a) for a in accounts],
+            make_client=partial(
+                BinanceClient,
+                base_url=binance.base_url,
+                timeout_seconds=binance.timeout_seconds,
+                recv_window_ms=binance.recv_window_ms,
+                clock=self._clock,
+                route=route,
+            ),
+            budget=budget,
+            store=self.store,
+            instruments=self.instruments,
+            settings=plan.settings[route],
+            clock=self._clock,
+            stream=self.stream_health,
+        )
+        return _Egress(budget, poller)
+
+    def _target(self, account: AccountConfig) -> Target:
+        """The account's target: the one it has while its settings stay the same (it keeps
+        its schedule and backoff), else a new one."""
+        known = self._targets.get(account.name)
+        if known is None or not same(known[0], account):
+            known = self._targets[account.name] = (account, _target(account))
+        return known[1]
+
+    # --- serving and polling ---------------------------------------------------------
+
     def serve_http(
         self,
         host: str,
@@ -169,39 +281,211 @@ class Exporter:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until `stop` is set, then let in-flight requests finish within the grace."""
-        tasks = [asyncio.create_task(p.run(), name="poller") for p in self.pollers]
+        self._loop, self._stop = asyncio.get_running_loop(), stop
+        for egress in self._egresses.values():
+            self._start(egress)
+        others = []  # the storage's writer and the price source: they must not end either
+        if self.storage is not None:
+            others.append(self.storage.keep_written(self.store, clock=self._clock))
         if self.prices is not None:
-            tasks.append(asyncio.create_task(self.prices.run(), name="prices"))
+            others.append(self.prices.run())
+        helpers = [asyncio.create_task(coroutine) for coroutine in others]
+        for task in helpers:
+            task.add_done_callback(self._died)
+        self._sync_streams()
+        self._log_polling("polling_started")
+        await stop.wait()
+        if self.streams is not None:  # each deletes its listenKey, through its route's client
+            await self.streams.close(SHUTDOWN_GRACE_SECONDS)
+        tasks = [e.task for e in self._egresses.values() if e.task is not None] + helpers
+        for task in tasks:
+            task.remove_done_callback(self._died)
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(
+            *(p.drain(SHUTDOWN_GRACE_SECONDS) for p in self.pollers), *self._retiring
+        )
+        if self.prices is not None:
+            await self.prices.aclose()
+        if self.storage is not None:
+            self.storage.write(self.store.current, self._clock())
+        self._loop = None  # no more reloads
+        if self._crash is not None:  # a poller loop must never die on its own
+            raise self._crash
+
+    def _sync_streams(self) -> None:
+        """A user data stream for every account polled now, none for the others."""
+        if self.streams is not None:
+            self.streams.sync(
+                (route, egress.budget, egress.poller, egress.poller.targets)
+                for route, egress in self._egresses.items()
+            )
+
+    def _start(self, egress: _Egress) -> None:
+        egress.task = asyncio.create_task(egress.poller.run(), name="poller")
+        egress.task.add_done_callback(self._died)
+
+    def _died(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        self._crash = task.exception() or RuntimeError(f"task {task.get_name()} ended")
+        assert self._stop is not None
+        self._stop.set()
+
+    def _log_polling(self, event: str, **more: object) -> None:
         if not self.accounts:
             log.warning(
                 "no_accounts_in_shard", shard=str(self.shard), configured=len(self.config.accounts)
             )
         log.info(
-            "polling_started",
+            event,
             accounts=len(self.accounts),
             shard=str(self.shard),
             egresses=[b.egress for b in self.budgets],
             intervals=[p.settings.interval for p in self.pollers],
+            **more,
         )
-        # Not among `tasks`: a stream ending (or none configured) does not stop the polling.
-        streams = asyncio.create_task(self.streams.run(), name="streams") if self.streams else None
-        stopped = asyncio.create_task(stop.wait())
-        _done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        if streams is not None and self.streams is not None:
-            # Each stream deletes its listenKey on the way out, through its route's client.
-            await self.streams.close()
-            await asyncio.wait([streams], timeout=SHUTDOWN_GRACE_SECONDS)
-            streams.cancel()
-        for task in tasks:
-            task.cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(p.drain(SHUTDOWN_GRACE_SECONDS) for p in self.pollers))
-        if self.prices is not None:
-            await self.prices.aclose()
-        stopped.cancel()
-        for result in results:
-            if isinstance(result, Exception):  # a poller loop must never die on its own
-                raise result
+
+    # --- reloading -------------------------------------------------------------------
+
+    def reload(self, timeout: float = 60.0) -> str | None:
+        """Reload from another thread than the exporter's loop (the HTTP `/-/reload`): as
+        `areload`, waiting up to `timeout` seconds for it."""
+        if self._loop is None:
+            return "the exporter is not running"
+        future = asyncio.run_coroutine_threadsafe(self.areload(), self._loop)
+        return future.result(timeout)
+
+    async def areload(self) -> str | None:
+        """Re-read the config and every secret file; when all of it is valid, run it and
+        return None. Otherwise keep the running config and return the problem (one line,
+        logged, and `binance_pm_config_last_reload_successful` 0)."""
+        async with self._reload_lock:
+            if self._load is None:
+                log.warning("reload_failed", error="no config file to reload (--demo)")
+                return "no config file to reload (--demo)"
+            try:
+                # Reading files and loading keys takes a while: not on the pollers' loop.
+                config = await asyncio.to_thread(self._load)
+            except ConfigError as exc:
+                error = "; ".join(exc.problems)
+                self.reload_status.successful = False
+                log.error("reload_failed", error=error)  # noqa: TRY400 - no traceback to show
+                return error
+            before = {a.name: a for a in self.accounts}
+            self._apply(_plan(config, self.shard, self._backoff_cap))
+            after = {a.name: a for a in self.accounts}
+            self.reload_status.successful = True
+            self.reload_status.last_success = self._clock()
+            self._log_polling(
+                "config_reloaded",
+                added=sorted(after.keys() - before.keys()),
+                removed=sorted(before.keys() - after.keys()),
+                changed=sorted(
+                    n for n in after.keys() & before.keys() if not same(before[n], after[n])
+                ),
+            )
+            return None
+
+    def _apply(self, plan: _Plan) -> None:
+        """Run `plan` in place of the current one; in the loop, between two awaits."""
+        new_clients = plan.config.binance != self._plan.config.binance
+        self.store.rebuild(partial(_snapshots, plan))
+        old = self._egresses
+        egresses = {}
+        for route, accounts in plan.groups.items():
+            current = old.get(route)
+            if current is not None:
+                current.budget.set_limits(plan.limits)
+            if current is not None and not new_clients:
+                current.poller.update([self._target(a) for a in accounts], plan.settings[route])
+                egresses[route] = current
+                continue
+            # A new route, or new client settings: a new poller (and client), on the
+            # route's budget if it had one (its log keeps the last minute's spending).
+            budget = (
+                current.budget
+                if current is not None
+                else WeightBudget(route.label, plan.limits, clock=self._clock)
+            )
+            egresses[route] = self._egress(route, accounts, plan, budget)
+        for route, egress in old.items():
+            if egresses.get(route) is not egress:
+                self._retire(egress)
+        self._plan = plan
+        self._egresses = egresses  # one assignment: scrapes see the old set or the new
+        names = {a.name for a in plan.accounts}
+        self._targets = {n: known for n, known in self._targets.items() if n in names}
+        if self._loop is not None:
+            for egress in egresses.values():
+                if egress.task is None:
+                    self._start(egress)
+            self._sync_streams()
+
+    def _retire(self, egress: _Egress) -> None:
+        if egress.task is not None:
+            egress.task.remove_done_callback(self._died)
+            egress.task.cancel()
+        task = asyncio.create_task(egress.poller.drain(SHUTDOWN_GRACE_SECONDS), name="retire")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+
+def _snapshots(plan: _Plan, current: Mapping[str, AccountSnapshot]) -> Iterable[AccountSnapshot]:
+    """The plan's accounts: kept ones with their snapshot (under the new settings), new ones
+    empty; accounts not in the plan are left out, and their series leave /metrics."""
+    for account in plan.accounts:
+        settings = plan.settings[account.route]
+        kept = current.get(account.name)
+        if kept is None:
+            yield AccountSnapshot(account.name, settings.interval)
+        else:
+            yield _under(kept, settings)
+
+
+def _under(snapshot: AccountSnapshot, settings: PollSettings) -> AccountSnapshot:
+    """`snapshot` under `settings`: their interval, assets and account info (the same
+    object when nothing changes, so its rendered lines stay cached)."""
+    balances = tuple(b for b in snapshot.balances if settings.allows_asset(b.asset))
+    info = snapshot.info if settings.account_info else None
+    if (
+        snapshot.refresh_interval == settings.interval
+        and len(balances) == len(snapshot.balances)
+        and info is snapshot.info
+    ):
+        return snapshot
+    return replace(snapshot, refresh_interval=settings.interval, balances=balances, info=info)
+
+
+def same(a: AccountConfig, b: AccountConfig) -> bool:
+    """The same account settings: name, route and credentials (compared in constant time)."""
+    return (
+        a.name == b.name
+        and a.route == b.route
+        and _equal(_secret(a.api_key), _secret(b.api_key))
+        and _equal(_secret(a.api_secret), _secret(b.api_secret))
+        and _equal(_key(a.private_key), _key(b.private_key))
+    )
+
+
+def _secret(value: SecretStr | None) -> bytes | None:
+    return None if value is None else value.get_secret_value().encode()
+
+
+def _key(key: PrivateKey | None) -> bytes | None:
+    if key is None:
+        return None
+    return key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _equal(a: bytes | None, b: bytes | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return hmac.compare_digest(a, b)
 
 
 def _target(account: AccountConfig) -> Target:

@@ -92,6 +92,12 @@ class WeightBudget:
         self.spent_total = 0
         self.last_used_weight: int | None = None
 
+    def set_limits(self, settings: BudgetLimits) -> None:
+        """New limits (a config reload). The spending log stays: the next requests wait until
+        the last 60 s hold room under the new budget, so a change never makes a burst."""
+        self.settings = settings
+        self._rate = settings.per_minute / GUARD_SECONDS
+
     # --- spending -----------------------------------------------------------
 
     def delay(self, weight: int, now: float) -> float:

@@ -10,6 +10,7 @@ import resource
 import signal
 import sys
 from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from exporter.budget import shard_limits
 from exporter.config import Config, ConfigError, load_config, parse_config
 from exporter.logs import FORMATS, LEVELS, configure_logging
 from exporter.server import ServerLimits, parse_listen_address
-from exporter.shard import ShardError, parse_shard
+from exporter.shard import Shard, ShardError, parse_shard
+from exporter.storage import StateFile
 from exporter.summary import check_budget, summarize
 from exporter.webconfig import WebConfigError, load_web_config
 from exporter.weights import refresh_weight
@@ -124,6 +126,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "binance-pm-exporter-2; each shard spends budget.share / TOTAL",
         metavar="INDEX/TOTAL",
     )
+    option(
+        "--storage.path",
+        None,
+        "directory to keep the last snapshot in, so that a restart serves the last values at "
+        "once (off when unset)",
+        metavar="DIR",
+    )
     switch("--check-config", "validate the config, print a summary without secrets, and exit")
     switch("--demo", "poll a bundled simulator of the PM API with synthetic accounts; no keys")
     parser.add_argument("--version", action="version", version=f"binance-pm-exporter {__version__}")
@@ -154,18 +163,17 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     with _config(args, environ) as config:
         if config is None:
             return EXIT_USAGE
-        per_shard = shard_limits(config.budget, shard.total).per_minute
-        weight = refresh_weight(config.collect.account_info)
-        if per_shard < weight:
-            return _usage_error(
-                f"--shard: each of {shard.total} shards may spend budget B / {shard.total} = "
-                f"{per_shard:g} weight/min, less than one account refresh ({weight}); "
-                "use fewer shards or a larger budget.share"
-            )
+        problem = _shard_problem(config, shard)
+        if problem is not None:
+            return _usage_error(problem)
         if args.check_config:
             print(summarize(config, shard))
             return 0
-        exporter = Exporter(config, shard=shard)
+        storage = StateFile(Path(args.storage_path)) if args.storage_path else None
+        load = (
+            None if args.demo else partial(_reload_config, Path(args.config_file), environ, shard)
+        )
+        exporter = Exporter(config, shard=shard, storage=storage, load=load)
         open_files = raise_open_files_limit()
         try:
             server = exporter.serve_http(host, port, web_config, limits)
@@ -246,11 +254,46 @@ def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> Iterator[Co
     yield config
 
 
+def _shard_problem(config: Config, shard: Shard) -> str | None:
+    per_shard = shard_limits(config.budget, shard.total).per_minute
+    weight = refresh_weight(config.collect.account_info)
+    if per_shard >= weight:
+        return None
+    return (
+        f"--shard: each of {shard.total} shards may spend budget B / {shard.total} = "
+        f"{per_shard:g} weight/min, less than one account refresh ({weight}); "
+        "use fewer shards or a larger budget.share"
+    )
+
+
+def _reload_config(path: Path, environ: Mapping[str, str], shard: Shard) -> Config:
+    """The config file again, checked as at start: every field, secret file, key, the budget
+    and the shard's share of it. Raises ConfigError (problems prefixed as at start)."""
+    try:
+        config = load_config(path, environ)
+        check_budget(config)
+    except ConfigError as exc:
+        raise ConfigError([f"{path}: {problem}" for problem in exc.problems]) from None
+    problem = _shard_problem(config, shard)
+    if problem is not None:
+        raise ConfigError([problem])
+    return config
+
+
 async def _run_until_signalled(exporter: Exporter, *, demo: bool = False) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _stop, stop, signum)
+    reloads: set[asyncio.Task[str | None]] = set()
+
+    def reload() -> None:
+        log.info("reload_requested", signal="SIGHUP")
+        task = asyncio.create_task(exporter.areload())
+        reloads.add(task)  # a reference until done: the loop keeps only weak ones
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     if not demo:
         await exporter.run(stop)
         return

@@ -130,11 +130,7 @@ class EgressPoller:
         self._sleep = sleep
         self._tasks: set[asyncio.Task[None]] = set()
         self._stream = stream
-        rate = budget.settings.per_minute / GUARD_SECONDS
-        #: seconds between two refreshes when the budget is fully used
-        self._slot = settings.weight / rate
-        self._catchup_near = max(CATCHUP_NEAR_SECONDS, self._slot)
-        self._triggers = TriggerQueue(settings.weight, rate, settings.trigger_interval)
+        self._triggers = self._plan_triggers()
         self._wake = asyncio.Event()
 
     @property
@@ -145,6 +141,10 @@ class EgressPoller:
     def settings(self) -> PollSettings:
         return self._settings
 
+    @property
+    def targets(self) -> list[Target]:
+        return [a.target for a in self._accounts]
+
     async def run(self) -> None:
         """Schedule refreshes until cancelled; in-flight refreshes are left to `drain`."""
         await self._sync_time()
@@ -152,8 +152,8 @@ class EgressPoller:
         start = self._clock()
         for index, account in enumerate(self._accounts):
             account.next_due = start + index * interval / len(self._accounts)
-        weight = self._settings.weight
         while True:
+            weight = self._settings.weight  # `update` may change it
             self._wake.clear()  # a trigger or a finished refresh from now on wakes the nap
             now = self._clock()
             chosen, triggered, wake_at = self._next_refresh(now)
@@ -267,6 +267,42 @@ class EgressPoller:
                 task.cancel()
             await asyncio.gather(sleeper, waker, return_exceptions=True)
 
+    def update(self, targets: Iterable[Target], settings: PollSettings) -> None:
+        """Take a reloaded config's accounts for this egress, and their settings.
+
+        An account given the same `Target` keeps its schedule and backoff; a new one, or one
+        with a new `Target` (new credentials), is due at once (the budget paces it); a removed
+        one is no longer scheduled, and a refresh of it in flight just ends. Never called
+        with no targets.
+        """
+        kept = {a.target.name: a for a in self._accounts}
+        now = self._clock()
+        accounts = []
+        for target in targets:
+            account = kept.get(target.name) or _Account(target, next_due=now)
+            if account.target is not target:
+                account.target, account.next_due = target, now
+            accounts.append(account)
+        self._accounts = accounts
+        self._by_name = {a.target.name: a for a in accounts}
+        self._settings = settings
+        for name in self._triggers.names() - self._by_name.keys():
+            self._triggers.discard(name)
+        self._triggers = self._plan_triggers(self._triggers)
+        self._wake.set()  # new accounts are due now
+
+    def _plan_triggers(self, current: TriggerQueue | None = None) -> TriggerQueue:
+        """The trigger queue for the current settings and budget: `current` (its pending
+        triggers and share) while those have not changed, else a new one."""
+        rate = self._budget.settings.per_minute / GUARD_SECONDS
+        weight, interval = self._settings.weight, self._settings.trigger_interval
+        #: seconds between two refreshes when the budget is fully used
+        self._slot = weight / rate
+        self._catchup_near = max(CATCHUP_NEAR_SECONDS, self._slot)
+        if current is not None and current.plan == (weight, rate, interval):
+            return current
+        return TriggerQueue(weight, rate, interval)
+
     async def drain(self, grace: float) -> None:
         """Let in-flight refreshes finish within `grace` seconds, cancel the rest, close."""
         if self._tasks:
@@ -291,7 +327,10 @@ class EgressPoller:
         structlog.contextvars.bind_contextvars(account=account.target.name)
         started = self._clock()
         name = account.target.name
-        previous = self._store.get(name)
+        previous = self._store.current.accounts.get(name)
+        if previous is None:  # a reload removed the account since it was scheduled
+            account.in_flight = False
+            return
         current = previous
         try:
             balances = await self._call(self._client.balance, "balance", account)

@@ -7,7 +7,8 @@ collector instead.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -138,8 +139,8 @@ class StreamHealth(_Live):
 class BudgetCollector(Collector):
     """Weight and pause state of each egress IP's budget, read at scrape time."""
 
-    def __init__(self, budgets: Sequence[WeightBudget]) -> None:
-        self._budgets = budgets
+    def __init__(self, budgets: Callable[[], Sequence[WeightBudget]]) -> None:
+        self._budgets = budgets  # the current budgets: a reload adds and removes egresses
 
     def collect(self) -> Iterable[Metric]:
         used = GaugeMetricFamily(
@@ -177,7 +178,7 @@ class BudgetCollector(Collector):
             "(high_water, rate_limited, banned, waf_blocked).",
             labels=["egress", "reason"],
         )
-        for b in self._budgets:
+        for b in self._budgets():
             if b.last_used_weight is not None:
                 used.add_metric([b.egress], b.last_used_weight)
             spent.add_metric([b.egress], b.spent_total)
@@ -198,3 +199,32 @@ class BuildInfoCollector(Collector):
         )
         info.add_metric([__version__], 1)
         yield info
+
+
+@dataclass
+class ReloadStatus:
+    """How the last config reload went; the start counts as a successful load."""
+
+    successful: bool
+    #: when the running config was loaded (epoch seconds)
+    last_success: float
+
+
+class ReloadCollector(Collector):
+    """Prometheus's own names for the same thing (prometheus_config_last_reload_*)."""
+
+    def __init__(self, status: ReloadStatus) -> None:
+        self._status = status
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "binance_pm_config_last_reload_successful",
+            "1 when the last config reload succeeded (or none was tried); 0 when it failed "
+            "and the previous config still runs.",
+            value=1.0 if self._status.successful else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "binance_pm_config_last_reload_success_timestamp_seconds",
+            "When the running config was loaded: at start, or by the last successful reload.",
+            value=self._status.last_success,
+        )

@@ -8,7 +8,7 @@ so never see a half-written account, and never wait on the poller.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -46,6 +46,8 @@ class AccountSnapshot:
     up: bool = False
     #: a refresh (successful or not) has completed at least once
     attempted: bool = False
+    #: started from the state file of a previous run (`--storage.path`)
+    restored: bool = False
     last_success: float | None = None  # epoch seconds
     consecutive_failures: int = 0
 
@@ -58,8 +60,12 @@ class Snapshot:
 
     @property
     def pending(self) -> list[str]:
-        """Accounts that have not completed a refresh yet."""
-        return [name for name, account in self.accounts.items() if not account.attempted]
+        """Accounts with nothing to show yet: neither refreshed nor restored."""
+        return [
+            name
+            for name, account in self.accounts.items()
+            if not (account.attempted or account.restored)
+        ]
 
     @property
     def assets(self) -> frozenset[str]:
@@ -68,7 +74,8 @@ class Snapshot:
 
 
 class SnapshotStore:
-    """Holds the current snapshot; `replace` swaps in a copy with one account changed."""
+    """Holds the current snapshot; `replace` swaps in a copy with one account changed,
+    `rebuild` one with the set of accounts changed (a config reload)."""
 
     def __init__(self, accounts: Iterable[AccountSnapshot]) -> None:
         self._lock = threading.Lock()
@@ -82,8 +89,23 @@ class SnapshotStore:
         return self._current.accounts[name]
 
     def replace(self, account: AccountSnapshot) -> Snapshot:
+        """Swap in `account`; an account no longer in the store (removed by a reload while
+        its refresh was in flight) stays out."""
         with self._lock:
+            if account.name not in self._current.accounts:
+                return self._current
             accounts = dict(self._current.accounts)
             accounts[account.name] = account
             self._current = Snapshot(MappingProxyType(accounts), self._current.generation + 1)
+            return self._current
+
+    def rebuild(
+        self, make: Callable[[Mapping[str, AccountSnapshot]], Iterable[AccountSnapshot]]
+    ) -> Snapshot:
+        """Swap in the accounts `make` builds from the current ones (sorted by name)."""
+        with self._lock:
+            accounts = sorted(make(self._current.accounts), key=lambda a: a.name)
+            self._current = Snapshot(
+                MappingProxyType({a.name: a for a in accounts}), self._current.generation + 1
+            )
             return self._current

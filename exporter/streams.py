@@ -79,7 +79,12 @@ class _AccountObserver(StreamObserver):
 
 
 class AccountStreams:
-    """The user data streams of every account `add`ed: run() until close()."""
+    """The user data stream of every account, kept in step with the pollers by `sync`.
+
+    An account keeps its stream while its target (credentials) and poller (route and
+    client) stay the same objects, as they do across a reload that leaves it unchanged;
+    otherwise its old stream is closed (its listenKey deleted) and a new one starts.
+    """
 
     def __init__(
         self,
@@ -91,44 +96,73 @@ class AccountStreams:
         self._stream_url = stream_url
         self._health = health
         self._clock = clock
-        self._streams: list[UserDataStream] = []
+        #: route -> the pacer of its connection attempts (Binance counts them per IP)
+        self._pacers: dict[Route, ConnectPacer] = {}
+        #: account -> (target, poller, stream, its task)
+        self._running: dict[str, tuple[Target, EgressPoller, UserDataStream, asyncio.Task[None]]]
+        self._running = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
-    def add(
-        self, route: Route, budget: WeightBudget, poller: EgressPoller, targets: Iterable[Target]
+    def sync(
+        self, egresses: Iterable[tuple[Route, WeightBudget, EgressPoller, Iterable[Target]]]
     ) -> None:
-        """A stream for each of `targets`, the accounts of `poller`, on `route`."""
-        pacer = ConnectPacer()  # per route: Binance counts connection attempts per IP
-        for target in targets:
-            self._streams.append(
-                UserDataStream(
-                    account=target.name,
-                    api_key=target.credentials.api_key,
-                    client=poller.client,
-                    stream_url=self._stream_url,
-                    acquire=budget.acquire,
-                    pacer=pacer,
-                    observer=_AccountObserver(target.name, poller, self._health, self._clock),
-                    route=route,
-                )
+        """Run a stream for each target of each (route, budget, poller, targets), and none
+        for any other account; call in the event loop."""
+        wanted: dict[str, tuple[Route, WeightBudget, EgressPoller, Target]] = {
+            target.name: (route, budget, poller, target)
+            for route, budget, poller, targets in egresses
+            for target in targets
+        }
+        for name, (target, poller, stream, task) in list(self._running.items()):
+            new = wanted.get(name)
+            if new is None or new[3] is not target or new[2] is not poller:
+                del self._running[name]
+                self._retire(stream, task)
+        self._pacers = {
+            route: self._pacers.get(route) or ConnectPacer() for route, *_ in wanted.values()
+        }
+        for name, (route, budget, poller, target) in wanted.items():
+            if name in self._running:
+                continue
+            stream = UserDataStream(
+                account=name,
+                api_key=target.credentials.api_key,
+                client=poller.client,
+                stream_url=self._stream_url,
+                acquire=budget.acquire,
+                pacer=self._pacers[route],
+                observer=_AccountObserver(name, poller, self._health, self._clock),
+                route=route,
             )
+            task = asyncio.create_task(_run(stream), name=f"stream {name}")
+            self._running[name] = (target, poller, stream, task)
 
     def __len__(self) -> int:
-        return len(self._streams)
+        return len(self._running)
 
-    async def run(self) -> None:
-        """Run every stream until cancelled or closed; one that crashes is logged, alone."""
-        await asyncio.gather(*(self._run_one(s) for s in self._streams))
+    async def close(self, grace: float) -> None:
+        """Close every stream, each deleting its listenKey, within `grace` seconds."""
+        for name, (_, _, stream, task) in list(self._running.items()):
+            del self._running[name]
+            self._retire(stream, task)
+        if self._closing:
+            _, pending = await asyncio.wait(set(self._closing), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
-    async def close(self) -> None:
-        """Close every stream and delete its listenKey."""
-        await asyncio.gather(*(s.close() for s in self._streams), return_exceptions=True)
+    def _retire(self, stream: UserDataStream, task: asyncio.Task[None]) -> None:
+        # close() lets run() delete the key; the task ends when it has
+        for ending in (task, asyncio.create_task(stream.close())):
+            self._closing.add(ending)
+            ending.add_done_callback(self._closing.discard)
 
-    @staticmethod
-    async def _run_one(stream: UserDataStream) -> None:
-        try:
-            await stream.run()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the one broad boundary of a stream: REST polling goes on
-            # a type name, never a traceback or message that might quote data
-            log.error("stream_crashed", account=stream.account, error=type(exc).__name__)  # noqa: TRY400
+
+async def _run(stream: UserDataStream) -> None:
+    try:
+        await stream.run()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the one broad boundary of a stream: REST polling goes on
+        # a type name, never a traceback or message that might quote data
+        log.error("stream_crashed", account=stream.account, error=type(exc).__name__)  # noqa: TRY400

@@ -60,6 +60,8 @@ class TriggerQueue:
     def __init__(self, weight: int, rate: float, min_interval: float) -> None:
         self.weight = weight
         self.min_interval = min_interval
+        #: what the queue was made for: (weight, rate, min_interval)
+        self.plan = (weight, rate, min_interval)
         self._rate = rate / 2  # the triggered share: half of B
         # Three refreshes: tokens that come while a refresh waits for its slot are kept
         # (with two, a third of the share was lost to that wait), one is left for RISK.
@@ -84,6 +86,10 @@ class TriggerQueue:
         else:
             return False
         return True
+
+    def names(self) -> set[str]:
+        """The accounts with a trigger pending."""
+        return set(self._pending)
 
     def discard(self, name: str) -> None:
         """A refresh of `name` starts: it answers every trigger that arrived before it."""

@@ -62,6 +62,7 @@ def fast_config(
     """A config that refreshes every account each `interval` s: the budget does not bind."""
     data = {
         "binance": {"base_url": base_url, "timeout_seconds": timeout},
+        "stream": {"enabled": False},  # no stream server: nothing beyond loopback
         "prices": {"base_url": base_url},
         "budget": {
             "ip_weight_limit_per_minute": limit,

@@ -91,8 +91,11 @@ class RunningExporter:
         *,
         clock: Callable[[], float] = time.time,
         backoff_cap: float = BACKOFF_CAP_SECONDS,
+        load: Callable[[], Config] | None = None,
     ) -> None:
-        self.exporter = Exporter(config, shard=shard, clock=clock, backoff_cap=backoff_cap)
+        self.exporter = Exporter(
+            config, shard=shard, clock=clock, backoff_cap=backoff_cap, load=load
+        )
         self.clock = clock
         self.web = web
         self.error: BaseException | None = None

@@ -92,3 +92,32 @@ def test_a_request_larger_than_the_budget_is_refused() -> None:
     tiny = WeightBudget("default", BudgetLimits(10, 1.0, 0.8))
     with pytest.raises(ValueError, match="exceeds the whole budget"):
         asyncio.run(tiny.acquire(20))
+
+
+@pytest.mark.parametrize("new_share", [0.125, 0.5])
+def test_new_limits_never_make_a_burst(new_share: float) -> None:
+    """A reload's budget change keeps the spending log: a window ending after the change
+    holds at most the new budget, and a raised budget is spent at its pace, not at once."""
+    b = budget()  # 1500/min
+    now, spent = 0.0, []
+
+    def spend_until(end: float) -> None:
+        nonlocal now
+        while now < end:
+            while (wait := b.delay(40, now)) > 0:  # as acquire() does
+                now += wait
+            b.reserve(40, now)
+            spent.append(now)
+
+    spend_until(120.0)
+    changed_at = now
+    b.set_limits(BudgetLimits(6000, new_share, 0.8))
+    new = b.settings.per_minute
+    spend_until(300.0)
+    after = [t for t in spent if t > changed_at]
+    for end in after:
+        in_window = [t for t in spent if end - GUARD_SECONDS + 1e-6 < t <= end]
+        if new < LIMITS.per_minute or end - GUARD_SECONDS > changed_at:
+            assert 40 * len(in_window) <= new
+    gaps = [b - a for a, b in zip([changed_at, *after], after, strict=False)]
+    assert min(gaps) >= min(40 / LIMITS.per_minute, 40 / new) * GUARD_SECONDS - 1e-9

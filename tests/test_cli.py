@@ -41,6 +41,7 @@ def sim_config(tmp_path: Path) -> Iterator[tuple[Simulator, Path]]:
             yaml.safe_dump(
                 {
                     "binance": {"base_url": sim.url},
+                    "stream": {"enabled": False},  # no stream server: nothing beyond loopback
                     "prices": {"base_url": sim.url},
                     "budget": {"min_interval_seconds": 1},
                     "accounts": [dict(g.config) for g in generated],

@@ -114,7 +114,12 @@ def test_runtime_stage_is_hardened(stages: list[Stage]) -> None:
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     assert env["PATH"].startswith(f"{VENV_IN_IMAGE}/bin:")
     assert json.loads(runtime.one("ENTRYPOINT")) == ["binance-pm-exporter"]
-    assert json.loads(runtime.one("CMD")) == ["--config.file=/etc/binance-pm-exporter/config.yaml"]
+    assert json.loads(runtime.one("CMD")) == [
+        "--config.file=/etc/binance-pm-exporter/config.yaml",
+        "--storage.path=/var/lib/binance-pm-exporter",
+    ]
+    # the snapshot survives a restart on a volume, and the read-only root stays read-only
+    assert json.loads(runtime.one("VOLUME")) == ["/var/lib/binance-pm-exporter"]
     assert runtime.one("EXPOSE") == "9745"
     healthcheck = runtime.one("HEALTHCHECK")
     command = json.loads(healthcheck.partition(" CMD ")[2])

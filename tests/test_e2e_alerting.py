@@ -10,7 +10,9 @@ the simulator to the webhook and back to resolved, and reports how long that too
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import math
 import os
 import queue
 import select
@@ -31,7 +33,7 @@ import pytest
 import yaml
 from dashboard_queries import ROOT, label_values_variables, load_dashboards, queries, substitute
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = pytest.mark.timeout(400)
 
 ACCOUNTS = 3
 ASSETS = 4
@@ -176,6 +178,8 @@ class Stack:
     webhook: Webhook
     processes: list[Process]
     http: httpx.Client
+    #: stops the exporter (SIGTERM, as a rollout does) and starts it again, same flags
+    restart_exporter: Callable[[], None]
 
     def logs(self) -> str:
         return "\n".join(p.tail() for p in self.processes)
@@ -258,11 +262,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         config.setdefault("budget", {})["min_interval_seconds"] = 1
         config_path.write_text(yaml.safe_dump(config))
         exporter_args = ["--config.file", str(config_path), "--web.listen-address", exporter_addr]
-        processes.append(
-            on_exit.enter_context(
-                started("exporter", [sys.executable, "-m", "exporter", *exporter_args], work)
-            )
-        )
+        exporter_args += ["--storage.path", str(work / "exporter-data")]
+        exporter_command = [sys.executable, "-m", "exporter", *exporter_args]
+        processes.append(on_exit.enter_context(started("exporter", exporter_command, work)))
+
+        def restart_exporter() -> None:
+            index = next(i for i, p in enumerate(processes) if p.name == "exporter")
+            processes[index].stop()
+            processes[index] = on_exit.enter_context(started("exporter", exporter_command, work))
 
         am_config = work / "alertmanager.yml"
         am_config.write_text(yaml.safe_dump(_alertmanager_config(webhook.url)))
@@ -295,6 +302,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             webhook,
             processes,
             http,
+            restart_exporter,
         )
         for name, url in (
             ("exporter /readyz", f"{result.exporter_url}/readyz"),
@@ -306,6 +314,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             except AssertionError as error:
                 raise AssertionError(f"{error}\n{result.logs()}") from None
         yield result
+
+
+def _state_file(stack: Stack) -> str:
+    found = list(Path(stack.processes[0].log.parent).glob("exporter-data/snapshot.json"))
+    return found[0].read_text() if found else ""
 
 
 def _returns_200(http: httpx.Client, url: str) -> Callable[[], bool]:
@@ -408,7 +421,8 @@ def test_negative_balance_alert_reaches_webhook_and_resolves(
     response = stack.http.patch(patch_url, json={"negativeBalance": "0"})
     assert response.status_code < 300, response.text
     try:
-        resolved_at, _ = stack.webhook.wait("resolved", labels, timeout=45)
+        # the rule keeps firing 2m after the value clears (keep_firing_for, for restarts)
+        resolved_at, _ = stack.webhook.wait("resolved", labels, timeout=45 + 120)
     except AssertionError as error:
         raise AssertionError(f"{error}\n{stack.logs()}") from None
     resolved_after = resolved_at - cleared_at
@@ -498,3 +512,65 @@ def test_usd_total_and_a_large_negative_balance_page_with_its_dollar_figure(
     wait_for("no alert firing", lambda: not _firing(stack), timeout=30)
     with capsys.disabled():
         print(f"\nnet USD of all accounts: {total:.2f}; page: {alert['annotations']['summary']}")
+
+
+def _raw_samples(stack: Stack, selector: str, seconds: int) -> list[float]:
+    """The times of the samples Prometheus stored for one series in the last `seconds`."""
+    (series,) = stack.promql(f"{selector}[{seconds}s]")
+    return [float(t) for t, _ in series["values"]]
+
+
+def test_a_restart_with_storage_neither_resolves_nor_refires_a_firing_alert(
+    stack: Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wait_for("samples in Prometheus", lambda: _prometheus_has_samples(stack), timeout=60)
+    series = stack.promql(f'binance_pm_negative_balance{{job="{JOB}"}} == 0')
+    last = max((s["metric"] for s in series), key=lambda m: (m["account"], m["asset"]))
+    account, asset = last["account"], last["asset"]
+    labels = {"alertname": ALERT, "account": account, "asset": asset}
+    patch_url = f"{stack.sim_url}/_sim/assets/{account}/{asset}"
+    response = stack.http.patch(patch_url, json={"negativeBalance": "3.25"})
+    assert response.status_code < 300, response.text
+    try:
+        stack.webhook.wait("firing", labels, timeout=45)
+        # the exporter's state file holds the negative balance (written every 5 s)
+        wait_for(
+            "the negative balance in the state file",
+            lambda: '"negativeBalance":3.25' in _state_file(stack),
+            timeout=20,
+        )
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{stack.logs()}") from None
+
+    restart_began = time.monotonic()
+    stack.restart_exporter()
+    wait_for(
+        "the exporter ready again", _returns_200(stack.http, f"{stack.exporter_url}/readyz"), 30
+    )
+    restart_seconds = time.monotonic() - restart_began
+    # The assertion is that nothing arrives: watch for 10 s, ten scrapes and rule
+    # evaluations and Alertmanager flushes (group_interval 1 s) after the restart.
+    settle = 10.0
+    time.sleep(settle)
+
+    after: list[dict[str, Any]] = []
+    while not stack.webhook.alerts.empty():
+        received, alert = stack.webhook.alerts.get_nowait()
+        if received >= restart_began and labels.items() <= alert["labels"].items():
+            after.append(alert)
+    assert after == [], [a["status"] for a in after]
+    assert labels.items() <= {k: v for a in _firing(stack) for k, v in a.items()}.items()
+
+    selector = f'binance_pm_negative_balance{{job="{JOB}",account="{account}",asset="{asset}"}}'
+    times = _raw_samples(stack, selector, int(restart_seconds + settle + 10))
+    gap = max(b - a for a, b in itertools.pairwise(times))
+    scrape_interval = 1.0
+    with capsys.disabled():
+        print(f"\nrestart: {restart_seconds:.2f} s; longest gap in the series: {gap:.2f} s")
+    # Scrapes come every interval: the k scrapes that failed lie within the restart, so
+    # k <= restart / interval + 1, and the gap (k + 1 intervals) is at most one interval
+    # plus the restart time rounded up to whole intervals.
+    missed_at_most = math.floor(restart_seconds / scrape_interval) + 1
+    # (+ 0.25 s: a scrape that starts late on a loaded machine)
+    assert gap <= scrape_interval * (1 + missed_at_most) + 0.25, (gap, restart_seconds)
+    stack.http.patch(patch_url, json={"negativeBalance": "0"})

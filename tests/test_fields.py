@@ -31,7 +31,8 @@ def names_in(cell: str) -> set[str]:
 
 def served_metric_names() -> set[str]:
     """Every metric family /metrics serves, named as in the text format."""
-    exporter = Exporter(sim_config("http://127.0.0.1:1", accounts(1)))
+    url = "http://127.0.0.1:1"
+    exporter = Exporter(sim_config(url, accounts(1), stream_url="ws://127.0.0.1:1/pm/ws"))
     live = {
         metric.name + "_total" if metric.type == "counter" else metric.name
         for metric in exporter.registry.collect()

@@ -252,3 +252,15 @@ def test_the_prometheusrule_is_in_sync_with_alerts_yml() -> None:
     assert (KUBE / "prometheusrule.yaml").read_text() == generator().render(ALERTS), (
         "run: python deploy/kubernetes/generate_prometheusrule.py"
     )
+
+
+def test_each_shard_keeps_its_snapshot_on_a_volume_of_its_own() -> None:
+    statefulset = load("statefulset.yaml")
+    exporter = container(statefulset)
+    (flag,) = [a for a in exporter["args"] if a.startswith("--storage.path=")]
+    path = flag.partition("=")[2]
+    mounts = {m["mountPath"]: m for m in exporter["volumeMounts"]}
+    assert not mounts[path].get("readOnly", False)
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == mounts[path]["name"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]

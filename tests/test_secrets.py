@@ -107,6 +107,7 @@ def make_secrets(directory: Path, base_url: str) -> Secrets:
         (directory / name).chmod(0o600)
     config = {
         "binance": {"base_url": base_url, "timeout_seconds": 1},
+        "stream": {"enabled": False},  # no stream server: nothing beyond loopback
         "prices": {"base_url": base_url},
         "budget": {
             "ip_weight_limit_per_minute": 100_000,

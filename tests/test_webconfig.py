@@ -912,6 +912,8 @@ def serve_cli(
         yaml.safe_dump(
             {
                 "binance": {"base_url": sim.url, "timeout_seconds": 2},
+                "prices": {"base_url": sim.url},
+                "stream": {"enabled": False},  # no stream server: nothing beyond loopback
                 "budget": {"min_interval_seconds": 1, "share": 1.0},
                 "accounts": entries,
             }

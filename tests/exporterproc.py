@@ -1,0 +1,121 @@
+"""The exporter as an operator runs it: `python -m exporter` in a subprocess, its JSON log
+lines collected as they come, its HTTP endpoints on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from harness import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPORTER = (sys.executable, "-m", "exporter")
+
+
+class ExporterProcess:
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
+        self.started_at = time.monotonic()
+        self.popen = subprocess.Popen(
+            [*EXPORTER, "--web.listen-address", "127.0.0.1:0", "--log.format", "json", *args],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=preexec_fn,  # noqa: PLW1509 - only to set limits in tests
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        line = wait_until(
+            lambda: (
+                next((x for x in self.lines if '"listening"' in x), None)
+                or self.popen.poll() is not None
+            ),
+            timeout=30,
+            what="the exporter listening",
+        )
+        if line is True:
+            raise AssertionError("the exporter exited:\n" + "\n".join(self.lines[-20:]))
+        self.listening_at = time.monotonic()
+        self.url = "http://" + json.loads(line)["address"]
+
+    def _read(self) -> None:
+        assert self.popen.stderr is not None
+        for line in self.popen.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        found = []
+        for line in list(self.lines):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == name:
+                found.append(event)
+        return found
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=5)
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
+        for line in self.get("/metrics").text.splitlines():
+            if line.startswith(prefix):
+                return float(line[len(prefix) :])
+        return None
+
+    def signal(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    def stop(self) -> int:
+        """SIGTERM, and the exit code."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        code = self.popen.wait(timeout=20)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(5)
+        self._reader.join(5)
+
+
+@contextmanager
+def running(*args: str, **kwargs: Any) -> Iterator[ExporterProcess]:
+    process = ExporterProcess(*args, **kwargs)
+    try:
+        yield process
+    finally:
+        process.kill()
+
+
+@contextmanager
+def black_hole() -> Iterator[str]:
+    """A URL whose server accepts connections and never answers: requests hang until
+    their timeout, so a test can look at the exporter before any refresh completes."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(128)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"

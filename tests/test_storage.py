@@ -1,0 +1,309 @@
+"""--storage.path: the last snapshot kept across restarts, against the real exporter process."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+import yaml
+from exporterproc import black_hole, running
+from faultkit import hmac_accounts
+from harness import wait_until
+from test_secrets import assert_no_secret, make_secrets
+
+from exporter.binance.models import AssetBalance
+from exporter.simulator import SimAccount, Simulator
+from exporter.snapshot import AccountSnapshot, Snapshot
+from exporter.storage import FILE_NAME, VERSION, Encoder, StateFile, encode
+
+pytestmark = pytest.mark.timeout(120)
+
+NAMES = ["acct-a", "acct-b"]
+
+
+def write_config(
+    path: Path, base_url: str, accounts: list[dict[str, str]], timeout: float = 2.0
+) -> Path:
+    data = {
+        "binance": {"base_url": base_url, "timeout_seconds": timeout},
+        "prices": {"base_url": base_url},
+        "stream": {"enabled": False},  # no stream server: nothing beyond loopback
+        "budget": {"ip_weight_limit_per_minute": 100_000, "share": 1.0, "min_interval_seconds": 1},
+        "accounts": accounts,
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def sim() -> Iterator[tuple[Simulator, list[dict[str, str]]]]:
+    sims, entries = hmac_accounts(NAMES)
+    with Simulator(sims, ip_weight_limit=10**6, assets_per_account=3) as simulator:
+        yield simulator, entries
+
+
+def _values(text: str, names: tuple[str, ...]) -> dict[str, str]:
+    """Every sample line of the named families, as text."""
+    return {
+        line.rsplit(" ", 1)[0]: line.rsplit(" ", 1)[1]
+        for line in text.splitlines()
+        if line.startswith(names)
+    }
+
+
+DATA = (
+    "binance_pm_wallet_balance{",
+    "binance_pm_negative_balance{",
+    "binance_pm_uni_mmr{",
+    "binance_pm_account_status{",
+    "binance_pm_last_success_timestamp_seconds{",
+    "binance_pm_balance_update_timestamp_seconds{",
+)
+
+
+def test_a_restart_serves_the_last_values_and_true_timestamps_at_once(
+    sim: tuple[Simulator, list[dict[str, str]]], tmp_path: Path
+) -> None:
+    simulator, entries = sim
+    storage = tmp_path / "data"
+    config = write_config(tmp_path / "config.yaml", simulator.url, entries)
+    simulator.set_asset("acct-a", "USDT", negativeBalance="12.5")
+    with running("--config.file", str(config), "--storage.path", str(storage)) as first:
+        wait_until(lambda: first.get("/readyz").status_code == 200, 15, "first run ready")
+        wait_until(
+            lambda: first.sample("binance_pm_negative_balance", account="acct-a", asset="USDT"),
+            15,
+            "the negative balance seen",
+        )
+        shown = _values(first.get("/metrics").text, DATA)
+        assert first.stop() == 0
+    saved = json.loads((storage / FILE_NAME).read_text())
+    assert saved["version"] == VERSION
+    assert set(saved["accounts"]) == set(NAMES)
+    assert stat.S_IMODE((storage / FILE_NAME).stat().st_mode) == 0o600
+    assert [p.name for p in storage.iterdir()] == [FILE_NAME]  # no temporary file left
+
+    # The second run reaches nothing (requests hang), so all it shows is what it restored.
+    with black_hole() as nowhere:
+        config = write_config(tmp_path / "config.yaml", nowhere, entries, timeout=30)
+        with running("--config.file", str(config), "--storage.path", str(storage)) as second:
+            assert second.get("/readyz").status_code == 200  # serving what it knows
+            text = second.get("/metrics").text
+            restored_values = _values(text, DATA)
+            # every amount and status as the first run last showed it (the first run may
+            # have refreshed once more before its last write: only timestamps can differ)
+            assert {k: v for k, v in restored_values.items() if "timestamp" not in k} == {
+                k: v for k, v in shown.items() if "timestamp" not in k
+            }
+            for name in NAMES:
+                up = saved["accounts"][name]["up"]  # true unless a refresh failed under load
+                assert f'binance_pm_up{{account="{name}"}} {1.0 if up else 0.0}' in text
+                last = saved["accounts"][name]["last_success"]
+                assert f'binance_pm_last_success_timestamp_seconds{{account="{name}"}} ' in text
+                shown = second.sample("binance_pm_last_success_timestamp_seconds", account=name)
+                assert shown == last  # the true time, exactly: staleness stays visible
+            assert (
+                second.sample("binance_pm_negative_balance", account="acct-a", asset="USDT") == 12.5
+            )
+            restored = second.events("state_restored")
+            assert len(restored) == 1
+            assert restored[0]["accounts"] == 2
+            assert second.stop() == 0
+
+
+def test_the_first_refresh_replaces_restored_values(
+    sim: tuple[Simulator, list[dict[str, str]]], tmp_path: Path
+) -> None:
+    simulator, entries = sim
+    storage = tmp_path / "data"
+    config = write_config(tmp_path / "config.yaml", simulator.url, entries)
+    args = ("--config.file", str(config), "--storage.path", str(storage))
+    with running(*args) as first:
+        wait_until(lambda: first.get("/readyz").status_code == 200, 15, "first run ready")
+        assert first.stop() == 0
+    saved = json.loads((storage / FILE_NAME).read_text())["accounts"]["acct-a"]["last_success"]
+    simulator.set_asset("acct-a", "USDT", totalWalletBalance="777.25")
+    with running(*args) as second:
+        wait_until(
+            lambda: (
+                (second.sample("binance_pm_last_success_timestamp_seconds", account="acct-a") or 0)
+                > saved
+            ),
+            15,
+            "a new refresh",
+        )
+        assert second.sample("binance_pm_wallet_balance", account="acct-a", asset="USDT") == 777.25
+        assert second.stop() == 0
+
+
+def _snapshot_file(directory: Path, names: list[str], now: float) -> None:
+    accounts = {
+        name: AccountSnapshot(name, 10.0, up=True, attempted=True, last_success=now - 30)
+        for name in names
+    }
+    directory.mkdir(exist_ok=True)
+    (directory / FILE_NAME).write_bytes(encode(Snapshot(accounts), now))
+
+
+FAULTS: dict[str, Callable[[Path], Any]] = {
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),
+    "garbage": lambda p: p.write_bytes(b"\x00\xffnot json at all\x89PNG"),
+    "empty": lambda p: p.write_bytes(b""),
+    "newer version": lambda p: p.write_text(
+        json.dumps({**json.loads(p.read_text()), "version": VERSION + 1})
+    ),
+    "wrong shape": lambda p: p.write_text(json.dumps({"version": VERSION, "accounts": [1, 2]})),
+    # root reads any file whatever its mode: a directory in its place cannot be read either
+    "unreadable": lambda p: (p.unlink(), p.mkdir()),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_bad_state_file_is_logged_once_and_ignored(
+    fault: str, sim: tuple[Simulator, list[dict[str, str]]], tmp_path: Path
+) -> None:
+    simulator, entries = sim
+    storage = tmp_path / "data"
+    _snapshot_file(storage, NAMES, 1.7e9)
+    FAULTS[fault](storage / FILE_NAME)
+    config = write_config(tmp_path / "config.yaml", simulator.url, entries)
+    with running("--config.file", str(config), "--storage.path", str(storage)) as run:
+        wait_until(lambda: run.get("/readyz").status_code == 200, 15, "ready after refreshes")
+        wait_until(lambda: run.sample("binance_pm_up", account="acct-a") == 1.0, 15, "up")
+        ignored = run.events("state_file_ignored")
+        assert len(ignored) == 1, run.lines
+        assert "Traceback" not in "\n".join(run.lines)
+        assert run.stop() == 0
+    if fault != "unreadable":  # the next write replaces the bad file
+        assert set(json.loads((storage / FILE_NAME).read_text())["accounts"]) == set(NAMES)
+
+
+def _file_size_limit() -> None:
+    # Writes past 64 bytes fail with EFBIG, as on a full disk; SIGXFSZ would kill the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+
+
+@pytest.mark.parametrize("how", ["disk full", "path taken by a directory"])
+def test_a_failed_write_is_logged_and_the_exporter_keeps_serving(
+    how: str, sim: tuple[Simulator, list[dict[str, str]]], tmp_path: Path
+) -> None:
+    simulator, entries = sim
+    storage = tmp_path / "data"
+    storage.mkdir()
+    preexec = None
+    if how == "disk full":
+        preexec = _file_size_limit
+    else:
+        (storage / FILE_NAME).mkdir()
+    config = write_config(tmp_path / "config.yaml", simulator.url, entries)
+    args = ("--config.file", str(config), "--storage.path", str(storage))
+    with running(*args, preexec_fn=preexec) as run:
+        wait_until(lambda: run.events("state_write_failed"), 20, "a failed write")
+        first = run.sample("binance_pm_last_success_timestamp_seconds", account="acct-a")
+        assert first is not None
+        wait_until(
+            lambda: (
+                (run.sample("binance_pm_last_success_timestamp_seconds", account="acct-a") or 0)
+                > first
+            ),
+            15,
+            "polling goes on",
+        )
+        assert run.get("/readyz").status_code == 200
+        assert run.stop() == 0  # the last write fails too: still a clean exit
+        assert len(run.events("state_write_failed")) == 1  # logged once per kind of failure
+    leftovers = [p.name for p in storage.iterdir() if p.name != FILE_NAME]
+    assert leftovers == []
+
+
+def test_readiness_with_a_state_file_is_immediate_for_300_accounts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = [f"acct-{i:03d}" for i in range(300)]
+    _, entries = hmac_accounts(names)
+    storage = tmp_path / "data"
+    _snapshot_file(storage, names, 1.7e9)
+    with black_hole() as nowhere:
+        config = write_config(tmp_path / "config.yaml", nowhere, entries, timeout=30)
+        with running("--config.file", str(config), "--storage.path", str(storage)) as run:
+            response = run.get("/readyz")
+            ready_after = time.monotonic() - run.started_at
+            assert response.status_code == 200, response.text
+            assert run.events("state_restored")[0]["accounts"] == 300
+            run.stop()
+    with capsys.disabled():
+        print(f"\n300 accounts restored: /readyz 200 {ready_after:.2f} s after the process start")
+
+
+def test_readiness_without_a_state_file_waits_for_each_accounts_first_refresh(
+    tmp_path: Path,
+) -> None:
+    _, entries = hmac_accounts(NAMES)
+    storage = tmp_path / "data"
+    with black_hole() as nowhere:
+        # Requests time out after 3 s: each account's first refresh fails, and then counts.
+        config = write_config(tmp_path / "config.yaml", nowhere, entries, timeout=3)
+        with running("--config.file", str(config), "--storage.path", str(storage)) as run:
+            response = run.get("/readyz")
+            assert response.status_code == 503
+            assert response.json() == {"status": "pending", "pending": len(NAMES)}
+            assert run.events("state_file_absent")
+            wait_until(lambda: run.get("/readyz").status_code == 200, 30, "first refreshes")
+            assert run.sample("binance_pm_up", account="acct-a") == 0.0
+            run.stop()
+
+
+def test_no_secret_in_the_state_file(tmp_path: Path) -> None:
+    known = make_secrets(tmp_path, "http://127.0.0.1:1")
+    accounts: list[SimAccount] = known.sim_accounts
+    storage = tmp_path / "data"
+    with Simulator(accounts, ip_weight_limit=10**6) as simulator:
+        text = known.config_file.read_text().replace("http://127.0.0.1:1", simulator.url)
+        known.config_file.write_text(text)
+        args = ("--config.file", str(known.config_file), "--storage.path", str(storage))
+        with running(*args, env=known.environ) as run:
+            wait_until(lambda: run.get("/readyz").status_code == 200, 20, "ready")
+            wait_until(lambda: run.sample("binance_pm_up", account="rsa") == 1.0, 20, "up")
+            assert run.stop() == 0
+    state = (storage / FILE_NAME).read_text()
+    assert set(json.loads(state)["accounts"]) == {"hmac", "rsa", "ed"}
+    assert_no_secret(state, "the state file", known.forms)
+    for forbidden in ("api_key", "secret", "proxy", "private"):
+        assert forbidden not in state
+
+
+def test_the_encoder_reuses_unchanged_accounts_and_equals_a_fresh_encoding() -> None:
+    balances = (AssetBalance("USDT", MappingProxyType({"negativeBalance": 0.1 + 0.2}), 1.5),)
+    accounts = {
+        name: AccountSnapshot(name, 10.0, balances, up=True, attempted=True, last_success=1.0)
+        for name in NAMES
+    }
+    encoder = Encoder()
+    first = encoder(Snapshot(accounts), 5.0)
+    assert first == encode(Snapshot(accounts), 5.0)
+    accounts["acct-b"] = replace(accounts["acct-b"], last_success=2.0, up=False)
+    second = encoder(Snapshot(accounts, 1), 6.0)
+    assert second == encode(Snapshot(accounts, 1), 6.0)
+    saved = json.loads(second)["accounts"]
+    assert saved["acct-b"]["last_success"] == 2.0
+    # amounts exactly as held: the float read back is the float written
+    assert saved["acct-a"]["balances"][0]["values"]["negativeBalance"] == 0.1 + 0.2
+
+
+def test_an_older_snapshot_never_overwrites_a_newer_one(tmp_path: Path) -> None:
+    state = StateFile(tmp_path)
+    older = Snapshot({"acct-a": AccountSnapshot("acct-a", 1.0, attempted=True)}, 1)
+    newer = Snapshot({"acct-a": AccountSnapshot("acct-a", 1.0, attempted=True, up=True)}, 2)
+    assert state.write(newer, 2.0)
+    assert state.write(older, 3.0)  # a slow write from the loop, finishing after shutdown's
+    assert json.loads((tmp_path / FILE_NAME).read_text())["accounts"]["acct-a"]["up"] is True
