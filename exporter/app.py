@@ -271,10 +271,19 @@ class Exporter:
         port: int,
         web: WebConfig | None = None,
         limits: ServerLimits | None = None,
+        *,
+        lifecycle: bool = False,
     ) -> MetricsServer:
-        """Serve /metrics and the other endpoints on host:port, with TLS and auth from `web`."""
+        """Serve /metrics and the other endpoints on host:port, with TLS and auth from `web`;
+        with `lifecycle`, `POST /-/reload` too."""
         web = web or WebConfig()
-        app = ExporterApp(self.registry, self.store, web, exposition=self.exposition)
+        app = ExporterApp(
+            self.registry,
+            self.store,
+            web,
+            exposition=self.exposition,
+            reload=self.reload if lifecycle else None,
+        )
         server = MetricsServer(app, host, port, web.ssl_context, limits)
         server.start()
         return server

@@ -134,6 +134,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         metavar="DIR",
     )
     switch("--check-config", "validate the config, print a summary without secrets, and exit")
+    switch(
+        "--web.enable-lifecycle",
+        "serve POST /-/reload (reload the config, as SIGHUP does; behind basic auth when on)",
+    )
     switch("--demo", "poll a bundled simulator of the PM API with synthetic accounts; no keys")
     parser.add_argument("--version", action="version", version=f"binance-pm-exporter {__version__}")
     return parser
@@ -176,7 +180,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         exporter = Exporter(config, shard=shard, storage=storage, load=load)
         open_files = raise_open_files_limit()
         try:
-            server = exporter.serve_http(host, port, web_config, limits)
+            server = exporter.serve_http(
+                host, port, web_config, limits, lifecycle=args.web_enable_lifecycle
+            )
         except OSError as exc:
             return _usage_error(f"--web.listen-address: cannot listen on {host}:{port}: {exc}")
         log.info(

@@ -157,25 +157,43 @@ class ExporterApp:
         web: WebConfig | None = None,
         *,
         exposition: CachedExposition | None = None,
+        reload: Callable[[], str | None] | None = None,
     ) -> None:
         self._registry = registry
         self._store = store
         self.web = web or WebConfig()
         self._exposition = exposition
-        self._routes: dict[str, Callable[[Request], Response]] = {
-            "/metrics": self._metrics,
-            "/": self._landing,
-            "/healthz": self._healthz,
-            "/readyz": self._readyz,
+        self._reload = reload
+        #: path -> (its methods, its handler)
+        self._routes: dict[str, tuple[tuple[str, ...], Callable[[Request], Response]]] = {
+            "/metrics": (READ, self._metrics),
+            "/": (READ, self._landing),
+            "/healthz": (READ, self._healthz),
+            "/readyz": (READ, self._readyz),
         }
+        if reload is not None:  # --web.enable-lifecycle, as Prometheus's
+            self._routes[RELOAD_PATH] = (("POST", "PUT"), self._reload_config)
 
     def __call__(self, request: Request) -> Response:
         route = self._routes.get(request.path)
         if route is None:
             return text_response(404, "not found\n")
-        if request.method not in ("GET", "HEAD"):
-            return text_response(405, "method not allowed\n", ("Allow", "GET, HEAD"))
-        return route(request)
+        methods, handler = route
+        if request.method not in methods:
+            allow = ("Allow", ", ".join(methods))
+            return text_response(405, "method not allowed\n", allow)
+        return handler(request)
+
+    def _reload_config(self, request: Request) -> Response:
+        # A worker thread: the reload runs on the pollers' loop, this waits for its verdict.
+        assert self._reload is not None
+        try:
+            problem = self._reload()
+        except TimeoutError:
+            problem = "the reload did not finish in time"
+        if problem is None:
+            return text_response(200, "config reloaded\n")
+        return text_response(500, f"failed to reload config: {problem}\n")
 
     def _metrics(self, request: Request) -> Response:
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
@@ -292,6 +310,9 @@ DENIED = text_response(
 TOO_MANY_CHECKS = text_response(429, "too many authentication attempts\n", ("Retry-After", "1"))
 #: `_Server.route`'s answer for /metrics: rendered by `_Server.render` in a worker thread
 RENDER = Response(200, [], [])
+READ = ("GET", "HEAD")
+#: where `--web.enable-lifecycle` serves the config reload (Prometheus's path)
+RELOAD_PATH = "/-/reload"
 TOO_MANY_REQUESTS = text_response(503, "too many requests in flight\n", ("Retry-After", "1"))
 
 
@@ -755,6 +776,8 @@ class _Server:
                 return TOO_MANY_REQUESTS, False
             self._in_flight += 1
             return RENDER, True
+        if request.path == RELOAD_PATH:  # waits for the reload: not on this loop
+            return RENDER, False
         return self.render(request), False
 
     def render(self, request: Request) -> Response:

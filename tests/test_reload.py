@@ -272,3 +272,27 @@ def test_an_unchanged_account_keeps_its_schedule_and_a_new_one_is_due_at_once(
         # acct-d was due at once, so it went first (at the poller's next turn, acct-b's)
         assert next_a - last_a > 4.0
         assert balance_times("acct-d", 0.0)[0] < next_a
+
+
+def test_post_reload_with_the_lifecycle_flag_and_not_without(setup: Setup) -> None:
+    setup.write(["acct-a"])
+    with running("--config.file", str(setup.config)) as run:
+        response = httpx.post(f"{run.url}/-/reload", timeout=10)
+        assert response.status_code in (404, 405)
+        assert run.sample(SUCCESSFUL) == 1.0
+    with running("--config.file", str(setup.config), "--web.enable-lifecycle") as run:
+        wait_until(lambda: run.sample("binance_pm_up", account="acct-a") == 1.0, 15, "acct-a")
+        assert run.get("/-/reload").status_code == 405  # a GET changes nothing
+        setup.write(["acct-a", "acct-b"])
+        response = httpx.post(f"{run.url}/-/reload", timeout=30)
+        assert (response.status_code, response.text) == (200, "config reloaded\n")
+        wait_until(lambda: run.sample("binance_pm_up", account="acct-b") == 1.0, 15, "acct-b")
+
+        setup.write(["acct-a"], share=2.0)  # broken: the old config keeps running
+        response = httpx.put(f"{run.url}/-/reload", timeout=30)
+        assert response.status_code == 500
+        assert response.text.startswith("failed to reload config: ")
+        assert "budget.share" in response.text
+        assert setup.secret_b not in response.text
+        assert run.sample(SUCCESSFUL) == 0.0
+        assert run.sample("binance_pm_up", account="acct-b") == 1.0
