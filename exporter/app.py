@@ -42,12 +42,15 @@ from exporter.shard import WHOLE, Shard
 from exporter.snapshot import AccountSnapshot, SnapshotStore
 from exporter.storage import StateFile
 from exporter.streams import AccountStreams
-from exporter.webconfig import WebConfig
+from exporter.webconfig import WebConfig, WebConfigFile
 from exporter.weights import refresh_weight
 
 log = structlog.get_logger("exporter")
 
 # `_created` series of the counters would double the health metrics for no use.
+
+#: the web config's reload metrics: binance_pm_web_config_last_reload_*
+WEB_CONFIG_NAMES = ("web_config", "web config")
 
 #: how long in-flight requests may take to finish after a stop signal
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -161,7 +164,7 @@ class Exporter:
         self.price_store = PriceStore(PriceBook(frozenset(config.prices.usd_assets)))
         self.prices = self._price_source(config, clock)
         self.registry.register(BudgetCollector(lambda: self._all_budgets))
-        self.registry.register(ReloadCollector(self.reload_status))
+        self.registry.register(ReloadCollector(self.reload_status, "config", "config"))
         self.registry.register(BuildInfoCollector())
         if self.prices is not None:
             self.registry.register(PriceCollector(self.store, self.price_store))
@@ -269,22 +272,34 @@ class Exporter:
         self,
         host: str,
         port: int,
-        web: WebConfig | None = None,
+        web: WebConfig | WebConfigFile | None = None,
         limits: ServerLimits | None = None,
         *,
         lifecycle: bool = False,
     ) -> MetricsServer:
-        """Serve /metrics and the other endpoints on host:port, with TLS and auth from `web`;
-        with `lifecycle`, `POST /-/reload` too."""
-        web = web or WebConfig()
+        """Serve /metrics and the other endpoints on host:port, with TLS and auth from `web`
+        (a `WebConfigFile` is re-read when it changes); with `lifecycle`, `POST /-/reload`."""
+        source = None
+        if isinstance(web, WebConfigFile):
+            source, current = web, web.current
+            self.registry.register(ReloadCollector(source, *WEB_CONFIG_NAMES))
+        else:
+            current = web or WebConfig()
         app = ExporterApp(
             self.registry,
             self.store,
-            web,
+            current,
             exposition=self.exposition,
             reload=self.reload if lifecycle else None,
         )
-        server = MetricsServer(app, host, port, web.ssl_context, limits)
+        server = MetricsServer(
+            app,
+            host,
+            port,
+            current.ssl_context,
+            limits,
+            web_source=source.check if source is not None else None,
+        )
         server.start()
         return server
 

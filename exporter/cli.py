@@ -25,7 +25,7 @@ from exporter.server import ServerLimits, parse_listen_address
 from exporter.shard import Shard, ShardError, parse_shard
 from exporter.storage import StateFile
 from exporter.summary import check_budget, summarize
-from exporter.webconfig import WebConfigError, load_web_config
+from exporter.webconfig import WebConfigError, WebConfigFile
 from exporter.weights import refresh_weight
 
 DEFAULT_PORT = 9745
@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         return _usage_error(f"--shard: {exc}")
     web_config_file = args.web_config_file
     try:
-        web_config = load_web_config(Path(web_config_file)) if web_config_file else None
+        web_config = WebConfigFile(Path(web_config_file)) if web_config_file else None
     except WebConfigError as exc:
         return _usage_error(f"--web.config.file: {exc}")
 
@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         log.info(
             "listening",
             address=f"{host}:{server.port}",
-            tls=bool(web_config and web_config.ssl_context),
+            tls=bool(web_config and web_config.current.ssl_context),
             max_connections=server.max_connections,
             open_files_limit=open_files,
         )

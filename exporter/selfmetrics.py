@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -201,6 +202,13 @@ class BuildInfoCollector(Collector):
         yield info
 
 
+class ReloadState(Protocol):
+    """How the last reload of something went."""
+
+    successful: bool
+    last_success: float
+
+
 @dataclass
 class ReloadStatus:
     """How the last config reload went; the start counts as a successful load."""
@@ -211,20 +219,23 @@ class ReloadStatus:
 
 
 class ReloadCollector(Collector):
-    """Prometheus's own names for the same thing (prometheus_config_last_reload_*)."""
+    """Prometheus's own names for the same thing (prometheus_config_last_reload_*), for the
+    config (`binance_pm_config_...`) or the web config (`binance_pm_web_config_...`)."""
 
-    def __init__(self, status: ReloadStatus) -> None:
+    def __init__(self, status: ReloadState, name: str, what: str) -> None:
         self._status = status
+        self._name = f"binance_pm_{name}_last_reload"
+        self._what = what
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily(
-            "binance_pm_config_last_reload_successful",
-            "1 when the last config reload succeeded (or none was tried); 0 when it failed "
-            "and the previous config still runs.",
+            f"{self._name}_successful",
+            f"1 when the last {self._what} reload succeeded (or none was tried); 0 when it "
+            f"failed and the previous {self._what} is still in use.",
             value=1.0 if self._status.successful else 0.0,
         )
         yield GaugeMetricFamily(
-            "binance_pm_config_last_reload_success_timestamp_seconds",
-            "When the running config was loaded: at start, or by the last successful reload.",
+            f"{self._name}_success_timestamp_seconds",
+            f"When the {self._what} in use was loaded: at start, or by the last successful reload.",
             value=self._status.last_success,
         )

@@ -54,7 +54,7 @@ from prometheus_client.registry import Collector
 from exporter.collector import SnapshotCollector
 from exporter.exposition import CachedExposition, Format
 from exporter.snapshot import SnapshotStore
-from exporter.webconfig import Pending, WebConfig
+from exporter.webconfig import WEB_CONFIG_CHECK_SECONDS, Pending, WebConfig
 
 log = structlog.get_logger("exporter.server")
 
@@ -648,6 +648,8 @@ class _Server:
         app: ExporterApp,
         ssl_context: ssl.SSLContext | None,
         limits: ServerLimits,
+        *,
+        web_source: Callable[[], WebConfig] | None = None,
     ) -> None:
         self.loop = loop
         self.sock = sock
@@ -655,6 +657,8 @@ class _Server:
         self.ssl_context = ssl_context
         self.limits = limits
         self.extra_headers = list(app.web.headers.items())
+        #: the web config to use now (a re-read `--web.config.file`); None: it never changes
+        self._web_source = web_source
         self.max_connections = min(limits.max_connections, _free_files())
         self._connections: set[_Connection] = set()
         #: connections waiting for their request, oldest first (a dict keeps order)
@@ -673,6 +677,24 @@ class _Server:
             thread_name_prefix="http-worker",
             initializer=yield_to_the_pollers,
         )
+
+    def watch_web_config(self) -> None:
+        """Look at the web config's files every few seconds (in a worker thread: a changed
+        one is loaded, certificates included); new connections use what it gives."""
+        if self._web_source is None or self._closed:
+            return
+        future = self.loop.run_in_executor(self.workers, self._web_source)
+        future.add_done_callback(self._use_web_config)
+
+    def _use_web_config(self, future: asyncio.Future[WebConfig]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            web = future.result()
+            if web is not self.app.web:
+                self.app.web = web
+                self.ssl_context = web.ssl_context
+                self.extra_headers = list(web.headers.items())
+        if not self._closed:
+            self.loop.call_later(WEB_CONFIG_CHECK_SECONDS, self.watch_web_config)
 
     def start_accepting(self) -> None:
         if not self._accepting:
@@ -793,15 +815,15 @@ class _Server:
 
     async def verify(self, pending: Pending, connection: _Connection) -> bool:
         """Run the bcrypt check `answer()` asked for, one at a time, unless its client left."""
-        assert self.app.web.basic_auth is not None
         try:
             async with self._auth_lock:  # one check at a time: a flood costs one core at most
                 await asyncio.sleep(0)  # read what has arrived: the client may have hung up
                 if connection.hung_up:
                     return False  # the client hung up while it waited: check nothing
-                return await self.loop.run_in_executor(
-                    self.bcrypt, self.app.web.basic_auth.verify, pending
-                )
+                basic_auth = self.app.web.basic_auth  # the web config's now: it may reload
+                if basic_auth is None:
+                    return True  # a reloaded web config has no auth any more
+                return await self.loop.run_in_executor(self.bcrypt, basic_auth.verify, pending)
         finally:
             self._auth_queued -= 1
 
@@ -829,10 +851,19 @@ class MetricsServer:
         port: int,
         ssl_context: ssl.SSLContext | None = None,
         limits: ServerLimits | None = None,
+        *,
+        web_source: Callable[[], WebConfig] | None = None,
     ) -> None:
         self._sock = listen(host, port)
         self._loop = asyncio.new_event_loop()
-        self._server = _Server(self._loop, self._sock, app, ssl_context, limits or ServerLimits())
+        self._server = _Server(
+            self._loop,
+            self._sock,
+            app,
+            ssl_context,
+            limits or ServerLimits(),
+            web_source=web_source,
+        )
         self._thread = threading.Thread(target=self._run, name="http", daemon=True)
 
     @property
@@ -855,6 +886,7 @@ class MetricsServer:
             lambda _loop, context: log.debug("http_connection_error", error=context.get("message"))
         )
         self._server.start_accepting()
+        self._loop.call_later(WEB_CONFIG_CHECK_SECONDS, self._server.watch_web_config)
         try:
             self._loop.run_forever()
         finally:

@@ -51,6 +51,7 @@ import re
 import secrets
 import ssl
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -60,6 +61,7 @@ from types import MappingProxyType
 from typing import Any, Literal, NoReturn
 
 import bcrypt
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
@@ -67,6 +69,8 @@ from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 from exporter.config.errors import field_names, format_problems, problems_from_validation
 from exporter.config.secrets import MAX_CONFIG_BYTES, SecretSourceError, read_small_file
 from exporter.config.yamlfile import YamlError, parse_yaml
+
+log = structlog.get_logger("exporter.webconfig")
 
 CheckPw = Callable[[bytes, bytes], bool]
 """`bcrypt.checkpw`'s shape: (password, hashed) -> matches. Injectable for tests."""
@@ -280,6 +284,8 @@ class WebConfig:
     ssl_context: ssl.SSLContext | None = None
     basic_auth: BasicAuth | None = field(default=None, repr=False)
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    #: the files it was read from: the web config, and the certificate, key and CA it names
+    files: tuple[Path, ...] = ()
 
     def authorized(self, authorization: str | None) -> bool:
         """Whether a request with this `Authorization` header value may proceed."""
@@ -317,11 +323,76 @@ def load_web_config(path: Path, *, checkpw: CheckPw = bcrypt.checkpw) -> WebConf
     except ValidationError as e:
         problems = format_problems(problems_from_validation(e, _WebConfigFile), _FIELD_NAMES)
         raise WebConfigError(f"{path}: {'; '.join(problems)}") from None
+    tls = parsed.tls_server_config
+    named = (tls.cert_file, tls.key_file, tls.client_ca_file) if tls is not None else ()
     return WebConfig(
-        ssl_context=_ssl_context(path, parsed.tls_server_config),
+        ssl_context=_ssl_context(path, tls),
         basic_auth=_basic_auth(path, parsed.basic_auth_users, checkpw),
         headers=_headers(path, parsed.http_server_config),
+        files=(path, *(_resolve(path, name) for name in named if name)),
     )
+
+
+#: how often the web config's files are looked at for a change (a stat each)
+WEB_CONFIG_CHECK_SECONDS = 2.0
+
+
+class WebConfigFile:
+    """A `--web.config.file` kept current, as exporter-toolkit does: when the file, or a
+    certificate, key or CA file it names, changes, `check()` loads it again, and new
+    connections use it (open ones keep theirs). A broken new version keeps the last good
+    one, logged once per change (`successful` False until a good one is loaded)."""
+
+    #: whether the last load (at start, or after a change) worked
+    successful: bool
+    #: when the web config in use was loaded (epoch seconds)
+    last_success: float
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        checkpw: CheckPw = bcrypt.checkpw,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self._checkpw = checkpw
+        self._clock = clock
+        #: raises WebConfigError at start: a broken web config is a usage error there
+        self.current = load_web_config(path, checkpw=checkpw)
+        self._stamp = _stamp(self.current.files)
+        self.successful = True
+        self.last_success = clock()
+
+    def check(self) -> WebConfig:
+        """The web config to use now: reloaded if any of its files changed since."""
+        stamp = _stamp(self.current.files)
+        if stamp == self._stamp:
+            return self.current
+        self._stamp = stamp  # a broken version is reported once, not at every check
+        try:
+            loaded = load_web_config(self.path, checkpw=self._checkpw)
+        except WebConfigError as exc:
+            self.successful = False
+            log.error("web_config_reload_failed", error=str(exc))  # noqa: TRY400 - one line
+            return self.current
+        self.current, self._stamp = loaded, _stamp(loaded.files)
+        self.successful, self.last_success = True, self._clock()
+        log.info("web_config_reloaded", tls=loaded.ssl_context is not None)
+        return loaded
+
+
+def _stamp(files: tuple[Path, ...]) -> tuple[tuple[int, int, int] | None, ...]:
+    """What tells a file's change: its inode, size and modification time (None: gone)."""
+    stamps: list[tuple[int, int, int] | None] = []
+    for path in files:
+        try:
+            st = path.stat()
+        except OSError:
+            stamps.append(None)
+        else:
+            stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stamps)
 
 
 def _fail(path: Path, field_name: str, problem: str) -> NoReturn:

@@ -31,7 +31,7 @@ from exporter.logs import configure_logging
 from exporter.poller import BACKOFF_CAP_SECONDS
 from exporter.simulator import RequestRecord, SimAccount
 from exporter.snapshot import AccountSnapshot, Snapshot, SnapshotStore
-from exporter.webconfig import WebConfig
+from exporter.webconfig import WebConfig, WebConfigFile
 
 #: request weight by path, as Binance (and the simulator) charge it
 PATH_WEIGHTS = {"/papi/v1/balance": 20, "/papi/v1/account": 20, "/papi/v1/time": 1}
@@ -194,7 +194,7 @@ class RunningExporter(harness.RunningExporter):
     def __init__(
         self,
         config: Config,
-        web: WebConfig | None = None,
+        web: WebConfig | WebConfigFile | None = None,
         *,
         clock: Clock = time.time,
         backoff_cap: float = BACKOFF_CAP_SECONDS,

@@ -20,7 +20,7 @@ from exporter.poller import BACKOFF_CAP_SECONDS
 from exporter.server import MetricsServer
 from exporter.shard import WHOLE, Shard
 from exporter.simulator.demo import GeneratedAccount, exporter_config, generate_account
-from exporter.webconfig import WebConfig
+from exporter.webconfig import WebConfig, WebConfigFile
 
 
 def wait_until(
@@ -86,7 +86,7 @@ class RunningExporter:
     def __init__(
         self,
         config: Config,
-        web: WebConfig | None = None,
+        web: WebConfig | WebConfigFile | None = None,
         shard: Shard = WHOLE,
         *,
         clock: Callable[[], float] = time.time,

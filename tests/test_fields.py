@@ -11,8 +11,9 @@ import yaml
 from harness import accounts, sim_config
 
 from exporter import fields
-from exporter.app import Exporter
+from exporter.app import WEB_CONFIG_NAMES, Exporter
 from exporter.collector import FAMILIES
+from exporter.selfmetrics import ReloadCollector, ReloadStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "exporter"
@@ -33,9 +34,11 @@ def served_metric_names() -> set[str]:
     """Every metric family /metrics serves, named as in the text format."""
     url = "http://127.0.0.1:1"
     exporter = Exporter(sim_config(url, accounts(1), stream_url="ws://127.0.0.1:1/pm/ws"))
+    # serve_http adds the web config's reload state when there is a --web.config.file
+    web = ReloadCollector(ReloadStatus(successful=True, last_success=0.0), *WEB_CONFIG_NAMES)
     live = {
         metric.name + "_total" if metric.type == "counter" else metric.name
-        for metric in exporter.registry.collect()
+        for metric in (*exporter.registry.collect(), *web.collect())
     }
     return live | {family.name for family in FAMILIES}
 
