@@ -1007,6 +1007,41 @@ def exporter_health() -> dict[str, Any]:
         )
     )
 
+    board.with_row(dash_b.Row("User data streams"))
+    board.with_panel(
+        statetimeline_b.Panel()
+        .title("Stream up")
+        .description(
+            "binance_pm_stream_up per account: 1 while its user data stream is connected "
+            "(BinancePMStreamDown after 10 minutes at 0 while REST works). Absent with "
+            "stream.enabled: false."
+        )
+        .unit("none")
+        .datasource(DATASOURCE)
+        .targets([query(f"binance_pm_stream_up{{{acc}}}", "{{account}}")])
+        .mappings(up_mappings())
+        .thresholds(thresholds((None, "red"), (1, "green")))
+        .height(8)
+        .span(12)
+    )
+    board.with_panel(
+        timeseries(
+            "Event-triggered refreshes",
+            "Refreshes started ahead of their turn by an event on the account's stream, per "
+            "minute (binance_pm_stream_triggered_refreshes_total); they take at most half "
+            "of the budget. Events by type: binance_pm_stream_events_total; reconnects by "
+            "reason: binance_pm_stream_reconnects_total.",
+            "none",
+            [
+                query(
+                    "sum by (account) (rate(binance_pm_stream_triggered_refreshes_total"
+                    f"{{{acc}}}[$__rate_interval])) * 60",
+                    "{{account}}",
+                )
+            ],
+        )
+    )
+
     board.with_row(dash_b.Row("Pauses"))
     board.with_panel(
         timeseries(

@@ -23,6 +23,7 @@ from dashboard_queries import (
     used_variables,
     variable_names,
 )
+from test_fields import served_metric_names
 
 EXPECTED_UIDS = {
     "overview.json": "binance-pm-overview",
@@ -33,44 +34,10 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 CURRENT_SCHEMA_VERSION = 41  # Grafana 11.6 / 12.x
 
 # The exporter's metrics (notes/contract.md, issue 2) and Prometheus's own `up`.
-EXPORTER_METRICS = {
-    "up",
-    "binance_pm_wallet_balance",
-    "binance_pm_cross_margin_asset",
-    "binance_pm_cross_margin_borrowed",
-    "binance_pm_cross_margin_free",
-    "binance_pm_cross_margin_interest",
-    "binance_pm_cross_margin_locked",
-    "binance_pm_um_wallet_balance",
-    "binance_pm_um_unrealized_pnl",
-    "binance_pm_cm_wallet_balance",
-    "binance_pm_cm_unrealized_pnl",
-    "binance_pm_negative_balance",
-    "binance_pm_balance_update_timestamp_seconds",
-    "binance_pm_uni_mmr",
-    "binance_pm_account_equity_usd",
-    "binance_pm_actual_equity_usd",
-    "binance_pm_initial_margin_usd",
-    "binance_pm_maint_margin_usd",
-    "binance_pm_total_available_balance_usd",
-    "binance_pm_total_margin_open_loss_usd",
-    "binance_pm_virtual_max_withdraw_amount_usd",
-    "binance_pm_account_status",
-    "binance_pm_account_update_timestamp_seconds",
-    "binance_pm_up",
-    "binance_pm_last_success_timestamp_seconds",
-    "binance_pm_requests_total",
-    "binance_pm_request_duration_seconds_bucket",
-    "binance_pm_ip_used_weight",
-    "binance_pm_weight_spent_total",
-    "binance_pm_weight_budget_per_minute",
-    "binance_pm_refresh_interval_seconds",
-    "binance_pm_paused_until_timestamp_seconds",
-    "binance_pm_pauses_total",
-    "binance_pm_account_consecutive_failures",
-    "binance_pm_exporter_build_info",
-    "binance_pm_asset_price_usd",
-    "binance_pm_price_update_timestamp_seconds",
+#: every series name a panel may read: what /metrics serves (README's table, checked by
+#: test_fields), with the histogram's parts, and Prometheus's own `up`
+EXPORTER_METRICS = {"up", *served_metric_names()} | {
+    f"binance_pm_request_duration_seconds_{part}" for part in ("bucket", "count", "sum")
 }
 SAMPLE_VALUES = {"job": "binance-pm-exporter", "instance": "127.0.0.1:9745"}
 SAMPLE_VALUES |= {"account": "desk-a", "asset": "USDT", "datasource": "prometheus"}
