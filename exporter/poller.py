@@ -363,6 +363,8 @@ class EgressPoller:
             if account.risk is not None and account.risk.applied > started:
                 # A riskLevelChange came in meanwhile: keep it until the refresh it triggered.
                 current = replace(current, info=account.risk.over(current.info))
+            if current.refresh_interval != self._settings.interval:  # a reload came meanwhile
+                current = replace(current, refresh_interval=self._settings.interval)
             self._store.replace(current)
             self._wake.set()  # a trigger that came in meanwhile may go now
 
