@@ -27,6 +27,7 @@ from exporter.binance import errors
 from exporter.binance.client import BinanceClient, Credentials, RequestReport
 from exporter.binance.models import ParsedBalances
 from exporter.budget import GUARD_SECONDS, WeightBudget
+from exporter.egress import EgressLedger
 from exporter.selfmetrics import Instruments, StreamHealth
 from exporter.snapshot import AccountInfo, AccountSnapshot, AssetBalance, SnapshotStore
 from exporter.triggers import CATCHUP_NEAR_SECONDS, Priority, TriggerQueue
@@ -121,10 +122,10 @@ class EgressPoller:
     ) -> None:
         self._accounts = [_Account(t) for t in targets]
         self._by_name = {a.target.name: a for a in self._accounts}
+        self._ledger = EgressLedger(budget, instruments)
         self._client = make_client(observer=self._observe)
         self._budget = budget
         self._store = store
-        self._instruments = instruments
         self._settings = settings
         self._clock = clock
         self._sleep = sleep
@@ -398,42 +399,12 @@ class EgressPoller:
 
     def _observe(self, report: RequestReport) -> None:
         """Called by the client for every request: metrics and the IP's used weight."""
-        log.debug(
-            "request",
-            endpoint=report.endpoint,
-            outcome=report.outcome,
-            seconds=round(report.duration, 4),
-            used_weight=report.used_weight,
-        )
-        self._instruments.requests.labels(report.endpoint, report.outcome).inc()
-        self._instruments.duration.labels(report.endpoint).observe(report.duration)
-        if report.sent:  # a reset mid-response spent its weight too; a refused connect did not
-            self._budget.count_sent(WEIGHTS[report.endpoint])
-        was_paused = self._budget.paused_until
-        self._budget.note_used_weight(report.used_weight, self._clock(), self._client.clock_offset)
-        if self._budget.paused_until != was_paused:
-            self._log_pause()
+        self._ledger.observe(report, self._client.clock_offset)
 
     def note_pause(self, exc: BaseException) -> None:
         """Pause the route after a 429, 418 or firewall 403 (any request of its, the
         stream's listenKey calls included); other errors change nothing."""
-        now, offset = self._clock(), self._client.clock_offset
-        if isinstance(exc, errors.IpBanned):
-            self._budget.banned(exc.retry_after, exc.banned_until, now, offset)
-        elif isinstance(exc, errors.RateLimited):  # a 429, or a 403 of the WAF
-            self._budget.rate_limited(exc.retry_after, now, offset, reason=exc.outcome)
-        else:
-            return
-        self._log_pause()
-
-    def _log_pause(self) -> None:
-        log.warning(
-            "requests_paused",
-            egress=self._budget.egress,
-            reason=self._budget.pause_reason,
-            until=round(self._budget.paused_until, 3),
-            used_weight=self._budget.last_used_weight,
-        )
+        self._ledger.note_error(exc, self._client.clock_offset)
 
     def _log_failure(
         self, account: _Account, exc: BaseException, failures: int, seconds: float

@@ -26,6 +26,7 @@ import structlog
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient, RequestReport
 from exporter.budget import BudgetLimits, WeightBudget
+from exporter.egress import EgressLedger
 from exporter.selfmetrics import Instruments
 from exporter.snapshot import AssetBalance
 from exporter.valuation import Price, Quote, usd_price
@@ -120,10 +121,10 @@ class PriceSource:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        self._ledger = EgressLedger(budget, instruments)
         self._client = make_client(observer=self._observe)
         self._budget = budget
         self._store = store
-        self._instruments = instruments
         self._interval = interval
         self._held = held
         self._clock = clock
@@ -185,32 +186,10 @@ class PriceSource:
                 self._unpriced.discard(asset)
                 log.info("asset_priced", asset=asset)
 
+    # The spot API's clock is not measured: the unsigned ticker needs no offset.
+
     def _observe(self, report: RequestReport) -> None:
-        self._instruments.requests.labels(report.endpoint, report.outcome).inc()
-        self._instruments.duration.labels(report.endpoint).observe(report.duration)
-        if report.sent:
-            self._budget.count_sent(WEIGHTS[report.endpoint])
-        was_paused = self._budget.paused_until
-        self._budget.note_used_weight(report.used_weight, self._clock(), 0.0)
-        if self._budget.paused_until != was_paused:
-            self._log_pause()
+        self._ledger.observe(report, 0.0)
 
     def _note_pause(self, exc: errors.BinanceError) -> None:
-        # The spot API's clock is not measured: the unsigned ticker needs no offset.
-        now = self._clock()
-        if isinstance(exc, errors.IpBanned):
-            self._budget.banned(exc.retry_after, exc.banned_until, now, 0.0)
-        elif isinstance(exc, errors.RateLimited):  # a 429, or a 403 of the WAF
-            self._budget.rate_limited(exc.retry_after, now, 0.0, reason=exc.outcome)
-        else:
-            return
-        self._log_pause()
-
-    def _log_pause(self) -> None:
-        log.warning(
-            "requests_paused",
-            egress=self._budget.egress,
-            reason=self._budget.pause_reason,
-            until=round(self._budget.paused_until, 3),
-            used_weight=self._budget.last_used_weight,
-        )
+        self._ledger.note_error(exc, 0.0)
