@@ -448,20 +448,23 @@ class ListenKeys:
     def extend(self, account: str, now_ms: int, key: str | None = None) -> bool:
         """PUT: False when the account has no live key (or `key` is not it): -1125."""
         with self._lock:
-            live = self._live(account, now_ms)
-            if live is None or (key is not None and key != live):
-                return False
-            self._keys[account] = (live, now_ms + self.ttl_ms)
-            return True
+            live = self._named(account, now_ms, key)
+            if live is not None:
+                self._keys[account] = (live, now_ms + self.ttl_ms)
+            return live is not None
 
     def close(self, account: str, now_ms: int, key: str | None = None) -> bool:
         """DELETE: False when there is no such live key."""
         with self._lock:
-            live = self._live(account, now_ms)
-            if live is None or (key is not None and key != live):
-                return False
-            del self._keys[account]
-            return True
+            live = self._named(account, now_ms, key)
+            if live is not None:
+                del self._keys[account]
+            return live is not None
+
+    def _named(self, account: str, now_ms: int, key: str | None) -> str | None:
+        """The account's live key, if `key` (when given) is it; under the lock."""
+        live = self._live(account, now_ms)
+        return None if live is None or (key is not None and key != live) else live
 
     def forget(self, account: str) -> str | None:
         """Drop the account's key at once (an expiry fault); return it."""
