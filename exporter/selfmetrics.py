@@ -7,6 +7,7 @@ collector instead.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -132,6 +133,13 @@ class StreamHealth(_Live):
         self.events.labels(account, event_type if event_type in STREAM_EVENTS else "other").inc()
         if event_time is not None:
             self.last_event.labels(account).set(event_time)
+
+    def forget(self, account: str) -> None:
+        """The account is no longer polled (a reload removed it): its per-account series
+        leave /metrics; its counters by event and reason stay until a restart."""
+        for metric in (self.up, self.last_event, self.triggered):
+            with contextlib.suppress(KeyError):  # never labelled
+                metric.remove(account)
 
     def triggered_refresh(self, account: str) -> None:
         self.triggered.labels(account).inc()

@@ -118,6 +118,8 @@ class AccountStreams:
             if new is None or new[3] is not target or new[2] is not poller:
                 del self._running[name]
                 self._retire(stream, task)
+            if new is None:
+                self._health.forget(name)
         self._pacers = {
             route: self._pacers.get(route) or ConnectPacer() for route, *_ in wanted.values()
         }

@@ -463,6 +463,11 @@ def test_stream_health_metrics_and_promtool() -> None:
     ):
         assert line in text, line
     assert "evil" not in text
+    health.forget("b")  # a reload removed it
+    text_after = generate_latest(registry).decode()
+    assert 'binance_pm_stream_up{account="b"}' not in text_after
+    assert 'binance_pm_stream_triggered_refreshes_total{account="b"}' not in text_after
+    assert 'binance_pm_stream_up{account="a"} 1.0' in text_after
     if shutil.which("promtool") is None:
         pytest.skip("promtool not installed")
     check = subprocess.run(
