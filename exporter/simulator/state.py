@@ -14,7 +14,7 @@ import random
 import secrets
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,15 +248,7 @@ def make_fault(
     params: dict[str, Any],
 ) -> Fault:
     """Validate a fault's description; raise ValueError naming what is wrong."""
-    if kind not in FAULT_PARAMS:
-        raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
-    required, optional = FAULT_PARAMS[kind]
-    missing = required - params.keys()
-    if missing:
-        raise ValueError(f"fault {kind}: missing {', '.join(sorted(missing))}")
-    unknown = params.keys() - required - optional
-    if unknown:
-        raise ValueError(f"fault {kind}: unknown parameter {', '.join(sorted(unknown))}")
+    _check_kind("fault", kind, params, FAULT_PARAMS, FAULT_KINDS)
     for name, value in params.items():
         _check_param(kind, name, value)
     if endpoint is not None and (not isinstance(endpoint, str) or not endpoint.startswith("/")):
@@ -268,6 +260,25 @@ def make_fault(
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_kind(
+    what: str,
+    kind: str,
+    params: Mapping[str, Any],
+    table: Mapping[str, tuple[frozenset[str], frozenset[str]]],
+    kinds: Iterable[str],
+) -> None:
+    """`kind` is in `table` and `params` has its required names and no others."""
+    if kind not in table:
+        raise ValueError(f"unknown {what} kind {kind!r}; known: {', '.join(kinds)}")
+    required, optional = table[kind]
+    missing = required - params.keys()
+    if missing:
+        raise ValueError(f"{what} {kind}: missing {', '.join(sorted(missing))}")
+    unknown = params.keys() - required - optional
+    if unknown:
+        raise ValueError(f"{what} {kind}: unknown parameter {', '.join(sorted(unknown))}")
 
 
 def _check_param(kind: str, name: str, value: object) -> None:
@@ -640,16 +651,7 @@ class SimState:
 
     def stream_fault(self, kind: str, *, account: str | None = None, **params: Any) -> None:
         """Misbehave on the user data stream; see STREAM_FAULT_PARAMS for kinds and params."""
-        if kind not in STREAM_FAULT_PARAMS:
-            known = ", ".join(STREAM_FAULT_KINDS)
-            raise ValueError(f"unknown stream fault kind {kind!r}; known: {known}")
-        required, optional = STREAM_FAULT_PARAMS[kind]
-        missing = required - params.keys()
-        if missing:
-            raise ValueError(f"stream fault {kind}: missing {', '.join(sorted(missing))}")
-        unknown = params.keys() - required - optional
-        if unknown:
-            raise ValueError(f"stream fault {kind}: unknown parameter {', '.join(sorted(unknown))}")
+        _check_kind("stream fault", kind, params, STREAM_FAULT_PARAMS, STREAM_FAULT_KINDS)
         if account is not None and account not in self.book.names:
             raise UnknownAccountError(f"unknown account: {account}")
         self._stream_fault(kind, account, params)
