@@ -42,10 +42,24 @@ def test_events_refresh_their_account_and_a_margin_call_shows_at_once() -> None:
             events = running.metrics_text()
             assert 'binance_pm_stream_events_total{account="acct-02",event=' in events
 
+            # The refresh a riskLevelChange triggers takes 5 s here: what shows within a
+            # second is the event's own figures, applied at once.
+            sim.inject_fault("latency", endpoint="/papi/v1/account", account="acct-02", seconds=5)
             info = dict(sim.account_info("acct-02"))
-            sim.set_account_info("acct-02", {**info, "accountStatus": "MARGIN_CALL"})
+            started = time.monotonic()
+            sim.set_account_info(
+                "acct-02", {**info, "accountStatus": "MARGIN_CALL", "uniMMR": "1.25"}
+            )
             status = {"account": "acct-02", "status": "MARGIN_CALL"}
-            wait_until(lambda: running.sample("binance_pm_account_status", **status) == 1)
+            wait_until(
+                lambda: running.sample("binance_pm_account_status", **status) == 1,
+                step=0.02,
+                what="the margin call on /metrics",
+            )
+            shown_after = time.monotonic() - started
+            assert running.sample("binance_pm_uni_mmr", account="acct-02") == 1.25
+            print(f"riskLevelChange -> binance_pm_account_status: {shown_after:.3f} s")
+            assert shown_after <= 1.0
             assert sim.listen_key("acct-02") is not None
         # the exporter stopped: every listenKey was deleted on the way out
         assert [sim.listen_key(n) for n in names] == [None, None, None]
