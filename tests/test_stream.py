@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -31,9 +31,11 @@ from exporter.binance.events import (
     parse_frame,
 )
 from exporter.binance.stream import (
+    DEFAULT_TIMINGS,
     REASONS,
     ConnectPacer,
     StreamObserver,
+    StreamTimings,
     UserDataStream,
     backoff_seconds,
 )
@@ -41,6 +43,8 @@ from exporter.route import Route
 from exporter.simulator import SimAccount, Simulator
 
 API_KEYS = {"a": "api-key-a-" + "k" * 20, "b": "api-key-b-" + "k" * 20}
+#: backoffs of a few ms, for scenarios on the wall clock; the rest as in production
+FAST = StreamTimings(backoff_initial_seconds=0.01, backoff_cap_seconds=0.05)
 
 
 class FastTime:
@@ -119,6 +123,7 @@ async def running(
     *,
     source_address: str | None = None,
     proxy: str | None = None,
+    timings: StreamTimings = FAST,
     **options: Any,
 ) -> AsyncIterator[Harness]:
     reports: list[RequestReport] = []
@@ -137,8 +142,6 @@ async def running(
         route=Route(source_address=source_address),
     )
     recorder = Recorder()
-    options.setdefault("backoff_initial_seconds", 0.01)
-    options.setdefault("backoff_cap_seconds", 0.05)
     stream = UserDataStream(
         account=account,
         api_key=SecretStr(API_KEYS[account]),
@@ -149,6 +152,7 @@ async def running(
         observer=recorder,
         route=Route(proxy, source_address),
         rng=random.Random(7),
+        timings=timings,
         **options,
     )
     task = asyncio.create_task(stream.run())
@@ -325,8 +329,7 @@ def test_expiry_after_expiry_backs_off() -> None:
                 sim,
                 clock=lambda: now[0],
                 sleep=fast.sleep,
-                backoff_initial_seconds=1.0,
-                backoff_cap_seconds=120.0,
+                timings=DEFAULT_TIMINGS,
             ) as h:
                 await connected(h)
                 sim.stream_fault("expire_key", account="a")
@@ -399,8 +402,7 @@ def test_a_dropped_connection_reconnects_within_the_backoff() -> None:
                 sim,
                 clock=clock.clock,
                 sleep=clock.sleep,
-                backoff_initial_seconds=1.0,
-                backoff_cap_seconds=120.0,
+                timings=DEFAULT_TIMINGS,
             ) as h:
                 await connected(h)
                 sim.stream_fault("drop", account="a")
@@ -426,8 +428,7 @@ def test_a_connection_that_lived_a_minute_resets_the_backoff() -> None:
                 sim,
                 clock=lambda: now[0],
                 sleep=fast.sleep,
-                backoff_initial_seconds=1.0,
-                backoff_cap_seconds=120.0,
+                timings=DEFAULT_TIMINGS,
             ) as h:
                 await connected(h)
                 for times in (2, 3):
@@ -454,8 +455,7 @@ def test_refused_upgrades_back_off_exponentially_then_connect() -> None:
                 sim,
                 clock=clock.clock,
                 sleep=clock.sleep,
-                backoff_initial_seconds=1.0,
-                backoff_cap_seconds=4.0,
+                timings=StreamTimings(backoff_cap_seconds=4.0),
             ) as h:
                 await connected(h)
                 assert h.recorder.reasons == ["refused"] * 4
@@ -502,7 +502,8 @@ def test_a_1_mb_frame_closes_the_connection_and_the_stream_recovers(sim: Simulat
 
 def test_a_silent_server_is_detected_by_our_pings(sim: Simulator) -> None:
     async def scenario() -> None:
-        async with running(sim, ping_interval_seconds=0.05, ping_timeout_seconds=0.1) as h:
+        timings = replace(FAST, ping_interval_seconds=0.05, ping_timeout_seconds=0.1)
+        async with running(sim, timings=timings) as h:
             await connected(h)
             sim.stream_fault("silent", account="a")
             await until(lambda: "ping_timeout" in h.recorder.reasons, what="the ping timeout")
@@ -768,7 +769,7 @@ def test_pacer_lets_a_burst_through_then_paces_by_the_window() -> None:
 def test_backoff_is_jittered_exponential_and_capped() -> None:
     rng = random.Random(1)
     for failures, step in [(1, 1.0), (2, 2.0), (3, 4.0), (8, 120.0), (50, 120.0)]:
-        delays = [backoff_seconds(failures, rng) for _ in range(50)]
+        delays = [backoff_seconds(failures, rng, 1.0, 120.0) for _ in range(50)]
         assert all(step / 2 <= d <= step for d in delays)
         assert len(set(delays)) > 1
 
