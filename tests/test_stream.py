@@ -17,9 +17,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import proxies
 import pytest
 import structlog
 from faultkit import captured_logs
+from proxies import RecordingProxy, Seen, Socks5Proxy
 from pydantic import SecretStr
 
 from exporter.binance import errors
@@ -568,115 +570,32 @@ def test_streams_of_one_egress_share_the_pacer(sim: Simulator) -> None:
     run(scenario)
 
 
-class ConnectProxy:
-    """An HTTP CONNECT proxy on loopback; its upstream connections come from `source`."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.requests: list[tuple[str, str | None, str]] = []  # (request, auth, client IP)
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://user:proxy-s3cret@127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        method, target, _ = head[0].split(" ")
-        headers = dict(line.split(": ", 1) for line in head[1:] if line)
-        client_ip = writer.get_extra_info("peername")[0]
-        self.requests.append((f"{method} {target}", headers.get("Proxy-Authorization"), client_ip))
-        host, port = target.rsplit(":", 1)
-        up_reader, up_writer = await asyncio.open_connection(
-            host, int(port), local_addr=(self.source, 0)
-        )
-        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-
 def test_the_stream_goes_through_the_accounts_proxy(sim: Simulator) -> None:
+    proxy = RecordingProxy({"user": ("proxy-s3cret", "127.0.0.3")})
+
     async def scenario() -> None:
-        proxy = ConnectProxy("127.0.0.3")
-        url = await proxy.start()
-        try:
-            async with running(sim, proxy=url, source_address="127.0.0.2") as h:
-                await connected(h)
-        finally:
-            await proxy.stop()
-        ((target, auth, client_ip),) = proxy.requests
-        host, port = sim.stream.address
-        assert target == f"CONNECT {host}:{port}"
-        assert auth == "Basic dXNlcjpwcm94eS1zM2NyZXQ="  # user:proxy-s3cret
-        assert client_ip == "127.0.0.2"  # the proxy is reached from the source address
-        assert sim.stream.peers("a") == ["127.0.0.3"]  # the proxy's own egress
+        async with running(sim, proxy=proxy.url("user"), source_address="127.0.0.2") as h:
+            await connected(h)
 
-    run(scenario)
-
-
-class Socks5Proxy:
-    """A SOCKS5 proxy (username/password auth, CONNECT) on loopback; upstream from `source`."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.requests: list[tuple[str, str, str]] = []  # (target, user:password, client IP)
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"socks5://user:socks-s3cret@127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _, count = await reader.readexactly(2)
-        assert 2 in await reader.readexactly(count)  # username/password offered
-        writer.write(b"\x05\x02")
-        _, size = await reader.readexactly(2)
-        user = (await reader.readexactly(size)).decode()
-        size = (await reader.readexactly(1))[0]
-        password = (await reader.readexactly(size)).decode()
-        writer.write(b"\x01\x00")
-        _, command, _, kind = await reader.readexactly(4)
-        assert (command, kind) == (1, 1)  # CONNECT to an IPv4 address
-        host = ".".join(str(b) for b in await reader.readexactly(4))
-        port = int.from_bytes(await reader.readexactly(2), "big")
-        client_ip = writer.get_extra_info("peername")[0]
-        self.requests.append((f"{host}:{port}", f"{user}:{password}", client_ip))
-        up_reader, up_writer = await asyncio.open_connection(
-            host, port, local_addr=(self.source, 0)
-        )
-        writer.write(b"\x05\x00\x00\x01" + bytes(6))
-        await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-
-async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError):
-        while data := await source.read(65536):
-            sink.write(data)
-            await sink.drain()
-    sink.close()
+    with proxies.running(proxy):
+        run(scenario)
+    # a CONNECT tunnel, reached from the source address, with the proxy's credentials
+    assert proxy.seen == [Seen("127.0.0.2", "user", "proxy-s3cret", None, "CONNECT")]
+    assert sim.stream.peers("a") == ["127.0.0.3"]  # the proxy's own egress
 
 
 def test_the_stream_goes_through_a_socks5_proxy(sim: Simulator) -> None:
-    async def scenario() -> None:
-        proxy = Socks5Proxy("127.0.0.3")
-        url = await proxy.start()
-        try:
-            async with running(sim, proxy=url, source_address="127.0.0.2") as h:
-                await connected(h)
-        finally:
-            await proxy.stop()
-        host, port = sim.stream.address
-        assert proxy.requests == [(f"{host}:{port}", "user:socks-s3cret", "127.0.0.2")]
-        assert sim.stream.peers("a") == ["127.0.0.3"]
+    proxy = Socks5Proxy("127.0.0.3")
 
-    run(scenario)
+    async def scenario() -> None:
+        async with running(sim, proxy=proxy.url, source_address="127.0.0.2") as h:
+            await connected(h)
+
+    with proxies.running(proxy):
+        run(scenario)
+    host, port = sim.stream.address
+    assert proxy.requests == [(f"{host}:{port}", "user:socks-s3cret", "127.0.0.2")]
+    assert sim.stream.peers("a") == ["127.0.0.3"]
 
 
 # ---------------------------------------------------------------- secrets
