@@ -22,6 +22,7 @@ from pydantic import SecretStr
 
 from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import make_signer
+from exporter.binance.stream import DEFAULT_TIMINGS, StreamTimings
 from exporter.budget import BudgetLimits, WeightBudget, refresh_interval, shard_limits
 from exporter.config import AccountConfig, Config, ConfigError, PrivateKey
 from exporter.exposition import CachedExposition
@@ -115,6 +116,7 @@ class Exporter:
         storage: StateFile | None = None,
         load: ConfigLoader | None = None,
         backoff_cap: float = BACKOFF_CAP_SECONDS,
+        stream_timings: StreamTimings = DEFAULT_TIMINGS,
     ) -> None:
         self.shard = shard
         self.storage = storage
@@ -155,7 +157,10 @@ class Exporter:
         #: one user data stream per account, its events turned into refreshes (None: off)
         self.streams = (
             AccountStreams(
-                stream_url=config.binance.stream_url, health=self.stream_health, clock=clock
+                stream_url=config.binance.stream_url,
+                health=self.stream_health,
+                clock=clock,
+                timings=stream_timings,
             )
             if self.stream_health is not None
             else None

@@ -26,7 +26,13 @@ import structlog
 
 from exporter.binance import errors
 from exporter.binance.events import StreamEvent
-from exporter.binance.stream import ConnectPacer, StreamObserver, UserDataStream
+from exporter.binance.stream import (
+    DEFAULT_TIMINGS,
+    ConnectPacer,
+    StreamObserver,
+    StreamTimings,
+    UserDataStream,
+)
 from exporter.budget import WeightBudget
 from exporter.poller import EgressPoller, Target
 from exporter.route import Route
@@ -92,10 +98,12 @@ class AccountStreams:
         stream_url: str,
         health: StreamHealth,
         clock: Callable[[], float] = time.time,
+        timings: StreamTimings = DEFAULT_TIMINGS,
     ) -> None:
         self._stream_url = stream_url
         self._health = health
         self._clock = clock
+        self._timings = timings
         #: route -> the pacer of its connection attempts (Binance counts them per IP)
         self._pacers: dict[Route, ConnectPacer] = {}
         #: account -> (target, poller, stream, its task)
@@ -135,6 +143,7 @@ class AccountStreams:
                 pacer=self._pacers[route],
                 observer=_AccountObserver(name, poller, self._health, self._clock),
                 route=route,
+                timings=self._timings,
             )
             task = asyncio.create_task(_run(stream), name=f"stream {name}")
             self._running[name] = (target, poller, stream, task)

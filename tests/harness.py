@@ -14,6 +14,7 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from exporter.app import Exporter
+from exporter.binance.stream import DEFAULT_TIMINGS, StreamTimings
 from exporter.collector import SnapshotCollector
 from exporter.config import Config, parse_config
 from exporter.poller import BACKOFF_CAP_SECONDS
@@ -92,9 +93,15 @@ class RunningExporter:
         clock: Callable[[], float] = time.time,
         backoff_cap: float = BACKOFF_CAP_SECONDS,
         load: Callable[[], Config] | None = None,
+        stream_timings: StreamTimings = DEFAULT_TIMINGS,
     ) -> None:
         self.exporter = Exporter(
-            config, shard=shard, clock=clock, backoff_cap=backoff_cap, load=load
+            config,
+            shard=shard,
+            clock=clock,
+            backoff_cap=backoff_cap,
+            load=load,
+            stream_timings=stream_timings,
         )
         self.clock = clock
         self.web = web

@@ -1,7 +1,7 @@
 """Each account's requests go by its own route: its proxy, its credentials, its source address.
 
-Two real HTTP proxies on loopback (absolute-URI forwarding, as httpx proxies http://
-origins) record, for every request, the address it came from and the credentials it
+Two real HTTP proxies on loopback (tests/proxies.py: absolute-URI forwarding, as httpx
+proxies http:// origins) record, for every request, the address it came from and the credentials it
 carried, and connect on from an exit address picked by the username, as proxy services
 that choose the exit IP by credentials do. The simulator behind them counts weight per
 client IP, as Binance does. Accounts on one route share one client and one budget.
@@ -10,12 +10,9 @@ client IP, as Binance does. Accounts on one route share one client and one budge
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import threading
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,6 +22,7 @@ import pytest
 import yaml
 from faultkit import captured_logs, secret_forms
 from harness import RunningExporter, sim_config, wait_until
+from proxies import RecordingProxy, Seen, running
 
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient
@@ -32,93 +30,6 @@ from exporter.cli import main
 from exporter.route import Route
 from exporter.simulator import Simulator
 from exporter.simulator.demo import GeneratedAccount, exporter_config, generate_account
-
-
-@dataclass(frozen=True)
-class Seen:
-    """One request as a proxy saw it."""
-
-    client_ip: str
-    user: str | None
-    password: str | None
-    api_key: str | None
-    method: str = "GET"
-
-
-@dataclass
-class RecordingProxy:
-    """An HTTP proxy: known users get through, from their exit address; others get a 407."""
-
-    #: user -> (password, exit address the upstream connection is made from)
-    users: dict[str, tuple[str, str]]
-    port: int = 0
-    seen: list[Seen] = field(default_factory=list)
-
-    def url(self, user: str) -> str:
-        return f"http://{user}:{self.users[user][0]}@127.0.0.1:{self.port}"
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One request per connection: forward it with `Connection: close`, relay the answer."""
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
-            return
-        request_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
-        method, target, version = request_line.split(" ")
-        headers = [(k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in lines)]
-        found = {k.lower(): v for k, v in headers}
-        user = password = None
-        if found.get("proxy-authorization", "").startswith("Basic "):
-            decoded = base64.b64decode(found["proxy-authorization"][6:]).decode()
-            user, _, password = decoded.partition(":")
-        client_ip = writer.get_extra_info("peername")[0]
-        self.seen.append(Seen(client_ip, user, password, found.get("x-mbx-apikey"), method))
-        known = self.users.get(user or "")
-        if method == "CONNECT":  # a tunnel (https:// origins): seen, then refused
-            writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
-        elif known is None or known[0] != password:
-            writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n")
-            writer.write(b"Proxy-Authenticate: Basic\r\nContent-Length: 0\r\n\r\n")
-        else:
-            url = urlsplit(target)
-            up_reader, up_writer = await asyncio.open_connection(
-                url.hostname, url.port, local_addr=(known[1], 0)
-            )
-            drop = ("proxy-authorization", "proxy-connection", "connection")
-            kept = [f"{k}: {v}" for k, v in headers if k.lower() not in drop]
-            path = url.path + (f"?{url.query}" if url.query else "")
-            lines = [f"{method} {path} {version}", *kept, "Connection: close", "", ""]
-            up_writer.write("\r\n".join(lines).encode("latin-1"))
-            response = await up_reader.read()
-            up_writer.close()
-            response_head, sep, body = response.partition(b"\r\n\r\n")
-            writer.write(response_head + b"\r\nConnection: close" + sep + body)
-        await writer.drain()
-        writer.close()
-
-
-@contextlib.contextmanager
-def running(*proxies: RecordingProxy) -> Iterator[None]:
-    """The proxies listening on loopback, served by an event loop of their own."""
-    loop = asyncio.new_event_loop()
-    servers = []
-    for proxy in proxies:
-        server = loop.run_until_complete(asyncio.start_server(proxy.serve, "127.0.0.1", 0))
-        proxy.port = server.sockets[0].getsockname()[1]
-        servers.append(server)
-    thread = threading.Thread(target=loop.run_forever, name="proxies", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        for server in servers:
-            server.close()
-            loop.run_until_complete(server.wait_closed())
-        loop.close()
-
 
 PASSWORDS = {
     "user-alice-0001": "pw-alice-s3cr3t-1111",

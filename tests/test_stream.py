@@ -14,12 +14,14 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import proxies
 import pytest
 import structlog
 from faultkit import captured_logs
+from proxies import RecordingProxy, Seen, Socks5Proxy
 from pydantic import SecretStr
 
 from exporter.binance import errors
@@ -31,9 +33,11 @@ from exporter.binance.events import (
     parse_frame,
 )
 from exporter.binance.stream import (
+    DEFAULT_TIMINGS,
     REASONS,
     ConnectPacer,
     StreamObserver,
+    StreamTimings,
     UserDataStream,
     backoff_seconds,
 )
@@ -41,6 +45,8 @@ from exporter.route import Route
 from exporter.simulator import SimAccount, Simulator
 
 API_KEYS = {"a": "api-key-a-" + "k" * 20, "b": "api-key-b-" + "k" * 20}
+#: backoffs of a few ms, for scenarios on the wall clock; the rest as in production
+FAST = StreamTimings(backoff_initial_seconds=0.01, backoff_cap_seconds=0.05)
 
 
 class FastTime:
@@ -119,6 +125,7 @@ async def running(
     *,
     source_address: str | None = None,
     proxy: str | None = None,
+    timings: StreamTimings = FAST,
     **options: Any,
 ) -> AsyncIterator[Harness]:
     reports: list[RequestReport] = []
@@ -137,8 +144,6 @@ async def running(
         route=Route(source_address=source_address),
     )
     recorder = Recorder()
-    options.setdefault("backoff_initial_seconds", 0.01)
-    options.setdefault("backoff_cap_seconds", 0.05)
     stream = UserDataStream(
         account=account,
         api_key=SecretStr(API_KEYS[account]),
@@ -149,6 +154,7 @@ async def running(
         observer=recorder,
         route=Route(proxy, source_address),
         rng=random.Random(7),
+        timings=timings,
         **options,
     )
     task = asyncio.create_task(stream.run())
@@ -325,8 +331,7 @@ def test_expiry_after_expiry_backs_off() -> None:
                 sim,
                 clock=lambda: now[0],
                 sleep=fast.sleep,
-                backoff_initial_seconds=1.0,
-                backoff_cap_seconds=120.0,
+                timings=DEFAULT_TIMINGS,
             ) as h:
                 await connected(h)
                 sim.stream_fault("expire_key", account="a")
@@ -399,8 +404,7 @@ def test_a_dropped_connection_reconnects_within_the_backoff() -> None:
                 sim,
                 clock=clock.clock,
                 sleep=clock.sleep,
-                backoff_initial_seconds=1.0,
-                backoff_cap_seconds=120.0,
+                timings=DEFAULT_TIMINGS,
             ) as h:
                 await connected(h)
                 sim.stream_fault("drop", account="a")
@@ -426,8 +430,7 @@ def test_a_connection_that_lived_a_minute_resets_the_backoff() -> None:
                 sim,
                 clock=lambda: now[0],
                 sleep=fast.sleep,
-                backoff_initial_seconds=1.0,
-                backoff_cap_seconds=120.0,
+                timings=DEFAULT_TIMINGS,
             ) as h:
                 await connected(h)
                 for times in (2, 3):
@@ -454,8 +457,7 @@ def test_refused_upgrades_back_off_exponentially_then_connect() -> None:
                 sim,
                 clock=clock.clock,
                 sleep=clock.sleep,
-                backoff_initial_seconds=1.0,
-                backoff_cap_seconds=4.0,
+                timings=StreamTimings(backoff_cap_seconds=4.0),
             ) as h:
                 await connected(h)
                 assert h.recorder.reasons == ["refused"] * 4
@@ -502,7 +504,8 @@ def test_a_1_mb_frame_closes_the_connection_and_the_stream_recovers(sim: Simulat
 
 def test_a_silent_server_is_detected_by_our_pings(sim: Simulator) -> None:
     async def scenario() -> None:
-        async with running(sim, ping_interval_seconds=0.05, ping_timeout_seconds=0.1) as h:
+        timings = replace(FAST, ping_interval_seconds=0.05, ping_timeout_seconds=0.1)
+        async with running(sim, timings=timings) as h:
             await connected(h)
             sim.stream_fault("silent", account="a")
             await until(lambda: "ping_timeout" in h.recorder.reasons, what="the ping timeout")
@@ -567,115 +570,32 @@ def test_streams_of_one_egress_share_the_pacer(sim: Simulator) -> None:
     run(scenario)
 
 
-class ConnectProxy:
-    """An HTTP CONNECT proxy on loopback; its upstream connections come from `source`."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.requests: list[tuple[str, str | None, str]] = []  # (request, auth, client IP)
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://user:proxy-s3cret@127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        method, target, _ = head[0].split(" ")
-        headers = dict(line.split(": ", 1) for line in head[1:] if line)
-        client_ip = writer.get_extra_info("peername")[0]
-        self.requests.append((f"{method} {target}", headers.get("Proxy-Authorization"), client_ip))
-        host, port = target.rsplit(":", 1)
-        up_reader, up_writer = await asyncio.open_connection(
-            host, int(port), local_addr=(self.source, 0)
-        )
-        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-
 def test_the_stream_goes_through_the_accounts_proxy(sim: Simulator) -> None:
+    proxy = RecordingProxy({"user": ("proxy-s3cret", "127.0.0.3")})
+
     async def scenario() -> None:
-        proxy = ConnectProxy("127.0.0.3")
-        url = await proxy.start()
-        try:
-            async with running(sim, proxy=url, source_address="127.0.0.2") as h:
-                await connected(h)
-        finally:
-            await proxy.stop()
-        ((target, auth, client_ip),) = proxy.requests
-        host, port = sim.stream.address
-        assert target == f"CONNECT {host}:{port}"
-        assert auth == "Basic dXNlcjpwcm94eS1zM2NyZXQ="  # user:proxy-s3cret
-        assert client_ip == "127.0.0.2"  # the proxy is reached from the source address
-        assert sim.stream.peers("a") == ["127.0.0.3"]  # the proxy's own egress
+        async with running(sim, proxy=proxy.url("user"), source_address="127.0.0.2") as h:
+            await connected(h)
 
-    run(scenario)
-
-
-class Socks5Proxy:
-    """A SOCKS5 proxy (username/password auth, CONNECT) on loopback; upstream from `source`."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.requests: list[tuple[str, str, str]] = []  # (target, user:password, client IP)
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"socks5://user:socks-s3cret@127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _, count = await reader.readexactly(2)
-        assert 2 in await reader.readexactly(count)  # username/password offered
-        writer.write(b"\x05\x02")
-        _, size = await reader.readexactly(2)
-        user = (await reader.readexactly(size)).decode()
-        size = (await reader.readexactly(1))[0]
-        password = (await reader.readexactly(size)).decode()
-        writer.write(b"\x01\x00")
-        _, command, _, kind = await reader.readexactly(4)
-        assert (command, kind) == (1, 1)  # CONNECT to an IPv4 address
-        host = ".".join(str(b) for b in await reader.readexactly(4))
-        port = int.from_bytes(await reader.readexactly(2), "big")
-        client_ip = writer.get_extra_info("peername")[0]
-        self.requests.append((f"{host}:{port}", f"{user}:{password}", client_ip))
-        up_reader, up_writer = await asyncio.open_connection(
-            host, port, local_addr=(self.source, 0)
-        )
-        writer.write(b"\x05\x00\x00\x01" + bytes(6))
-        await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-
-async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError):
-        while data := await source.read(65536):
-            sink.write(data)
-            await sink.drain()
-    sink.close()
+    with proxies.running(proxy):
+        run(scenario)
+    # a CONNECT tunnel, reached from the source address, with the proxy's credentials
+    assert proxy.seen == [Seen("127.0.0.2", "user", "proxy-s3cret", None, "CONNECT")]
+    assert sim.stream.peers("a") == ["127.0.0.3"]  # the proxy's own egress
 
 
 def test_the_stream_goes_through_a_socks5_proxy(sim: Simulator) -> None:
-    async def scenario() -> None:
-        proxy = Socks5Proxy("127.0.0.3")
-        url = await proxy.start()
-        try:
-            async with running(sim, proxy=url, source_address="127.0.0.2") as h:
-                await connected(h)
-        finally:
-            await proxy.stop()
-        host, port = sim.stream.address
-        assert proxy.requests == [(f"{host}:{port}", "user:socks-s3cret", "127.0.0.2")]
-        assert sim.stream.peers("a") == ["127.0.0.3"]
+    proxy = Socks5Proxy("127.0.0.3")
 
-    run(scenario)
+    async def scenario() -> None:
+        async with running(sim, proxy=proxy.url, source_address="127.0.0.2") as h:
+            await connected(h)
+
+    with proxies.running(proxy):
+        run(scenario)
+    host, port = sim.stream.address
+    assert proxy.requests == [(f"{host}:{port}", "user:socks-s3cret", "127.0.0.2")]
+    assert sim.stream.peers("a") == ["127.0.0.3"]
 
 
 # ---------------------------------------------------------------- secrets
@@ -768,7 +688,7 @@ def test_pacer_lets_a_burst_through_then_paces_by_the_window() -> None:
 def test_backoff_is_jittered_exponential_and_capped() -> None:
     rng = random.Random(1)
     for failures, step in [(1, 1.0), (2, 2.0), (3, 4.0), (8, 120.0), (50, 120.0)]:
-        delays = [backoff_seconds(failures, rng) for _ in range(50)]
+        delays = [backoff_seconds(failures, rng, 1.0, 120.0) for _ in range(50)]
         assert all(step / 2 <= d <= step for d in delays)
         assert len(set(delays)) > 1
 

@@ -65,28 +65,6 @@ def test_events_refresh_their_account_and_a_margin_call_shows_at_once() -> None:
         assert [sim.listen_key(n) for n in names] == [None, None, None]
 
 
-def test_a_dropped_stream_reconnects_and_tells_the_truth_meanwhile() -> None:
-    generated = accounts(2)
-    names = [g.sim_account.name for g in generated]
-    with Simulator([g.sim_account for g in generated]) as sim:
-        config = sim_config(sim.url, generated, SLOW, stream_url=sim.stream_url)
-        with RunningExporter(config) as running:
-            wait_until(lambda: streams_up(running, names), what="two streams up")
-            sim.stream_fault("refuse_upgrades", account="acct-00")
-            sim.stream_fault("drop", account="acct-00")
-            wait_until(
-                lambda: running.sample("binance_pm_stream_up", account="acct-00") == 0,
-                what="stream_up 0 while upgrades are refused",
-            )
-            assert running.sample("binance_pm_stream_up", account="acct-01") == 1
-            sim.clear_faults()
-            wait_until(lambda: streams_up(running, names), what="the stream back")
-            text = running.metrics_text()
-            assert 'binance_pm_stream_reconnects_total{account="acct-00",reason="' in text
-            # REST polling of both accounts went on throughout
-            assert running.sample("binance_pm_up", account="acct-00") == 1
-
-
 def test_freshness_at_200_accounts_on_the_default_budget() -> None:
     """Polling alone refreshes each of 200 accounts every 323 s on the default budget; with
     the streams a negative balance on any account is on /metrics within 3 s (a refresh

@@ -26,6 +26,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -45,21 +46,33 @@ Sleep = Callable[[float], Awaitable[None]]
 #: waits until `weight` may be spent from the egress's budget (and its pauses are over)
 Acquire = Callable[[int], Awaitable[None]]
 
-KEEPALIVE_SECONDS = 30 * 60.0  # a key lives 60 minutes
+
+@dataclass(frozen=True)
+class StreamTimings:
+    """How long a stream waits for what (and the one size it caps): Binance's values by
+    default. Tests pass short ones to reach a backoff, a keep-alive or a ping timeout
+    in a fraction of a second; nothing else should need to."""
+
+    keepalive_seconds: float = 30 * 60.0  # a key lives 60 minutes
+    #: reconnect before Binance closes a connection at 24 h
+    max_connection_seconds: float = 23 * 3600.0
+    backoff_initial_seconds: float = 1.0
+    backoff_cap_seconds: float = 120.0
+    #: a connection that stayed up this long resets the backoff
+    stable_seconds: float = 60.0
+    #: frames above this close the connection (1009) and count as a drop; Binance's
+    #: events are a few kB, an ACCOUNT_UPDATE with hundreds of positions some tens of kB
+    max_frame_bytes: int = 256 * 1024
+    #: our pings; Binance pings every 3 minutes and drops a client silent for 10
+    ping_interval_seconds: float = 60.0
+    ping_timeout_seconds: float = 30.0
+    open_timeout_seconds: float = 10.0
+
+
+#: what production runs with
+DEFAULT_TIMINGS = StreamTimings()
+
 KEEPALIVE_RETRY_SECONDS = 60.0  # after a failed keep-alive
-#: reconnect before Binance closes a connection at 24 h
-MAX_CONNECTION_SECONDS = 23 * 3600.0
-BACKOFF_INITIAL_SECONDS = 1.0
-BACKOFF_CAP_SECONDS = 120.0
-#: a connection that stayed up this long resets the backoff
-STABLE_SECONDS = 60.0
-#: frames above this close the connection (1009) and count as a drop; Binance's
-#: events are a few kB, an ACCOUNT_UPDATE with hundreds of positions some tens of kB
-MAX_FRAME_BYTES = 256 * 1024
-#: our pings; Binance pings every 3 minutes and drops a client silent for 10
-PING_INTERVAL_SECONDS = 60.0
-PING_TIMEOUT_SECONDS = 30.0
-OPEN_TIMEOUT_SECONDS = 10.0
 CLOSE_TIMEOUT_SECONDS = 2.0
 #: Binance allows about 300 connection attempts per 5 minutes per IP; stay well under
 PACER_ATTEMPTS = 200
@@ -143,12 +156,7 @@ class ConnectPacer:
         self._log.append(self._clock())
 
 
-def backoff_seconds(
-    failures: int,
-    rng: random.Random,
-    initial: float = BACKOFF_INITIAL_SECONDS,
-    cap: float = BACKOFF_CAP_SECONDS,
-) -> float:
+def backoff_seconds(failures: int, rng: random.Random, initial: float, cap: float) -> float:
     """Exponential, capped, with "equal jitter": between half and all of the step."""
     step = min(cap, initial * 2.0 ** max(0, failures - 1))
     return step / 2 + rng.uniform(0, step / 2)
@@ -168,15 +176,7 @@ class UserDataStream:
         pacer: ConnectPacer,
         observer: StreamObserver | None = None,
         route: Route = DEFAULT,
-        keepalive_seconds: float = KEEPALIVE_SECONDS,
-        max_connection_seconds: float = MAX_CONNECTION_SECONDS,
-        backoff_initial_seconds: float = BACKOFF_INITIAL_SECONDS,
-        backoff_cap_seconds: float = BACKOFF_CAP_SECONDS,
-        stable_seconds: float = STABLE_SECONDS,
-        max_frame_bytes: int = MAX_FRAME_BYTES,
-        ping_interval_seconds: float = PING_INTERVAL_SECONDS,
-        ping_timeout_seconds: float = PING_TIMEOUT_SECONDS,
-        open_timeout_seconds: float = OPEN_TIMEOUT_SECONDS,
+        timings: StreamTimings = DEFAULT_TIMINGS,
         clock: Callable[[], float] = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
@@ -189,13 +189,7 @@ class UserDataStream:
         self._pacer = pacer
         self._observer = observer or StreamObserver()
         self._route = route
-        self._keepalive_seconds = keepalive_seconds
-        self._max_connection_seconds = max_connection_seconds
-        self._backoff = (backoff_initial_seconds, backoff_cap_seconds)
-        self._stable_seconds = stable_seconds
-        self._max_frame_bytes = max_frame_bytes
-        self._ping = (ping_interval_seconds, ping_timeout_seconds)
-        self._open_timeout = open_timeout_seconds
+        self._timings = timings
         self._clock = clock
         self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
@@ -220,12 +214,17 @@ class UserDataStream:
                 self._observer.stream_disconnected(reason)
                 if self._stopping.is_set():
                     break
-                if lived is not None and lived >= self._stable_seconds:
+                if lived is not None and lived >= self._timings.stable_seconds:
                     failures = 0
                 failures += 1
                 if reason in _PLANNED and failures == 1:
                     continue  # at once, unless it keeps happening
-                delay = backoff_seconds(failures, self._rng, *self._backoff)
+                delay = backoff_seconds(
+                    failures,
+                    self._rng,
+                    self._timings.backoff_initial_seconds,
+                    self._timings.backoff_cap_seconds,
+                )
                 log.info(
                     "stream_reconnecting",
                     account=self.account,
@@ -265,11 +264,11 @@ class UserDataStream:
                 local_addr=(source, 0) if (source := self._route.source_address) else None,
                 user_agent_header="binance-pm-exporter",
                 compression=None,  # events are small; deflate costs ~60 kB per connection
-                open_timeout=self._open_timeout,
-                ping_interval=self._ping[0],
-                ping_timeout=self._ping[1],
+                open_timeout=self._timings.open_timeout_seconds,
+                ping_interval=self._timings.ping_interval_seconds,
+                ping_timeout=self._timings.ping_timeout_seconds,
                 close_timeout=CLOSE_TIMEOUT_SECONDS,
-                max_size=self._max_frame_bytes,
+                max_size=self._timings.max_frame_bytes,
                 logger=_SILENT_LOGGER,
             )
         except InvalidStatus as exc:
@@ -301,7 +300,7 @@ class UserDataStream:
         """Read until the connection ends, the key dies, it gets too old or we stop."""
         self._key_unknown.clear()  # one set between connections needs no action: no key now
         reader = asyncio.create_task(self._read(ws))
-        aging = asyncio.ensure_future(self._sleep(self._max_connection_seconds))
+        aging = asyncio.ensure_future(self._sleep(self._timings.max_connection_seconds))
         stopped = asyncio.create_task(self._stopping.wait())
         key_unknown = asyncio.create_task(self._key_unknown.wait())
         tasks = (reader, aging, stopped, key_unknown)
@@ -338,10 +337,10 @@ class UserDataStream:
     # -------------------------------------------------------------- the listenKey
 
     async def _keep_alive(self) -> None:
-        wait = self._keepalive_seconds
+        wait = self._timings.keepalive_seconds
         while True:
             await self._sleep(wait)
-            wait = self._keepalive_seconds
+            wait = self._timings.keepalive_seconds
             if self._key is None:
                 continue
             try:
@@ -381,7 +380,7 @@ class UserDataStream:
             return
         self._key = None
         try:
-            async with asyncio.timeout(self._open_timeout):
+            async with asyncio.timeout(self._timings.open_timeout_seconds):
                 await self._listen_key("close")
         except (errors.BinanceError, TimeoutError):
             pass  # logged; the key expires on its own within 60 minutes

@@ -1,0 +1,278 @@
+"""The user data stream's fault matrix: the real exporter, the simulator's REST API and its
+WebSocket stream over loopback, with short stream timings (`StreamTimings`).
+
+Each fault hits one of two accounts' streams (the simulator's max age hits both). In each:
+REST polling of every account goes on (the simulator's request log), the other stream
+stays up, `binance_pm_stream_up` says 0 while a fault keeps the stream down and 1 after,
+the reconnect is counted under its reason, every wait between attempts is within the
+backoff cap, and no API key, secret or listenKey is in the logs or on /metrics.
+Exporter shutdown deleting the keys is in test_stream_wiring.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+
+import pytest
+from faultkit import LogLines, captured_logs, parse_metrics, secret_forms
+from harness import RunningExporter, accounts, sim_config, wait_until
+from proxies import RecordingProxy, running
+
+from exporter.binance.stream import StreamTimings
+from exporter.simulator import Simulator
+from exporter.simulator.demo import GeneratedAccount
+
+FAULTY, OTHER = "acct-00", "acct-01"
+NAMES = (FAULTY, OTHER)
+LISTEN_KEY = "/papi/v1/listenKey"
+#: every account refreshed each second: the weight never binds
+BUDGET = {"ip_weight_limit_per_minute": 60_000, "share": 1.0, "min_interval_seconds": 1}
+SHORT = StreamTimings(backoff_initial_seconds=0.1, backoff_cap_seconds=0.4)
+#: a deadline for what takes a backoff or a refresh on an idle machine, for a loaded one
+DEADLINE = 15.0
+
+
+@dataclass(frozen=True)
+class Case:
+    """A fault on FAULTY's stream and what the exporter must show of it."""
+
+    inject: Callable[[Simulator], None]
+    #: the reasons its reconnects are counted under
+    reasons: tuple[str, ...]
+    #: the stream stays down until the fault is ended
+    holds: bool = False
+    timings: StreamTimings = SHORT
+    #: the pause of the route it causes (listenKey calls share the accounts' egress)
+    pause: str | None = None
+    #: how the fault ends
+    end: Callable[[Simulator], None] = Simulator.clear_faults
+    #: every account's stream is hit (the simulator's max age applies to every connection)
+    everyone: bool = False
+
+
+def refuse_upgrades(sim: Simulator) -> None:
+    sim.stream_fault("refuse_upgrades")  # every upgrade: only the dropped stream asks
+    sim.stream_fault("drop", account=FAULTY)
+
+
+def rate_limit_listen_key(sim: Simulator) -> None:
+    sim.inject_fault("rate_limit", endpoint=LISTEN_KEY, account=FAULTY, retry_after=1)
+    sim.stream_fault("expire_key", account=FAULTY)  # the next POST gets the 429
+
+
+def ban_listen_key(sim: Simulator) -> None:
+    until_ms = int((time.time() + 1) * 1000)
+    sim.inject_fault("ban", endpoint=LISTEN_KEY, account=FAULTY, until_ms=until_ms, retry_after=1)
+    sim.stream_fault("expire_key", account=FAULTY)
+
+
+def on_faulty(kind: str, **params: object) -> Callable[[Simulator], None]:
+    """The simulator's stream fault `kind` on FAULTY's connections."""
+    return lambda sim: sim.stream_fault(kind, account=FAULTY, **params)
+
+
+def close_at(seconds: float) -> Callable[[Simulator], None]:
+    """The simulator closes every connection at this age, as Binance does at 24 h."""
+    return lambda sim: sim.stream_fault("max_age", seconds=seconds)
+
+
+CASES = {
+    "upgrade_refused": Case(refuse_upgrades, ("dropped", "refused"), holds=True),
+    "dropped": Case(on_faulty("drop"), ("dropped",)),
+    # The simulator stops reading: no pongs. Our pings find out, then the close handshake
+    # waits its 2 s; a reconnect is just as silent until the fault ends.
+    "silent": Case(
+        on_faulty("silent"),
+        ("ping_timeout",),
+        timings=replace(SHORT, ping_interval_seconds=0.2, ping_timeout_seconds=0.5),
+    ),
+    "listen_key_expired": Case(on_faulty("expire_key"), ("key_expired",)),
+    # the key vanishes quietly: the next keep-alive gets -1125
+    "keep_alive_1125": Case(
+        on_faulty("forget_key"), ("key_unknown",), timings=replace(SHORT, keepalive_seconds=0.3)
+    ),
+    "listen_key_429": Case(
+        rate_limit_listen_key,
+        ("key_expired", "listen_key_failed"),
+        holds=True,
+        pause="rate_limited",
+    ),
+    "listen_key_418": Case(
+        ban_listen_key, ("key_expired", "listen_key_failed"), holds=True, pause="banned"
+    ),
+    "frame_1_mb": Case(on_faulty("big_frame"), ("frame_too_big",)),
+    "24h_close": Case(close_at(0.5), ("closed",), end=close_at(24 * 3600), everyone=True),
+}
+
+
+@dataclass
+class Setup:
+    sim: Simulator
+    exporter: RunningExporter
+    logs: LogLines
+    generated: list[GeneratedAccount]
+
+    def value(self, name: str, **labels: str) -> float:
+        """A series on /metrics; 0 when absent (a counter never incremented)."""
+        return self.exporter.sample(name, **labels) or 0.0
+
+    def stream_up(self, account: str) -> float | None:
+        return self.exporter.sample("binance_pm_stream_up", account=account)
+
+    def reconnects(self, account: str, reason: str | None = None) -> float:
+        """The account's reconnects for `reason`, or for every reason."""
+        return sum(
+            value
+            for (name, labels), value in parse_metrics(self.exporter.metrics_text()).items()
+            if name == "binance_pm_stream_reconnects_total"
+            and ("account", account) in labels
+            and (reason is None or ("reason", reason) in labels)
+        )
+
+    def polled_since(self, since: float, names: Iterable[str] = NAMES) -> bool:
+        """Every account in `names` got a successful balance request since `since`."""
+        polled = {
+            r.account
+            for r in self.sim.requests
+            if r.path == "/papi/v1/balance" and r.status == 200 and r.time > since
+        }
+        return set(names) <= polled
+
+    def all_up(self) -> bool:
+        return all(self.stream_up(name) == 1 for name in NAMES) and self.polled_since(0)
+
+    def event_arrives(self, account: str) -> None:
+        """A balance change on `account` reaches the exporter on its stream."""
+        before = self.value(
+            "binance_pm_stream_events_total", account=account, event="balanceUpdate"
+        )
+        asset = self.sim.balances(account)[0]["asset"]
+        self.sim.set_asset(account, asset, crossMarginFree="7")
+        wait_until(
+            lambda: (
+                self.value("binance_pm_stream_events_total", account=account, event="balanceUpdate")
+                > before
+            ),
+            DEADLINE,
+            f"an event on {account}'s stream",
+            step=0.05,
+        )
+
+    def assert_no_secret(self, listen_keys: Iterable[str | None], *more: str) -> None:
+        """No API key, API secret, listenKey (nor `more`) in the logs or on /metrics."""
+        secrets = [s for g in self.generated for k, s in g.config.items() if k != "name"]
+        secrets += [key for key in listen_keys if key] + list(more)
+        text = "\n".join([*self.logs.lines, self.exporter.metrics_text()])
+        assert self.logs.lines, "nothing logged: the check below would check nothing"
+        leaked = [form for secret in secrets for form in secret_forms(secret) if form in text]
+        assert leaked == []
+
+    def assert_backoffs_capped(self, timings: StreamTimings) -> None:
+        waits = [e["in_seconds"] for e in self.logs.events("stream_reconnecting")]
+        assert all(0 <= wait <= timings.backoff_cap_seconds for wait in waits), waits
+
+
+@contextlib.contextmanager
+def started(
+    timings: StreamTimings, extra: dict[str, dict[str, str]] | None = None
+) -> Iterator[Setup]:
+    """Two accounts polled every second, their streams up on `timings`, logs captured."""
+    generated = accounts(len(NAMES))
+    with (
+        Simulator([g.sim_account for g in generated], ip_weight_limit=60_000) as sim,
+        captured_logs() as logs,
+    ):
+        config = sim_config(sim.url, generated, BUDGET, extra=extra, stream_url=sim.stream_url)
+        with RunningExporter(config, stream_timings=timings) as exporter:
+            setup = Setup(sim, exporter, logs, generated)
+            wait_until(setup.all_up, DEADLINE, "both streams up, both accounts polled", step=0.05)
+            yield setup
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_a_fault_on_one_stream(case: Case) -> None:
+    """Down (and shown down) while the fault lasts, REST polling on, back after it."""
+    with started(case.timings) as s:
+        hit = NAMES if case.everyone else (FAULTY,)
+        keys = [s.sim.listen_key(name) for name in NAMES]
+        counted = {(n, r): s.reconnects(n, r) for n in hit for r in case.reasons}
+
+        def reasons_counted() -> bool:
+            return all(s.reconnects(n, r) > before for (n, r), before in counted.items())
+
+        injected = time.time()
+        case.inject(s.sim)
+        if case.holds:
+            wait_until(lambda: s.stream_up(FAULTY) == 0, DEADLINE, "stream_up 0", step=0.05)
+            down = time.time()
+            wait_until(lambda: s.polled_since(down), DEADLINE, "REST polling while it is down")
+            assert s.stream_up(FAULTY) == 0  # all along: never 1 while it cannot connect
+        wait_until(reasons_counted, DEADLINE, f"reconnects for {case.reasons}", step=0.05)
+        if case.pause is not None:
+            assert s.value("binance_pm_pauses_total", egress="default", reason=case.pause) >= 1
+        case.end(s.sim)
+        ended = time.monotonic()
+        wait_until(lambda: s.stream_up(FAULTY) == 1, DEADLINE, "the stream back", step=0.05)
+        print(f"back {time.monotonic() - ended:.2f} s after the fault ended")
+        s.event_arrives(FAULTY)
+        wait_until(lambda: s.polled_since(injected), DEADLINE, "REST polling since the fault")
+        if not case.everyone:
+            assert s.stream_up(OTHER) == 1
+            assert s.reconnects(OTHER) == 0
+        if {"key_expired", "key_unknown"} & set(case.reasons):
+            assert s.sim.listen_key(FAULTY) not in (None, keys[0])
+        s.assert_backoffs_capped(case.timings)
+        s.assert_no_secret([*keys, *(s.sim.listen_key(name) for name in NAMES)])
+
+
+def test_malformed_frames_and_unknown_events_leave_the_stream_up() -> None:
+    with started(SHORT) as s:
+        key = s.sim.listen_key(FAULTY)
+        since = time.time()
+        s.sim.stream_fault("malformed", account=FAULTY)
+        s.sim.stream_fault("malformed", account=FAULTY, body=f'{{"e": 1, "listenKey": "{key}"}}')
+        s.sim.stream_fault("unknown_event", account=FAULTY)
+        s.event_arrives(FAULTY)  # sent after them: they have been read
+        assert len(s.logs.events("stream_frame_rejected", account=FAULTY)) == 2
+        assert s.value("binance_pm_stream_events_total", account=FAULTY, event="other") == 1
+        assert [s.stream_up(name) for name in NAMES] == [1, 1]
+        assert [s.reconnects(name) for name in NAMES] == [0, 0]
+        wait_until(lambda: s.polled_since(since), DEADLINE, "REST polling since the frames")
+        s.assert_no_secret([key, s.sim.listen_key(OTHER)])
+
+
+def test_each_stream_leaves_by_its_accounts_route() -> None:
+    """FAULTY from its source address, OTHER through its proxy (a CONNECT tunnel out of
+    127.0.0.3); after a drop each reconnects by the same way."""
+    password = "pw-stream-s3cr3t-01"
+    proxy = RecordingProxy({"user-stream-01": (password, "127.0.0.3")})
+    exits = {FAULTY: "127.0.0.2", OTHER: "127.0.0.3"}
+    with running(proxy):
+        extra = {
+            FAULTY: {"source_address": exits[FAULTY]},
+            OTHER: {"proxy": proxy.url("user-stream-01")},
+        }
+        with started(SHORT, extra) as s:
+            since = time.time()
+            for name in NAMES:
+                s.sim.stream_fault("drop", account=name)
+            wait_until(
+                lambda: all(s.reconnects(n, "dropped") == 1 and s.stream_up(n) == 1 for n in NAMES),
+                DEADLINE,
+                "both streams back",
+                step=0.05,
+            )
+            for name in NAMES:
+                s.event_arrives(name)
+            wait_until(lambda: s.polled_since(since), DEADLINE, "REST polling since the drops")
+            for name, ip in exits.items():
+                assert s.sim.stream.peers(name) == [ip, ip]
+                assert {r.client_ip for r in s.sim.requests if r.account == name} == {ip}
+            tunnels = [seen for seen in proxy.seen if seen.method == "CONNECT"]
+            assert [(t.client_ip, t.user, t.password) for t in tunnels] == [
+                ("127.0.0.1", "user-stream-01", password)
+            ] * 2
+            s.assert_no_secret([s.sim.listen_key(name) for name in NAMES], password)
