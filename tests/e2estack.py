@@ -390,20 +390,20 @@ PAGE_ASSET = "USDT"
 
 
 def page_times(
-    stack: Stack, accounts: list[str], spacing: Callable[[], float], timeout: float
+    stack: Stack, accounts: list[str], pause: Callable[[], float], timeout: float
 ) -> list[float]:
     """One try per account, in turn: a negative balance set in the simulator, and the
-    seconds until its firing `BinancePMNegativeBalance` arrives at the webhook. A try
-    starts `spacing()` seconds after the previous one did, or when its page arrived if
-    that was later: triggered refreshes are paid from half the budget, so tries faster
-    than that would time the queue rather than the page. Accounts must be distinct (an
-    alert already firing does not page again)."""
+    seconds until its firing `BinancePMNegativeBalance` arrives at the webhook. Between
+    tries, `pause()` seconds after the previous page arrived: triggered refreshes are
+    paid from half the budget, so tries faster than that would time the queue rather
+    than the page; and a try started the moment a page arrives would start in step with
+    Prometheus's and Alertmanager's 1 s ticks, always at the same point in them. Accounts
+    must be distinct (an alert already firing does not page again)."""
     times: list[float] = []
-    next_try = time.monotonic()
-    for account in accounts:
-        time.sleep(max(0.0, next_try - time.monotonic()))
+    for index, account in enumerate(accounts):
+        if index:
+            time.sleep(pause())
         changed = time.monotonic()
-        next_try = changed + spacing()
         stack.set_asset(account, PAGE_ASSET, negativeBalance="12.5")
         arrived = stack.webhook.first_firing(ALERT, {account}, timeout)
         if account not in arrived:
