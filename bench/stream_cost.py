@@ -2,7 +2,7 @@
 
     python bench/stream_cost.py [--accounts 200] [--seconds 20]
 
-The simulator runs in a process of its own with --drift, which pushes events for
+The simulator runs in a process of its own with `--drift 1`, which pushes events for
 every account every second. This process opens one `UserDataStream` per account
 (one shared pacer and REST client, as one egress would) and measures its resident
 memory before and after the streams are open, then its CPU time per event absorbed
@@ -108,7 +108,7 @@ def main() -> None:
         config = Path(workdir) / "config.yaml"
         command = [
             sys.executable, "-m", "exporter.simulator", "--accounts", str(args.accounts),
-            "--drift", "--write-config", str(config),
+            "--drift", "1", "--write-config", str(config),
         ]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from exporter.simulator import FAULT_KINDS, SimAccount, Simulator
+from exporter.simulator.cli import main as simulator_main
 from exporter.simulator.demo import Drift, start_demo
 from exporter.simulator.state import RequestLog, RequestRecord
 
@@ -744,6 +745,35 @@ def test_drift_has_negative_episodes(keys: dict[str, Key]) -> None:
             assert float(r["crossMarginAsset"]) == pytest.approx(
                 float(r["crossMarginFree"]) + float(r["crossMarginLocked"])
             )
+
+
+@pytest.mark.parametrize(("move_chance", "moving"), [(0.0, False), (1.0, True)])
+def test_drift_moves_free_balances_with_its_chance(
+    keys: dict[str, Key], move_chance: float, moving: bool
+) -> None:
+    """Unrealized PnL moves every tick (no event on Binance); free balances, which push
+    events, move with the drift's chance: the demo's default keeps its streams quiet."""
+    clock = FakeClock(1_700_000_000.0)
+    sim = Simulator(sim_accounts(keys), clock=clock)  # not started: data only
+    drift = Drift(sim, assets_per_account=4, rng=random.Random(3), move_chance=move_chance)
+
+    def fields(name: str) -> list[str]:
+        return [sim.balances(a)[0][name] for a in sim.account_names]
+
+    free, pnl = fields("crossMarginFree"), fields("umUnrealizedPNL")
+    clock.now += 1
+    drift.tick()
+    assert (fields("crossMarginFree") != free) is moving
+    assert fields("umUnrealizedPNL") != pnl
+
+
+def test_command_line_refuses_a_drift_chance_outside_0_to_1(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        simulator_main(["--drift", "2"])
+    assert exit_info.value.code == 2
+    assert "expected a chance from 0 to 1, got '2'" in capsys.readouterr().err
 
 
 def test_command_line_writes_config_and_stops_on_sigterm(tmp_path: Path) -> None:

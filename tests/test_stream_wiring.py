@@ -1,16 +1,20 @@
 """The user data streams wired into the exporter: the real exporter, the simulator's REST
 API and its WebSocket stream over loopback. Events refresh their account ahead of its
-turn; a riskLevelChange shows at once; shutdown deletes the listenKeys."""
+turn; a riskLevelChange shows at once; shutdown deletes the listenKeys; the demo shows its
+negative episodes about a second after they start."""
 
 from __future__ import annotations
 
 import random
 import statistics
 import time
+from pathlib import Path
 
 from harness import RunningExporter, accounts, sim_config, wait_until
 
+from exporter.config import parse_config
 from exporter.simulator import Simulator
+from exporter.simulator.demo import start_demo
 
 #: a turn every 100 s per account: only an event can refresh an account in these tests
 SLOW = {"min_interval_seconds": 300}
@@ -103,3 +107,38 @@ def test_freshness_at_200_accounts_on_the_default_budget() -> None:
             )
             assert statistics.median(delays) <= 3.0
             assert max(delays) <= 3.0
+
+
+def _negative(sim: Simulator) -> tuple[str, str] | None:
+    """The (account, asset) of the simulator's negative balance, if it has one."""
+    for name in sim.account_names:
+        for record in sim.balances(name):
+            if float(record["negativeBalance"]):
+                return name, record["asset"]
+    return None
+
+
+def test_the_demo_shows_a_negative_episode_about_a_second_after_it_starts() -> None:
+    """What ./scripts/demo runs: its accounts are polled every 10 s (the budget is the
+    default share of the simulator's limit), so only the stream shows the episode sooner."""
+    sim, data = start_demo()
+    try:
+        config = parse_config(data, environ={}, base_dir=Path.cwd())
+        assert config.budget.min_interval_seconds == 10
+        with RunningExporter(config) as running:
+            wait_until(lambda: streams_up(running, sim.account_names), what="the demo's streams")
+            # the first episode starts 5 to 15 s after the simulator
+            name, asset = wait_until(lambda: _negative(sim), timeout=30, step=0.01)
+            started = time.monotonic()
+            labels = {"account": name, "asset": asset}
+            wait_until(
+                lambda: running.sample("binance_pm_negative_balance", **labels),
+                timeout=15,
+                step=0.02,
+                what=f"the negative balance of {name}",
+            )
+            shown_after = time.monotonic() - started
+    finally:
+        sim.stop()
+    print(f"demo negative episode -> /metrics: {shown_after:.2f} s")
+    assert shown_after <= 3.0

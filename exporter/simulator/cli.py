@@ -20,7 +20,13 @@ from typing import Any
 
 import yaml
 
-from exporter.simulator.demo import account_name, exporter_config, generate_account, start_drift
+from exporter.simulator.demo import (
+    BALANCE_MOVE_CHANCE,
+    account_name,
+    exporter_config,
+    generate_account,
+    start_drift,
+)
 from exporter.simulator.server import Simulator
 
 
@@ -51,8 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"simulator: cannot listen on {host}:{port}: {error.strerror}", file=sys.stderr)
         return 1
     try:
-        if args.drift:
-            start_drift(sim, assets_per_account=args.assets)
+        if args.drift is not None:
+            start_drift(sim, assets_per_account=args.assets, move_chance=args.drift)
         if args.write_config is not None:
             budget = {"ip_weight_limit_per_minute": args.ip_weight_limit}
             write_config(
@@ -85,7 +91,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--key-type", choices=("hmac", "rsa", "ed25519"), default="hmac")
     parser.add_argument("--ip-weight-limit", type=_positive, default=6000, metavar="WEIGHT")
-    parser.add_argument("--drift", action="store_true", help="move balances every second")
+    parser.add_argument(
+        "--drift",
+        nargs="?",
+        type=_chance,
+        const=BALANCE_MOVE_CHANCE,
+        metavar="CHANCE",
+        help="move balances every second: unrealized PnL always, and with CHANCE (default "
+        f"{BALANCE_MOVE_CHANCE}) per asset the free balance, which pushes an event; "
+        "1 pushes events for every account every second",
+    )
     parser.add_argument(
         "--write-config", type=Path, metavar="PATH",
         help="write an exporter config (YAML, secrets inline) pointing at this simulator",
@@ -105,6 +120,16 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
+
+
+def _chance(text: str) -> float:
+    try:
+        chance = float(text)
+    except ValueError:
+        chance = -1.0
+    if not 0 <= chance <= 1:
+        raise argparse.ArgumentTypeError(f"expected a chance from 0 to 1, got {text!r}")
+    return chance
 
 
 class _ConfigDumper(yaml.SafeDumper):

@@ -32,6 +32,11 @@ USD_LOG_EVERY_SECONDS = 10.0
 log = structlog.get_logger("exporter.demo")
 NEGATIVE_EVERY_SECONDS = (30.0, 90.0)  # gap between two negative-balance episodes
 NEGATIVE_FOR_SECONDS = (10.0, 30.0)  # how long one lasts
+#: the chance per asset and tick that its balance moves (an event on the stream): about
+#: one event every 12 s per 8-asset account. A balance moving every second on every
+#: account would keep each account's triggered refreshes at their limit (one per
+#: `stream.min_refresh_interval_seconds`), and a negative episode would wait for it.
+BALANCE_MOVE_CHANCE = 0.003
 
 
 @dataclass(frozen=True)
@@ -79,9 +84,17 @@ class Drift:
     portfolios again, replacing whatever was set through the simulator meanwhile.
     """
 
-    def __init__(self, sim: Simulator, *, assets_per_account: int, rng: random.Random) -> None:
+    def __init__(
+        self,
+        sim: Simulator,
+        *,
+        assets_per_account: int,
+        rng: random.Random,
+        move_chance: float = BALANCE_MOVE_CHANCE,
+    ) -> None:
         self._sim = sim
         self._rng = rng
+        self._move_chance = move_chance
         now_ms = sim.state.now_ms()
         self._portfolios = {
             name: synthetic.make_portfolio(rng, assets_per_account, now_ms)
@@ -97,7 +110,7 @@ class Drift:
         self._negative_episode(now_ms)
         for portfolio in self._portfolios.values():
             for asset in portfolio:
-                asset.drift(self._rng, now_ms)
+                asset.drift(self._rng, now_ms, self._move_chance)
         self._publish(now_ms)
 
     def _negative_episode(self, now_ms: int) -> None:
@@ -131,10 +144,11 @@ def start_drift(
     assets_per_account: int,
     tick_seconds: float = 1.0,
     seed: int | None = None,
+    move_chance: float = BALANCE_MOVE_CHANCE,
 ) -> Drift:
     """Drift the started simulator's balances every `tick_seconds` until `sim.stop()`."""
     rng = random.Random(seed)  # noqa: S311 - made-up balances, not cryptography
-    drift = Drift(sim, assets_per_account=assets_per_account, rng=rng)
+    drift = Drift(sim, assets_per_account=assets_per_account, rng=rng, move_chance=move_chance)
     sim.every(tick_seconds, drift.tick, name="sim-drift")
     return drift
 
@@ -198,7 +212,7 @@ def start_demo(
     return sim, exporter_config(
         sim.url,
         generated,
-        budget={"ip_weight_limit_per_minute": 6000, "share": 0.25, "min_interval_seconds": 5},
+        budget={"ip_weight_limit_per_minute": 6000, "share": 0.25, "min_interval_seconds": 10},
         stream_url=sim.stream_url,
     )
 

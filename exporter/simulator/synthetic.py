@@ -106,15 +106,18 @@ class SyntheticAsset:
         units = self.wallet + pnl - self.cross_borrowed - self.cross_interest - self.negative
         return units * self.price_usd
 
-    def drift(self, rng: random.Random, now_ms: int) -> None:
-        """A small random move, as markets and funding nudge a real account."""
-        self.cross_free = max(ZERO, amount(float(self.cross_free) * rng.gauss(1.0, 0.002)))
+    def drift(self, rng: random.Random, now_ms: int, move_chance: float) -> None:
+        """A small random move, as markets nudge a real account: unrealized PnL moves
+        every time (Binance pushes no event for that); with `move_chance`, so do the free
+        balance and the interest (a trade, a fee, interest accruing: events)."""
         scale = float(self.wallet) * 0.001 + 0.01
         self.um_pnl = amount(float(self.um_pnl) * 0.98 + rng.gauss(0.0, scale))
         if self.cm_pnl is not None:
             self.cm_pnl = amount(float(self.cm_pnl) * 0.98 + rng.gauss(0.0, scale))
-        if self.cross_borrowed > ZERO:
-            self.cross_interest += amount(float(self.cross_borrowed) * 0.000001)
+        if rng.random() < move_chance:
+            self.cross_free = max(ZERO, amount(float(self.cross_free) * rng.gauss(1.0, 0.002)))
+            if self.cross_borrowed > ZERO:
+                self.cross_interest += amount(float(self.cross_borrowed) * 0.000001)
         self.update_ms = now_ms
 
 
