@@ -86,6 +86,25 @@ def test_every_alert_has_severity_annotations_and_runbook() -> None:
         assert anchor in anchors, f"{name}: no heading for #{anchor} in docs/runbook.md"
 
 
+def _table_rows(markdown: str) -> list[tuple[str, str]]:
+    """(first cell, severity cell) of every table row whose first cell names an alert."""
+    rows = []
+    for line in markdown.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| BinancePM") and len(cells) >= 2:
+            rows.append((cells[0], cells[1]))
+    return rows
+
+
+def test_the_readme_and_runbook_tables_name_the_alerts_there_are() -> None:
+    """The README's alert table lists every alert with its severity; the runbook's
+    thresholds table names no alert that is not there."""
+    alerts = {rule["alert"]: rule["labels"]["severity"] for rule in _alerts()}
+    assert dict(_table_rows((ROOT / "README.md").read_text())) == alerts
+    thresholds = {name for cell, _ in _table_rows(RUNBOOK.read_text()) for name in cell.split(", ")}
+    assert thresholds <= set(alerts)
+
+
 def test_alert_names_are_unique() -> None:
     names = [rule["alert"] for rule in _alerts()]
     assert len(names) == len(set(names))
