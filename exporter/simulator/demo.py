@@ -33,7 +33,7 @@ log = structlog.get_logger("exporter.demo")
 NEGATIVE_EVERY_SECONDS = (30.0, 90.0)  # gap between two negative-balance episodes
 NEGATIVE_FOR_SECONDS = (10.0, 30.0)  # how long one lasts
 #: the chance per asset and tick that its balance moves (an event on the stream): about
-#: one event every 12 s per 8-asset account. A balance moving every second on every
+#: one event every 40 s per 8-asset account. A balance moving every second on every
 #: account would keep each account's triggered refreshes at their limit (one per
 #: `stream.min_refresh_interval_seconds`), and a negative episode would wait for it.
 BALANCE_MOVE_CHANCE = 0.003
