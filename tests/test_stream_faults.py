@@ -276,3 +276,25 @@ def test_each_stream_leaves_by_its_accounts_route() -> None:
                 ("127.0.0.1", "user-stream-01", password)
             ] * 2
             s.assert_no_secret([s.sim.listen_key(name) for name in NAMES], password)
+
+
+def test_a_429_on_keep_alive_pauses_the_route_and_leaves_the_stream_up() -> None:
+    """The key is still good: the stream stays connected, the route waits out the 429
+    like after any request, and REST polling of both accounts resumes after it."""
+    with started(replace(SHORT, keepalive_seconds=0.3)) as s:
+        key = s.sim.listen_key(FAULTY)
+        s.sim.inject_fault("rate_limit", endpoint=LISTEN_KEY, account=FAULTY, retry_after=1)
+        wait_until(
+            lambda: s.value("binance_pm_pauses_total", egress="default", reason="rate_limited"),
+            DEADLINE,
+            "the route paused",
+            step=0.05,
+        )
+        paused = time.time()
+        s.sim.clear_faults()
+        wait_until(lambda: s.polled_since(paused + 1), DEADLINE, "REST polling after the pause")
+        assert [s.stream_up(name) for name in NAMES] == [1, 1]
+        assert [s.reconnects(name) for name in NAMES] == [0, 0]
+        assert s.sim.listen_key(FAULTY) == key  # kept alive, not replaced
+        s.event_arrives(FAULTY)
+        s.assert_no_secret([key, s.sim.listen_key(OTHER)])
