@@ -20,7 +20,6 @@ Figures:
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import random
 import statistics
@@ -38,6 +37,7 @@ from exporter.budget import BudgetLimits, WeightBudget, refresh_interval
 from exporter.logs import configure_logging
 from exporter.poller import EgressPoller, PollSettings, Target
 from exporter.selfmetrics import Instruments, StreamHealth
+from exporter.simulator.virtualtime import EventClock
 from exporter.snapshot import AccountSnapshot, SnapshotStore
 from exporter.triggers import Priority
 
@@ -46,39 +46,11 @@ LIMITS = BudgetLimits(6000, 0.25, 0.8)  # B = 1500 weight/min
 W = 40
 
 
-class EventClock:
-    """Moves only when every task waits: then to the earliest sleeper's wake."""
-
-    def __init__(self) -> None:
-        self.now = START
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
-        self._seq = itertools.count()
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        future = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (self.now + max(seconds, 0.0), next(self._seq), future))
-        await future
-
-    async def run_until(self, end: float) -> None:
-        while self.now < end:
-            for _ in range(50):
-                await asyncio.sleep(0)
-            if not self._sleepers:
-                raise RuntimeError("every task has ended or waits on something else")
-            wake, _, future = heapq.heappop(self._sleepers)
-            self.now = max(self.now, wake)
-            if not future.done():
-                future.set_result(None)
-
-
 class Run:
     """n accounts acct-0.. polled on virtual time; `log` holds (time, path, api key)."""
 
     def __init__(self, n: int) -> None:
-        self.clock = EventClock()
+        self.clock = EventClock(START)
         self.log: list[tuple[float, str, str]] = []
         self.interval = refresh_interval(n, W, LIMITS, 10.0)
         self.names = [f"acct-{i}" for i in range(n)]

@@ -5,7 +5,6 @@ only moves when the poller sleeps, so every figure is exact and fast.
 """
 
 import asyncio
-import heapq
 import itertools
 import json
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from exporter.binance.signing import HmacSigner
 from exporter.budget import BudgetLimits, WeightBudget, refresh_interval
 from exporter.poller import BACKOFF_CAP_SECONDS, EgressPoller, PollSettings, Target
 from exporter.selfmetrics import Instruments, StreamHealth
+from exporter.simulator.virtualtime import EventClock
 from exporter.snapshot import AccountSnapshot, SnapshotStore
 
 START = 1_699_999_990.0  # 10 s into a minute
@@ -370,33 +370,6 @@ def test_a_retry_after_a_1021_reserves_the_weight_of_the_call_it_retries(
 
 
 # --- a pause holds the later requests of a refresh already in flight -----------------------
-
-
-class EventClock:
-    """A clock that moves only when every task waits: then to the earliest sleeper's wake."""
-
-    def __init__(self, start: float) -> None:
-        self.now = start
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
-        self._seq = itertools.count()
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        future = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (self.now + max(seconds, 0.0), next(self._seq), future))
-        await future
-
-    async def run_until(self, end: float) -> None:
-        while self.now < end:
-            for _ in range(50):  # let every ready task run before time moves on
-                await asyncio.sleep(0)
-            if self._sleepers:
-                wake, _, future = heapq.heappop(self._sleepers)
-                self.now = max(self.now, wake)
-                if not future.done():
-                    future.set_result(None)
 
 
 def test_a_pause_holds_the_later_requests_of_a_refresh_in_flight() -> None:

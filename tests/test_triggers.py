@@ -19,7 +19,7 @@ import httpx
 import pytest
 from harness import RunningExporter, accounts, sim_config, wait_until
 from prometheus_client import CollectorRegistry, generate_latest
-from test_poller import EventClock, FakeApi, build_poller
+from test_poller import FakeApi, build_poller
 
 from exporter.app import Exporter
 from exporter.budget import BudgetLimits, refresh_interval
@@ -29,6 +29,7 @@ from exporter.poller import EgressPoller
 from exporter.selfmetrics import StreamHealth
 from exporter.simulator import Simulator
 from exporter.simulator.demo import exporter_config
+from exporter.simulator.virtualtime import EventClock
 from exporter.triggers import Priority, TriggerQueue
 
 START = 1_700_000_010.0

@@ -1,0 +1,41 @@
+"""Virtual time for asyncio code that takes a clock and a sleep: the poller, the budget.
+
+A minute of polling at 200 accounts runs in a moment: `EventClock.sleep` parks the
+sleeper, and `run_until` moves the clock, once every ready task has run, to the
+earliest sleeper's wake. The tests and bench/stream_budget.py drive the real poller on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+
+
+class EventClock:
+    """A clock that moves only when every task waits: then to the earliest sleeper's wake."""
+
+    def __init__(self, start: float) -> None:
+        self.now = start
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self.now + max(seconds, 0.0), next(self._seq), future))
+        await future
+
+    async def run_until(self, end: float) -> None:
+        """Run the loop's tasks until the clock reaches `end`."""
+        while self.now < end:
+            for _ in range(50):  # let every ready task run before time moves on
+                await asyncio.sleep(0)
+            if not self._sleepers:
+                raise RuntimeError("every task has ended or waits on something else")
+            wake, _, future = heapq.heappop(self._sleepers)
+            self.now = max(self.now, wake)
+            if not future.done():
+                future.set_result(None)
