@@ -240,69 +240,63 @@ def test_pings_are_answered(sim: Simulator) -> None:
 # ---------------------------------------------------------------- the listenKey
 
 
-def test_the_key_is_kept_alive_every_30_minutes() -> None:
+def test_the_key_is_kept_alive_every_30_minutes(sim: Simulator) -> None:
     clock = FastTime(1e4)
-    accounts = [SimAccount.hmac("a", API_KEYS["a"], "s")]
-    with Simulator(accounts) as sim:
 
-        async def scenario() -> None:
-            async with running(sim, clock=clock.clock, sleep=clock.sleep) as h:
-                await connected(h)
-                key = sim.listen_key("a")
-                await until(
-                    lambda: [m for m, _, _ in listen_key_requests(sim)].count("PUT") >= 2,
-                    what="two keep-alives",
-                )
-                assert 1800.0 in clock.sleeps
-                assert sim.listen_key("a") == key
-                assert h.recorder.connects == 1
-                assert all(w == 1 for w in h.weights)
-                assert {r.endpoint for r in h.reports} == {"listen_key"}
+    async def scenario() -> None:
+        async with running(sim, clock=clock.clock, sleep=clock.sleep) as h:
+            await connected(h)
+            key = sim.listen_key("a")
+            await until(
+                lambda: [m for m, _, _ in listen_key_requests(sim)].count("PUT") >= 2,
+                what="two keep-alives",
+            )
+            assert 1800.0 in clock.sleeps
+            assert sim.listen_key("a") == key
+            assert h.recorder.connects == 1
+            assert all(w == 1 for w in h.weights)
+            assert {r.endpoint for r in h.reports} == {"listen_key"}
 
-        run(scenario)
+    run(scenario)
 
 
-def test_a_failed_keep_alive_is_retried_within_a_minute() -> None:
+def test_a_failed_keep_alive_is_retried_within_a_minute(sim: Simulator) -> None:
     clock = FastTime(1e4)
-    accounts = [SimAccount.hmac("a", API_KEYS["a"], "s")]
-    with Simulator(accounts) as sim:
 
-        async def scenario() -> None:
-            async with running(sim, clock=clock.clock, sleep=clock.sleep) as h:
-                await connected(h)
-                sim.inject_fault("status", endpoint="/papi/v1/listenKey", count=1, status=503)
+    async def scenario() -> None:
+        async with running(sim, clock=clock.clock, sleep=clock.sleep) as h:
+            await connected(h)
+            sim.inject_fault("status", endpoint="/papi/v1/listenKey", count=1, status=503)
 
-                def retried() -> bool:
-                    outcomes = [r.outcome for r in h.reports]
-                    return "server_error" in outcomes[:-1]
+            def retried() -> bool:
+                outcomes = [r.outcome for r in h.reports]
+                return "server_error" in outcomes[:-1]
 
-                await until(retried, what="a keep-alive after the failed one")
-                puts = [status for m, status, _ in listen_key_requests(sim) if m == "PUT"]
-                assert puts[puts.index(503) + 1] == 200
-                assert clock.sleeps.count(60.0) == 1
-                assert h.recorder.connects == 1
+            await until(retried, what="a keep-alive after the failed one")
+            puts = [status for m, status, _ in listen_key_requests(sim) if m == "PUT"]
+            assert puts[puts.index(503) + 1] == 200
+            assert clock.sleeps.count(60.0) == 1
+            assert h.recorder.connects == 1
 
-        run(scenario)
+    run(scenario)
 
 
-def test_minus_1125_on_keep_alive_gets_a_new_key_and_reconnects() -> None:
+def test_minus_1125_on_keep_alive_gets_a_new_key_and_reconnects(sim: Simulator) -> None:
     clock = FastTime(1e4)
-    accounts = [SimAccount.hmac("a", API_KEYS["a"], "s")]
-    with Simulator(accounts) as sim:
 
-        async def scenario() -> None:
-            async with running(sim, clock=clock.clock, sleep=clock.sleep) as h:
-                await connected(h)
-                old = sim.listen_key("a")
-                sim.stream_fault("forget_key", account="a")
-                await connected(h, 2)
-                assert h.recorder.reasons == ["key_unknown"]
-                assert ("PUT", 400, 1) in listen_key_requests(sim)
-                assert sim.listen_key("a") not in (None, old)
-                sim.set_asset("a", "BTC", crossMarginFree="1")
-                await until(lambda: h.recorder.events, what="an event on the new key")
+    async def scenario() -> None:
+        async with running(sim, clock=clock.clock, sleep=clock.sleep) as h:
+            await connected(h)
+            old = sim.listen_key("a")
+            sim.stream_fault("forget_key", account="a")
+            await connected(h, 2)
+            assert h.recorder.reasons == ["key_unknown"]
+            assert ("PUT", 400, 1) in listen_key_requests(sim)
+            assert sim.listen_key("a") not in (None, old)
+            sim.set_asset("a", "BTC", crossMarginFree="1")
+            await until(lambda: h.recorder.events, what="an event on the new key")
 
-        run(scenario)
+    run(scenario)
 
 
 def test_listen_key_expired_gets_a_new_key_and_reconnects(sim: Simulator) -> None:
@@ -320,30 +314,28 @@ def test_listen_key_expired_gets_a_new_key_and_reconnects(sim: Simulator) -> Non
     run(scenario)
 
 
-def test_expiry_after_expiry_backs_off() -> None:
+def test_expiry_after_expiry_backs_off(sim: Simulator) -> None:
     fast = FastTime(1e4)
     now = [0.0]
-    accounts = [SimAccount.hmac("a", API_KEYS["a"], "s")]
-    with Simulator(accounts) as sim:
 
-        async def scenario() -> None:
-            async with running(
-                sim,
-                clock=lambda: now[0],
-                sleep=fast.sleep,
-                timings=DEFAULT_TIMINGS,
-            ) as h:
-                await connected(h)
-                sim.stream_fault("expire_key", account="a")
-                await connected(h, 2)
-                assert [s for s in fast.sleeps if s not in (1800.0, 82800.0)] == []
-                sim.stream_fault("expire_key", account="a")  # again, within a minute
-                await connected(h, 3)
-                assert h.recorder.reasons == ["key_expired", "key_expired"]
-                (backoff,) = [s for s in fast.sleeps if s not in (1800.0, 82800.0)]
-                assert 1.0 <= backoff <= 2.0  # the second failure in a row
+    async def scenario() -> None:
+        async with running(
+            sim,
+            clock=lambda: now[0],
+            sleep=fast.sleep,
+            timings=DEFAULT_TIMINGS,
+        ) as h:
+            await connected(h)
+            sim.stream_fault("expire_key", account="a")
+            await connected(h, 2)
+            assert [s for s in fast.sleeps if s not in (1800.0, 82800.0)] == []
+            sim.stream_fault("expire_key", account="a")  # again, within a minute
+            await connected(h, 3)
+            assert h.recorder.reasons == ["key_expired", "key_expired"]
+            (backoff,) = [s for s in fast.sleeps if s not in (1800.0, 82800.0)]
+            assert 1.0 <= backoff <= 2.0  # the second failure in a row
 
-        run(scenario)
+    run(scenario)
 
 
 def test_a_429_on_the_listen_key_is_reported_and_retried(sim: Simulator) -> None:
@@ -394,81 +386,75 @@ def test_close_does_not_wait_for_a_paused_budget(sim: Simulator) -> None:
 # ---------------------------------------------------------------- drops and faults
 
 
-def test_a_dropped_connection_reconnects_within_the_backoff() -> None:
+def test_a_dropped_connection_reconnects_within_the_backoff(sim: Simulator) -> None:
     clock = FastTime(1e4)
-    accounts = [SimAccount.hmac("a", API_KEYS["a"], "s")]
-    with Simulator(accounts) as sim:
 
-        async def scenario() -> None:
-            async with running(
-                sim,
-                clock=clock.clock,
-                sleep=clock.sleep,
-                timings=DEFAULT_TIMINGS,
-            ) as h:
-                await connected(h)
-                sim.stream_fault("drop", account="a")
-                await connected(h, 2)
-                assert h.recorder.reasons == ["dropped"]
-                backoffs = [s for s in clock.sleeps if s not in (1800.0, 82800.0)]
-                assert len(backoffs) == 1
-                assert 0.5 <= backoffs[0] <= 1.0
-                posts = [m for m, _, _ in listen_key_requests(sim) if m == "POST"]
-                assert posts == ["POST"]  # the same key
+    async def scenario() -> None:
+        async with running(
+            sim,
+            clock=clock.clock,
+            sleep=clock.sleep,
+            timings=DEFAULT_TIMINGS,
+        ) as h:
+            await connected(h)
+            sim.stream_fault("drop", account="a")
+            await connected(h, 2)
+            assert h.recorder.reasons == ["dropped"]
+            backoffs = [s for s in clock.sleeps if s not in (1800.0, 82800.0)]
+            assert len(backoffs) == 1
+            assert 0.5 <= backoffs[0] <= 1.0
+            posts = [m for m, _, _ in listen_key_requests(sim) if m == "POST"]
+            assert posts == ["POST"]  # the same key
 
-        run(scenario)
+    run(scenario)
 
 
-def test_a_connection_that_lived_a_minute_resets_the_backoff() -> None:
+def test_a_connection_that_lived_a_minute_resets_the_backoff(sim: Simulator) -> None:
     fast = FastTime(1e4)
     now = [0.0]  # the clock that measures how long a connection lived: moved by hand
-    accounts = [SimAccount.hmac("a", API_KEYS["a"], "s")]
-    with Simulator(accounts) as sim:
 
-        async def scenario() -> None:
-            async with running(
-                sim,
-                clock=lambda: now[0],
-                sleep=fast.sleep,
-                timings=DEFAULT_TIMINGS,
-            ) as h:
-                await connected(h)
-                for times in (2, 3):
-                    now[0] += 61
-                    sim.stream_fault("drop", account="a")
-                    await connected(h, times)
-                sim.stream_fault("drop", account="a")  # at once: a second failure in a row
-                await connected(h, 4)
-                backoffs = [s for s in fast.sleeps if s not in (1800.0, 82800.0)]
-                assert [b <= 1.0 for b in backoffs] == [True, True, False]
-                assert backoffs[2] <= 2.0
+    async def scenario() -> None:
+        async with running(
+            sim,
+            clock=lambda: now[0],
+            sleep=fast.sleep,
+            timings=DEFAULT_TIMINGS,
+        ) as h:
+            await connected(h)
+            for times in (2, 3):
+                now[0] += 61
+                sim.stream_fault("drop", account="a")
+                await connected(h, times)
+            sim.stream_fault("drop", account="a")  # at once: a second failure in a row
+            await connected(h, 4)
+            backoffs = [s for s in fast.sleeps if s not in (1800.0, 82800.0)]
+            assert [b <= 1.0 for b in backoffs] == [True, True, False]
+            assert backoffs[2] <= 2.0
 
-        run(scenario)
+    run(scenario)
 
 
-def test_refused_upgrades_back_off_exponentially_then_connect() -> None:
+def test_refused_upgrades_back_off_exponentially_then_connect(sim: Simulator) -> None:
     clock = FastTime(1e4)
-    accounts = [SimAccount.hmac("a", API_KEYS["a"], "s")]
-    with Simulator(accounts) as sim:
-        sim.stream_fault("refuse_upgrades", count=4, status=503)
+    sim.stream_fault("refuse_upgrades", count=4, status=503)
 
-        async def scenario() -> None:
-            async with running(
-                sim,
-                clock=clock.clock,
-                sleep=clock.sleep,
-                timings=StreamTimings(backoff_cap_seconds=4.0),
-            ) as h:
-                await connected(h)
-                assert h.recorder.reasons == ["refused"] * 4
-                backoffs = [s for s in clock.sleeps if s not in (1800.0, 82800.0)]
-                steps = [1.0, 2.0, 4.0, 4.0]  # capped at 4
-                assert len(backoffs) == 4
-                for delay, step in zip(backoffs, steps, strict=True):
-                    assert step / 2 <= delay <= step
-                assert sim.stream.refused == 4
+    async def scenario() -> None:
+        async with running(
+            sim,
+            clock=clock.clock,
+            sleep=clock.sleep,
+            timings=StreamTimings(backoff_cap_seconds=4.0),
+        ) as h:
+            await connected(h)
+            assert h.recorder.reasons == ["refused"] * 4
+            backoffs = [s for s in clock.sleeps if s not in (1800.0, 82800.0)]
+            steps = [1.0, 2.0, 4.0, 4.0]  # capped at 4
+            assert len(backoffs) == 4
+            for delay, step in zip(backoffs, steps, strict=True):
+                assert step / 2 <= delay <= step
+            assert sim.stream.refused == 4
 
-        run(scenario)
+    run(scenario)
 
 
 def test_malformed_frames_and_unknown_events_are_ignored(sim: Simulator) -> None:
@@ -525,18 +511,16 @@ def test_the_servers_24_hour_close_reconnects(sim: Simulator) -> None:
     run(scenario)
 
 
-def test_we_reconnect_before_24_hours() -> None:
+def test_we_reconnect_before_24_hours(sim: Simulator) -> None:
     clock = FastTime(1e5)  # 23 h in 0.8 s
-    accounts = [SimAccount.hmac("a", API_KEYS["a"], "s")]
-    with Simulator(accounts) as sim:
 
-        async def scenario() -> None:
-            async with running(sim, clock=clock.clock, sleep=clock.sleep) as h:
-                await connected(h, 2)
-                assert h.recorder.reasons[0] == "max_age"
-                assert 23 * 3600.0 in clock.sleeps
+    async def scenario() -> None:
+        async with running(sim, clock=clock.clock, sleep=clock.sleep) as h:
+            await connected(h, 2)
+            assert h.recorder.reasons[0] == "max_age"
+            assert 23 * 3600.0 in clock.sleeps
 
-        run(scenario)
+    run(scenario)
 
 
 # ---------------------------------------------------------------- egress
