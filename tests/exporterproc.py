@@ -29,10 +29,11 @@ class ExporterProcess:
         *args: str,
         env: dict[str, str] | None = None,
         preexec_fn: Callable[[], None] | None = None,
+        listen: str = "127.0.0.1:0",
     ) -> None:
         self.started_at = time.monotonic()
         self.popen = subprocess.Popen(
-            [*EXPORTER, "--web.listen-address", "127.0.0.1:0", "--log.format", "json", *args],
+            [*EXPORTER, "--web.listen-address", listen, "--log.format", "json", *args],
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
             stdin=subprocess.DEVNULL,
@@ -55,7 +56,8 @@ class ExporterProcess:
         if line is True:
             raise AssertionError("the exporter exited:\n" + "\n".join(self.lines[-20:]))
         self.listening_at = time.monotonic()
-        self.url = "http://" + json.loads(line)["address"]
+        host, _, port = json.loads(line)["address"].rpartition(":")
+        self.url = f"http://{host or '127.0.0.1'}:{port}"  # ":PORT" listens everywhere
 
     def _read(self) -> None:
         assert self.popen.stderr is not None

@@ -22,13 +22,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import bcrypt
 import httpx
 import pytest
 import yaml
+from exporterproc import ExporterProcess
 from harness import accounts, wait_until
 
 from exporter.app import SHUTDOWN_GRACE_SECONDS
@@ -55,11 +55,8 @@ def enough_files_for_the_attacker() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-@dataclass
-class Exporter:
-    process: subprocess.Popen[str]
-    url: str
-    stderr: list[str] = field(default_factory=list)
+class Exporter(ExporterProcess):
+    """The exporter under attack, and what the attacks measure of it."""
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -77,61 +74,27 @@ class Exporter:
         ]
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def status(self, key: str) -> float:
         """A figure from /proc/PID/status in MB (VmRSS, VmHWM)."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
         raise AssertionError(key)
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout=SHUTDOWN_GRACE_SECONDS + 5)
+            return super().stop()
         finally:
-            self.process.kill()
+            self.kill()
 
 
 def start_exporter(config: Path, *args: str, listen: str = "127.0.0.1:0") -> Exporter:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "exporter",
-            "--config.file",
-            str(config),
-            "--web.listen-address",
-            listen,
-            "--log.format",
-            "json",
-            *args,
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_limit_open_files,  # noqa: PLW1509 - no threads touch the child's setup
+    return Exporter(
+        "--config.file", str(config), *args, listen=listen, preexec_fn=_limit_open_files
     )
-    assert process.stderr is not None
-    lines: list[str] = []
-    for line in process.stderr:
-        lines.append(line)
-        if '"listening"' in line:
-            address = line.split('"address": "')[1].split('"')[0]
-            host, _, port = address.rpartition(":")
-            url = f"http://{host or '127.0.0.1'}:{port}"
-            break
-    else:
-        process.kill()
-        raise AssertionError("the exporter never said it was listening: " + "".join(lines))
-    exporter = Exporter(process, url, lines)
-    # Keep reading its log so that the pipe never fills up and blocks it.
-    threading.Thread(target=lambda: lines.extend(process.stderr or ()), daemon=True).start()
-    return exporter
 
 
 @pytest.fixture(scope="module")
@@ -384,14 +347,14 @@ def test_sigterm_during_a_wrong_password_flood_exits_0_within_the_grace(
         with flooding(running, 4), flooding(running, 4, hang_up=False):
             # The flood is under way when a client waiting for its 401 has its answer.
             wait_until(lambda: running.scrape(Authorization="Basic eDp5").status_code == 401)
-            running.process.send_signal(signal.SIGTERM)
+            running.signal(signal.SIGTERM)
             started = time.monotonic()
-            running.process.wait(timeout=SHUTDOWN_GRACE_SECONDS + 5)
+            running.popen.wait(timeout=SHUTDOWN_GRACE_SECONDS + 5)
             stopped = time.monotonic() - started
-        assert running.process.returncode == 0, "".join(running.stderr[-5:])
+        assert running.popen.returncode == 0, "\n".join(running.lines[-5:])
         assert stopped < SHUTDOWN_GRACE_SECONDS
     finally:
-        running.process.kill()
+        running.kill()
 
 
 # --- listening and content negotiation ------------------------------------------------------
