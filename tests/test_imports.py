@@ -103,7 +103,13 @@ def test_no_import_runs_back_up(module: str, prefixes: tuple[str, ...]) -> None:
 
 
 #: small modules every part reads: the standard library only (and each other)
-LEAVES = ["exporter.fields", "exporter.weights", "exporter.route", "exporter.budget"]
+LEAVES = [
+    "exporter.fields",
+    "exporter.weights",
+    "exporter.route",
+    "exporter.budget",
+    "exporter.safefile",
+]
 
 
 @pytest.mark.parametrize("module", LEAVES)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -16,6 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+
+from exporter.safefile import UnsafeFileError, read_regular_file
 
 PrivateKey = RSAPrivateKey | Ed25519PrivateKey
 
@@ -44,32 +45,13 @@ def read_secret_file(path: Path) -> bytes:
 
 
 def read_small_file(path: Path, max_bytes: int) -> bytes:
-    """The bytes of a regular file of at most `max_bytes`, read no further than that:
-    a device (/dev/zero), a FIFO or a huge file is refused at once. The error says
-    what is wrong, not which file (the caller names it)."""
+    """The bytes of a regular file of at most `max_bytes` (`exporter.safefile`): a
+    device (/dev/zero), a FIFO or a huge file is refused at once, never waited on. The
+    error says what is wrong, not which file (the caller names it)."""
     try:
-        info = path.stat()
-        if stat.S_ISDIR(info.st_mode):
-            raise SecretSourceError("is a directory, not a file")
-        if not stat.S_ISREG(info.st_mode):
-            raise SecretSourceError("not a regular file")
-        if info.st_size > max_bytes:
-            raise SecretSourceError(f"file too large (over {max_bytes} bytes)")
-        with path.open("rb") as handle:
-            data = handle.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise SecretSourceError("file not found") from None
-    except PermissionError:
-        raise SecretSourceError("permission denied") from None
-    except NotADirectoryError:
-        raise SecretSourceError("file not found (a parent is not a directory)") from None
-    except OSError as exc:
-        raise SecretSourceError(f"cannot read: {exc.strerror or 'I/O error'}") from None
-    except ValueError:  # e.g. an embedded NUL byte in the path
-        raise SecretSourceError("invalid file path") from None
-    if len(data) > max_bytes:
-        raise SecretSourceError(f"file too large (over {max_bytes} bytes)")
-    return data
+        return read_regular_file(path, max_bytes)
+    except UnsafeFileError as exc:
+        raise SecretSourceError(str(exc)) from None
 
 
 def read_text_secret(path: Path, *, strip_all: bool) -> str:
