@@ -152,3 +152,28 @@ def test_the_five_steps_as_written_get_data_from_the_simulator(clone: Path) -> N
     assert re.search(r"main\s+hmac", summary)
     assert secret not in summary + "".join(err)
     assert (clone / "config.yaml").read_text() == MINIMAL.read_text()  # step 3
+
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of the headings: lower case, punctuation dropped, spaces to '-'."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", markdown, flags=re.DOTALL), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize(
+    "document",
+    [README, *sorted((ROOT / "docs").glob("*.md"))],
+    ids=lambda path: str(path.relative_to(ROOT)),
+)
+def test_every_link_of_the_readme_and_docs_reaches_a_file_and_heading(document: Path) -> None:
+    """The README's contents and the sections moved to docs/ link to each other: each
+    relative link names a file that exists and, with #anchor, a heading of it."""
+    text = document.read_text()
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (document.parent / path).resolve() if path else document
+        assert linked.exists(), f"{document.name}: {target}"
+        if anchor:
+            assert anchor in anchors(linked.read_text()), f"{document.name}: {target}"
