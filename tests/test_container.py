@@ -295,3 +295,17 @@ def test_the_readme_passes_keys_to_docker_by_environment_and_by_secret_files(
     )
     assert done.returncode == 0, done.stderr
     assert "s3cr3t" not in done.stdout + done.stderr
+
+
+def test_the_kubernetes_readme_starts_with_the_image_and_the_crds() -> None:
+    """Before `kubectl apply -k`: build and push the image the manifests pull, and
+    install the prometheus-operator CRDs; otherwise the pods sit in ImagePullBackOff."""
+    text = (ROOT / "deploy" / "kubernetes" / "README.md").read_text()
+    steps = [
+        text.index("./scripts/image registry.example.com/team"),
+        text.index("kubectl get crd servicemonitors.monitoring.coreos.com"),
+        text.index("kubectl create secret generic binance-pm-exporter-keys"),
+        text.index("kubectl apply -k deploy/kubernetes/"),
+    ]
+    assert steps == sorted(steps)
+    assert text.index("\n| file | what |") > steps[-1]
