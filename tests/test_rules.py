@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from systools import require
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "prometheus" / "alerts.yml"
@@ -22,9 +22,7 @@ SEVERITIES = {"critical", "warning", "info"}
 
 
 def _promtool() -> str:
-    path = shutil.which("promtool")
-    assert path, "promtool not on PATH: install Debian's prometheus package (./scripts/test does)"
-    return path
+    return require("promtool")
 
 
 def _alerts() -> list[dict[str, Any]]:
