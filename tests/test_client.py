@@ -192,11 +192,14 @@ def test_used_weight_header_is_case_insensitive_and_1m_only() -> None:
     assert used_weight_1m(httpx.Headers({"x-mbx-used-weight-1m": "lots"})) is None
 
 
-def test_sync_time_measures_the_offset() -> None:
+def test_measure_offset_reads_another_host_and_reports_to_its_observer() -> None:
     now = [1000.0]
+    seen: list[str] = []
+    own: list[RequestReport] = []
+    theirs: list[RequestReport] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        assert request.url.path == "/papi/v1/time"
+        seen.append(str(request.url))
         assert "X-MBX-APIKEY" not in request.headers
         return httpx.Response(200, json={"serverTime": 1003_000})
 
@@ -207,13 +210,19 @@ def test_sync_time_measures_the_offset() -> None:
             recv_window_ms=5000,
             transport=httpx.MockTransport(handler),
             clock=lambda: now[0],
+            observer=own.append,
         )
-        offset = await client.sync_time()
-        assert client.server_now() == 1003.0
+        offset = await client.measure_offset(
+            "http://fapi.binance.test/fapi/v1/time", "fapi_time", observer=theirs.append
+        )
+        assert client.clock_offset == 0.0  # the caller sets it (exporter.clocksync)
         await client.aclose()
         return offset
 
     assert asyncio.run(go()) == 3.0
+    assert seen == ["http://fapi.binance.test/fapi/v1/time"]
+    assert own == []
+    assert [(r.endpoint, r.outcome) for r in theirs] == [("fapi_time", "success")]
 
 
 def test_a_body_past_the_cap_is_refused_without_reading_it_all() -> None:
