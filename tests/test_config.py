@@ -192,8 +192,8 @@ def test_several_problems_give_one_line_each(conf_dir: Path) -> None:
     assert problems == [
         "accounts[2].api_key: environment variable MISSING is not set",
         "binance.recv_window_ms: must be >= 1 and <= 60000 (got 0)",
-        "binance.nope: unknown key"
-        " (allowed: base_url, stream_url, recv_window_ms, timeout_seconds)",
+        "binance.nope: unknown key (allowed: base_url, stream_url, futures_base_url,"
+        " recv_window_ms, timeout_seconds)",
         "budget.share: must be > 0 and <= 1 (got 2)",
         "accounts[1].name: duplicate account name 'a' (also accounts[0])",
         "accounts[0]: missing secret: give api_secret or api_secret_file (HMAC),"
