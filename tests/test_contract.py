@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import sdkcontract
+from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import SecretStr
 from sdkcontract import ContractError, conform, conform_error, conform_event
 
@@ -27,9 +28,11 @@ from exporter.binance.client import _decode
 from exporter.binance.events import parse_frame
 from exporter.binance.models import parse_account, parse_balances
 from exporter.binance.signing import HmacSigner, signed_query
+from exporter.collector import SnapshotCollector
 from exporter.simulator import SimAccount, Simulator
 from exporter.simulator import auth as sim_auth
 from exporter.simulator import endpoints as sim_endpoints
+from exporter.snapshot import AccountSnapshot, SnapshotStore
 
 FIXTURES = Path(__file__).parent / "fixtures" / "binance"
 KEY, SECRET = "contract-key", "contract-secret"
@@ -277,6 +280,23 @@ def test_update_time_zero_is_no_time() -> None:
     account = fixture("account.json")["payload"]
     assert parse_account({**account, "updateTime": 0}).update_time is None
     assert parse_account(account).update_time == 1657707212.154
+
+
+def test_update_time_zero_has_no_timestamp_sample_but_the_account_keeps_its_success() -> None:
+    """/metrics: no binance_pm_*_update_timestamp_seconds of 0 (an age of 56 years), while
+    binance_pm_last_success_timestamp_seconds, which BinancePMDataStale reads, is there."""
+    balances = parse_balances(fixture("balance_update_time_zero.json")["payload"]).balances
+    info = parse_account({**fixture("account.json")["payload"], "updateTime": 0})
+    store = SnapshotStore(
+        [AccountSnapshot("desk", 16.0, balances, info, up=True, attempted=True, last_success=5.0)]
+    )
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(store))
+    text = generate_latest(registry).decode()
+    assert "binance_pm_balance_update_timestamp_seconds{" not in text
+    assert "binance_pm_account_update_timestamp_seconds{" not in text
+    assert 'binance_pm_last_success_timestamp_seconds{account="desk"} 5.0' in text
+    assert 'binance_pm_wallet_balance{account="desk",asset="USDT"}' in text
 
 
 def test_documented_account_parses_and_comes_back_from_the_simulator(api: Api) -> None:
