@@ -343,3 +343,21 @@ def test_prices_disabled_means_no_source_and_no_price_series(tmp_path: Path) -> 
     text = generate_latest(exporter.registry).decode()
     assert "binance_pm_asset_price_usd" not in text
     assert 'egress="spot:' not in text
+
+
+def test_a_running_exporter_never_values_an_asset_through_a_dead_pair() -> None:
+    """The simulator's ticker lists ETHUSDT and SOLUSDT as BREAK, at their old prices;
+    /metrics values ETH by its live USDC pair and leaves SOL unpriced (no route left)."""
+    generated = [generate_account("desk", "hmac")]
+    with Simulator([g.sim_account for g in generated], assets_per_account=8) as sim:
+        held = {record["asset"] for record in sim.balances("desk")}
+        assert {"ETH", "SOL"} <= held
+        sim.set_price("ETHUSDC", "3100.00000000")
+        sim.set_symbol_status("ETHUSDT", "BREAK")
+        sim.set_symbol_status("SOLUSDT", "BREAK")
+        assert {"symbol": "ETHUSDT", "price": "3200.00000000"} in httpx.get(sim.url + TICKER).json()
+        with RunningExporter(fast_config(sim.url, generated)) as run:
+            wait_until(lambda: run.sample("binance_pm_asset_price_usd", asset="BTC"), 10)
+            assert run.sample("binance_pm_asset_price_usd", asset="ETH") == 3100.0
+            assert run.sample("binance_pm_asset_price_usd", asset="SOL") is None
+            assert run.sample("binance_pm_asset_price_usd", asset="BTC") == 65000.0
