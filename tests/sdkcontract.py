@@ -12,30 +12,70 @@ retries a failed validation with the models' strictness removed. So `conform` as
 - every key is one the model declares (its aliases), recursively: a renamed field fails;
 - with `complete`, every declared key is there: a dropped field fails (REST answers).
 
-Loading: the SDK's package pulls `aiohttp`, `requests`, `urllib3` and `pycryptodome`,
-none of which the exporter pins (`pip check` is clean), so it is imported as installed.
-Were a transport dependency ever to conflict, only the models would be needed: they
-import nothing but pydantic, and `importlib.util.spec_from_file_location` on the
-`rest_api/models` and `websocket_streams/models` files (with a bare module object put in
-`sys.modules` for the package) would load them without the package's `__init__`.
+Loading: only the models. The SDK's package brings `aiohttp`, `requests`, `urllib3`,
+`pycryptodome` and `binance-common` for its transport; none conflicts with ours today
+(`pip check` is clean), but the contract needs none of them: the model files import
+only pydantic. So `_models_only()` puts bare package modules (with their `__path__`)
+in `sys.modules` for the SDK's package and its `models` subpackages, and the model files
+are imported from there without running any package `__init__` (which would import the
+clients). Were a transport dependency ever to conflict, installing the pinned SDK with
+`pip install --no-deps` would be enough.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
 import types
 import typing
 from typing import Any
 
-from binance_sdk_derivatives_trading_portfolio_margin.rest_api.models import (
-    AccountBalanceResponse1Inner,
-    AccountBalanceResponse2,
-    AccountInformationResponse,
-    StartUserDataStreamResponse,
-)
-from binance_sdk_derivatives_trading_portfolio_margin.websocket_streams.models import (
-    user_data_stream_events_response as events_module,
-)
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
+
+SDK = "binance_sdk_derivatives_trading_portfolio_margin"
+
+
+def _models_only() -> None:
+    """Make the SDK's model modules importable without its package `__init__`s."""
+    spec = importlib.util.find_spec(SDK)  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{SDK} is not installed: pip install -e '.[test]'")
+    root = spec.submodule_search_locations[0]
+    for part in (
+        "",
+        ".rest_api",
+        ".rest_api.models",
+        ".websocket_streams",
+        ".websocket_streams.models",
+    ):
+        name = SDK + part
+        if name not in sys.modules:
+            package = types.ModuleType(name)
+            package.__path__ = [root + part.replace(".", "/")]
+            sys.modules[name] = package
+
+
+def _model(module: str, name: str) -> Any:
+    return getattr(importlib.import_module(f"{SDK}.{module}"), name)
+
+
+_models_only()
+AccountBalanceResponse1Inner = _model(
+    "rest_api.models.account_balance_response1_inner", "AccountBalanceResponse1Inner"
+)
+AccountBalanceResponse2 = _model(
+    "rest_api.models.account_balance_response2", "AccountBalanceResponse2"
+)
+AccountInformationResponse = _model(
+    "rest_api.models.account_information_response", "AccountInformationResponse"
+)
+StartUserDataStreamResponse = _model(
+    "rest_api.models.start_user_data_stream_response", "StartUserDataStreamResponse"
+)
+events_module = importlib.import_module(
+    f"{SDK}.websocket_streams.models.user_data_stream_events_response"
+)
 
 #: the SDK's event models by the `e` the payload carries (its own table)
 EVENT_MODELS: dict[str, type[BaseModel]] = dict(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -360,3 +362,20 @@ def test_a_broken_answer_fails_the_contract(api: Api) -> None:
         conform_error({"code": "-1021", "msg": "x"})
     with pytest.raises(ContractError):
         conform_event({"e": "riskLevelChange", "E": 1, "u": 1.5})
+
+
+def test_only_the_sdks_models_are_loaded() -> None:
+    """The contract imports the SDK's model files, none of its transport (sdkcontract.py)."""
+    code = (
+        "import sys, sdkcontract\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in"
+        " ('aiohttp', 'requests', 'urllib3', 'binance_common', 'Crypto')]\n"
+        "assert not loaded, loaded\n"
+        "print(len(sdkcontract.EVENT_MODELS))\n"
+    )
+    tests = Path(__file__).parent
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "12"
