@@ -79,6 +79,10 @@ def test_check_config_shows_the_documented_stream_url_for_the_sdks_one(tmp_path:
     result = run_cli("--check-config", "--config.file", str(path))
     assert result.returncode == 0, result.stderr
     assert "stream: wss://fstream.binance.com/pm/ws/<listenKey>" in result.stdout
+    assert (
+        "time: GET https://fapi.binance.com/fapi/v1/time, else GET"
+        " https://api.binance.com/api/v3/time" in result.stdout
+    )
 
 
 def test_flags_come_from_the_environment_and_the_flag_wins(sim_config, tmp_path) -> None:
