@@ -15,6 +15,7 @@ import functools
 import inspect
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -294,3 +295,22 @@ def test_a_wrapped_frame_triggers_the_refresh_a_plain_one_does(sim: Simulator) -
         observer.stream_event(parse_frame(frame))
         seen[form] = (poller.triggers, poller.risks)
     assert seen["combined"] == seen["plain"] == ([("a", Priority.RISK)], ["REDUCE_ONLY"])
+
+
+def test_the_simulator_pushes_the_documented_risk_event_for_the_documented_state() -> None:
+    """The corpus's riskLevelChange (Binance's example), and the account state it stands
+    for: the simulator's builder makes exactly that event from that state."""
+    path = Path(__file__).parent / "fixtures" / "binance" / "event_risk_level_change.json"
+    documented = json.loads(path.read_text())["payload"]
+    state = {
+        **ACCOUNT,
+        "uniMMR": documented["u"],
+        "accountStatus": documented["s"],
+        "accountEquity": documented["eq"],
+        "actualEquity": documented["ae"],
+        "accountMaintMargin": documented["m"],
+    }
+    assert builders.risk_events(ACCOUNT, state, documented["E"]) == [documented]
+    (expired,) = [builders.listen_key_expired(1576653824250)]
+    documented_expired = json.loads((path.parent / "event_listen_key_expired.json").read_text())
+    assert expired == documented_expired["payload"]
