@@ -457,7 +457,11 @@ class Exporter:
 
     def _apply(self, plan: _Plan) -> None:
         """Run `plan` in place of the current one; in the loop, between two awaits."""
-        new_clients = plan.config.binance != self._plan.config.binance
+        # new client settings, or a new spot host (the server time's second source)
+        new_clients = plan.config.binance != self._plan.config.binance or (
+            plan.config.prices.enabled,
+            plan.config.prices.base_url,
+        ) != (self._plan.config.prices.enabled, self._plan.config.prices.base_url)
         self.store.rebuild(partial(_snapshots, plan))
         old = self._egresses
         egresses = {}
