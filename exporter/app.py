@@ -223,7 +223,9 @@ class Exporter:
                 if host == "fapi"
                 else price_budget_limits(high_water)
             )
-            budget = self._host_budgets[name] = WeightBudget(name, limits, clock=self._clock)
+            budget = WeightBudget(name, limits, clock=self._clock)
+            # a new dict, not an insert: scrapes iterate the current one from another thread
+            self._host_budgets = {**self._host_budgets, name: budget}
         return budget
 
     def _clock_sync(self, route: Route, config: Config) -> ClockSync:
