@@ -20,10 +20,11 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from exporter.binance.client import BinanceClient, Credentials
+from exporter.binance.client import FAPI_TIME_PATH, SPOT_TIME_PATH, BinanceClient, Credentials
 from exporter.binance.signing import make_signer
 from exporter.binance.stream import DEFAULT_TIMINGS, StreamTimings
 from exporter.budget import BudgetLimits, WeightBudget, refresh_interval, shard_limits
+from exporter.clocksync import ClockSync, TimeSource, fapi_budget_limits
 from exporter.config import AccountConfig, Config, ConfigError, PrivateKey
 from exporter.exposition import CachedExposition
 from exporter.poller import BACKOFF_CAP_SECONDS, EgressPoller, PollSettings, Target
@@ -130,6 +131,9 @@ class Exporter:
         #: rendered per scrape
         self.registry = CollectorRegistry(auto_describe=True)
         self.instruments = Instruments(self.registry)
+        #: budgets of the other hosts' pools per route ("fapi:<route>", "spot:<route>"):
+        #: the server time's, and the price source's (one spot budget per route for both)
+        self._host_budgets: dict[str, WeightBudget] = {}
         self.reload_status = ReloadStatus(successful=True, last_success=clock())
         names = {a.name for a in plan.accounts}
         saved = storage.load(names) if storage is not None else {}
@@ -205,8 +209,45 @@ class Exporter:
 
     @property
     def _all_budgets(self) -> list[WeightBudget]:
-        """The routes' budgets and the price source's (the spot API's pool)."""
-        return self.budgets + ([self.prices.budget] if self.prices is not None else [])
+        """The routes' budgets and the other hosts' (the time sync's, the price source's)."""
+        return self.budgets + list(self._host_budgets.values())
+
+    def _host_budget(self, host: str, route: Route) -> WeightBudget:
+        """The budget of `host`'s pool ("fapi" or "spot") on `route`, made once."""
+        name = f"{host}:{route.label}"
+        budget = self._host_budgets.get(name)
+        if budget is None:
+            high_water = self._plan.config.budget.ip_high_water
+            limits = (
+                fapi_budget_limits(high_water)
+                if host == "fapi"
+                else price_budget_limits(high_water)
+            )
+            budget = WeightBudget(name, limits, clock=self._clock)
+            # a new dict, not an insert: scrapes iterate the current one from another thread
+            self._host_budgets = {**self._host_budgets, name: budget}
+        return budget
+
+    def _clock_sync(self, route: Route, config: Config) -> ClockSync:
+        """The server time for the accounts on `route`, through that route: the futures
+        host's, else the spot host's (unless prices are off: the exporter then never talks
+        to the spot host)."""
+        sources = [
+            TimeSource(
+                config.binance.futures_url + FAPI_TIME_PATH,
+                "fapi_time",
+                self._host_budget("fapi", route),
+            )
+        ]
+        if config.prices.enabled:
+            sources.append(
+                TimeSource(
+                    config.prices.base_url + SPOT_TIME_PATH,
+                    "spot_time",
+                    self._host_budget("spot", route),
+                )
+            )
+        return ClockSync(sources, self.instruments, egress=route.label)
 
     @property
     def poller_of(self) -> dict[str, EgressPoller]:
@@ -222,7 +263,6 @@ class Exporter:
         settings = config.prices
         if not settings.enabled:
             return None
-        limits = price_budget_limits(config.budget.ip_high_water)
         return PriceSource(
             make_client=partial(
                 BinanceClient,
@@ -232,7 +272,7 @@ class Exporter:
                 clock=clock,
                 route=settings.route,
             ),
-            budget=WeightBudget(f"spot:{settings.route.label}", limits, clock=clock),
+            budget=self._host_budget("spot", settings.route),
             store=self.price_store,
             instruments=self.instruments,
             interval=settings.interval_seconds,
@@ -260,6 +300,7 @@ class Exporter:
             settings=plan.settings[route],
             clock=self._clock,
             stream=self.stream_health,
+            clock_sync=self._clock_sync(route, plan.config),
         )
         return _Egress(budget, poller)
 
@@ -418,7 +459,11 @@ class Exporter:
 
     def _apply(self, plan: _Plan) -> None:
         """Run `plan` in place of the current one; in the loop, between two awaits."""
-        new_clients = plan.config.binance != self._plan.config.binance
+        # new client settings, or a new spot host (the server time's second source)
+        new_clients = plan.config.binance != self._plan.config.binance or (
+            plan.config.prices.enabled,
+            plan.config.prices.base_url,
+        ) != (self._plan.config.prices.enabled, self._plan.config.prices.base_url)
         self.store.rebuild(partial(_snapshots, plan))
         old = self._egresses
         egresses = {}

@@ -27,6 +27,7 @@ from exporter.binance import errors
 from exporter.binance.client import BinanceClient, Credentials, RequestReport
 from exporter.binance.models import ParsedBalances
 from exporter.budget import GUARD_SECONDS, WeightBudget
+from exporter.clocksync import ClockSync
 from exporter.egress import EgressLedger
 from exporter.selfmetrics import Instruments, StreamHealth
 from exporter.snapshot import AccountInfo, AccountSnapshot, AssetBalance, SnapshotStore
@@ -119,6 +120,7 @@ class EgressPoller:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         stream: StreamHealth | None = None,
+        clock_sync: ClockSync | None = None,
     ) -> None:
         self._accounts = [_Account(t) for t in targets]
         self._by_name = {a.target.name: a for a in self._accounts}
@@ -133,6 +135,8 @@ class EgressPoller:
         self._stream = stream
         self._triggers = self._plan_triggers()
         self._wake = asyncio.Event()
+        #: sets the client's clock offset from Binance's time endpoints (other hosts)
+        self._clock_sync = clock_sync or ClockSync.same_host(budget, instruments, sleep=sleep)
 
     @property
     def client(self) -> BinanceClient:
@@ -314,14 +318,7 @@ class EgressPoller:
         await self._client.aclose()
 
     async def _sync_time(self) -> None:
-        try:
-            await self._budget.acquire(WEIGHTS["time"])
-            offset = await self._client.sync_time()
-        except errors.BinanceError as exc:
-            self.note_pause(exc)
-            log.warning("time_sync_failed", egress=self._budget.egress, error=str(exc))
-        else:
-            log.info("time_synced", egress=self._budget.egress, offset_ms=round(offset * 1000))
+        await self._clock_sync.sync(self._client)  # logs; a failure keeps the offset
 
     async def _refresh(self, account: _Account) -> None:
         # Runs as a task of its own, so the bound account reaches only its own log lines.
@@ -380,8 +377,7 @@ class EgressPoller:
             return await fetch(account.target.credentials)
         except errors.TimestampError:
             log.info("timestamp_rejected")
-            await self._budget.acquire(WEIGHTS["time"])
-            await self._client.sync_time()
+            await self._clock_sync.sync(self._client)
             await self._budget.acquire(WEIGHTS[endpoint])
             return await fetch(account.target.credentials)
 

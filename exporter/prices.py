@@ -1,12 +1,16 @@
 """The price source: every spot price from one cheap public request, on a loop of its own.
 
-`GET /api/v3/ticker/price` (weight 4, unsigned) on the spot API every
-`prices.interval_seconds`. The spot API counts weight in a pool of its own, so the
+`GET /api/v3/ticker/price?symbolStatus=TRADING` (weight 4, unsigned) on the spot API
+every `prices.interval_seconds`. The spot API counts weight in a pool of its own, so the
 source has its own `WeightBudget` (egress `spot:<route>`), reads the spot pool's
 `X-MBX-USED-WEIGHT-1M` and obeys its 429 and 418 there: a ban of the spot API pauses
 prices only, never the accounts' polling. Each success swaps a new immutable `PriceBook`
 into the `PriceStore`; a failure keeps the last book, whose quote times show its age.
-A symbol missing from an answer keeps its last quote and time.
+
+The answer lists only the symbols trading now, so it replaces the book's quotes whole: a
+symbol that stops trading (BREAK, HALT, delisted) loses its price at once, with one log
+event (`symbol_not_trading`), and its asset takes the next route of the valuation rule,
+or none. Binance's ticker without the filter keeps listing such a pair at its last price.
 
 Assets held by the polled accounts that the valuation rule cannot price are logged
 once (`asset_unpriced`), and once more if they later get a price.
@@ -83,9 +87,12 @@ class PriceBook:
     def price(self, asset: str) -> Price | None:
         return usd_price(asset, self.quotes, self.usd_assets, self.fetched)
 
-    def updated(self, prices: Mapping[str, float], now: float) -> PriceBook:
-        """A new book with `prices` read at `now`; symbols not in `prices` keep their quote."""
-        quotes = dict(self.quotes)
+    def updated(
+        self, prices: Mapping[str, float], now: float, *, complete: bool = False
+    ) -> PriceBook:
+        """A new book with `prices` read at `now`; symbols not in `prices` keep their quote,
+        unless `prices` is `complete` (every symbol that trades): then they have none."""
+        quotes = {} if complete else dict(self.quotes)
         quotes.update((symbol, Quote(price, now)) for symbol, price in prices.items())
         return PriceBook(self.usd_assets, MappingProxyType(quotes), now)
 
@@ -150,8 +157,11 @@ class PriceSource:
         await self._budget.acquire(WEIGHTS[ENDPOINT])
         try:
             prices = await self._client.ticker_prices()
-            book = self._store.current.updated(prices, self._clock())
+            current = self._store.current
+            book = current.updated(prices, self._clock(), complete=True)
             self._store.replace(book)
+            for symbol in sorted(current.quotes.keys() - book.quotes.keys()):
+                log.warning("symbol_not_trading", symbol=symbol)
             self._report_unpriced(book)
         except errors.BinanceError as exc:
             self._note_pause(exc)

@@ -63,6 +63,7 @@ def summarize(config: Config, shard: Shard = WHOLE) -> str:
             f" s -> each account every {_num(interval)} s ({binding})"
         )
     lines.append(_prices_line(config))
+    lines.append(_time_line(config))
     lines.append(f"accounts ({len(config.accounts)}):")
     width = max(len(a.name) for a in config.accounts)
     lines += [
@@ -91,6 +92,15 @@ def _prices_line(config: Config) -> str:
         f" = {_num(per_minute)} weight/min of the spot API's own"
         f" {SPOT_IP_WEIGHT_LIMIT_PER_MINUTE}/min (egress {prices.route.label});"
         f" 1 USD each: {', '.join(prices.usd_assets)}"
+    )
+
+
+def _time_line(config: Config) -> str:
+    """Where Binance's clock is read (the PM API documents no time endpoint)."""
+    fallback = f", else GET {config.prices.base_url}/api/v3/time" if config.prices.enabled else ""
+    return (
+        f"time: GET {config.binance.futures_url}/fapi/v1/time{fallback}, at start and after"
+        " a -1021, through each account's egress; weight 1, on those hosts' own pools"
     )
 
 

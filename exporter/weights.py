@@ -4,15 +4,26 @@ the price source and the --check-config summary all read these figures from here
 
 `ticker_price` is on the spot API (api.binance.com), which counts weight in a pool of its
 own, apart from the PM API's: it is spent from the price source's budget, never the PM one.
+`fapi_time` and `spot_time` (the server time) are spent from their hosts' budgets too.
 """
 
 from __future__ import annotations
 
 #: request weight of each endpoint, per Binance's docs
-WEIGHTS = {"balance": 20, "account": 20, "time": 1, "listen_key": 1, "ticker_price": 4}
+WEIGHTS = {
+    "balance": 20,
+    "account": 20,
+    "listen_key": 1,
+    "ticker_price": 4,
+    # the server time: GET /fapi/v1/time (futures host), else GET /api/v3/time (spot host)
+    "fapi_time": 1,
+    "spot_time": 1,
+}
 
 #: the spot API's request-weight limit per IP and minute (its own pool, Binance's docs)
 SPOT_IP_WEIGHT_LIMIT_PER_MINUTE = 6000
+#: the USD-M futures API's request-weight limit per IP and minute (its own pool too)
+FAPI_IP_WEIGHT_LIMIT_PER_MINUTE = 2400
 
 
 def refresh_weight(account_info: bool) -> int:

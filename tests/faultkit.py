@@ -34,7 +34,7 @@ from exporter.snapshot import AccountSnapshot, Snapshot, SnapshotStore
 from exporter.webconfig import WebConfig, WebConfigFile
 
 #: request weight by path, as Binance (and the simulator) charge it
-PATH_WEIGHTS = {"/papi/v1/balance": 20, "/papi/v1/account": 20, "/papi/v1/time": 1}
+PATH_WEIGHTS = {"/papi/v1/balance": 20, "/papi/v1/account": 20}
 Clock = Callable[[], float]
 
 

@@ -298,7 +298,7 @@ def test_the_client_raises_only_its_own_errors(
         )
         try:
             if endpoint == "time":
-                return await client.sync_time()
+                return await client.measure_offset("/fapi/v1/time", "fapi_time")
             fetch = client.balance if endpoint == "balance" else client.account
             return await fetch(CREDENTIALS)
         except errors.BinanceError as exc:

@@ -66,6 +66,25 @@ def test_check_config_prints_a_summary_and_exits_0(sim_config) -> None:
     assert "B = 6000 x 0.25 = 1500 weight/min" in result.stdout
 
 
+def test_check_config_shows_the_documented_stream_url_for_the_sdks_one(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "binance": {"stream_url": "wss://fstream.binance.com/pm"},
+                "accounts": [{"name": "desk", "api_key": "k", "api_secret": "s"}],
+            }
+        )
+    )
+    result = run_cli("--check-config", "--config.file", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "stream: wss://fstream.binance.com/pm/ws/<listenKey>" in result.stdout
+    assert (
+        "time: GET https://fapi.binance.com/fapi/v1/time, else GET"
+        " https://api.binance.com/api/v3/time" in result.stdout
+    )
+
+
 def test_flags_come_from_the_environment_and_the_flag_wins(sim_config, tmp_path) -> None:
     _, path = sim_config
     env = {"BINANCE_PM_EXPORTER_CONFIG_FILE": str(path), "BINANCE_PM_EXPORTER_CHECK_CONFIG": "1"}

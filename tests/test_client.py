@@ -1,22 +1,31 @@
-"""The client's error mapping and header handling, against an httpx.MockTransport."""
+"""The client's error mapping and header handling, against an httpx.MockTransport; the
+server time (exporter.clocksync) against the simulator's documented time endpoints."""
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
+from faultkit import captured_logs
+from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from exporter.binance import errors
 from exporter.binance.client import (
+    FAPI_TIME_PATH,
     MAX_RESPONSE_BYTES,
+    SPOT_TIME_PATH,
     BinanceClient,
     Credentials,
     RequestReport,
     used_weight_1m,
 )
 from exporter.binance.signing import HmacSigner
+from exporter.budget import BudgetLimits, WeightBudget
+from exporter.clocksync import ClockSync, TimeSource
+from exporter.selfmetrics import Instruments
+from exporter.simulator import SimAccount, Simulator
 
 SECRET = "s3cr3t-value-for-tests"
 API_KEY = "api-key-for-tests"
@@ -192,11 +201,14 @@ def test_used_weight_header_is_case_insensitive_and_1m_only() -> None:
     assert used_weight_1m(httpx.Headers({"x-mbx-used-weight-1m": "lots"})) is None
 
 
-def test_sync_time_measures_the_offset() -> None:
+def test_measure_offset_reads_another_host_and_reports_to_its_observer() -> None:
     now = [1000.0]
+    seen: list[str] = []
+    own: list[RequestReport] = []
+    theirs: list[RequestReport] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        assert request.url.path == "/papi/v1/time"
+        seen.append(str(request.url))
         assert "X-MBX-APIKEY" not in request.headers
         return httpx.Response(200, json={"serverTime": 1003_000})
 
@@ -207,13 +219,19 @@ def test_sync_time_measures_the_offset() -> None:
             recv_window_ms=5000,
             transport=httpx.MockTransport(handler),
             clock=lambda: now[0],
+            observer=own.append,
         )
-        offset = await client.sync_time()
-        assert client.server_now() == 1003.0
+        offset = await client.measure_offset(
+            "http://fapi.binance.test/fapi/v1/time", "fapi_time", observer=theirs.append
+        )
+        assert client.clock_offset == 0.0  # the caller sets it (exporter.clocksync)
         await client.aclose()
         return offset
 
     assert asyncio.run(go()) == 3.0
+    assert seen == ["http://fapi.binance.test/fapi/v1/time"]
+    assert own == []
+    assert [(r.endpoint, r.outcome) for r in theirs] == [("fapi_time", "success")]
 
 
 def test_a_body_past_the_cap_is_refused_without_reading_it_all() -> None:
@@ -252,3 +270,139 @@ def test_a_balance_list_of_thousands_of_assets_fits() -> None:
     assert len(json.dumps(body)) < MAX_RESPONSE_BYTES // 4
     result, _ = run_balance(answer(200, body))
     assert not isinstance(result, errors.BinanceError), result
+
+
+# ---------------------------------------------------------------- the server time
+
+
+class TimeSetup:
+    """A client of the simulator, and a ClockSync reading its documented time endpoints
+    (the futures host's first, then the spot host's), each on a budget of its own."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+        self.registry = CollectorRegistry()
+        self.instruments = Instruments(self.registry)
+        limits = BudgetLimits(2400, 1.0, 0.8)  # pacing never binds here
+        self.fapi = WeightBudget("fapi:default", limits)
+        self.spot = WeightBudget("spot:default", limits)
+        self.sync = ClockSync(
+            [
+                TimeSource(sim.url + FAPI_TIME_PATH, "fapi_time", self.fapi),
+                TimeSource(sim.url + SPOT_TIME_PATH, "spot_time", self.spot),
+            ],
+            self.instruments,
+            egress="default",
+        )
+
+    def client(self) -> BinanceClient:
+        return BinanceClient(base_url=self.sim.url, timeout_seconds=5, recv_window_ms=5000)
+
+    def requests(self, endpoint: str, outcome: str) -> float:
+        labels = {"endpoint": endpoint, "outcome": outcome}
+        return self.registry.get_sample_value("binance_pm_requests_total", labels) or 0.0
+
+    def paths(self) -> list[str]:
+        return [r.path for r in self.sim.requests]
+
+
+@pytest.fixture
+def timed() -> Iterator[TimeSetup]:
+    with Simulator([SimAccount.hmac("a", API_KEY, SECRET)], assets_per_account=2) as sim:
+        yield TimeSetup(sim)
+
+
+def test_the_time_comes_from_the_futures_host_on_its_own_pool(timed: TimeSetup) -> None:
+    timed.sim.clock_offset_ms = 4000
+
+    async def go() -> float | None:
+        client = timed.client()
+        try:
+            offset = await timed.sync.sync(client)
+            assert client.clock_offset == offset
+            return offset
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(go()) == pytest.approx(4.0, abs=0.5)
+    assert timed.paths() == ["/fapi/v1/time"]
+    assert (timed.sim.fapi_weight_used(), timed.sim.weight_used()) == (1, 0)  # not the PM pool
+    assert (timed.fapi.spent_total, timed.spot.spent_total) == (1, 0)
+    assert timed.requests("fapi_time", "success") == 1
+
+
+def test_the_spot_host_answers_when_the_futures_host_fails(timed: TimeSetup) -> None:
+    timed.sim.clock_offset_ms = -2500
+    timed.sim.inject_fault("rate_limit", endpoint=FAPI_TIME_PATH, retry_after=60)
+
+    async def go() -> tuple[float | None, float | None]:
+        client = timed.client()
+        try:
+            first = await timed.sync.sync(client)
+            second = await timed.sync.sync(client)  # the futures pool is paused: skipped
+            return first, second
+        finally:
+            await client.aclose()
+
+    with captured_logs() as logs:
+        first, second = asyncio.run(go())
+    assert first == pytest.approx(-2.5, abs=0.5)
+    assert second == pytest.approx(-2.5, abs=0.5)
+    assert timed.paths() == ["/fapi/v1/time", "/api/v3/time", "/api/v3/time"]
+    assert timed.fapi.is_paused(timed.fapi.now())  # the 429 paused the futures pool only
+    assert not timed.spot.is_paused(timed.spot.now())
+    assert timed.sim.weight_used() == 0
+    assert [e["source"] for e in logs.events("time_synced")] == ["spot_time", "spot_time"]
+    assert timed.requests("fapi_time", "rate_limited") == 1
+
+
+def test_no_time_source_keeps_the_offset_and_says_so(timed: TimeSetup) -> None:
+    for path in (FAPI_TIME_PATH, SPOT_TIME_PATH):
+        timed.sim.inject_fault("status", endpoint=path, status=503)
+
+    async def go() -> tuple[float | None, float]:
+        client = timed.client()
+        client.clock_offset = 1.25
+        try:
+            return await timed.sync.sync(client), client.clock_offset
+        finally:
+            await client.aclose()
+
+    with captured_logs() as logs:
+        assert asyncio.run(go()) == (None, 1.25)
+    (failed,) = logs.events("time_sync_failed")
+    assert "503" in failed["error"]
+
+
+def test_syncs_asked_for_at_once_share_one_request(timed: TimeSetup) -> None:
+    async def go() -> list[float | None]:
+        client = timed.client()
+        try:
+            return list(await asyncio.gather(*(timed.sync.sync(client) for _ in range(5))))
+        finally:
+            await client.aclose()
+
+    offsets = asyncio.run(go())
+    assert len(set(offsets)) == 1
+    assert timed.paths() == ["/fapi/v1/time"]
+
+
+def test_a_1021_is_recovered_through_the_documented_time_endpoint(timed: TimeSetup) -> None:
+    """The simulator answers 404 on /papi/v1/time, as Binance documents no such path: the
+    -1021 recovery works because the time comes from /fapi/v1/time."""
+    timed.sim.clock_offset_ms = -3000  # our timestamps 3 s ahead of the server: -1021
+
+    async def go() -> object:
+        client = timed.client()
+        try:
+            with pytest.raises(errors.TimestampError):
+                await client.balance(CREDS)
+            await timed.sync.sync(client)
+            return await client.balance(CREDS)
+        finally:
+            await client.aclose()
+
+    parsed = asyncio.run(go())
+    assert len(parsed.balances) == 2  # type: ignore[attr-defined]
+    assert timed.paths() == ["/papi/v1/balance", "/fapi/v1/time", "/papi/v1/balance"]
+    assert httpx.get(timed.sim.url + "/papi/v1/time").status_code == 404

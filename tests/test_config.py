@@ -192,8 +192,8 @@ def test_several_problems_give_one_line_each(conf_dir: Path) -> None:
     assert problems == [
         "accounts[2].api_key: environment variable MISSING is not set",
         "binance.recv_window_ms: must be >= 1 and <= 60000 (got 0)",
-        "binance.nope: unknown key"
-        " (allowed: base_url, stream_url, recv_window_ms, timeout_seconds)",
+        "binance.nope: unknown key (allowed: base_url, stream_url, futures_base_url,"
+        " recv_window_ms, timeout_seconds)",
         "budget.share: must be > 0 and <= 1 (got 2)",
         "accounts[1].name: duplicate account name 'a' (also accounts[0])",
         "accounts[0]: missing secret: give api_secret or api_secret_file (HMAC),"
@@ -307,6 +307,21 @@ def _minimal(**account: Any) -> dict[str, Any]:
     return {"accounts": [{"name": "desk-a", "api_key": "key-1", "api_secret": "s-1", **account}]}
 
 
+def test_the_time_host_follows_the_pm_host_unless_given(tmp_path: Path) -> None:
+    """Binance's futures host beside Binance's PM host; a simulator or gateway standing in
+    for the PM host serves the time too; an explicit futures_base_url wins."""
+    binance = parse_config(_minimal(), environ={}, base_dir=tmp_path).binance
+    assert binance.futures_url == "https://fapi.binance.com"
+    local = {**_minimal(), "binance": {"base_url": "http://127.0.0.1:9"}}
+    assert parse_config(local, environ={}, base_dir=tmp_path).binance.futures_url == (
+        "http://127.0.0.1:9"
+    )
+    given = {**_minimal(), "binance": {"futures_base_url": "https://fapi.example/"}}
+    assert parse_config(given, environ={}, base_dir=tmp_path).binance.futures_url == (
+        "https://fapi.example"
+    )
+
+
 def test_defaults(tmp_path: Path) -> None:
     config = parse_config(_minimal(), environ={}, base_dir=tmp_path)
     assert config.binance.base_url == "https://papi.binance.com"
@@ -345,6 +360,23 @@ def test_null_sections_mean_defaults(tmp_path: Path) -> None:
     assert config.binance.recv_window_ms == 5000
     assert config.stream.enabled is True
     assert config.collect.assets.include == []
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        ("wss://fstream.binance.com/pm/ws", "wss://fstream.binance.com/pm/ws"),
+        # the official SDKs' constant (the docs' "Base Url"): read as the documented form
+        ("wss://fstream.binance.com/pm", "wss://fstream.binance.com/pm/ws"),
+        ("wss://fstream.binance.com/pm/", "wss://fstream.binance.com/pm/ws"),
+        ("ws://127.0.0.1:8080/pm", "ws://127.0.0.1:8080/pm/ws"),
+        ("wss://relay.example:9443/binance/pm/ws/", "wss://relay.example:9443/binance/pm/ws"),
+    ],
+)
+def test_the_stream_url_is_the_documented_root(tmp_path: Path, given: str, used: str) -> None:
+    data = {**_minimal(), "binance": {"stream_url": given}}
+    config = parse_config(data, environ={}, base_dir=tmp_path)
+    assert config.binance.stream_url == used
 
 
 def test_values_are_normalised(tmp_path: Path) -> None:

@@ -20,13 +20,14 @@ EGRESS = {"a-0": "127.0.0.2", "a-1": "127.0.0.2", "b-0": "127.0.0.3", "b-1": "12
 
 
 def egress_gauges(url: str, name: str) -> dict[tuple[str, ...], float]:
-    """The PM egresses' series (the price source's `spot:...` budget left out)."""
+    """The PM egresses' series (the other hosts' budgets, `spot:...` for prices and the
+    time fallback and `fapi:...` for the server time, left out)."""
     text = httpx.get(f"{url}/metrics").text
     return {
         tuple(s.labels.values()): s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == name and not s.labels["egress"].startswith("spot:")
+        if s.name == name and not s.labels["egress"].startswith(("spot:", "fapi:"))
     }
 
 

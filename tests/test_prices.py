@@ -156,27 +156,51 @@ def test_a_fault_keeps_the_last_prices_and_their_age(
         assert not setup.budget.is_paused(setup.clock.now)
 
 
-def test_a_missing_symbol_keeps_its_last_price_with_its_own_time(setup: Setup) -> None:
+def test_a_symbol_leaving_the_ticker_loses_its_price_with_one_log_event(setup: Setup) -> None:
+    """The ticker asked for TRADING symbols is the whole truth: a symbol absent from it
+    has no price (never its last one), and its asset takes the next route."""
     assert setup.refresh()
-    first_time = setup.clock.now
     setup.clock.now += 30
     setup.sim.set_price("ETHUSDT", None)
     setup.sim.set_price("ASSET17BTC", None)
     setup.sim.set_price("BTCUSDT", "70000.00000000")
-    assert setup.refresh()
+    with captured_logs() as logs:
+        assert setup.refresh()
+        setup.clock.now += 30
+        assert setup.refresh()  # still absent: no second log event
     book = setup.store.current
     eth, btc = book.price("ETH"), book.price("BTC")
     assert eth is not None
-    assert eth.usd == 3200.0
-    assert eth.time == first_time
+    assert eth.route == "ETHBTC*BTCUSDT"  # the next route, at today's prices
+    assert eth.time == setup.clock.now
     assert btc is not None
     assert btc.usd == 70000.0
-    assert btc.time == setup.clock.now
-    # A BTC-routed price is as old as the older of its two quotes.
-    asset17 = book.price("ASSET17")
-    assert asset17 is not None
-    assert asset17.time == first_time
-    assert asset17.usd == pytest.approx(0.00028077 * 70000)
+    assert book.price("ASSET17") is None  # no route left: unpriced, not 0
+    dropped = [e["symbol"] for e in logs.events("symbol_not_trading")]
+    assert dropped == ["ASSET17BTC", "ETHUSDT"]
+
+
+@pytest.mark.parametrize("status", ["BREAK", "HALT"])
+def test_a_pair_that_stopped_trading_never_prices_its_asset(setup: Setup, status: str) -> None:
+    """Binance's ticker keeps listing a delisted (BREAK) pair at its last price; the source
+    asks for TRADING symbols only (the same weight), so the asset is valued by the next
+    rule: ETHUSDT dead, ETHUSDC live."""
+    setup.sim.set_price("ETHUSDC", "3100.00000000")
+    assert setup.refresh()
+    eth = setup.store.current.price("ETH")
+    assert eth is not None
+    assert eth.route == "ETHUSDT"
+    setup.sim.set_symbol_status("ETHUSDT", status)
+    listed = httpx.get(setup.sim.url + TICKER).json()  # without the filter: still there
+    assert {"symbol": "ETHUSDT", "price": "3200.00000000"} in listed
+    setup.clock.now += 30
+    with captured_logs() as logs:
+        assert setup.refresh()
+    eth = setup.store.current.price("ETH")
+    assert eth is not None
+    assert (eth.route, eth.usd) == ("ETHUSDC", 3100.0)
+    assert [e["symbol"] for e in logs.events("symbol_not_trading")] == ["ETHUSDT"]
+    assert setup.budget.spent_total == 8  # 4 per ticker, the filter costs nothing more
 
 
 def test_zero_and_malformed_entries_are_no_price(setup: Setup) -> None:
@@ -294,7 +318,7 @@ def test_the_simulator_serves_the_ticker_on_a_weight_pool_of_its_own() -> None:
         # A fault that names no endpoint is the PM API's: the ticker is another host.
         sim.inject_fault("status", status=500)
         assert http.get(TICKER).status_code == 200
-        assert http.get("/papi/v1/time").status_code == 500
+        assert http.get("/papi/v1/ping").status_code == 500
 
 
 def test_a_bug_in_one_refresh_does_not_end_the_price_loop(setup: Setup) -> None:
@@ -319,3 +343,21 @@ def test_prices_disabled_means_no_source_and_no_price_series(tmp_path: Path) -> 
     text = generate_latest(exporter.registry).decode()
     assert "binance_pm_asset_price_usd" not in text
     assert 'egress="spot:' not in text
+
+
+def test_a_running_exporter_never_values_an_asset_through_a_dead_pair() -> None:
+    """The simulator's ticker lists ETHUSDT and SOLUSDT as BREAK, at their old prices;
+    /metrics values ETH by its live USDC pair and leaves SOL unpriced (no route left)."""
+    generated = [generate_account("desk", "hmac")]
+    with Simulator([g.sim_account for g in generated], assets_per_account=8) as sim:
+        held = {record["asset"] for record in sim.balances("desk")}
+        assert {"ETH", "SOL"} <= held
+        sim.set_price("ETHUSDC", "3100.00000000")
+        sim.set_symbol_status("ETHUSDT", "BREAK")
+        sim.set_symbol_status("SOLUSDT", "BREAK")
+        assert {"symbol": "ETHUSDT", "price": "3200.00000000"} in httpx.get(sim.url + TICKER).json()
+        with RunningExporter(fast_config(sim.url, generated)) as run:
+            wait_until(lambda: run.sample("binance_pm_asset_price_usd", asset="BTC"), 10)
+            assert run.sample("binance_pm_asset_price_usd", asset="ETH") == 3100.0
+            assert run.sample("binance_pm_asset_price_usd", asset="SOL") is None
+            assert run.sample("binance_pm_asset_price_usd", asset="BTC") == 65000.0

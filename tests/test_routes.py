@@ -171,11 +171,15 @@ def test_one_budget_per_route_and_the_weight_it_counts_is_its_ips(run: Run) -> N
     budgets = {b.egress: b for b in run.exporter.exporter.budgets}
     assert set(budgets) == labels
     # the weight each route's budget counted is what Binance charged its exit IP
-    # (on the PM pool: the price ticker's weight is the spot API's, budgeted apart)
+    # (on the PM pool: the price ticker's weight is the spot API's and the server time's
+    # the futures API's, each budgeted apart)
     charged: dict[str, int] = defaultdict(int)
     for record in run.sim.requests:
-        if not record.path.startswith("/api/"):
+        if record.path.startswith("/papi/"):
             charged[record.client_ip] += record.weight
+    # the server time was read through every route, from the documented futures endpoint
+    timed = {r.client_ip for r in run.sim.requests if r.path == "/fapi/v1/time"}
+    assert timed == {expected.exit_ip for expected in EXPECTED.values()}
     spent: dict[str, int] = defaultdict(int)
     for name, route in routes.items():
         if name != "alice-2":
@@ -258,7 +262,8 @@ def test_a_tunnel_to_an_https_origin_leaves_from_the_source_address_too() -> Non
             route=Route(proxy.url("user-alice-0001"), "127.0.0.2"),
         )
         with pytest.raises(errors.ConnectionFailed) as caught:
-            await client.sync_time()
+            # the server time, from the futures host: through the accounts' route too
+            await client.measure_offset("https://fapi.binance.test/fapi/v1/time", "fapi_time")
         await client.aclose()
         assert leaked(str(caught.value)) == []
 

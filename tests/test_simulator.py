@@ -167,17 +167,28 @@ def error(response: httpx.Response) -> tuple[int, int]:
 # ------------------------------------------------------------------ endpoints and shapes
 
 
-def test_ping_and_time(sim: Simulator, client: httpx.Client) -> None:
+@pytest.mark.parametrize("path", ["/fapi/v1/time", "/api/v3/time"])
+def test_ping_and_time(sim: Simulator, client: httpx.Client, path: str) -> None:
     ping = client.get(PING)
     assert (ping.status_code, ping.json()) == (200, {})
     assert ping.headers["X-MBX-USED-WEIGHT-1M"] == "1"
     before = int(time.time() * 1000)
-    server_ms = client.get("/papi/v1/time").json()["serverTime"]
+    server_ms = client.get(path).json()["serverTime"]
     assert before <= server_ms <= time.time() * 1000  # read while the request was served
     sim.clock_offset_ms = 3000
     before = int(time.time() * 1000)
-    ahead_ms = client.get("/papi/v1/time").json()["serverTime"]
+    ahead_ms = client.get(path).json()["serverTime"]
     assert before + 3000 <= ahead_ms <= time.time() * 1000 + 3000
+    # Each host counts weight in its own pool: the PM pool saw only the ping.
+    assert sim.weight_used() == 1
+    assert sim.fapi_weight_used() + sim.spot_weight_used() == 2
+
+
+def test_only_documented_endpoints_are_served(client: httpx.Client) -> None:
+    """/papi/v1/time is in no Binance doc and no SDK: 404, as a test must not pass on it."""
+    for path in ("/papi/v1/time", "/papi/v2/time", "/fapi/v1/ping", "/api/v3/exchangeInfo"):
+        response = client.get(path)
+        assert error(response) == (404, -1020), path
 
 
 @pytest.mark.parametrize("account", ["alpha", "bravo", "charlie"])

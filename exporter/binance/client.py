@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 import httpx
@@ -21,15 +22,18 @@ from pydantic import SecretStr
 from exporter.binance import errors
 from exporter.binance.models import ParsedBalances, parse_account, parse_balances, parse_server_time
 from exporter.binance.signing import Signer, signed_query
-from exporter.binance.spot import TICKER_PRICE_PATH, parse_ticker_prices
+from exporter.binance.spot import TICKER_PRICE_PATH, TRADING_ONLY, parse_ticker_prices
 from exporter.binance.transport import route_transport
 from exporter.route import DEFAULT, Route
 from exporter.snapshot import AccountInfo
 
 BALANCE_PATH = "/papi/v1/balance"
 ACCOUNT_PATH = "/papi/v1/account"
-TIME_PATH = "/papi/v1/time"
 LISTEN_KEY_PATH = "/papi/v1/listenKey"
+#: the server time: the PM API documents none (`/papi/v1/ping` has no time); Binance
+#: documents these two, on the USD-M futures host and on the spot host
+FAPI_TIME_PATH = "/fapi/v1/time"
+SPOT_TIME_PATH = "/api/v3/time"
 
 _USED_WEIGHT = re.compile(r"x-mbx-used-weight-(\d+)([smhd])", re.IGNORECASE)
 
@@ -117,7 +121,7 @@ class BinanceClient:
         self._recv_window_ms = recv_window_ms
         self._observer = observer
         self._clock = clock
-        #: server clock minus local clock, in seconds; measured by sync_time()
+        #: server clock minus local clock, in seconds; set by exporter.clocksync
         self.clock_offset = 0.0
 
     async def aclose(self) -> None:
@@ -126,13 +130,20 @@ class BinanceClient:
     def server_now(self) -> float:
         return self._clock() + self.clock_offset
 
-    async def sync_time(self) -> float:
-        """Measure the server's clock offset (round-trip midpoint) and return it."""
+    async def measure_offset(
+        self, url: str, endpoint: str, observer: Observer | None = None
+    ) -> float:
+        """Binance's clock minus ours (at the round trip's midpoint), from `GET url`
+        answering `{"serverTime": ms}`. `url` may be absolute, on another Binance host (the
+        futures or spot time endpoint): it still goes through this client's route. The
+        request is reported to `observer` (that host's own ledger), not to the client's.
+        The caller sets `clock_offset` (exporter.clocksync)."""
         before = self._clock()
-        server_time = await self._request("GET", TIME_PATH, "time", None, parse_server_time)
+        server_time = await self._request(
+            "GET", url, endpoint, None, parse_server_time, observer=observer
+        )
         after = self._clock()
-        self.clock_offset = server_time - (before + after) / 2
-        return self.clock_offset
+        return server_time - (before + after) / 2
 
     async def balance(self, credentials: Credentials) -> ParsedBalances:
         return await self._request("GET", BALANCE_PATH, "balance", credentials, parse_balances)
@@ -158,10 +169,10 @@ class BinanceClient:
         await self._request("DELETE", LISTEN_KEY_PATH, "listen_key", None, _ignore, api_key=api_key)
 
     async def ticker_prices(self) -> Mapping[str, float]:
-        """Every spot symbol's last price (`GET /api/v3/ticker/price`, unsigned): call it on
-        a client whose base_url is the spot API."""
+        """Every trading spot symbol's last price (`GET /api/v3/ticker/price`, unsigned,
+        `symbolStatus=TRADING`): call it on a client whose base_url is the spot API."""
         return await self._request(
-            "GET", TICKER_PRICE_PATH, "ticker_price", None, parse_ticker_prices
+            "GET", f"{TICKER_PRICE_PATH}?{TRADING_ONLY}", "ticker_price", None, parse_ticker_prices
         )
 
     async def _request(
@@ -173,7 +184,9 @@ class BinanceClient:
         parse: Callable[[object], T],
         *,
         api_key: SecretStr | None = None,
+        observer: Observer | None = None,
     ) -> T:
+        report = partial(self._report, observer=observer or self._observer)
         headers = {}
         url = path
         if api_key is not None:
@@ -208,19 +221,26 @@ class BinanceClient:
             except errors.BinanceError as exc:
                 exc.used_weight = used
                 exc.endpoint = endpoint
-                self._report(endpoint, exc.outcome, duration, used)
+                report(endpoint, exc.outcome, duration, used)
                 raise
-            self._report(endpoint, "success", duration, used)
+            report(endpoint, "success", duration, used)
             return result
         error.endpoint = endpoint
-        self._report(endpoint, error.outcome, time.perf_counter() - started, None, sent=sent)
+        report(endpoint, error.outcome, time.perf_counter() - started, None, sent=sent)
         raise error
 
+    @staticmethod
     def _report(
-        self, endpoint: str, outcome: str, duration: float, used: int | None, *, sent: bool = True
+        endpoint: str,
+        outcome: str,
+        duration: float,
+        used: int | None,
+        *,
+        sent: bool = True,
+        observer: Observer | None,
     ) -> None:
-        if self._observer is not None:
-            self._observer(RequestReport(endpoint, outcome, duration, used, sent))
+        if observer is not None:
+            observer(RequestReport(endpoint, outcome, duration, used, sent))
 
 
 def _parse_listen_key(payload: object) -> SecretStr:

@@ -88,6 +88,7 @@ def parse_frame(data: str | bytes) -> StreamEvent:
         payload = json.loads(data)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise MalformedFrame("frame is not JSON") from None
+    payload = _unwrapped(payload)
     if not isinstance(payload, dict):
         raise MalformedFrame(f"frame is a JSON {type(payload).__name__}, not an object")
     event_type = payload.get("e")
@@ -111,6 +112,14 @@ def parse_frame(data: str | bytes) -> StreamEvent:
         )
         return StreamEvent(kind, event_time, risk=risk)
     return StreamEvent(kind, event_time)
+
+
+def _unwrapped(payload: object) -> object:
+    """The event of a combined-stream frame, `{"stream": <name>, "data": {...}}` (the
+    official SDKs' `/pm/stream` + SUBSCRIBE form); any other payload as it is."""
+    if isinstance(payload, dict) and "e" not in payload and isinstance(payload.get("stream"), str):
+        return payload.get("data")
+    return payload
 
 
 def _millis(value: object) -> int | None:

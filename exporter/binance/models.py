@@ -50,12 +50,13 @@ def parse_decimal(value: object) -> float | None:
 
 
 def parse_millis(value: object) -> float | None:
-    """An epoch-milliseconds integer as epoch seconds; None when absent."""
+    """An epoch-milliseconds integer as epoch seconds; None when absent or 0 (Binance's
+    Portfolio Margin Pro docs show `updateTime: 0`: no time, never 1970)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 10**14:
         raise MalformedRecord(f"not an epoch-milliseconds integer: {_preview(value)}")
-    return value / 1000
+    return value / 1000 if value else None
 
 
 def _amounts(record: Mapping[str, Any], table: tuple[fields.Field, ...]) -> Mapping[str, float]:
@@ -133,7 +134,7 @@ def parse_account(payload: object) -> AccountInfo:
 
 
 def parse_server_time(payload: object) -> float:
-    """GET /papi/v1/time: {"serverTime": ms} as epoch seconds."""
+    """GET /fapi/v1/time or /api/v3/time: {"serverTime": ms} as epoch seconds."""
     if isinstance(payload, dict):
         try:
             seconds = parse_millis(payload.get("serverTime"))

@@ -1,6 +1,11 @@
-"""The spot API's price ticker, `GET /api/v3/ticker/price` without `symbol`: parsing.
+"""The spot API's price ticker, `GET /api/v3/ticker/price?symbolStatus=TRADING`: parsing.
 
-The answer is every spot symbol's last price, `[{"symbol": "BTCUSDT", "price": "..."}]`.
+Without `symbol`, the ticker lists every spot symbol's last price,
+`[{"symbol": "BTCUSDT", "price": "..."}]`, delisted (`BREAK`) ones too, at the last price
+they traded at. `symbolStatus=TRADING` (Binance's spot changelog, 2025-10-28; the official
+`binance-sdk-spot`'s `ticker_price(symbol_status=...)`) leaves out every symbol not
+trading, at the same weight (4): a symbol absent from the answer has no price.
+
 A body that is not such a list is an `InvalidResponse`; a single entry that is malformed
 (no symbol, a price that is not a decimal string) is skipped, and so is a price of 0,
 which Binance shows for symbols no longer traded: neither is a price.
@@ -15,6 +20,8 @@ from exporter.binance.errors import InvalidResponse
 from exporter.binance.models import MalformedRecord, parse_decimal
 
 TICKER_PRICE_PATH = "/api/v3/ticker/price"
+#: only the symbols that trade now: a pair that stopped trading has no price
+TRADING_ONLY = "symbolStatus=TRADING"
 
 
 def parse_ticker_prices(payload: object) -> Mapping[str, float]:

@@ -36,6 +36,12 @@ DEFAULT_PRICES_BASE_URL = "https://api.binance.com"
 #: (BFUSD, RWUSD); the README says why these and not more
 DEFAULT_USD_ASSETS = ("USDT", "USDC", "FDUSD", "BFUSD", "RWUSD")
 DEFAULT_STREAM_URL = "wss://fstream.binance.com/pm/ws"
+#: the USD-M futures API, asked only for the server time (GET /fapi/v1/time)
+DEFAULT_FUTURES_BASE_URL = "https://fapi.binance.com"
+#: the stream's documented path (an account's stream is <it>/<listenKey>), and the
+#: official SDKs' base (the docs' "Base Url"), which a user may paste: read as the former
+STREAM_PATH = "/pm/ws"
+SDK_STREAM_PATH = "/pm"
 ACCOUNT_NAME_PATTERN = r"[A-Za-z0-9_.-]+"
 ACCOUNT_NAME_MAX = 64
 _ASSET = re.compile(r"[A-Z0-9]{1,32}")
@@ -95,12 +101,24 @@ def _check_base_url(value: str) -> str:
 
 
 def _check_stream_url(value: str) -> str:
+    """The stream's root, to which `/<listenKey>` is appended: its path must end in the
+    documented `/pm/ws`; the SDKs' `/pm` becomes `/pm/ws`. Anything else cannot work
+    (`/pm/<key>` and `/pm/stream/<key>` are not streams), and says which form is."""
     parts = _split_url(value.strip())
     if parts.scheme not in ("ws", "wss"):
         raise _problem("must be a ws:// or wss:// URL")
     if parts.username is not None or parts.password is not None:
         raise _problem("must not contain credentials")
-    return parts.geturl().rstrip("/")
+    url = parts.geturl().rstrip("/")
+    path = parts.path.rstrip("/")
+    if path.endswith(SDK_STREAM_PATH):
+        return url + STREAM_PATH.removeprefix(SDK_STREAM_PATH)
+    if not path.endswith(STREAM_PATH):
+        raise _problem(
+            f"must be the user data stream's root {DEFAULT_STREAM_URL} (the documented form;"
+            " the SDKs' wss://fstream.binance.com/pm is read as it), without the listenKey"
+        )
+    return url
 
 
 def _check_proxy(value: str) -> str:
@@ -175,8 +193,18 @@ class BinanceSettings(_Frozen):
     base_url: BaseUrl = DEFAULT_BASE_URL
     #: the user data stream's root; an account's listenKey is appended as /<listenKey>
     stream_url: StreamUrl = DEFAULT_STREAM_URL
+    #: the USD-M futures API, asked only for the server time; None: Binance's when
+    #: base_url is Binance's, else base_url (a simulator or gateway serving every host)
+    futures_base_url: BaseUrl | None = None
     recv_window_ms: Annotated[int, Field(ge=1, le=60000), _NotBool] = 5000
     timeout_seconds: Annotated[float, Field(gt=0, le=300, allow_inf_nan=False), _NotBool] = 10.0
+
+    @property
+    def futures_url(self) -> str:
+        """Where the server time is read first (`GET /fapi/v1/time`)."""
+        if self.futures_base_url is not None:
+            return self.futures_base_url
+        return DEFAULT_FUTURES_BASE_URL if self.base_url == DEFAULT_BASE_URL else self.base_url
 
 
 class BudgetSettings(_Frozen):

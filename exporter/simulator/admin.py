@@ -11,6 +11,7 @@
                                            (kinds and params: state.STREAM_FAULT_PARAMS)
     PUT    /_sim/clock                     body: {"offset_ms": n}
     PATCH  /_sim/prices                    body: {symbol: price or null (removes it)}
+    PATCH  /_sim/symbols                   body: {symbol: "TRADING", "HALT" or "BREAK"}
     GET    /_sim/requests                  the request log
     GET    /_sim/weight?ip=127.0.0.1       {"ip": ..., "weight": used this minute}
     POST   /_sim/foreign-weight            body: {"ip": ..., "weight": n}
@@ -85,6 +86,9 @@ def _route(state: SimState, method: str, parts: list[str], query: str, body: byt
         case ["prices"], "PATCH":
             for symbol, price in _json(body, dict).items():
                 state.prices.set(symbol, price)
+        case ["symbols"], "PATCH":
+            for symbol, status in _json(body, dict).items():
+                state.prices.set_status(symbol, status)
         case ["clock"], "PUT":
             offset = _json(body, dict).get("offset_ms")
             if not isinstance(offset, int) or isinstance(offset, bool):
@@ -110,6 +114,7 @@ def _route(state: SimState, method: str, parts: list[str], query: str, body: byt
                 | ["stream", "faults"]
                 | ["clock"]
                 | ["prices"]
+                | ["symbols"]
                 | ["requests"]
                 | ["weight"]
                 | ["foreign-weight"]

@@ -8,7 +8,12 @@ Order of work per request, as a gateway in front of Binance would do it:
 5. routing (404, 405), then the API key, timestamp and signature checks;
 6. the endpoint's data.
 Every reply carries the IP's used weight, and every request is logged. The spot API's
-ticker (`/api/v3/...`) is served too, its weight counted in a pool of its own.
+ticker and time (`/api/v3/...`) and the USD-M futures API's time (`/fapi/v1/time`) are
+served too, each host's weight counted in a pool of its own.
+
+Only what Binance documents is served (plus the controls under /_sim/): the PM API has
+no time endpoint (`/papi/v1/time` is in no doc and no SDK), so it answers 404 here, and
+a test cannot pass on an endpoint that does not exist.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from exporter.simulator.auth import ApiError, SimAccount, check_signed_query, require_account
-from exporter.simulator.state import SPOT_PREFIX, Admission, Fault, RequestRecord, SimState
+from exporter.simulator.state import SYMBOL_STATUSES, Admission, Fault, RequestRecord, SimState
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
@@ -87,7 +92,10 @@ def _balance(state: SimState, account: SimAccount | None, params: dict[str, str]
 
 
 def _ticker_price(state: SimState, account: SimAccount | None, params: dict[str, str]) -> Any:
-    return state.prices.ticker()
+    status = params.get("symbolStatus")
+    if status is not None and status not in SYMBOL_STATUSES:
+        raise ApiError(400, -1100, "Illegal characters found in parameter 'symbolStatus'.")
+    return state.prices.ticker(status)
 
 
 def _account(state: SimState, account: SimAccount | None, params: dict[str, str]) -> Any:
@@ -119,7 +127,6 @@ LISTEN_KEY_PATH = "/papi/v1/listenKey"
 #: (method, path) -> endpoint
 ENDPOINTS: dict[tuple[str, str], Endpoint] = {
     ("GET", "/papi/v1/ping"): Endpoint(weight=1, auth="none", serve=_ping),
-    ("GET", "/papi/v1/time"): Endpoint(weight=1, auth="none", serve=_time),
     ("GET", "/papi/v1/balance"): Endpoint(weight=20, auth="signed", serve=_balance),
     ("GET", "/papi/v1/account"): Endpoint(weight=20, auth="signed", serve=_account),
     ("POST", LISTEN_KEY_PATH): Endpoint(weight=1, auth="api_key", serve=_open_listen_key),
@@ -127,6 +134,9 @@ ENDPOINTS: dict[tuple[str, str], Endpoint] = {
     ("DELETE", LISTEN_KEY_PATH): Endpoint(weight=1, auth="api_key", serve=_close_listen_key),
     # the spot API (api.binance.com), served here too: its weight is counted apart
     ("GET", "/api/v3/ticker/price"): Endpoint(weight=4, auth="none", serve=_ticker_price),
+    ("GET", "/api/v3/time"): Endpoint(weight=1, auth="none", serve=_time),
+    # the USD-M futures API (fapi.binance.com): its server time, in a pool of its own too
+    ("GET", "/fapi/v1/time"): Endpoint(weight=1, auth="none", serve=_time),
 }
 PATHS = frozenset(path for _, path in ENDPOINTS)
 
@@ -138,7 +148,7 @@ def handle(state: SimState, request: ApiRequest, sleep: Callable[[float], object
     endpoint = ENDPOINTS.get((request.method, request.path))
     weight = endpoint.weight if endpoint else 0
     fault = state.faults.take(request.path, account.name if account else None)
-    weights = state.spot_weights if request.path.startswith(SPOT_PREFIX) else state.weights
+    weights = state.weights_of(request.path)
     charged = 0
     if fault is not None and fault.kind in ("rate_limit", "ban"):
         reply = fault_reply(fault, request.client_ip)

@@ -109,8 +109,14 @@ def risk_events(old: Any, new: Any, now_ms: int) -> list[dict[str, Any]]:
     ]
 
 
-def listen_key_expired(listen_key: str, now_ms: int) -> dict[str, Any]:
-    # Binance sends E as a string in this event, and sometimes the key itself.
+def listen_key_expired(now_ms: int) -> dict[str, Any]:
+    """`listenKeyExpired` as Binance's docs and SDK model it: `E` a number, nothing else."""
+    return {"e": "listenKeyExpired", "E": now_ms}
+
+
+def listen_key_expired_as_seen(listen_key: str, now_ms: int) -> dict[str, Any]:
+    """`listenKeyExpired` as seen in real payloads, off the SDK's model: `E` a string, and
+    the key itself (the `expire_key` stream fault sends this form)."""
     return {"e": "listenKeyExpired", "E": str(now_ms), "listenKey": listen_key}
 
 

@@ -225,9 +225,18 @@ class Simulator:
         """Weight used on the spot API's pool (the price ticker) this minute."""
         return self.state.spot_weights.used(client_ip, self.state.now_ms())
 
+    def fapi_weight_used(self, client_ip: str = "127.0.0.1") -> int:
+        """Weight used on the USD-M futures API's pool (its server time) this minute."""
+        return self.state.fapi_weights.used(client_ip, self.state.now_ms())
+
     def set_price(self, symbol: str, price: str | None) -> None:
         """Serve `price` for `symbol` in /api/v3/ticker/price; None removes the symbol."""
         self.state.prices.set(symbol, price)
+
+    def set_symbol_status(self, symbol: str, status: str) -> None:
+        """Set a listed symbol's trading status: a BREAK symbol keeps its last price in the
+        ticker, as on Binance, and leaves it only when asked `symbolStatus=TRADING`."""
+        self.state.prices.set_status(symbol, status)
 
     def add_foreign_weight(self, client_ip: str, weight: int) -> None:
         self.state.weights.add(client_ip, weight, self.state.now_ms())

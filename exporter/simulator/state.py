@@ -172,30 +172,55 @@ def _zero_record(asset: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- spot prices
 
-#: paths of the spot API (api.binance.com): a weight pool of their own, and faults
-#: injected without an endpoint do not reach them
+#: paths of the spot API (api.binance.com) and of the USD-M futures API (fapi.binance.com,
+#: asked only for the server time): each a weight pool of its own, and faults injected
+#: without an endpoint do not reach them
 SPOT_PREFIX = "/api/"
+FAPI_PREFIX = "/fapi/"
+#: the USD-M futures API's request-weight limit per IP and minute (Binance's docs)
+FAPI_WEIGHT_LIMIT = 2400
+#: a spot symbol's trading status (`status` in exchangeInfo), as the ticker's `symbolStatus`
+#: filter takes it (Binance's docs: TRADING, HALT, BREAK)
+SYMBOL_STATUSES = ("TRADING", "HALT", "BREAK")
 
 
 class PriceBoard:
-    """The spot API's last price per symbol, as decimal strings (any JSON value allowed)."""
+    """The spot API's last price per symbol, as decimal strings (any JSON value allowed),
+    and each symbol's trading status. As on Binance, the ticker keeps listing a symbol that
+    stopped trading (BREAK) at its last price; only `symbolStatus` leaves it out."""
 
     def __init__(self, prices: dict[str, Any]) -> None:
         self._lock = threading.Lock()
         self._prices = dict(prices)
+        self._status: dict[str, str] = {}  # symbols absent here are TRADING
 
-    def ticker(self) -> list[dict[str, Any]]:
-        """GET /api/v3/ticker/price without `symbol`."""
+    def ticker(self, status: str | None = None) -> list[dict[str, Any]]:
+        """GET /api/v3/ticker/price without `symbol`; with `symbolStatus`, only the symbols
+        in that status."""
         with self._lock:
-            return [{"symbol": s, "price": p} for s, p in self._prices.items()]
+            return [
+                {"symbol": s, "price": p}
+                for s, p in self._prices.items()
+                if status is None or self._status.get(s, "TRADING") == status
+            ]
 
     def set(self, symbol: str, price: Any) -> None:
         """Set a symbol's price; None removes the symbol."""
         with self._lock:
             if price is None:
                 self._prices.pop(symbol, None)
+                self._status.pop(symbol, None)
             else:
                 self._prices[symbol] = _json_copy(price)
+
+    def set_status(self, symbol: str, status: str) -> None:
+        """Set a listed symbol's trading status (TRADING, HALT or BREAK); it keeps its price."""
+        if status not in SYMBOL_STATUSES:
+            raise ValueError(f"symbol status must be one of {', '.join(SYMBOL_STATUSES)}")
+        with self._lock:
+            if symbol not in self._prices:
+                raise ValueError(f"no such symbol: {symbol}")
+            self._status[symbol] = status
 
 
 # ---------------------------------------------------------------- faults
@@ -230,10 +255,10 @@ class Fault:
     params: dict[str, Any] = field(default_factory=dict)
 
     def matches(self, path: str, account: str | None) -> bool:
-        """A fault without an endpoint matches every PM API path, never a spot one: the
-        spot API is another host, and only a fault naming its path reaches it."""
+        """A fault without an endpoint matches every PM API path, never a spot or fapi one:
+        those are other hosts, and only a fault naming their path reaches them."""
         if self.endpoint is None:
-            at_path = not path.startswith(SPOT_PREFIX)
+            at_path = not path.startswith((SPOT_PREFIX, FAPI_PREFIX))
         else:
             at_path = self.endpoint == path
         return at_path and (self.account is None or self.account == account)
@@ -628,12 +653,23 @@ class SimState:
         self.weights = WeightLimiter(ip_weight_limit, ban_after_429s=ban_after_429s)
         #: the spot API counts weight apart from the PM API, per IP too
         self.spot_weights = WeightLimiter(spot_weight_limit, ban_after_429s=ban_after_429s)
+        #: and so does the USD-M futures API (only its server time is served)
+        self.fapi_weights = WeightLimiter(FAPI_WEIGHT_LIMIT, ban_after_429s=ban_after_429s)
         self.prices = PriceBoard(synthetic.spot_ticker(max(assets_per_account, 64)))
         self.log = RequestLog()
 
     def now_ms(self) -> int:
         """The server's clock in epoch milliseconds."""
         return int(self.clock() * 1000) + self.clock_offset_ms
+
+    def weights_of(self, path: str) -> WeightLimiter:
+        """The weight pool a request to `path` counts in: the spot API's, the futures
+        API's, or the PM API's."""
+        if path.startswith(SPOT_PREFIX):
+            return self.spot_weights
+        if path.startswith(FAPI_PREFIX):
+            return self.fapi_weights
+        return self.weights
 
     def inject_fault(
         self,
@@ -664,7 +700,7 @@ class SimState:
             for name in [account] if account is not None else self.book.names:
                 key = self.listen_keys.forget(name)
                 if key is not None:
-                    text = json.dumps(events.listen_key_expired(key, now_ms))
+                    text = json.dumps(events.listen_key_expired_as_seen(key, now_ms))
                     self.stream.push(name, Push("expired", text, key))
         elif kind == "forget_key":  # the key vanishes without a word: keep-alive gets -1125
             for name in [account] if account is not None else self.book.names:

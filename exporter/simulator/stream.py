@@ -1,5 +1,10 @@
 """The user data stream's WebSocket server: `/pm/ws/<listenKey>` on its own port and thread.
 
+Also the combined form the official SDKs use (undocumented for PM): `/pm/stream`, then a
+`{"method": "SUBSCRIBE", "params": [<listenKey>], "id": ...}` message, answered
+`{"result": null, "id": ...}`; its frames come wrapped as `{"stream": <listenKey>,
+"data": <event>}`. One listenKey per combined connection.
+
 Its own port, as Binance's stream has its own host (fstream.binance.com beside
 papi.binance.com), and because the threaded stdlib HTTP server cannot hand a
 connection over to an asyncio WebSocket cleanly. An asyncio loop in one thread
@@ -33,6 +38,10 @@ from exporter.simulator.events import listen_key_expired
 from exporter.simulator.state import Push, SimState
 
 PATH_PREFIX = "/pm/ws/"
+#: the combined form: no key in the path, a SUBSCRIBE message names it
+COMBINED_PATH = "/pm/stream"
+#: how long a combined connection may take to send its SUBSCRIBE
+SUBSCRIBE_TIMEOUT_SECONDS = 10.0
 # The library logs each handshake's request line, listenKey included, at debug level;
 # the demo runs the simulator in the exporter's process: a logger that emits nothing.
 _SILENT_LOGGER = logging.Logger("exporter.simulator.websockets", level=logging.CRITICAL + 1)
@@ -48,6 +57,14 @@ class _Connection:
     opened_ms: int
     queue: asyncio.Queue[Push] = field(default_factory=asyncio.Queue)
     paused: bool = False  # reading paused: the connection plays dead
+    #: opened as /pm/stream + SUBSCRIBE: frames go out wrapped in {"stream", "data"}
+    combined: bool = False
+
+    def frame(self, text: str) -> str:
+        """What goes on the wire for an event's JSON `text`."""
+        if not self.combined:
+            return text
+        return f'{{"stream":{json.dumps(self.listen_key)},"data":{text}}}'
 
 
 class StreamServer:
@@ -169,6 +186,8 @@ class StreamServer:
             with self._lock:
                 self._refused += 1
             return _respond(status, "upgrade refused by the simulator\n")
+        if request.path == COMBINED_PATH:
+            return None  # the key comes in the SUBSCRIBE message
         if not request.path.startswith(PATH_PREFIX):
             return _respond(404, "not found\n")
         key = request.path[len(PATH_PREFIX) :]
@@ -177,12 +196,23 @@ class StreamServer:
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
-        key = ws.request.path[len(PATH_PREFIX) :] if ws.request else ""
+        path = ws.request.path if ws.request else ""
+        combined = path == COMBINED_PATH
+        if combined:
+            subscribed = await _subscription(ws)
+            if subscribed is None:
+                await ws.close(1008, "expected a SUBSCRIBE with one listenKey")
+                return
+            key, request_id = subscribed
+        else:
+            key = path[len(PATH_PREFIX) :]
         account = self._state.listen_keys.account_of(key, self._state.now_ms())
-        if account is None:  # expired between the upgrade check and here
+        if account is None:  # expired between the upgrade check and here, or never was
             await ws.close(1008, "invalid listenKey")
             return
-        connection = _Connection(ws, account, key, self._state.now_ms())
+        if combined:
+            await ws.send(json.dumps({"result": None, "id": request_id}))
+        connection = _Connection(ws, account, key, self._state.now_ms(), combined=combined)
         with self._lock:
             self._connections.add(connection)
             self._accepted[account] = self._accepted.get(account, 0) + 1
@@ -209,11 +239,11 @@ class StreamServer:
                     ws.transport.abort()
                     return
                 if push.kind == "expired":
-                    await ws.send(push.text)
+                    await ws.send(connection.frame(push.text))
                     await ws.close(1000, "listenKey expired")
                     return
                 if not self._state.stream.is_silent(connection.account):
-                    await ws.send(push.text)
+                    await ws.send(connection.frame(push.text))
 
     async def _ping(self, connection: _Connection) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -236,7 +266,7 @@ class StreamServer:
             await asyncio.sleep(SWEEP_SECONDS)
             now_ms = self._state.now_ms()
             for account, key in keys.take_expired(now_ms):
-                text = json.dumps(listen_key_expired(key, now_ms), separators=(",", ":"))
+                text = json.dumps(listen_key_expired(now_ms), separators=(",", ":"))
                 self._deliver(account, Push("expired", text, key))
             max_ms = stream.max_connection_seconds * 1000
             for connection in self._live():
@@ -270,6 +300,22 @@ class StreamServer:
             if push.kind == "expired" and connection.listen_key != push.listen_key:
                 continue
             connection.queue.put_nowait(push)
+
+
+async def _subscription(ws: ServerConnection) -> tuple[str, object] | None:
+    """(listenKey, request id) of a combined connection's first message, if it is a
+    SUBSCRIBE naming one key; None for anything else or nothing in time."""
+    try:
+        message = await asyncio.wait_for(ws.recv(), SUBSCRIBE_TIMEOUT_SECONDS)
+        request = json.loads(message)
+    except (TimeoutError, ConnectionClosed, ValueError):
+        return None
+    if not isinstance(request, dict) or request.get("method") != "SUBSCRIBE":
+        return None
+    params = request.get("params")
+    if not isinstance(params, list) or len(params) != 1 or not isinstance(params[0], str):
+        return None
+    return params[0], request.get("id")
 
 
 def _respond(status: int, text: str) -> Response:
