@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
+from exporter.accountmetrics import AccountConfigCollector
 from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import make_signer
 from exporter.binance.stream import DEFAULT_TIMINGS, StreamTimings
@@ -29,6 +30,7 @@ from exporter.exposition import CachedExposition
 from exporter.poller import BACKOFF_CAP_SECONDS, EgressPoller, PollSettings, Target
 from exporter.pricemetrics import PriceCollector
 from exporter.prices import PriceBook, PriceSource, PriceStore, price_budget_limits
+from exporter.processmetrics import register_process_metrics
 from exporter.route import Route
 from exporter.selfmetrics import (
     BudgetCollector,
@@ -171,6 +173,8 @@ class Exporter:
         self.registry.register(BudgetCollector(lambda: self._all_budgets))
         self.registry.register(ReloadCollector(self.reload_status, "config", "config"))
         self.registry.register(BuildInfoCollector())
+        self.registry.register(AccountConfigCollector(lambda: self.accounts))
+        register_process_metrics(self.registry)
         if self.prices is not None:
             self.registry.register(PriceCollector(self.store, self.price_store))
         if self.stream_health is not None:

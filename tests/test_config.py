@@ -919,3 +919,80 @@ def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
     flags = [w for w in text.split() if w.startswith("--") and w not in ("--help", "--version")]
     options = {f.strip("[],") for f in flags}
     assert text.count("(default: ") == len(options), sorted(options)
+
+
+# ---- account labels and thresholds --------------------------------------------------
+
+
+def test_account_labels_and_thresholds(tmp_path: Path) -> None:
+    data = _minimal(
+        labels={"desk": "mm", "team": "${TEAM}"},
+        thresholds={"uni_mmr_warning": 1.3, "uni_mmr_critical": "1.1"},
+    )
+    account = _account(parse_config(data, environ={"TEAM": "alpha"}, base_dir=tmp_path))
+    assert account.labels == {"desk": "mm", "team": "alpha"}
+    assert account.thresholds.given() == {"uni_mmr_warning": 1.3, "uni_mmr_critical": 1.1}
+    plain = _account(parse_config(_minimal(labels=None), environ={}, base_dir=tmp_path))
+    assert plain.labels == {}
+    assert plain.thresholds.given() == {}
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        (
+            {"labels": {"1desk": "a"}},
+            "accounts[0].labels: label name '1desk' is not a Prometheus label name"
+            " (letters, digits and _, not starting with a digit)",
+        ),
+        (
+            {"labels": {"desk-name": "a"}},
+            "accounts[0].labels: label name 'desk-name' is not a Prometheus label name"
+            " (letters, digits and _, not starting with a digit)",
+        ),
+        (
+            {"labels": {"__desk": "a"}},
+            "accounts[0].labels: label name '__desk' is reserved (names starting with __ are)",
+        ),
+        (
+            {"labels": {"account": "a"}},
+            "accounts[0].labels: label name 'account' is reserved"
+            " (the exporter, Prometheus or the alerts use it)",
+        ),
+        (
+            {"labels": {"asset": "a"}},
+            "accounts[0].labels: label name 'asset' is reserved"
+            " (the exporter, Prometheus or the alerts use it)",
+        ),
+        (
+            {"labels": {f"l{i}": "v" for i in range(9)}},
+            "accounts[0].labels: at most 8 labels (got 9)",
+        ),
+        ({"labels": {"desk": " "}}, "accounts[0].labels: label 'desk' must not be empty"),
+        (
+            {"labels": {"desk": "x" * 129}},
+            "accounts[0].labels: label 'desk': at most 128 printable characters",
+        ),
+        ({"labels": {"desk": 3}}, "accounts[0].labels.desk: must be a string (got 3)"),
+        ({"labels": ["desk"]}, "accounts[0].labels: must be a mapping (got a list)"),
+        (
+            {"thresholds": {"uni_mmr_warning": 1.2, "uni_mmr_critical": 1.3}},
+            "accounts[0].thresholds: uni_mmr_critical must be below uni_mmr_warning"
+            " (an account is critical below the lower one)",
+        ),
+        (
+            {"thresholds": {"uni_mmr_critical": 0.9}},
+            "accounts[0].thresholds.uni_mmr_critical: must be > 1 and <= 1000 (got 0.9)",
+        ),
+        (
+            {"thresholds": {"uni_mmr_warnin": 2}},
+            "accounts[0].thresholds.uni_mmr_warnin: unknown key (did you mean uni_mmr_warning?)",
+        ),
+    ],
+)
+def test_account_labels_and_thresholds_are_checked(
+    tmp_path: Path, extra: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(_minimal(**extra), environ={}, base_dir=tmp_path)
+    assert info.value.problems == [problem]

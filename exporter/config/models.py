@@ -351,15 +351,16 @@ class PricesSettings(_Frozen):
 
 # ---- accounts ------------------------------------------------------------
 
-UniMMR = Annotated[float, Field(gt=1, le=1000, allow_inf_nan=False), _NotBool]
+#: a uniMMR threshold: Binance liquidates at uniMMR <= 1.05, so only above 1 means anything
+UniMMR = Annotated[float | None, Field(gt=1, le=1000, allow_inf_nan=False), _NotBool]
 
 
 class Thresholds(_Frozen):
     """An account's own alert thresholds, exported as binance_pm_account_threshold; the
     alert rules use them in place of their global defaults."""
 
-    uni_mmr_warning: UniMMR | None = None
-    uni_mmr_critical: UniMMR | None = None
+    uni_mmr_warning: UniMMR = None
+    uni_mmr_critical: UniMMR = None
 
     @model_validator(mode="after")
     def _ordered(self) -> Thresholds:
