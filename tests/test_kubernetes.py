@@ -4,6 +4,7 @@ rules' sync."""
 import copy
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -264,3 +265,27 @@ def test_each_shard_keeps_its_snapshot_on_a_volume_of_its_own() -> None:
     (claim,) = statefulset["spec"]["volumeClaimTemplates"]
     assert claim["metadata"]["name"] == mounts[path]["name"]
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_every_runbook_url_is_built_from_one_configurable_base(tmp_path: Path) -> None:
+    gen = generator()
+    text = ALERTS.read_text()
+    urls = re.findall(r"runbook_url: (\S+)", text)
+    assert len(urls) >= 20
+    assert all(url.startswith(gen.DEFAULT_RUNBOOK_BASE + "#") for url in urls)
+    base = "https://git.example.com/ops/binance-pm-exporter/blob/main/docs/runbook.md"
+    wanted = [url.replace(gen.DEFAULT_RUNBOOK_BASE, base) for url in urls]
+
+    def runbook_urls(groups: list[dict[str, Any]]) -> list[str]:
+        return [r["annotations"]["runbook_url"] for g in groups for r in g["rules"] if "alert" in r]
+
+    assert runbook_urls(yaml.safe_load(gen.render(ALERTS, base))["spec"]["groups"]) == wanted
+    rule, alerts = tmp_path / "prometheusrule.yaml", tmp_path / "alerts.yml"
+    args = ["--runbook-base", base + "/", "--out", str(rule), "--alerts-out", str(alerts)]
+    assert gen.main(args) == 0
+    assert runbook_urls(yaml.safe_load(rule.read_text())["spec"]["groups"]) == wanted
+    # the alerts file keeps its comments; only the runbook_urls change
+    assert alerts.read_text() == text.replace(gen.DEFAULT_RUNBOOK_BASE + "#", base + "#")
+    assert runbook_urls(yaml.safe_load(alerts.read_text())["groups"]) == wanted
+    with pytest.raises(ValueError, match="runbook_url not on"):
+        gen.rebase_runbooks("        runbook_url: https://elsewhere/runbook.md#x\n", base)

@@ -135,11 +135,65 @@ def test_annotations_name_the_account_and_asset(rule: dict[str, Any]) -> None:
             assert f"$labels.{key}" in text, f"{rule['alert']}: {annotation} does not name {key}"
 
 
+#: how each account alert copies the account's own labels, and keeps firing without them
+JOIN = "* on (job, instance, account) group_left (desk, team) binance_pm_account_info"
+FALLBACK = "or on (job, instance, account)"
+
+
+def _unjoined(expr: str) -> str:
+    """The condition an account alert wraps in the label join: `(E) JOIN or on (...) (E)`."""
+    text = " ".join(expr.split())
+    match = re.fullmatch(rf"\((.*)\) {re.escape(JOIN)} {re.escape(FALLBACK)} \((.*)\)", text)
+    assert match, text
+    assert match.group(1) == match.group(2), "the two halves must be the same condition"
+    return match.group(1).strip()
+
+
+ACCOUNT_ALERTS = (
+    "BinancePMNegativeBalance",
+    "BinancePMNegativeBalanceLarge",
+    "BinancePMUniMMRLow",
+    "BinancePMUniMMRCritical",
+    "BinancePMAccountStatusNotNormal",
+    "BinancePMAccountLiquidation",
+    "BinancePMAccountFailing",
+)
+
+
+@pytest.mark.parametrize("name", ACCOUNT_ALERTS)
+def test_account_alerts_carry_the_accounts_labels(name: str) -> None:
+    rule = next(r for r in _alerts() if r["alert"] == name)
+    assert "binance_pm_account_info" not in _unjoined(rule["expr"])
+
+
+@pytest.mark.parametrize(
+    ("name", "threshold", "default"),
+    [
+        ("BinancePMUniMMRLow", "uni_mmr_warning", "1.5"),
+        ("BinancePMUniMMRCritical", "uni_mmr_critical", "1.2"),
+    ],
+)
+def test_unimmr_alerts_use_the_accounts_threshold_or_the_default(
+    name: str, threshold: str, default: str
+) -> None:
+    rule = next(r for r in _alerts() if r["alert"] == name)
+    assert _unjoined(rule["expr"]) == (
+        "binance_pm_uni_mmr < on (job, instance, account) ("
+        f' binance_pm_account_threshold{{threshold="{threshold}"}}'
+        f" or on (job, instance, account) 0 * binance_pm_uni_mmr + {default} )"
+        " unless on (job, instance, account) binance_pm_maint_margin_usd == 0"
+    )
+    # the summary names the threshold used: the account's, else the default
+    used = f'"{threshold}" | query }}}}{{{{ . | first | value }}}}'
+    used += f"{{{{ else }}}}{default}{{{{ end }}}}"
+    assert used in rule["annotations"]["summary"]
+
+
 def test_negative_balance_alert_fires_at_once_on_any_sign() -> None:
     rule = next(r for r in _alerts() if r["alert"] == "BinancePMNegativeBalance")
     assert rule.get("for") in (None, "0s", "0m")
     assert rule["labels"]["severity"] == "critical"
-    assert re.fullmatch(r"binance_pm_negative_balance\s*!=\s*0", rule["expr"].strip())
+    assert re.fullmatch(r"binance_pm_negative_balance\s*!=\s*0", _unjoined(rule["expr"]))
 
 
 USD_RECORDS = {
@@ -165,7 +219,9 @@ def test_usd_rules_multiply_each_amount_by_its_price_per_account() -> None:
 
 def test_large_negative_balance_threshold_is_the_runbooks() -> None:
     rule = next(r for r in _alerts() if r["alert"] == "BinancePMNegativeBalanceLarge")
-    match = re.fullmatch(r"account:binance_pm_negative_balance_usd:sum > (\d+)", rule["expr"])
+    match = re.fullmatch(
+        r"account:binance_pm_negative_balance_usd:sum > (\d+)", _unjoined(rule["expr"])
+    )
     assert match, rule["expr"]
     threshold = match.group(1)
     assert rule["labels"]["severity"] == "critical"
