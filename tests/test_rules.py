@@ -232,3 +232,46 @@ def test_large_negative_balance_threshold_is_the_runbooks() -> None:
         if line.startswith("| BinancePMNegativeBalanceLarge |")
     )
     assert f"more than {threshold} USD" in row
+
+
+ALERTING_DOC = ROOT / "docs" / "alerting.md"
+
+
+def _alertmanager_config() -> str:
+    text = ALERTING_DOC.read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL) if "route:" in b]
+    return block
+
+
+@pytest.mark.parametrize(
+    ("labels", "receiver"),
+    [
+        (["desk=market-making", "severity=critical"], "mm-pager"),
+        (["desk=market-making", "severity=warning"], "mm-chat"),
+        (["desk=treasury", "severity=critical"], "treasury-pager"),
+        (["severity=critical", "alertname=BinancePMExporterDown"], "ops-pager"),
+        (["severity=warning", "alertname=BinancePMDataStale"], "default"),
+    ],
+)
+def test_the_documented_route_sends_each_desk_to_its_receivers(
+    tmp_path: Path, labels: list[str], receiver: str
+) -> None:
+    amtool = shutil.which("amtool")
+    if amtool is None:
+        pytest.skip("amtool not installed (Debian's prometheus-alertmanager)")
+    config = tmp_path / "alertmanager.yml"
+    config.write_text(_alertmanager_config())
+    result = subprocess.run(
+        [amtool, "config", "routes", "test", f"--config.file={config}", *labels],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == receiver
+
+
+def test_the_documented_join_is_the_rules() -> None:
+    text = " ".join(ALERTING_DOC.read_text().split())
+    assert JOIN in text
+    assert FALLBACK in text
