@@ -175,7 +175,7 @@ def _account_file(path: Path, environ: Mapping[str, str]) -> tuple[list[AccountC
     """One account file's accounts (a mapping: one account; a list: several), and its
     problems, each a line without the file's name (``:LINE:COL: ...`` for YAML errors)."""
     try:
-        data = parse_yaml(read_small_file(path, MAX_CONFIG_BYTES), _FIELD_NAMES)
+        data = parse_yaml(read_small_file(path, MAX_CONFIG_BYTES), _FIELD_NAMES, fast=True)
     except SecretSourceError as exc:
         return [], [f"cannot read account file: {exc}"]
     except YamlError as exc:
