@@ -3,7 +3,7 @@ mounts one Secret per account; read at start and at every reload."""
 
 from __future__ import annotations
 
-import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,9 +11,13 @@ from typing import Any
 
 import pytest
 import yaml
+from exporterproc import running
+from faultkit import hmac_accounts
+from harness import wait_until
 
 from exporter.cli import load_checked
 from exporter.config import ConfigError, load_config
+from exporter.simulator import Simulator
 
 
 def _write(path: Path, data: Any) -> Path:
@@ -111,7 +115,8 @@ def test_a_broken_account_file_is_named_once(conf: Path) -> None:
     (accounts / "e.yaml").write_text("")
     assert _error(conf) == [
         f"{accounts / 'a.yaml'}: api_key: $A_KEY is not substituted: did you mean ${{A_KEY}}?",
-        f"{accounts / 'b.yaml'}:2:9: YAML syntax error: mapping values are not allowed in this context",
+        f"{accounts / 'b.yaml'}:2:9: YAML syntax error:"
+        " mapping values are not allowed in this context",
         f"{accounts / 'c.yaml'}: [1]: missing secret: give api_secret or api_secret_file"
         " (HMAC), or private_key or private_key_file (RSA or Ed25519)",
         f"{accounts / 'd.yaml'}: (top level): must be an account or a list of accounts"
@@ -123,9 +128,7 @@ def test_a_broken_account_file_is_named_once(conf: Path) -> None:
 
 def test_the_directory_must_exist_and_hold_an_account(tmp_path: Path) -> None:
     conf = _write(tmp_path / "config.yaml", {"accounts_dir": "missing.d"})
-    assert _error(conf) == [
-        f"{conf}: accounts_dir: directory not found: {tmp_path / 'missing.d'}"
-    ]
+    assert _error(conf) == [f"{conf}: accounts_dir: directory not found: {tmp_path / 'missing.d'}"]
     (tmp_path / "missing.d").mkdir()
     assert _error(conf) == [f"{conf}: accounts_dir: at least one account is required"]
     _write(tmp_path / "file.d", "x")
@@ -164,3 +167,87 @@ def test_five_hundred_account_files_are_read_and_checked_in_under_two_seconds(
     assert config.accounts[-1].labels == {"desk": "d2", "team": "t1"}
     print(f"{MANY} account files read and checked in {elapsed:.3f} s")
     assert elapsed < BUDGET_SECONDS, f"{MANY} account files took {elapsed:.2f} s"
+
+
+# ---- a reload picks up added and removed files --------------------------------------
+
+
+LAST = "binance_pm_last_success_timestamp_seconds"
+
+
+def _series_of(text: str, account: str) -> dict[str, str]:
+    """The account's series that a reload of other files must leave as they are:
+    name{labels} -> value, the moving ones (times, counters) left out."""
+    moving = (LAST, "binance_pm_balance_update_timestamp_seconds", "binance_pm_account_update")
+    series = {}
+    for line in text.splitlines():
+        if f'account="{account}"' in line and not line.startswith(("#", *moving)):
+            name, _, value = line.rpartition(" ")
+            series[name] = value
+    return series
+
+
+@pytest.fixture
+def sim_dir(tmp_path: Path) -> Iterator[tuple[Path, Path, dict[str, dict[str, str]]]]:
+    names = ["acct-a", "acct-b", "acct-c"]
+    sims, entries = hmac_accounts(names)
+    with Simulator(sims, ip_weight_limit=10**6, assets_per_account=3) as simulator:
+        conf = _write(
+            tmp_path / "config.yaml",
+            {
+                "binance": {"base_url": simulator.url, "timeout_seconds": 2},
+                "prices": {"enabled": False},
+                "stream": {"enabled": False},
+                "budget": {
+                    "ip_weight_limit_per_minute": 100_000,
+                    "share": 1.0,
+                    "min_interval_seconds": 1,
+                },
+                "accounts_dir": "accounts.d",
+            },
+        )
+        yield conf, tmp_path / "accounts.d", {e["name"]: e for e in entries}
+
+
+@pytest.mark.timeout(120)
+def test_a_reload_adds_and_removes_account_files_and_leaves_the_others(
+    sim_dir: tuple[Path, Path, dict[str, dict[str, str]]],
+) -> None:
+    conf, accounts, entries = sim_dir
+    _write(accounts / "acct-a.yaml", {**entries["acct-a"], "labels": {"desk": "mm"}})
+    _write(accounts / "acct-b.yaml", entries["acct-b"])
+    with running("--config.file", str(conf)) as run:
+        for name in ("acct-a", "acct-b"):
+            wait_until(lambda n=name: run.sample("binance_pm_up", account=n) == 1.0, 20, name)
+        before = _series_of(run.get("/metrics").text, "acct-a")
+        assert before['binance_pm_account_info{account="acct-a",desk="mm"}'] == "1.0"
+        last_before = run.sample(LAST, account="acct-a") or 0.0
+
+        # acct-c's file added, acct-b's removed; acct-a's untouched
+        _write(accounts / "acct-c.yaml", {**entries["acct-c"], "labels": {"desk": "treasury"}})
+        (accounts / "acct-b.yaml").unlink()
+        run.signal(signal.SIGHUP)
+        (event,) = wait_until(lambda: run.events("config_reloaded"), 20, "the reload")
+        assert event["added"] == ["acct-c"]
+        assert event["removed"] == ["acct-b"]
+        assert event["changed"] == []
+        wait_until(lambda: run.sample("binance_pm_up", account="acct-c") == 1.0, 20, "acct-c")
+        text = run.get("/metrics").text
+        assert 'account="acct-b"' not in text  # its series left /metrics
+        assert 'binance_pm_account_info{account="acct-c",desk="treasury"} 1.0' in text
+        # acct-a kept its series, and its refreshes went on (no reset, no gap to fill)
+        assert _series_of(text, "acct-a") == before
+        assert (run.sample(LAST, account="acct-a") or 0.0) >= last_before
+        assert run.sample("binance_pm_config_last_reload_successful") == 1.0
+
+        # A duplicate name across files: the reload fails, naming both; nothing changes.
+        _write(accounts / "zz-copy.yaml", entries["acct-a"])
+        run.signal(signal.SIGHUP)
+        (failed,) = wait_until(lambda: run.events("reload_failed"), 20, "the failed reload")
+        assert failed["error"] == (
+            f"{accounts / 'zz-copy.yaml'}: duplicate account name 'acct-a'"
+            f" (also in {accounts / 'acct-a.yaml'})"
+        )
+        assert entries["acct-a"]["api_secret"] not in "\n".join(run.lines)
+        assert run.sample("binance_pm_up", account="acct-c") is not None
+        assert run.stop() == 0
