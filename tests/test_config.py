@@ -401,7 +401,8 @@ def test_example_config_documents_every_key_and_loads(tmp_path: Path) -> None:
         "min_interval_seconds", "account_info", "assets", "include", "exclude", "name",
         "api_key", "api_key_file", "api_secret", "api_secret_file", "private_key",
         "private_key_file", "private_key_passphrase", "private_key_passphrase_file",
-        "proxy", "source_address",
+        "proxy", "source_address", "labels", "thresholds", "uni_mmr_warning",
+        "uni_mmr_critical", "accounts_dir",
     }  # fmt: skip
     for key in documented:
         assert f"{key}:" in text, key
