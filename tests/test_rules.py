@@ -157,6 +157,9 @@ ACCOUNT_ALERTS = (
     "BinancePMAccountStatusNotNormal",
     "BinancePMAccountLiquidation",
     "BinancePMAccountFailing",
+    "BinancePMStreamDown",
+    "BinancePMStreamUnstable",
+    "BinancePMDataStale",
 )
 
 
@@ -164,6 +167,17 @@ ACCOUNT_ALERTS = (
 def test_account_alerts_carry_the_accounts_labels(name: str) -> None:
     rule = next(r for r in _alerts() if r["alert"] == name)
     assert "binance_pm_account_info" not in _unjoined(rule["expr"])
+
+
+def test_every_alert_on_account_series_is_joined() -> None:
+    """An alert whose tests expect an `account` label is in ACCOUNT_ALERTS (joined)."""
+    per_account = {
+        case["alertname"]
+        for case in _rule_test_cases()
+        for alert in case.get("exp_alerts") or []
+        if "account" in alert["exp_labels"]
+    }
+    assert per_account == set(ACCOUNT_ALERTS)
 
 
 @pytest.mark.parametrize(
