@@ -15,7 +15,7 @@ from exporterproc import running
 from faultkit import hmac_accounts
 from harness import wait_until
 
-from exporter.cli import load_checked
+from exporter.cli import load_checked, main
 from exporter.config import ConfigError, load_config
 from exporter.simulator import Simulator
 
@@ -251,3 +251,22 @@ def test_a_reload_adds_and_removes_account_files_and_leaves_the_others(
         assert entries["acct-a"]["api_secret"] not in "\n".join(run.lines)
         assert run.sample("binance_pm_up", account="acct-c") is not None
         assert run.stop() == 0
+
+
+def test_check_config_lists_the_directorys_accounts_with_labels_and_thresholds(
+    conf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    accounts = conf.parent / "accounts.d"
+    _write(
+        accounts / "mm.yaml",
+        _account("mm-1", labels={"team": "eu", "desk": "mm"}, thresholds={"uni_mmr_critical": 1.1}),
+    )
+    assert main(["--config.file", str(conf), "--check-config"], environ={}) == 0
+    out = capsys.readouterr().out
+    assert f"accounts (2), with those of {accounts}/*.yaml:\n" in out
+    assert "  inline  hmac     egress=default\n" in out
+    assert (
+        "  mm-1    hmac     egress=default  labels desk=mm,team=eu  thresholds uni_mmr_critical=1.1"
+        in out
+    )
+    assert "s3cr3t" not in out
