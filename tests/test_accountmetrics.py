@@ -1,20 +1,22 @@
-"""The config's per-account labels and thresholds, and the process's own resources, on the
-served registry: the series the alert rules join on and compare with."""
+"""The config's per-account labels and thresholds (with the snapshot, in the cached
+exposition) and the process's own resources (on the served registry): the series the
+alert rules join on and compare with."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from harness import accounts, sim_config
+from harness import accounts, reference_registry, sim_config
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.utils import floatToGoString
 
-from exporter.accountmetrics import AccountConfigCollector
 from exporter.app import Exporter
 from exporter.processmetrics import MemoryLimitCollector, memory_limit_file, read_memory_limit
+from exporter.snapshot import AccountMeta, AccountSnapshot, SnapshotStore
 
 URL = "http://127.0.0.1:1"
 
@@ -35,26 +37,41 @@ def _lines(registry: CollectorRegistry, *prefixes: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(prefixes)]
 
 
-def test_account_info_and_thresholds() -> None:
+INFO_AND_THRESHOLDS = [
+    'binance_pm_account_info{account="acct-00",desk="mm",team="alpha"} 1.0',
+    'binance_pm_account_info{account="acct-01",desk="treasury"} 1.0',
+    # an account without labels has its info series too: a join never drops it
+    'binance_pm_account_info{account="acct-02"} 1.0',
+    'binance_pm_account_threshold{account="acct-00",threshold="uni_mmr_warning"} 2.0',
+]
+
+
+def test_account_info_and_thresholds_come_with_the_snapshot() -> None:
     exporter = _exporter()
-    assert _lines(exporter.registry, "binance_pm_account_") == [
-        'binance_pm_account_info{account="acct-00",desk="mm",team="alpha"} 1.0',
-        'binance_pm_account_info{account="acct-01",desk="treasury"} 1.0',
-        # an account without labels has its info series too: a join never drops it
-        'binance_pm_account_info{account="acct-02"} 1.0',
-        'binance_pm_account_threshold{account="acct-00",threshold="uni_mmr_warning"} 2.0',
-    ]
+    wanted = ("binance_pm_account_info", "binance_pm_account_threshold")
+    assert _lines(reference_registry(exporter), *wanted) == INFO_AND_THRESHOLDS
+    # the cached exposition /metrics serves writes the same lines
+    cached = exporter.exposition.text("text").decode().splitlines()
+    assert [line for line in cached if line.startswith(wanted)] == (INFO_AND_THRESHOLDS)
 
 
-def test_the_info_follows_the_running_accounts() -> None:
-    accounts_now = list(_exporter().accounts)
-    registry = CollectorRegistry()
-    registry.register(AccountConfigCollector(lambda: accounts_now))
-    assert len(_lines(registry, "binance_pm_account_info")) == 3
-    del accounts_now[0]
-    assert _lines(registry, "binance_pm_account_info{")[0].startswith(
-        'binance_pm_account_info{account="acct-01"'
-    )
+def test_a_label_sorting_before_account_is_written_in_order() -> None:
+    extra = {"acct-00": {"labels": {"aa": "x", "zz": 'q"uote'}}}
+    exporter = Exporter(sim_config(URL, accounts(1), extra=extra))
+    want = 'binance_pm_account_info{aa="x",account="acct-00",zz="q\\"uote"} 1.0'
+    assert _lines(reference_registry(exporter), "binance_pm_account_info{") == [want]
+    cached = exporter.exposition.text("text").decode().splitlines()
+    assert [line for line in cached if line.startswith("binance_pm_account_info{")] == [want]
+
+
+def test_a_refresh_begun_before_a_reload_keeps_the_reloads_labels() -> None:
+    old, new = AccountMeta(labels=(("desk", "a"),)), AccountMeta(labels=(("desk", "b"),))
+    store = SnapshotStore([AccountSnapshot("acct", 10.0, meta=old)])
+    refreshing = store.get("acct")  # a refresh starts from this
+    store.rebuild(lambda current: [replace(current["acct"], meta=new)])  # the reload
+    store.replace(replace(refreshing, up=True))  # the refresh ends
+    assert store.get("acct").up is True
+    assert store.get("acct").meta is new
 
 
 def test_process_metrics_are_served_under_their_usual_names() -> None:
