@@ -1,8 +1,8 @@
 # binance-pm-exporter container image.
 #
-#   docker build -t binance-pm-exporter .
-#   docker run --read-only --tmpfs /tmp -p 9745:9745 \
-#     -v "$PWD/config.yaml:/etc/binance-pm-exporter/config.yaml:ro" binance-pm-exporter
+#   ./scripts/image     # docker build -t binance-pm-exporter:0.1.0 . (pyproject.toml's version)
+#   docker run --read-only --tmpfs /tmp -p 9745:9745 -e BINANCE_API_KEY -e BINANCE_API_SECRET \
+#     -v "$PWD/config.yaml:/etc/binance-pm-exporter/config.yaml:ro" binance-pm-exporter:0.1.0
 #
 # Runs as UID/GID 10001 and writes nothing outside /tmp and the volume
 # /var/lib/binance-pm-exporter (--storage.path: the last snapshot, kept across restarts),

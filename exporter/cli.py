@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -28,7 +28,12 @@ from exporter.summary import check_budget, summarize
 from exporter.webconfig import WebConfigError, WebConfigFile
 from exporter.weights import refresh_weight
 
+if TYPE_CHECKING:
+    from exporter.simulator.demo import NegativeEpisodes
+
 DEFAULT_PORT = 9745
+#: the demo serves this machine only, unless --web.listen-address says otherwise
+DEMO_LISTEN_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
 ENV_PREFIX = "BINANCE_PM_EXPORTER_"
 EXIT_USAGE = 2
 
@@ -79,8 +84,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     option("--config.file", "config.yaml", "path of the YAML config", metavar="PATH")
     option(
         "--web.listen-address",
-        f":{DEFAULT_PORT}",
+        None,
         "address to serve /metrics on",
+        shown=f":{DEFAULT_PORT}, every address; with --demo, {DEMO_LISTEN_ADDRESS}",
         metavar="HOST:PORT",
     )
     option(
@@ -153,7 +159,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     args = build_parser(environ).parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     try:
-        host, port = parse_listen_address(args.web_listen_address)
+        host, port = parse_listen_address(listen_address(args))
     except ValueError as exc:
         return _usage_error(f"--web.listen-address: {exc}")
     try:
@@ -170,7 +176,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     except WebConfigError as exc:
         return _usage_error(f"--web.config.file: {exc}")
 
-    with _config(args, environ) as config:
+    episodes = _demo_episodes() if args.demo else None
+    with _config(args, environ, episodes) as config:
         if config is None:
             return EXIT_USAGE
         problem = _shard_problem(config, shard)
@@ -199,7 +206,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
             open_files_limit=open_files,
         )
         try:
-            asyncio.run(_run_until_signalled(exporter, demo=args.demo))
+            asyncio.run(_run_until_signalled(exporter, demo=args.demo, episodes=episodes))
         finally:
             server.close()
         log.info("stopped")
@@ -241,13 +248,32 @@ def raise_open_files_limit() -> int:
     return soft
 
 
+def listen_address(args: argparse.Namespace) -> str:
+    """--web.listen-address (or its variable); unset, every address, but this machine only
+    in demo mode."""
+    if args.web_listen_address is not None:
+        return str(args.web_listen_address)
+    return DEMO_LISTEN_ADDRESS if args.demo else f":{DEFAULT_PORT}"
+
+
+def _demo_episodes() -> NegativeEpisodes:
+    from exporter.simulator.demo import NegativeEpisodes  # noqa: PLC0415 - demo only
+
+    return NegativeEpisodes()
+
+
 @contextlib.contextmanager
-def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> Iterator[Config | None]:
-    """The validated config (None after printing its problems); in demo mode, the simulator's."""
+def _config(
+    args: argparse.Namespace,
+    environ: Mapping[str, str],
+    episodes: NegativeEpisodes | None = None,
+) -> Iterator[Config | None]:
+    """The validated config (None after printing its problems); in demo mode, the simulator's
+    (its negative-balance episodes told to `episodes`)."""
     if args.demo:
         from exporter.simulator.demo import start_demo  # noqa: PLC0415 - demo only
 
-        simulator, data = start_demo()
+        simulator, data = start_demo(episodes=episodes)
         log.info("demo_simulator_started", url=simulator.url)
         try:
             yield parse_config(data, environ={}, base_dir=Path.cwd())
@@ -297,7 +323,9 @@ def _reload_config(path: Path, environ: Mapping[str, str], shard: Shard) -> Conf
     return config
 
 
-async def _run_until_signalled(exporter: Exporter, *, demo: bool = False) -> None:
+async def _run_until_signalled(
+    exporter: Exporter, *, demo: bool = False, episodes: NegativeEpisodes | None = None
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -316,11 +344,14 @@ async def _run_until_signalled(exporter: Exporter, *, demo: bool = False) -> Non
         return
     from exporter.simulator.demo import log_usd_totals  # noqa: PLC0415 - demo only
 
-    usd = asyncio.create_task(log_usd_totals(exporter.store, exporter.price_store))
+    tasks = [asyncio.create_task(log_usd_totals(exporter.store, exporter.price_store))]
+    if episodes is not None:
+        tasks.append(asyncio.create_task(episodes.watch(exporter.store)))
     try:
         await exporter.run(stop)
     finally:
-        usd.cancel()
+        for task in tasks:
+            task.cancel()
 
 
 def _stop(stop: asyncio.Event, signum: int) -> None:

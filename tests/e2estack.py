@@ -16,7 +16,6 @@ import json
 import os
 import queue
 import select
-import shutil
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from typing import Any, TypeVar
 import httpx
 import yaml
 from dashboard_queries import ROOT
+from systools import require
 
 JOB = "binance-pm-exporter"
 ALERT = "BinancePMNegativeBalance"
@@ -306,10 +306,8 @@ def e2e_stack(
     keep the simulator's default, which the exporter's default budget fits).
     `account_settings` adds keys (labels, thresholds) to the accounts, by index."""
     budget = budget or {}
-    prometheus = shutil.which("prometheus")
-    alertmanager = shutil.which("prometheus-alertmanager")
-    assert prometheus, "prometheus not on PATH: install Debian's prometheus package"
-    assert alertmanager, "prometheus-alertmanager not on PATH: install Debian's package"
+    prometheus = require("prometheus")
+    alertmanager = require("prometheus-alertmanager")
     config_path = work / "exporter.yaml"
     exporter_addr, am_addr, prom_addr = (f"127.0.0.1:{free_port()}" for _ in range(3))
     sim_args = ["--listen", "127.0.0.1:0", "--accounts", str(accounts), "--assets", str(assets)]

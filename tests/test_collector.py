@@ -1,12 +1,12 @@
 """The snapshot collector's exposition, against golden text and promtool."""
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from systools import require
 
 from exporter.binance.models import parse_account, parse_balances
 from exporter.collector import SnapshotCollector
@@ -66,10 +66,9 @@ def test_every_help_names_its_api_field() -> None:
     assert len(data_helps) == 11 + 1 + 8 + 2
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_promtool_check_metrics_is_silent() -> None:
     result = subprocess.run(
-        ["promtool", "check", "metrics"],
+        [require("promtool"), "check", "metrics"],
         input=render(seed_store()).encode(),
         capture_output=True,
         check=False,

@@ -901,7 +901,8 @@ def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
     text = " ".join(capsys.readouterr().out.split())
     for default in (
         "(default: config.yaml; env BINANCE_PM_EXPORTER_CONFIG_FILE)",
-        "(default: :9745; env BINANCE_PM_EXPORTER_WEB_LISTEN_ADDRESS)",
+        "(default: :9745, every address; with --demo, 127.0.0.1:9745; env"
+        " BINANCE_PM_EXPORTER_WEB_LISTEN_ADDRESS)",
         "(default: none, plain HTTP without auth; env BINANCE_PM_EXPORTER_WEB_CONFIG_FILE)",
         "(default: 1000; env BINANCE_PM_EXPORTER_WEB_MAX_CONNECTIONS)",
         "(default: 40; env BINANCE_PM_EXPORTER_WEB_MAX_REQUESTS)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import string
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -218,3 +220,92 @@ def test_install_steps_produce_a_working_entry_point(stages: list[Stage], tmp_pa
     assert result.returncode == 0, result.stderr
     assert version in result.stdout
     assert sorted(venv.rglob("*")) == files_before  # a read-only root would have been fine
+
+
+#: an image reference naming our image: [REGISTRY/...]binance-pm-exporter:TAG
+IMAGE_REFERENCE = re.compile(r"(?<![\w.-])((?:[\w.-]+/)*binance-pm-exporter):([\w][\w.-]*)")
+
+
+def test_one_image_name_and_tag_everywhere() -> None:
+    """The README, the Dockerfile, scripts/image and the Kubernetes manifests name one
+    image, binance-pm-exporter, tagged with pyproject.toml's version."""
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    kube = ROOT / "deploy" / "kubernetes"
+    texts = {
+        path: path.read_text()
+        for path in (ROOT / "README.md", DOCKERFILE, kube / "README.md", kube / "statefulset.yaml")
+    }
+    for path, text in texts.items():
+        tags = {tag for _, tag in IMAGE_REFERENCE.findall(text)}
+        assert tags == {version}, f"{path.relative_to(ROOT)}: {tags}"
+    readme = texts[ROOT / "README.md"]
+    assert "./scripts/image\ndocker run " in readme
+    assert f"binance-pm-exporter:{version}\n```" in readme  # what docker run runs
+    pod = yaml.safe_load((kube / "statefulset.yaml").read_text())["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == f"binance-pm-exporter:{version}"
+    (image,) = yaml.safe_load((kube / "kustomization.yaml").read_text())["images"]
+    assert image == {"name": "binance-pm-exporter", "newTag": version}
+    built = subprocess.run(
+        [str(ROOT / "scripts" / "image"), "registry.example.com/team/"],
+        env={**os.environ, "DOCKER": "echo"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.splitlines()
+    remote = f"registry.example.com/team/binance-pm-exporter:{version}"
+    assert built == [
+        f"build -t binance-pm-exporter:{version} .",
+        f"tag binance-pm-exporter:{version} {remote}",
+        f"push {remote}",
+    ]
+
+
+def test_the_readme_passes_keys_to_docker_by_environment_and_by_secret_files(
+    tmp_path: Path,
+) -> None:
+    """Both `docker run`s of the README: keys by -e NAME (no value on the command line),
+    and a secrets directory at /run/secrets with examples/secret-files.yaml, whose key
+    files are the ones the README names."""
+    readme = (ROOT / "README.md").read_text()
+    runs = [
+        block.replace("\\\n", " ")
+        for block in re.findall(r"```sh\n(.*?)```", readme, flags=re.DOTALL)
+        if "docker run" in block and "binance-pm-exporter:" in block
+    ]
+    assert len(runs) == 2
+    by_env, by_files = runs
+    assert re.search(r" -e BINANCE_API_KEY -e BINANCE_API_SECRET ", by_env)
+    assert "/run/secrets:ro" in by_files
+    assert "examples/secret-files.yaml:/etc/binance-pm-exporter/config.yaml:ro" in by_files
+    example = (ROOT / "examples" / "secret-files.yaml").read_text()
+    for name in ("binance_api_key", "binance_api_secret"):
+        assert f"`secrets/{name}`" in readme
+        (tmp_path / name).write_text(f"{name}-s3cr3t\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(example.replace("/run/secrets/", f"{tmp_path}/"))
+    done = subprocess.run(
+        [sys.executable, "-m", "exporter", "--config.file", str(config), "--check-config"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "s3cr3t" not in done.stdout + done.stderr
+
+
+def test_the_kubernetes_readme_starts_with_the_image_and_the_crds() -> None:
+    """Before `kubectl apply -k`: build and push the image the manifests pull, and
+    install the prometheus-operator CRDs; otherwise the pods sit in ImagePullBackOff."""
+    text = (ROOT / "deploy" / "kubernetes" / "README.md").read_text()
+    steps = [
+        text.index("./scripts/image registry.example.com/team"),
+        text.index("kubectl get crd servicemonitors.monitoring.coreos.com"),
+        text.index("kubectl create secret generic binance-pm-exporter-keys"),
+        text.index("kubectl apply -k deploy/kubernetes/"),
+    ]
+    assert steps == sorted(steps)
+    assert text.index("\n| file | what |") > steps[-1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +22,7 @@ from dashboard_queries import (
     used_variables,
     variable_names,
 )
+from systools import require
 from test_fields import served_metric_names
 
 EXPECTED_UIDS = {
@@ -164,8 +164,7 @@ def test_used_variables_are_defined(name: str) -> None:
 
 def test_every_query_is_valid_promql(tmp_path: Path) -> None:
     """promtool parses each query (variables filled) as a recording rule expression."""
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool not on PATH: install Debian's prometheus package"
+    promtool = require("promtool")
     rules = [
         {"record": f"dashboard_query_{i}", "expr": substitute(q.expr, SAMPLE_VALUES)}
         for i, q in enumerate(ALL_QUERIES)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from harness import RunningExporter, accounts, fast_config, wait_until
+from systools import require
 
 import exporter
 from exporter.logs import configure_logging
@@ -126,14 +126,16 @@ def _balance_times(sim: Simulator) -> list[tuple[float, str]]:
     return [(r.time, r.account or "") for r in sim.requests if r.path == "/papi/v1/balance"]
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_promtool_check_metrics_on_real_output(sim3) -> None:
     sim, generated = sim3
     with RunningExporter(fast_config(sim.url, generated)) as running:
         wait_until(lambda: running.sample("binance_pm_up", account="acct-02") == 1)
         text = running.metrics_text()
     result = subprocess.run(
-        ["promtool", "check", "metrics"], input=text.encode(), capture_output=True, check=False
+        [require("promtool"), "check", "metrics"],
+        input=text.encode(),
+        capture_output=True,
+        check=False,
     )
     assert (result.stdout + result.stderr).decode() == ""
     assert result.returncode == 0

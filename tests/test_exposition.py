@@ -2,7 +2,6 @@
 
 import gzip
 import re
-import shutil
 import subprocess
 import threading
 import zlib
@@ -21,6 +20,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
+from systools import require
 
 from exporter import fields
 from exporter.collector import SnapshotCollector
@@ -227,9 +227,11 @@ def test_a_real_exporters_metrics_equal_the_full_registry_and_pass_promtool() ->
         assert steady_lines(response.text) == steady_lines(want), accept
     types = [line.split()[2] for line in om.splitlines() if line.startswith("# TYPE ")]
     assert len(types) == len(set(types))
-    if shutil.which("promtool"):
-        result = subprocess.run(
-            ["promtool", "check", "metrics"], input=text.encode(), capture_output=True, check=False
-        )
-        assert result.stdout + result.stderr == b""
-        assert result.returncode == 0
+    result = subprocess.run(
+        [require("promtool"), "check", "metrics"],
+        input=text.encode(),
+        capture_output=True,
+        check=False,
+    )
+    assert result.stdout + result.stderr == b""
+    assert result.returncode == 0

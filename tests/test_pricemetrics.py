@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from systools import require
 from test_collector import seed_store
 
 from exporter.binance.models import AssetBalance
@@ -64,10 +64,9 @@ def test_before_the_first_fetch_only_usd_assets_have_a_price_and_no_time() -> No
     assert "binance_pm_price_update_timestamp_seconds{" not in text
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_promtool_check_metrics_is_silent() -> None:
     result = subprocess.run(
-        ["promtool", "check", "metrics"],
+        [require("promtool"), "check", "metrics"],
         input=render(held_store(), price_store()).encode(),
         capture_output=True,
         check=False,

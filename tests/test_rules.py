@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from systools import require
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "prometheus" / "alerts.yml"
@@ -22,9 +22,7 @@ SEVERITIES = {"critical", "warning", "info"}
 
 
 def _promtool() -> str:
-    path = shutil.which("promtool")
-    assert path, "promtool not on PATH: install Debian's prometheus package (./scripts/test does)"
-    return path
+    return require("promtool")
 
 
 def _alerts() -> list[dict[str, Any]]:
@@ -270,9 +268,7 @@ def _alertmanager_config() -> str:
 def test_the_documented_route_sends_each_desk_to_its_receivers(
     tmp_path: Path, labels: list[str], receiver: str
 ) -> None:
-    amtool = shutil.which("amtool")
-    if amtool is None:
-        pytest.skip("amtool not installed (Debian's prometheus-alertmanager)")
+    amtool = require("amtool")
     config = tmp_path / "alertmanager.yml"
     config.write_text(_alertmanager_config())
     result = subprocess.run(

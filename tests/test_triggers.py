@@ -8,7 +8,6 @@ every task waits), so a minute of a stream at 200 events/s takes a few seconds.
 import asyncio
 import itertools
 import random
-import shutil
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +18,7 @@ import httpx
 import pytest
 from harness import RunningExporter, accounts, sim_config, wait_until
 from prometheus_client import CollectorRegistry, generate_latest
+from systools import require
 from test_poller import FakeApi, build_poller
 
 from exporter.app import Exporter
@@ -469,10 +469,12 @@ def test_stream_health_metrics_and_promtool() -> None:
     assert 'binance_pm_stream_up{account="b"}' not in text_after
     assert 'binance_pm_stream_triggered_refreshes_total{account="b"}' not in text_after
     assert 'binance_pm_stream_up{account="a"} 1.0' in text_after
-    if shutil.which("promtool") is None:
-        pytest.skip("promtool not installed")
     check = subprocess.run(
-        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, check=False
+        [require("promtool"), "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout + check.stderr == ""

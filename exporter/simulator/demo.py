@@ -5,7 +5,9 @@
 no real keys. Balances drift every second and, now and then, one account shows a
 negative balance for a while, so dashboards and alerts have something to show. The
 simulator serves spot prices too, and `log_usd_totals` logs each account's net USD value
-every 10 s (`demo_usd_totals`).
+every 10 s (`demo_usd_totals`). `NegativeEpisodes` logs when an episode starts
+(`demo_negative_episode_started`) and when the exporter's snapshot, the one /metrics
+serves, has it (`demo_negative_episode_on_metrics`, with the seconds between).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +41,63 @@ NEGATIVE_FOR_SECONDS = (10.0, 30.0)  # how long one lasts
 #: account would keep each account's triggered refreshes at their limit (one per
 #: `stream.min_refresh_interval_seconds`), and a negative episode would wait for it.
 BALANCE_MOVE_CHANCE = 0.003
+
+
+@dataclass(frozen=True)
+class Episode:
+    """A negative balance the simulator serves from `started` (monotonic seconds) on."""
+
+    account: str
+    asset: str
+    started: float
+
+
+class NegativeEpisodes:
+    """Demo only: the negative-balance episode the simulator serves now, and when the
+    exporter's snapshot (what /metrics serves) first shows it, each logged once."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._current: Episode | None = None  # not yet seen on /metrics
+
+    def started(self, account: str, asset: str, negative: str) -> None:
+        """Called by the simulator's drift as it starts serving the episode."""
+        with self._lock:
+            self._current = Episode(account, asset, self._clock())
+        log.info("demo_negative_episode_started", account=account, asset=asset, negative=negative)
+
+    def check(self, store: SnapshotStore) -> Episode | None:
+        """The current episode if `store` shows it now (logged, and then forgotten)."""
+        with self._lock:
+            episode = self._current
+            if episode is None or episode.account not in store.current.accounts:
+                return None
+            balances = store.current.accounts[episode.account].balances
+            if not any(
+                b.asset == episode.asset and b.values.get("negativeBalance") for b in balances
+            ):
+                return None
+            self._current = None
+        seconds = self._clock() - episode.started
+        log.info(
+            "demo_negative_episode_on_metrics",
+            account=episode.account,
+            asset=episode.asset,
+            seconds_after_start=round(seconds, 2),
+        )
+        return episode
+
+    async def watch(
+        self,
+        store: SnapshotStore,
+        every: float = 0.02,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        """Look at the store every `every` seconds until cancelled."""
+        while True:
+            self.check(store)
+            await sleep(every)
 
 
 @dataclass(frozen=True)
@@ -91,10 +152,12 @@ class Drift:
         assets_per_account: int,
         rng: random.Random,
         move_chance: float = BALANCE_MOVE_CHANCE,
+        episodes: NegativeEpisodes | None = None,
     ) -> None:
         self._sim = sim
         self._rng = rng
         self._move_chance = move_chance
+        self._episodes = episodes
         now_ms = sim.state.now_ms()
         self._portfolios = {
             name: synthetic.make_portfolio(rng, assets_per_account, now_ms)
@@ -102,6 +165,7 @@ class Drift:
         }
         self._risks = {name: synthetic.make_risk(rng) for name in sim.account_names}
         self._negative: tuple[synthetic.SyntheticAsset, int] | None = None  # asset, until ms
+        self._announce: tuple[str, synthetic.SyntheticAsset] | None = None  # started this tick
         self._next_negative_ms = now_ms + int(rng.uniform(5.0, 15.0) * 1000)
         self._publish(now_ms)
 
@@ -123,19 +187,25 @@ class Drift:
                 gap = self._rng.uniform(*NEGATIVE_EVERY_SECONDS)
                 self._next_negative_ms = now_ms + int(gap * 1000)
         elif now_ms >= self._next_negative_ms and self._portfolios:
-            portfolio = self._portfolios[self._rng.choice(list(self._portfolios))]
+            name = self._rng.choice(list(self._portfolios))
+            portfolio = self._portfolios[name]
             if portfolio:
                 asset = portfolio[0]
                 asset.cross_free = synthetic.ZERO
                 asset.negative = synthetic.amount(self._rng.uniform(5.0, 500.0))
                 duration = self._rng.uniform(*NEGATIVE_FOR_SECONDS)
                 self._negative = (asset, now_ms + int(duration * 1000))
+                self._announce = (name, asset)
 
     def _publish(self, now_ms: int) -> None:
         for name, portfolio in self._portfolios.items():
             self._sim.set_balances(name, [asset.record() for asset in portfolio])
             info = synthetic.account_info(portfolio, self._risks[name], now_ms)
             self._sim.set_account_info(name, info)
+        if self._announce is not None and self._episodes is not None:
+            name, asset = self._announce
+            self._episodes.started(name, asset.asset, synthetic.format_amount(asset.negative))
+        self._announce = None
 
 
 def start_drift(
@@ -145,10 +215,17 @@ def start_drift(
     tick_seconds: float = 1.0,
     seed: int | None = None,
     move_chance: float = BALANCE_MOVE_CHANCE,
+    episodes: NegativeEpisodes | None = None,
 ) -> Drift:
     """Drift the started simulator's balances every `tick_seconds` until `sim.stop()`."""
     rng = random.Random(seed)  # noqa: S311 - made-up balances, not cryptography
-    drift = Drift(sim, assets_per_account=assets_per_account, rng=rng, move_chance=move_chance)
+    drift = Drift(
+        sim,
+        assets_per_account=assets_per_account,
+        rng=rng,
+        move_chance=move_chance,
+        episodes=episodes,
+    )
     sim.every(tick_seconds, drift.tick, name="sim-drift")
     return drift
 
@@ -187,10 +264,12 @@ def start_demo(
     assets_per_account: int = 8,
     key_types: tuple[KeyType, ...] = DEMO_KEY_TYPES,
     tick_seconds: float = 1.0,
+    episodes: NegativeEpisodes | None = None,
 ) -> tuple[Simulator, dict[str, Any]]:
     """A started, drifting simulator and the exporter's config data pointing at it.
 
-    Accounts are desk-a, desk-b, ... with HMAC, Ed25519 and RSA keys in turn.
+    Accounts are desk-a, desk-b, ... with HMAC, Ed25519 and RSA keys in turn; `episodes`
+    hears of each negative-balance episode as it starts.
     The caller stops the simulator with `sim.stop()`.
     """
     names = [
@@ -205,7 +284,12 @@ def start_demo(
     )
     sim.start()
     try:
-        start_drift(sim, assets_per_account=assets_per_account, tick_seconds=tick_seconds)
+        start_drift(
+            sim,
+            assets_per_account=assets_per_account,
+            tick_seconds=tick_seconds,
+            episodes=episodes,
+        )
     except BaseException:
         sim.stop()
         raise
@@ -241,7 +325,9 @@ def exporter_config(
 
 __all__ = [
     "Drift",
+    "Episode",
     "GeneratedAccount",
+    "NegativeEpisodes",
     "exporter_config",
     "generate_account",
     "log_usd_totals",
