@@ -63,6 +63,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     ) -> None:
         """A flag whose help ends with its built-in default (``shown`` when that is None)
         and its environment variable."""
+        assert default is not None or shown is not None, f"{flag}: say what its default is"
         parser.add_argument(
             flag,
             dest=_dest(flag),
