@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from exporterproc import running
@@ -216,7 +217,7 @@ def test_a_reload_adds_and_removes_account_files_and_leaves_the_others(
     conf, accounts, entries = sim_dir
     _write(accounts / "acct-a.yaml", {**entries["acct-a"], "labels": {"desk": "mm"}})
     _write(accounts / "acct-b.yaml", entries["acct-b"])
-    with running("--config.file", str(conf)) as run:
+    with running("--config.file", str(conf), "--web.enable-lifecycle") as run:
         for name in ("acct-a", "acct-b"):
             wait_until(lambda n=name: run.sample("binance_pm_up", account=n) == 1.0, 20, name)
         before = _series_of(run.get("/metrics").text, "acct-a")
@@ -240,14 +241,19 @@ def test_a_reload_adds_and_removes_account_files_and_leaves_the_others(
         assert (run.sample(LAST, account="acct-a") or 0.0) >= last_before
         assert run.sample("binance_pm_config_last_reload_successful") == 1.0
 
-        # A duplicate name across files: the reload fails, naming both; nothing changes.
+        # A duplicate name across files: the reload (POST /-/reload this time) fails,
+        # naming both files; nothing changes.
         _write(accounts / "zz-copy.yaml", entries["acct-a"])
-        run.signal(signal.SIGHUP)
-        (failed,) = wait_until(lambda: run.events("reload_failed"), 20, "the failed reload")
-        assert failed["error"] == (
+        duplicate = (
             f"{accounts / 'zz-copy.yaml'}: duplicate account name 'acct-a'"
             f" (also in {accounts / 'acct-a.yaml'})"
         )
+        response = httpx.post(run.url + "/-/reload", timeout=30)
+        assert response.status_code == 500
+        assert response.text == f"failed to reload config: {duplicate}\n"
+        (failed,) = run.events("reload_failed")
+        assert failed["error"] == duplicate
+        assert run.sample("binance_pm_config_last_reload_successful") == 0.0
         assert entries["acct-a"]["api_secret"] not in "\n".join(run.lines)
         assert run.sample("binance_pm_up", account="acct-c") is not None
         assert run.stop() == 0
