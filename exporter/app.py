@@ -30,6 +30,7 @@ from exporter.exposition import CachedExposition
 from exporter.poller import BACKOFF_CAP_SECONDS, EgressPoller, PollSettings, Target
 from exporter.pricemetrics import PriceCollector
 from exporter.prices import PriceBook, PriceSource, PriceStore, price_budget_limits
+from exporter.processmetrics import register_process_metrics
 from exporter.route import Route
 from exporter.selfmetrics import (
     BudgetCollector,
@@ -41,7 +42,7 @@ from exporter.selfmetrics import (
 )
 from exporter.server import ExporterApp, MetricsServer, ServerLimits
 from exporter.shard import WHOLE, Shard
-from exporter.snapshot import AccountSnapshot, SnapshotStore
+from exporter.snapshot import AccountMeta, AccountSnapshot, SnapshotStore
 from exporter.storage import StateFile
 from exporter.streams import AccountStreams
 from exporter.webconfig import WebConfig, WebConfigFile
@@ -138,9 +139,12 @@ class Exporter:
         names = {a.name for a in plan.accounts}
         saved = storage.load(names) if storage is not None else {}
         self.store = SnapshotStore(
-            _under(saved[a.name], plan.settings[a.route])
-            if a.name in saved
-            else AccountSnapshot(a.name, plan.settings[a.route].interval)
+            _with_meta(
+                _under(saved[a.name], plan.settings[a.route])
+                if a.name in saved
+                else AccountSnapshot(a.name, plan.settings[a.route].interval),
+                a,
+            )
             for a in sorted(plan.accounts, key=lambda a: a.name)
         )
         #: the user data streams' health, fed by the stream clients (None: disabled); the
@@ -175,6 +179,7 @@ class Exporter:
         self.registry.register(BudgetCollector(lambda: self._all_budgets))
         self.registry.register(ReloadCollector(self.reload_status, "config", "config"))
         self.registry.register(BuildInfoCollector())
+        register_process_metrics(self.registry)
         if self.prices is not None:
             self.registry.register(PriceCollector(self.store, self.price_store))
         if self.stream_health is not None:
@@ -512,9 +517,24 @@ def _snapshots(plan: _Plan, current: Mapping[str, AccountSnapshot]) -> Iterable[
         settings = plan.settings[account.route]
         kept = current.get(account.name)
         if kept is None:
-            yield AccountSnapshot(account.name, settings.interval)
+            yield _with_meta(AccountSnapshot(account.name, settings.interval), account)
         else:
-            yield _under(kept, settings)
+            yield _with_meta(_under(kept, settings), account)
+
+
+def meta_of(account: AccountConfig) -> AccountMeta:
+    """The account's labels and thresholds as the snapshot carries them to /metrics."""
+    return AccountMeta(
+        labels=tuple(sorted(account.labels.items())),
+        thresholds=tuple(account.thresholds.given().items()),
+    )
+
+
+def _with_meta(snapshot: AccountSnapshot, account: AccountConfig) -> AccountSnapshot:
+    """`snapshot` with the account's config labels and thresholds (the same object when
+    they did not change, so its rendered lines stay cached)."""
+    meta = meta_of(account)
+    return snapshot if meta == snapshot.meta else replace(snapshot, meta=meta)
 
 
 def _under(snapshot: AccountSnapshot, settings: PollSettings) -> AccountSnapshot:

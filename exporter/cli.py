@@ -58,12 +58,17 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "(e.g. BINANCE_PM_EXPORTER_CONFIG_FILE); the flag wins.",
     )
 
-    def option(flag: str, default: str | None, help: str, **kwargs: Any) -> None:
+    def option(
+        flag: str, default: str | None, help: str, *, shown: str | None = None, **kwargs: Any
+    ) -> None:
+        """A flag whose help ends with its built-in default (``shown`` when that is None)
+        and its environment variable."""
+        assert default is not None or shown is not None, f"{flag}: say what its default is"
         parser.add_argument(
             flag,
             dest=_dest(flag),
             default=environ.get(env_name(flag), default),
-            help=f"{help} (env {env_name(flag)})",
+            help=f"{help} (default: {default if shown is None else shown}; env {env_name(flag)})",
             **kwargs,
         )
 
@@ -74,21 +79,22 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
             dest=_dest(flag),
             action="store_true",
             default=value in ("1", "true", "yes", "on"),
-            help=f"{help} (env {env_name(flag)}=true)",
+            help=f"{help} (default: off; env {env_name(flag)}=true)",
         )
 
     option("--config.file", "config.yaml", "path of the YAML config", metavar="PATH")
     option(
         "--web.listen-address",
         None,
-        f"address to serve /metrics on (default :{DEFAULT_PORT}, every address; "
-        f"with --demo, {DEMO_LISTEN_ADDRESS})",
+        "address to serve /metrics on",
+        shown=f":{DEFAULT_PORT}, every address; with --demo, {DEMO_LISTEN_ADDRESS}",
         metavar="HOST:PORT",
     )
     option(
         "--web.config.file",
         None,
         "exporter-toolkit web config for TLS and basic auth",
+        shown="none, plain HTTP without auth",
         metavar="PATH",
     )
     option(
@@ -121,7 +127,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     option(
         "--log.format",
         None,
-        "json or console (default: json unless stderr is a terminal)",
+        "json or console",
+        shown="json, or console when stderr is a terminal",
         choices=FORMATS,
     )
     option(
@@ -135,8 +142,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     option(
         "--storage.path",
         None,
-        "directory to keep the last snapshot in, so that a restart serves the last values at "
-        "once (off when unset)",
+        "directory to keep the last snapshot in, so that a restart serves the last values at once",
+        shown="none, off",
         metavar="DIR",
     )
     switch("--check-config", "validate the config, print a summary without secrets, and exit")
@@ -274,16 +281,25 @@ def _config(
         finally:
             simulator.stop()
         return
-    path = Path(args.config_file)
     try:
-        config = load_config(path, environ)
-        check_budget(config)
+        config = load_checked(Path(args.config_file), environ)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"{path}: {problem}", file=sys.stderr)
+            print(problem, file=sys.stderr)
         yield None
         return
     yield config
+
+
+def load_checked(path: Path, environ: Mapping[str, str]) -> Config:
+    """The config file and its account files, and the budget check; every problem names
+    its file once (``config.yaml: budget.share: ...``). Raises ConfigError."""
+    config = load_config(path, environ)
+    try:
+        check_budget(config)
+    except ConfigError as exc:
+        raise ConfigError([f"{path}: {problem}" for problem in exc.problems]) from None
+    return config
 
 
 def _shard_problem(config: Config, shard: Shard) -> str | None:
@@ -301,11 +317,7 @@ def _shard_problem(config: Config, shard: Shard) -> str | None:
 def _reload_config(path: Path, environ: Mapping[str, str], shard: Shard) -> Config:
     """The config file again, checked as at start: every field, secret file, key, the budget
     and the shard's share of it. Raises ConfigError (problems prefixed as at start)."""
-    try:
-        config = load_config(path, environ)
-        check_budget(config)
-    except ConfigError as exc:
-        raise ConfigError([f"{path}: {problem}" for problem in exc.problems]) from None
+    config = load_checked(path, environ)
     problem = _shard_problem(config, shard)
     if problem is not None:
         raise ConfigError([problem])

@@ -36,6 +36,17 @@ class Family:
     help: str
     labels: tuple[str, ...]
     samples: Callable[[AccountSnapshot], Iterable[Sample]]
+    #: each sample also carries the account's own labels (`AccountSnapshot.meta.labels`)
+    own_labels: bool = False
+
+    def label_pairs(
+        self, account: AccountSnapshot, values: tuple[str, ...]
+    ) -> list[tuple[str, str]]:
+        """A sample's labels, name and value, sorted by name as prometheus_client writes them."""
+        pairs = [("account", account.name), *zip(self.labels[1:], values, strict=True)]
+        if self.own_labels:
+            return sorted([*pairs, *account.meta.labels])
+        return pairs
 
     def __post_init__(self) -> None:
         # prometheus_client sorts labels by name; keeping them sorted here keeps the
@@ -100,6 +111,15 @@ def _failures(account: AccountSnapshot) -> Iterable[Sample]:
 
 def _interval(account: AccountSnapshot) -> Iterable[Sample]:
     yield (), account.refresh_interval
+
+
+def _info(account: AccountSnapshot) -> Iterable[Sample]:
+    yield (), 1.0  # every account, labels of its own or not: a join never drops one
+
+
+def _thresholds(account: AccountSnapshot) -> Iterable[Sample]:
+    for name, value in account.meta.thresholds:
+        yield (name,), value
 
 
 #: every family the snapshot renders to, in exposition order
@@ -175,6 +195,21 @@ FAMILIES: tuple[Family, ...] = (
         ("account",),
         _interval,
     ),
+    Family(
+        "binance_pm_account_info",
+        "The account's own labels from the config (accounts[].labels); always 1. The alert "
+        "rules join on account to carry them.",
+        ("account",),
+        _info,
+        own_labels=True,
+    ),
+    Family(
+        "binance_pm_account_threshold",
+        "The account's own alert thresholds from the config (accounts[].thresholds), by "
+        "name; where absent, the alert rules use their defaults.",
+        ("account", "threshold"),
+        _thresholds,
+    ),
 )
 
 
@@ -199,5 +234,5 @@ def snapshot_families(snapshot: Snapshot) -> Iterable[Metric]:
         metric = GaugeMetricFamily(family.name, family.help, labels=list(family.labels))
         for account in snapshot.accounts.values():
             for labels, value in family.samples(account):
-                metric.add_metric([account.name, *labels], value)
+                metric.add_sample(family.name, dict(family.label_pairs(account, labels)), value)
         yield metric

@@ -65,14 +65,12 @@ def help_line(family: Family, fmt: Format) -> str:
 
 def render_lines(family: Family, account: AccountSnapshot) -> str:
     """The sample lines of one family for one account."""
-    head = f'{family.name}{{account="{escape_label_value(account.name)}"'
-    extra = family.labels[1:]
     lines = []
     for values, value in family.samples(account):
-        labels = "".join(
-            f',{name}="{escape_label_value(v)}"' for name, v in zip(extra, values, strict=True)
+        labels = ",".join(
+            f'{name}="{escape_label_value(v)}"' for name, v in family.label_pairs(account, values)
         )
-        lines.append(f"{head}{labels}}} {format_value(value)}\n")
+        lines.append(f"{family.name}{{{labels}}} {format_value(value)}\n")
     return "".join(lines)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 _EMPTY: Mapping[str, float] = MappingProxyType({})
@@ -36,6 +36,18 @@ class AccountInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class AccountMeta:
+    """What the config says about the account for Prometheus to join on (accounts[].labels
+    and accounts[].thresholds), each sorted by name."""
+
+    labels: tuple[tuple[str, str], ...] = ()
+    thresholds: tuple[tuple[str, float], ...] = ()
+
+
+NO_META = AccountMeta()
+
+
+@dataclass(frozen=True, slots=True)
 class AccountSnapshot:
     name: str
     #: target seconds between two refreshes of this account
@@ -50,6 +62,8 @@ class AccountSnapshot:
     restored: bool = False
     last_success: float | None = None  # epoch seconds
     consecutive_failures: int = 0
+    #: from the config: set by `SnapshotStore.rebuild` (a reload), kept by `replace`
+    meta: AccountMeta = NO_META
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +89,8 @@ class Snapshot:
 
 class SnapshotStore:
     """Holds the current snapshot; `replace` swaps in a copy with one account changed,
-    `rebuild` one with the set of accounts changed (a config reload)."""
+    `rebuild` one with the set of accounts changed (a config reload). An account's `meta`
+    comes from the config: only `rebuild` changes it."""
 
     def __init__(self, accounts: Iterable[AccountSnapshot]) -> None:
         self._lock = threading.Lock()
@@ -92,8 +107,11 @@ class SnapshotStore:
         """Swap in `account`; an account no longer in the store (removed by a reload while
         its refresh was in flight) stays out."""
         with self._lock:
-            if account.name not in self._current.accounts:
+            stored = self._current.accounts.get(account.name)
+            if stored is None:
                 return self._current
+            if account.meta is not stored.meta:  # a refresh begun before a reload
+                account = replace(account, meta=stored.meta)
             accounts = dict(self._current.accounts)
             accounts[account.name] = account
             self._current = Snapshot(MappingProxyType(accounts), self._current.generation + 1)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from exporter.budget import refresh_interval, shard_limits
-from exporter.config import Config, ConfigError
+from exporter.budget import GUARD_SECONDS, WINDOW_SECONDS, refresh_interval, shard_limits
+from exporter.config import AccountConfig, Config, ConfigError
 from exporter.shard import WHOLE, Shard
 from exporter.weights import SPOT_IP_WEIGHT_LIMIT_PER_MINUTE, WEIGHTS, refresh_weight
 
@@ -44,6 +44,10 @@ def summarize(config: Config, shard: Shard = WHOLE) -> str:
         f" = {_num(per_minute)} weight/min per egress IP;"
         f" pause while the IP's used weight >= {_num(high_water)}"
         f" ({_num(budget.ip_high_water)} x {budget.ip_weight_limit_per_minute})",
+        f"budget minute: {_num(GUARD_SECONDS)} s, Binance's {_num(WINDOW_SECONDS)} s plus"
+        f" {_num(GUARD_SECONDS - WINDOW_SECONDS)} s for the network's jitter between our"
+        " clock and Binance's: B is spent over it, so that no minute Binance counts holds"
+        " more than B",
     ]
     stream = config.stream
     lines.append(
@@ -58,16 +62,22 @@ def summarize(config: Config, shard: Shard = WHOLE) -> str:
         interval = refresh_interval(count, weight, limits, budget.min_interval_seconds)
         binding = "budget" if by_budget >= budget.min_interval_seconds else "min_interval"
         lines.append(
-            f"refresh ({egress}): {count} account(s) x {weight} / {_num(per_minute)} per min"
-            f" = {_num(by_budget)} s by budget, min_interval {_num(budget.min_interval_seconds)}"
+            f"refresh ({egress}): {count} account(s) x {weight} / {_num(per_minute)}"
+            f" x {_num(GUARD_SECONDS)} s = {_num(by_budget)} s by budget,"
+            f" min_interval {_num(budget.min_interval_seconds)}"
             f" s -> each account every {_num(interval)} s ({binding})"
         )
     lines.append(_prices_line(config))
     lines.append(_time_line(config))
-    lines.append(f"accounts ({len(config.accounts)}):")
+    lines.append(
+        f"accounts ({len(config.accounts)})"
+        + (f", with those of {config.accounts_dir}/*.yaml" if config.accounts_dir else "")
+        + ":"
+    )
     width = max(len(a.name) for a in config.accounts)
     lines += [
-        f"  {a.name:<{width}}  {a.key_type:<7}  egress={a.route.label}" for a in config.accounts
+        f"  {a.name:<{width}}  {a.key_type:<7}  egress={a.route.label}{_extras(a)}"
+        for a in config.accounts
     ]
     if shard.total > 1:
         names = [a.name for a in shard.select(config.accounts, lambda a: a.name)]
@@ -78,6 +88,17 @@ def summarize(config: Config, shard: Shard = WHOLE) -> str:
             + (", ".join(names) or "none")
         )
     return "\n".join(lines)
+
+
+def _extras(account: AccountConfig) -> str:
+    """`  labels desk=a,team=b  thresholds uni_mmr_warning=2`, or nothing."""
+    out = ""
+    if account.labels:
+        out += "  labels " + ",".join(f"{k}={v}" for k, v in sorted(account.labels.items()))
+    thresholds = account.thresholds.given()
+    if thresholds:
+        out += "  thresholds " + ",".join(f"{k}={_num(v)}" for k, v in thresholds.items())
+    return out
 
 
 def _prices_line(config: Config) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +40,8 @@ UNI_MMR_CRITICAL = 1.2
 DATASOURCE = dash.DataSourceRef(type_val="prometheus", uid="${datasource}")
 TAGS = ["binance-pm"]
 TARGET = 'job=~"$job", instance=~"$instance"'
+#: the accounts of the chosen desks (accounts[].labels.desk, on binance_pm_account_info)
+DESK = f'{TARGET}, desk=~"$desk"'
 
 # accountStatus as coded by the recording rule account:binance_pm_account_status:code:
 # the known statuses in their order, then UNKNOWN.
@@ -149,16 +152,22 @@ def stat(
 
 
 def variables(*, account: str | None) -> list[Any]:
-    """datasource, job and instance; account as 'multi', 'single' or None; asset with single."""
+    """datasource, job, instance and desk; account as 'multi', 'single' or None (the accounts
+    of the chosen desks); asset with single."""
     result: list[Any] = [
         dash_b.DatasourceVariable("datasource").label("Data source").type("prometheus"),
         label_variable("job", "Job", "binance_pm_exporter_build_info", "job"),
         label_variable(
             "instance", "Instance", 'binance_pm_exporter_build_info{job=~"$job"}', "instance"
         ),
+        # ".*" for All: accounts without a desk label too
+        label_variable("desk", "Desk", f"binance_pm_account_info{{{TARGET}}}", "desk"),
     ]
     if account is not None:
-        acc = label_variable("account", "Account", f"binance_pm_up{{{TARGET}}}", "account")
+        # All is the accounts listed (those of the chosen desks), not ".*"
+        acc = label_variable(
+            "account", "Account", f"binance_pm_account_info{{{DESK}}}", "account", all_value=None
+        )
         if account == "single":
             acc = acc.multi(False).include_all(False)
         result.append(acc)
@@ -174,8 +183,10 @@ def variables(*, account: str | None) -> list[Any]:
     return result
 
 
-def label_variable(name: str, label: str, metric: str, label_name: str) -> Any:
-    return (
+def label_variable(
+    name: str, label: str, metric: str, label_name: str, *, all_value: str | None = ".*"
+) -> Any:
+    variable = (
         dash_b.QueryVariable(name)
         .label(label)
         .datasource(DATASOURCE)
@@ -184,9 +195,14 @@ def label_variable(name: str, label: str, metric: str, label_name: str) -> Any:
         .sort(dash.VariableSort.ALPHABETICAL_ASC)
         .multi(True)
         .include_all(True)
-        .all_value(".*")
         .current(dash.VariableOption(selected=True, text="All", value="$__all"))
     )
+    return variable if all_value is None else variable.all_value(all_value)
+
+
+def of_desk(series: str) -> str:
+    """`series` (per account) limited to the accounts of the chosen desks."""
+    return f"({series} and on (job, instance, account) binance_pm_account_info{{{DESK}}})"
 
 
 def new_dashboard(uid: str, title: str, description: str) -> dash_b.Dashboard:
@@ -226,13 +242,45 @@ def finish(builder: dash_b.Dashboard) -> dict[str, Any]:
 # --- the dashboards -------------------------------------------------------------
 
 
+_SELECTOR = re.compile(
+    r"((?:job|asset|account):)?(binance_pm_\w+?)(:\w+)?\{" + re.escape(TARGET) + r"\}"
+)
+#: metrics without an account label, which no desk filters: the prices
+_NOT_PER_ACCOUNT = ("binance_pm_asset_price_usd", "binance_pm_price_update_timestamp_seconds")
+
+
+def desk_filtered(expr: str) -> str:
+    """`expr` with each series of accounts limited to the chosen desks. A total over
+    accounts (a job: or asset: recording rule) is computed from its per-account series
+    instead, so that it is the desks' total."""
+
+    def limited(match: re.Match[str]) -> str:
+        level, metric, _ = match.groups()
+        if metric in _NOT_PER_ACCOUNT:
+            return match.group(0)
+        if level in ("job:", "asset:"):  # sum without (account) (metric): per account again
+            return f"sum without (account) ({of_desk(f'{metric}{{{TARGET}}}')})"
+        return of_desk(match.group(0))
+
+    return _SELECTOR.sub(limited, expr)
+
+
+def limit_to_desks(data: dict[str, Any]) -> dict[str, Any]:
+    """A dashboard whose every query keeps to the chosen desks' accounts."""
+    for panel in data["panels"]:
+        for inner in (panel, *panel.get("panels", [])):
+            for target in inner.get("targets", []):
+                target["expr"] = desk_filtered(target["expr"])
+    return data
+
+
 def overview() -> dict[str, Any]:
     sel = TARGET
     board = new_dashboard(
         "binance-pm-overview",
         "Binance PM / Overview",
-        "All Binance Portfolio Margin accounts of binance-pm-exporter: equity, uniMMR, "
-        "status, negative balances, borrowing and unrealized PnL.",
+        "All Binance Portfolio Margin accounts of binance-pm-exporter, or those of the chosen "
+        "desks: equity, uniMMR, status, negative balances, borrowing and unrealized PnL.",
     ).variables(variables(account=None))
 
     board.with_row(dash_b.Row("Accounts"))
@@ -428,7 +476,7 @@ def overview() -> dict[str, Any]:
             ],
         )
     )
-    return finish(board)
+    return limit_to_desks(finish(board))
 
 
 def account_link() -> dash_b.DashboardLink:
@@ -524,10 +572,14 @@ def account_detail() -> dict[str, Any]:
     board.with_panel(
         timeseries(
             "uniMMR",
-            "uniMMR over time; the shaded bands are the alert thresholds "
-            f"({UNI_MMR_CRITICAL} critical, {UNI_MMR_WARNING} warning).",
+            "uniMMR over time; the shaded bands are the default alert thresholds "
+            f"({UNI_MMR_CRITICAL} critical, {UNI_MMR_WARNING} warning), the dashed lines "
+            "the account's own (accounts[].thresholds), which its alerts use instead.",
             "none",
-            [query(f"binance_pm_uni_mmr{{{acc}}}", "uniMMR")],
+            [
+                query(f"binance_pm_uni_mmr{{{acc}}}", "uniMMR", "A"),
+                query(f"binance_pm_account_threshold{{{acc}}}", "{{threshold}}", "B"),
+            ],
             width=6,
         )
         .thresholds(uni_mmr_thresholds())
@@ -849,8 +901,8 @@ def exporter_health() -> dict[str, Any]:
     board = new_dashboard(
         "binance-pm-exporter",
         "Binance PM / Exporter health",
-        "binance-pm-exporter itself: scrape and account health, data age, request-weight "
-        "budget, request outcomes and latency, pauses.",
+        "binance-pm-exporter itself: scrape and account health, data age, its memory, CPU "
+        "and open files, request-weight budget, request outcomes and latency, pauses.",
     ).variables(variables(account="multi"))
 
     board.with_row(dash_b.Row("Health"))
@@ -928,6 +980,54 @@ def exporter_health() -> dict[str, Any]:
             "none",
             [query(f"binance_pm_account_consecutive_failures{{{acc}}}", "{{account}}")],
         )
+    )
+
+    board.with_row(dash_b.Row("Process: memory, CPU, open files"))
+    board.with_panel(
+        timeseries(
+            "Memory",
+            "Resident memory of each exporter (process_resident_memory_bytes) against the "
+            "memory limit of its cgroup (binance_pm_exporter_memory_limit_bytes: the "
+            "container's or the systemd unit's; absent without one). "
+            "BinancePMExporterMemoryHigh fires above 80 % of the limit for 10 minutes.",
+            "bytes",
+            [
+                query(f"process_resident_memory_bytes{{{sel}}}", "resident {{instance}}", "A"),
+                query(
+                    f"binance_pm_exporter_memory_limit_bytes{{{sel}}}", "limit {{instance}}", "B"
+                ),
+            ],
+            width=8,
+        ).min(0)
+    )
+    board.with_panel(
+        timeseries(
+            "CPU",
+            "CPU time each exporter uses per second (rate of process_cpu_seconds_total): "
+            "1 is one core.",
+            "percentunit",
+            [
+                query(
+                    f"rate(process_cpu_seconds_total{{{sel}}}[$__rate_interval])",
+                    "{{instance}}",
+                )
+            ],
+            width=8,
+        ).min(0)
+    )
+    board.with_panel(
+        timeseries(
+            "Open files",
+            "Files and sockets each exporter has open (process_open_fds) against its "
+            "open-files limit (process_max_fds, ulimit -n). BinancePMExporterOpenFilesHigh "
+            "fires above 80 % of the limit for 10 minutes.",
+            "none",
+            [
+                query(f"process_open_fds{{{sel}}}", "open {{instance}}", "A"),
+                query(f"process_max_fds{{{sel}}}", "limit {{instance}}", "B"),
+            ],
+            width=8,
+        ).min(0)
     )
 
     board.with_row(dash_b.Row("Request weight"))

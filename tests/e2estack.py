@@ -217,6 +217,11 @@ class Stack:
         result: list[dict[str, Any]] = body["data"]["result"]
         return result
 
+    def set_account_info(self, account: str, info: dict[str, Any]) -> None:
+        """Replace what the simulator serves as the account's GET /papi/v1/account."""
+        response = self.http.put(f"{self.sim_url}/_sim/account/{account}", json=info)
+        assert response.status_code < 300, response.text
+
     def set_asset(self, account: str, asset: str, **fields: str) -> None:
         """Change one asset of one account in the simulator (its stream says so)."""
         response = self.http.patch(f"{self.sim_url}/_sim/assets/{account}/{asset}", json=fields)
@@ -269,11 +274,16 @@ def _prometheus_config(exporter: str, alertmanager: str, rules: Path) -> dict[st
     }
 
 
-def _exporter_config(path: Path, budget: dict[str, Any], stream: bool) -> list[str]:
-    """Apply `budget` and `stream` to the config the simulator wrote (which turns the
-    streams on at its own URL); the account names."""
+def _exporter_config(
+    path: Path, budget: dict[str, Any], stream: bool, settings: dict[int, dict[str, Any]]
+) -> list[str]:
+    """Apply `budget`, `stream` and each account's `settings` (by its index: labels,
+    thresholds) to the config the simulator wrote (which turns the streams on at its own
+    URL); the account names."""
     config = yaml.safe_load(path.read_text())
     config.setdefault("budget", {}).update(budget)
+    for index, extra in settings.items():
+        config["accounts"][index].update(extra)
     if not stream:
         config["stream"] = {"enabled": False}
     path.write_text(yaml.safe_dump(config))
@@ -288,11 +298,13 @@ def e2e_stack(
     assets: int = 4,
     budget: dict[str, Any] | None = None,
     stream: bool = True,
+    account_settings: dict[int, dict[str, Any]] | None = None,
 ) -> Iterator[Stack]:
     """The whole stack in `work`, yielded once every server answers (the exporter has
     not necessarily refreshed any account yet). `budget` overrides the exporter's budget
     keys; its `ip_weight_limit_per_minute` is the simulator's limit too (otherwise both
-    keep the simulator's default, which the exporter's default budget fits)."""
+    keep the simulator's default, which the exporter's default budget fits).
+    `account_settings` adds keys (labels, thresholds) to the accounts, by index."""
     budget = budget or {}
     prometheus = require("prometheus")
     alertmanager = require("prometheus-alertmanager")
@@ -318,7 +330,7 @@ def e2e_stack(
         assert line.startswith("simulator listening on http://"), line + sim.tail()
         sim_url = line.rsplit(" ", 1)[1]
 
-        names = _exporter_config(config_path, budget, stream)
+        names = _exporter_config(config_path, budget, stream, account_settings or {})
         exporter_args = ["--config.file", str(config_path), "--web.listen-address", exporter_addr]
         exporter_args += ["--storage.path", str(work / "exporter-data")]
         exporter_command = [sys.executable, "-m", "exporter", *exporter_args]

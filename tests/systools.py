@@ -1,6 +1,6 @@
 """The programs ./scripts/test installs system-wide with apt: `promtool` and `prometheus`
-(Debian's prometheus package) and `prometheus-alertmanager`. A test that needs one and
-does not find it fails, as CI must never skip them, unless the suite runs with
+(Debian's prometheus package), `prometheus-alertmanager` and its `amtool`. A test that
+needs one and does not find it fails, as CI must never skip them, unless the suite runs with
 SKIP_APT=1 (./scripts/test without apt): then it skips, saying what is missing and why."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ PACKAGE = {
     "promtool": "prometheus",
     "prometheus": "prometheus",
     "prometheus-alertmanager": "prometheus-alertmanager",
+    "amtool": "prometheus-alertmanager",
 }
 
 

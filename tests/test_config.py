@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from exporter.budget import shard_limits
-from exporter.cli import main
+from exporter.cli import load_checked, main
 from exporter.config import (
     AccountConfig,
     AssetFilter,
@@ -36,7 +36,7 @@ from exporter.config import (
     load_config,
     parse_config,
 )
-from exporter.summary import check_budget, summarize
+from exporter.summary import summarize
 
 HERE = Path(__file__).parent
 CONFFILES = sorted((HERE / "conffiles").glob("*.yaml"))
@@ -152,7 +152,7 @@ def _assert_clean(message: str, conf_dir: Path | None = None) -> None:
 def _load_error(path: Path, environ: dict[str, str]) -> ConfigError:
     """The error the command line reports: loading, then the budget check of the wiring."""
     with pytest.raises(ConfigError) as info:
-        check_budget(load_config(path, environ))
+        load_checked(path, environ)
     return info.value
 
 
@@ -173,6 +173,10 @@ def test_broken_config_gives_one_clean_line(
     assert str(error) == error.problems[0]
     assert "\n" not in error.problems[0]
     assert expect in error.problems[0]
+    # The file is named once, first (`y1.yaml: y1.yaml:21:2: ...` was twice).
+    path = str(conf_dir / conffile.name)
+    assert error.problems[0].startswith(path)
+    assert error.problems[0].count(conffile.name) == 1
     _assert_clean(str(error), conf_dir)
 
 
@@ -216,7 +220,7 @@ def test_a_secret_pasted_as_a_key_is_named_not_quoted(tmp_path: Path) -> None:
         "binance.AbCd...(64 characters): environment variable UNSET is not set",
         "accounts[0].AbCd...(64 characters): unknown key (allowed: name, api_key, api_key_file,"
         " api_secret, api_secret_file, private_key, private_key_file, private_key_passphrase,"
-        " private_key_passphrase_file, proxy, source_address)",
+        " private_key_passphrase_file, proxy, source_address, labels, thresholds)",
     ]
     path = tmp_path / "config.yaml"
     path.write_text(f"{PASTED}: 1\n{PASTED}: 2\n")
@@ -288,7 +292,7 @@ def test_self_referencing_alias_is_a_problem(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("accounts: &loop [*loop]\n")
     error = _load_error(path, {})
-    assert error.problems == ["accounts[0]: a YAML alias refers to itself"]
+    assert error.problems == [f"{path}: accounts[0]: a YAML alias refers to itself"]
 
 
 def test_alias_bomb_is_cheap(tmp_path: Path) -> None:
@@ -297,7 +301,7 @@ def test_alias_bomb_is_cheap(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("extra:\n" + "\n".join("  " + line for line in levels) + "\n")
     error = _load_error(path, {})
-    assert error.problems[0].startswith("extra: unknown key (allowed: binance, budget")
+    assert error.problems[0].startswith(f"{path}: extra: unknown key (allowed: binance, budget")
 
 
 # ---- a valid config -----------------------------------------------------------
@@ -429,7 +433,8 @@ def test_example_config_documents_every_key_and_loads(tmp_path: Path) -> None:
         "min_interval_seconds", "account_info", "assets", "include", "exclude", "name",
         "api_key", "api_key_file", "api_secret", "api_secret_file", "private_key",
         "private_key_file", "private_key_passphrase", "private_key_passphrase_file",
-        "proxy", "source_address",
+        "proxy", "source_address", "labels", "thresholds", "uni_mmr_warning",
+        "uni_mmr_critical", "accounts_dir",
     }  # fmt: skip
     for key in documented:
         assert f"{key}:" in text, key
@@ -675,8 +680,14 @@ def test_summarize(conf_dir: Path) -> None:
     assert "B = 6000 x 0.25 = 1500 weight/min" in text
     assert ">= 4800" in text
     # 9 accounts x 40 / 1500 per minute = 14.4 s > 10 s: the budget binds. The budget's
-    # minute is its 60.5 s guard window, so 14.52 s.
-    assert "refresh (default): 9 account(s) x 40 / 1500 per min = 14.52 s by budget" in text
+    # minute is its 60.5 s guard window, so 14.52 s, and the line says so: it adds up.
+    assert "refresh (default): 9 account(s) x 40 / 1500 x 60.5 s = 14.52 s by budget" in text
+    assert pytest.approx(14.52) == 9 * 40 / 1500 * 60.5
+    assert (
+        "budget minute: 60.5 s, Binance's 60 s plus 0.5 s for the network's jitter between"
+        " our clock and Binance's: B is spent over it, so that no minute Binance counts holds"
+        " more than B\n" in text
+    )
     assert "each account every 14.52 s (budget)" in text
     assert "refresh (source:10.1.2.3): 1 account(s)" in text
     assert "each account every 10 s (min_interval)" in text
@@ -825,3 +836,197 @@ def test_mutated_configs_give_config_error_only(document: dict[str, Any]) -> Non
             assert secret not in summarize(config)
             assert secret not in repr(config)
             assert secret not in config.model_dump_json()
+
+
+# ---- issue 22's config fixes: each with its exact message -------------------------
+
+
+@pytest.mark.parametrize("value", ["$DESK_A_API_KEY", " $DESK_A_API_KEY "])
+def test_a_variable_without_braces_is_refused(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(f"accounts:\n  - name: a\n    api_key: '{value}'\n    api_secret: x\n")
+    error = _load_error(path, {"DESK_A_API_KEY": "k-s3cr3t"})
+    assert error.problems == [
+        f"{path}: accounts[0].api_key: $DESK_A_API_KEY is not substituted:"
+        " did you mean ${DESK_A_API_KEY}?"
+    ]
+    # Only a whole value of that form: a $ inside a value (a password) is left alone.
+    data = _minimal(api_secret="pa$word", proxy="http://u:pa$$w@proxy:3128")
+    account = _account(parse_config(data, environ={}, base_dir=tmp_path))
+    assert account.api_secret is not None
+    assert account.api_secret.get_secret_value() == "pa$word"
+
+
+PERCENT_ENCODE = "percent-encode it (e.g. @ as %40, / as %2F, # as %23, : as %3A)"
+
+
+@pytest.mark.parametrize(
+    ("proxy", "message"),
+    [
+        (
+            "http://user:pa/ss-s3cr3t@proxy.internal:3128",
+            f"not a valid URL: the password has a reserved character: {PERCENT_ENCODE}",
+        ),
+        (
+            "http://user:p@ss-s3cr3t@proxy.internal:3128",
+            f"not a valid URL: the password has a reserved character: {PERCENT_ENCODE}",
+        ),
+        (
+            "http://user:pa#ss-s3cr3t@proxy.internal:3128",
+            f"not a valid URL: the password has a reserved character: {PERCENT_ENCODE}",
+        ),
+        (
+            "http://us er:s3cr3t@proxy.internal:3128",
+            f"not a valid URL: the user name has a reserved character: {PERCENT_ENCODE}",
+        ),
+        (
+            "http://user:s3cr3t@proxy.internal:99999",
+            "not a valid URL: the port is not a number from 1 to 65535",
+        ),
+        (
+            "http://user:s3cr3t@proxy.internal:31x8",
+            "not a valid URL: the port is not a number from 1 to 65535",
+        ),
+        ("http://user:s3cr3t@:3128", "not a valid URL: no host"),
+        ("proxy.internal:3128", "not a valid URL: no scheme (write http://host:port)"),
+    ],
+)
+def test_a_proxy_url_names_the_part_that_is_wrong(tmp_path: Path, proxy: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(_minimal(proxy=proxy), environ={}, base_dir=tmp_path)
+    assert info.value.problems == [f"accounts[0].proxy: {message}"]
+    _assert_clean(str(info.value))
+    assert "pa/ss" not in str(info.value)
+
+
+def test_a_percent_encoded_proxy_password_is_accepted(tmp_path: Path) -> None:
+    proxy = "http://user:p%40ss%2Fw%23rd-s3cr3t@proxy.internal:3128"
+    account = _account(parse_config(_minimal(proxy=proxy), environ={}, base_dir=tmp_path))
+    assert account.proxy == proxy
+    assert account.route.label.startswith("proxy:http://proxy.internal:3128#")
+
+
+def test_the_command_line_names_the_file_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "y1.yaml"
+    path.write_text("accounts:\n  - name: a\n   api_key: x\n")
+    assert main(["--config.file", str(path), "--check-config"], environ={}) == 2
+    assert capsys.readouterr().err == (
+        f"{path}:3:4: YAML syntax error: while parsing a block collection (at 2:3);"
+        " expected <block end>, but found '<block mapping start>'\n"
+    )
+    nope = tmp_path / "nope.yaml"
+    assert main(["--config.file", str(nope), "--check-config"], environ={}) == 2
+    assert capsys.readouterr().err == f"{nope}: cannot read config file: file not found\n"
+    path.write_text("accounts:\n  - name: a\n    api_key: x\n")
+    assert main(["--config.file", str(path), "--check-config"], environ={}) == 2
+    assert capsys.readouterr().err == (
+        f"{path}: accounts[0]: missing secret: give api_secret or api_secret_file (HMAC),"
+        " or private_key or private_key_file (RSA or Ed25519)\n"
+    )
+
+
+def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"], environ={})
+    text = " ".join(capsys.readouterr().out.split())
+    for default in (
+        "(default: config.yaml; env BINANCE_PM_EXPORTER_CONFIG_FILE)",
+        "(default: :9745, every address; with --demo, 127.0.0.1:9745; env"
+        " BINANCE_PM_EXPORTER_WEB_LISTEN_ADDRESS)",
+        "(default: none, plain HTTP without auth; env BINANCE_PM_EXPORTER_WEB_CONFIG_FILE)",
+        "(default: 1000; env BINANCE_PM_EXPORTER_WEB_MAX_CONNECTIONS)",
+        "(default: 40; env BINANCE_PM_EXPORTER_WEB_MAX_REQUESTS)",
+        "(default: 10; env BINANCE_PM_EXPORTER_WEB_READ_HEADER_TIMEOUT)",
+        "(default: 65536; env BINANCE_PM_EXPORTER_WEB_MAX_HEADER_BYTES)",
+        "(default: info; env BINANCE_PM_EXPORTER_LOG_LEVEL)",
+        "(default: json, or console when stderr is a terminal; env BINANCE_PM_EXPORTER_LOG_FORMAT)",
+        "(default: 0/1; env BINANCE_PM_EXPORTER_SHARD)",
+        "(default: none, off; env BINANCE_PM_EXPORTER_STORAGE_PATH)",
+        "(default: off; env BINANCE_PM_EXPORTER_CHECK_CONFIG=true)",
+        "(default: off; env BINANCE_PM_EXPORTER_WEB_ENABLE_LIFECYCLE=true)",
+        "(default: off; env BINANCE_PM_EXPORTER_DEMO=true)",
+    ):
+        assert default in text
+    # every option but --help and --version says its default
+    flags = [w for w in text.split() if w.startswith("--") and w not in ("--help", "--version")]
+    options = {f.strip("[],") for f in flags}
+    assert text.count("(default: ") == len(options), sorted(options)
+
+
+# ---- account labels and thresholds --------------------------------------------------
+
+
+def test_account_labels_and_thresholds(tmp_path: Path) -> None:
+    data = _minimal(
+        labels={"desk": "mm", "team": "${TEAM}"},
+        thresholds={"uni_mmr_warning": 1.3, "uni_mmr_critical": "1.1"},
+    )
+    account = _account(parse_config(data, environ={"TEAM": "alpha"}, base_dir=tmp_path))
+    assert account.labels == {"desk": "mm", "team": "alpha"}
+    assert account.thresholds.given() == {"uni_mmr_warning": 1.3, "uni_mmr_critical": 1.1}
+    plain = _account(parse_config(_minimal(labels=None), environ={}, base_dir=tmp_path))
+    assert plain.labels == {}
+    assert plain.thresholds.given() == {}
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        (
+            {"labels": {"1desk": "a"}},
+            "accounts[0].labels: label name '1desk' is not a Prometheus label name"
+            " (letters, digits and _, not starting with a digit)",
+        ),
+        (
+            {"labels": {"desk-name": "a"}},
+            "accounts[0].labels: label name 'desk-name' is not a Prometheus label name"
+            " (letters, digits and _, not starting with a digit)",
+        ),
+        (
+            {"labels": {"__desk": "a"}},
+            "accounts[0].labels: label name '__desk' is reserved (names starting with __ are)",
+        ),
+        (
+            {"labels": {"account": "a"}},
+            "accounts[0].labels: label name 'account' is reserved"
+            " (the exporter, Prometheus or the alerts use it)",
+        ),
+        (
+            {"labels": {"asset": "a"}},
+            "accounts[0].labels: label name 'asset' is reserved"
+            " (the exporter, Prometheus or the alerts use it)",
+        ),
+        (
+            {"labels": {f"l{i}": "v" for i in range(9)}},
+            "accounts[0].labels: at most 8 labels (got 9)",
+        ),
+        ({"labels": {"desk": " "}}, "accounts[0].labels: label 'desk' must not be empty"),
+        (
+            {"labels": {"desk": "x" * 129}},
+            "accounts[0].labels: label 'desk': at most 128 printable characters",
+        ),
+        ({"labels": {"desk": 3}}, "accounts[0].labels.desk: must be a string (got 3)"),
+        ({"labels": ["desk"]}, "accounts[0].labels: must be a mapping (got a list)"),
+        (
+            {"thresholds": {"uni_mmr_warning": 1.2, "uni_mmr_critical": 1.3}},
+            "accounts[0].thresholds: uni_mmr_critical must be below uni_mmr_warning"
+            " (an account is critical below the lower one)",
+        ),
+        (
+            {"thresholds": {"uni_mmr_critical": 0.9}},
+            "accounts[0].thresholds.uni_mmr_critical: must be > 1 and <= 1000 (got 0.9)",
+        ),
+        (
+            {"thresholds": {"uni_mmr_warnin": 2}},
+            "accounts[0].thresholds.uni_mmr_warnin: unknown key (did you mean uni_mmr_warning?)",
+        ),
+    ],
+)
+def test_account_labels_and_thresholds_are_checked(
+    tmp_path: Path, extra: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(_minimal(**extra), environ={}, base_dir=tmp_path)
+    assert info.value.problems == [problem]

@@ -41,6 +41,7 @@ EXPORTER_METRICS = {"up", *served_metric_names()} | {
 }
 SAMPLE_VALUES = {"job": "binance-pm-exporter", "instance": "127.0.0.1:9745"}
 SAMPLE_VALUES |= {"account": "desk-a", "asset": "USDT", "datasource": "prometheus"}
+SAMPLE_VALUES |= {"desk": ".*"}
 
 
 def _generator() -> ModuleType:
@@ -89,14 +90,21 @@ def test_variables(name: str) -> None:
     variables = {v["name"]: v for v in board["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    for key in ("job", "instance"):
+    for key in ("job", "instance", "desk"):
         assert variables[key]["type"] == "query"
         assert variables[key]["datasource"] == DATASOURCE
+    # the desk variable lists accounts[].labels.desk; the accounts are the chosen desks'
+    assert variables["desk"]["query"] == (
+        'label_values(binance_pm_account_info{job=~"$job", instance=~"$instance"}, desk)'
+    )
+    if "account" in variables:
+        assert 'desk=~"$desk"' in variables["account"]["query"]
+        assert not variables["account"].get("allValue")  # All: the desks' accounts only
     if name == "account.json":
         assert variables["account"]["multi"] is False
         assert variables["asset"]["includeAll"] is True
     for variable in label_values_variables(name, board):
-        assert variable.label in {"job", "instance", "account", "asset"}
+        assert variable.label in {"job", "instance", "desk", "account", "asset"}
 
 
 @pytest.mark.parametrize("name", EXPECTED_UIDS)
@@ -181,8 +189,36 @@ def test_every_query_is_valid_promql(tmp_path: Path) -> None:
 def test_uni_mmr_thresholds_match_the_alerts() -> None:
     generator = _generator()
     alerts = (ROOT / "prometheus" / "alerts.yml").read_text()
-    assert f"binance_pm_uni_mmr < {generator.UNI_MMR_WARNING}" in alerts
-    assert f"binance_pm_uni_mmr < {generator.UNI_MMR_CRITICAL}" in alerts
+    warning = 'threshold="uni_mmr_warning"}\n'
+    critical = 'threshold="uni_mmr_critical"}\n'
+    default = "or on (job, instance, account) 0 * binance_pm_uni_mmr + {}"
+    assert re.search(
+        re.escape(warning) + r"\s*" + re.escape(default.format(generator.UNI_MMR_WARNING)), alerts
+    )
+    assert re.search(
+        re.escape(critical) + r"\s*" + re.escape(default.format(generator.UNI_MMR_CRITICAL)), alerts
+    )
+
+
+def test_the_overview_keeps_to_the_chosen_desks() -> None:
+    """Every account series of the overview, totals included, is limited to the accounts
+    of the chosen desks (the prices alone have no account)."""
+    info = 'and on (job, instance, account) binance_pm_account_info{job=~"$job",'
+    for query in queries("overview.json", DASHBOARDS["overview.json"]):
+        assert info in query.expr, query
+        assert not re.search(r"\b(job|asset):binance_pm", query.expr), query
+
+
+def test_the_exporter_health_dashboard_shows_the_process() -> None:
+    exprs = " ".join(q.expr for q in queries("exporter.json", DASHBOARDS["exporter.json"]))
+    for metric in (
+        "process_resident_memory_bytes",
+        "binance_pm_exporter_memory_limit_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_max_fds",
+    ):
+        assert f"{metric}{{" in exprs, metric
 
 
 def test_provisioning() -> None:

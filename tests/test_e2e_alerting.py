@@ -14,6 +14,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,19 @@ from e2estack import ALERT, JOB, Stack, e2e_stack, returns_200, wait_for
 pytestmark = pytest.mark.timeout(400)
 
 ACCOUNTS = 3
+#: two desks with uniMMR thresholds of their own: market making runs close to the edge
+#: (critical below 1.1, under the default 1.2), treasury pages early (below 1.6)
+DESKS = {
+    0: {
+        "labels": {"desk": "mm", "team": "alpha"},
+        "thresholds": {"uni_mmr_warning": 1.3, "uni_mmr_critical": 1.1},
+    },
+    1: {
+        "labels": {"desk": "treasury"},
+        "thresholds": {"uni_mmr_warning": 2.0, "uni_mmr_critical": 1.6},
+    },
+}
+CRITICAL = "BinancePMUniMMRCritical"
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +45,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # A high IP limit lets the exporter refresh every account each second.
     budget = {"ip_weight_limit_per_minute": 60000, "min_interval_seconds": 1}
     work = tmp_path_factory.mktemp("e2e")
-    with e2e_stack(work, accounts=ACCOUNTS, budget=budget) as result:
+    with e2e_stack(work, accounts=ACCOUNTS, budget=budget, account_settings=DESKS) as result:
         try:
             wait_for(
                 "exporter /readyz", returns_200(result.http, f"{result.exporter_url}/readyz"), 30
@@ -57,6 +71,7 @@ def _scraped_values(stack: Stack) -> dict[str, str]:
         "instance": first["instance"],
         "account": first["account"],
         "asset": first["asset"],
+        "desk": ".*",  # the desk variable's All
     }
 
 
@@ -87,6 +102,19 @@ def test_every_dashboard_query_returns_data(stack: Stack) -> None:
         expr = substitute(q.expr, values)
         return stack.promql(expr) if q.instant else stack.promql_range(expr, seconds=30, step=1)
 
+    # the exporter's own resources are among the panels' queries, and have data
+    exprs = " ".join(q.expr for q in all_queries)
+    for metric in ("process_resident_memory_bytes", "process_open_fds"):
+        assert f"{metric}{{" in exprs, metric
+        assert stack.promql(f'{metric}{{job="{JOB}"}} > 0'), metric
+    # A test machine may run the exporter outside any cgroup memory limit: then the
+    # limit's series is absent, as it is documented to be.
+    no_limit = not stack.promql(f'binance_pm_exporter_memory_limit_bytes{{job="{JOB}"}}')
+    all_queries = [
+        q
+        for q in all_queries
+        if not (no_limit and q.expr.startswith("binance_pm_exporter_memory_limit_bytes{"))
+    ]
     empty = [q for q in all_queries if not run(q)]
     if empty:  # give slow series (rates, latency quantiles) a few more scrapes
         wait_for(
@@ -287,3 +315,88 @@ def test_a_restart_with_storage_neither_resolves_nor_refires_a_firing_alert(
     # (+ 0.25 s: a scrape that starts late on a loaded machine)
     assert gap <= scrape_interval * (1 + missed_at_most) + 0.25, (gap, restart_seconds)
     stack.set_asset(account, asset, negativeBalance="0")
+
+
+# --- an account's own threshold and labels ------------------------------------------
+
+
+def _set_uni_mmr(stack: Stack, account: str, uni_mmr: float) -> None:
+    """Serve the account's GET /papi/v1/account with this uniMMR, its equity unchanged."""
+
+    def current(metric: str) -> float:
+        (series,) = stack.promql(f'{metric}{{job="{JOB}",account="{account}"}}')
+        return float(series["value"][1])
+
+    equity, actual = (
+        current("binance_pm_account_equity_usd"),
+        current("binance_pm_actual_equity_usd"),
+    )
+    maint = equity / uni_mmr
+    stack.set_account_info(
+        account,
+        {
+            "uniMMR": f"{uni_mmr}",
+            "accountEquity": f"{equity}",
+            "actualEquity": f"{actual}",
+            "accountInitialMargin": f"{maint / 0.4}",
+            "accountMaintMargin": f"{maint}",
+            "accountStatus": "NORMAL",
+            "virtualMaxWithdrawAmount": "0",
+            "totalAvailableBalance": f"{equity - maint / 0.4}",
+            "totalMarginOpenLoss": "0",
+            "updateTime": int(time.time() * 1000),
+        },
+    )
+
+
+def _risk_group_evaluated_after(stack: Stack, moment: float) -> bool:
+    """Whether Prometheus has evaluated the account-risk rules twice since `moment`."""
+    response = stack.http.get(f"{stack.prometheus_url}/api/v1/rules", params={"type": "alert"})
+    (group,) = [
+        g for g in response.json()["data"]["groups"] if g["name"] == "binance-pm-account-risk"
+    ]
+    last = datetime.fromisoformat(group["lastEvaluation"]).timestamp()
+    return last > moment + 2
+
+
+def test_an_account_pages_below_its_own_threshold_and_carries_its_desk(stack: Stack) -> None:
+    """Two accounts of two desks: treasury below its own critical 1.6 (above the default
+    1.2) pages with desk="treasury"; mm below the default 1.2 but above its own 1.1 does
+    not. Last in the file: it replaces what the simulator serves for their risk."""
+    wait_for("samples in Prometheus", lambda: _prometheus_has_samples(stack), timeout=60)
+    mm, treasury = stack.accounts[0], stack.accounts[1]
+    info = stack.promql(f'binance_pm_account_info{{job="{JOB}"}}')
+    assert {s["metric"]["account"]: s["metric"].get("desk") for s in info} == {
+        mm: "mm",
+        treasury: "treasury",
+        stack.accounts[2]: None,
+    }
+    thresholds = stack.promql(f'binance_pm_account_threshold{{job="{JOB}"}}')
+    assert len(thresholds) == 4
+    # (the test before may leave its negative balance firing a while: keep_firing_for)
+    assert not [a for a in _firing(stack) if a.get("account") in (mm, treasury)], _firing(stack)
+
+    _set_uni_mmr(stack, mm, 1.15)
+    _set_uni_mmr(stack, treasury, 1.5)
+    labels = {"alertname": CRITICAL, "account": treasury, "severity": "critical"}
+    try:
+        _, alert = stack.webhook.wait("firing", labels, timeout=45)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{stack.logs()}") from None
+    assert alert["labels"]["desk"] == "treasury"
+    assert "team" not in alert["labels"]
+    assert alert["annotations"]["summary"] == (
+        f"uniMMR of Binance PM account {treasury} is 1.500, below 1.6"
+    )
+
+    # mm's 1.15 is in Prometheus, and the rules have seen it: no alert for mm.
+    seen = wait_for(
+        "mm's uniMMR of 1.15 scraped",
+        lambda: stack.promql(f'timestamp(binance_pm_uni_mmr{{job="{JOB}",account="{mm}"}} < 1.2)'),
+        timeout=30,
+    )
+    since = float(seen[0]["value"][1])
+    wait_for("two rule evaluations", lambda: _risk_group_evaluated_after(stack, since), 30)
+    assert not [a for a in _firing(stack) if a.get("account") == mm], _firing(stack)
+    _set_uni_mmr(stack, treasury, 50.0)
+    _set_uni_mmr(stack, mm, 50.0)

@@ -13,6 +13,7 @@ from harness import accounts, sim_config
 from exporter import fields
 from exporter.app import WEB_CONFIG_NAMES, Exporter
 from exporter.collector import FAMILIES
+from exporter.processmetrics import MemoryLimitCollector
 from exporter.selfmetrics import ReloadCollector, ReloadStatus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,9 +37,15 @@ def served_metric_names() -> set[str]:
     exporter = Exporter(sim_config(url, accounts(1), stream_url="ws://127.0.0.1:1/pm/ws"))
     # serve_http adds the web config's reload state when there is a --web.config.file
     web = ReloadCollector(ReloadStatus(successful=True, last_success=0.0), *WEB_CONFIG_NAMES)
+    # and the cgroup's memory limit, where there is one
+    limit = ROOT / "tests" / "fixtures" / "cgroup_memory_max"
     live = {
         metric.name + "_total" if metric.type == "counter" else metric.name
-        for metric in (*exporter.registry.collect(), *web.collect())
+        for metric in (
+            *exporter.registry.collect(),
+            *web.collect(),
+            *MemoryLimitCollector(limit).collect(),
+        )
     }
     return live | {family.name for family in FAMILIES}
 

@@ -4,6 +4,7 @@ rules' sync."""
 import copy
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -173,8 +174,10 @@ def test_keys_come_from_a_secret_the_set_references_but_does_not_contain(tmp_pat
     # config.yaml is a valid config once the Secret's files are where it says.
     text = (KUBE / "config.yaml").read_text()
     secret_dir = mounts["keys"]
-    assert secret_dir in text
-    data = yaml.safe_load(text.replace(secret_dir, str(tmp_path)))
+    assert secret_dir + "/" in text
+    data = yaml.safe_load(text.replace(secret_dir + "/", f"{tmp_path}/"))
+    _account_files(statefulset, tmp_path / "accounts.d")
+    data["accounts_dir"] = str(tmp_path / "accounts.d")
     for account in data["accounts"]:
         (tmp_path / f"{account['name']}.api_key").write_text("k" * 64)
         (tmp_path / f"{account['name']}.api_secret").write_text("s" * 64)
@@ -185,7 +188,7 @@ def test_keys_come_from_a_secret_the_set_references_but_does_not_contain(tmp_pat
         )
     )
     config = parse_config(data, environ={}, base_dir=tmp_path)
-    assert [a.name for a in config.accounts] == ["desk-a", "desk-b"]
+    assert [a.name for a in config.accounts] == ["desk-a", "desk-b", "desk-c", "desk-d"]
     for account in yaml.safe_load(text)["accounts"]:  # only files, never an inline secret
         assert not {"api_key", "api_secret", "private_key"} & account.keys()
 
@@ -264,3 +267,67 @@ def test_each_shard_keeps_its_snapshot_on_a_volume_of_its_own() -> None:
     (claim,) = statefulset["spec"]["volumeClaimTemplates"]
     assert claim["metadata"]["name"] == mounts[path]["name"]
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_every_runbook_url_is_built_from_one_configurable_base(tmp_path: Path) -> None:
+    gen = generator()
+    text = ALERTS.read_text()
+    urls = re.findall(r"runbook_url: (\S+)", text)
+    assert len(urls) >= 20
+    assert all(url.startswith(gen.DEFAULT_RUNBOOK_BASE + "#") for url in urls)
+    base = "https://git.example.com/ops/binance-pm-exporter/blob/main/docs/runbook.md"
+    wanted = [url.replace(gen.DEFAULT_RUNBOOK_BASE, base) for url in urls]
+
+    def runbook_urls(groups: list[dict[str, Any]]) -> list[str]:
+        return [r["annotations"]["runbook_url"] for g in groups for r in g["rules"] if "alert" in r]
+
+    assert runbook_urls(yaml.safe_load(gen.render(ALERTS, base))["spec"]["groups"]) == wanted
+    rule, alerts = tmp_path / "prometheusrule.yaml", tmp_path / "alerts.yml"
+    args = ["--runbook-base", base + "/", "--out", str(rule), "--alerts-out", str(alerts)]
+    assert gen.main(args) == 0
+    assert runbook_urls(yaml.safe_load(rule.read_text())["spec"]["groups"]) == wanted
+    # the alerts file keeps its comments; only the runbook_urls change
+    assert alerts.read_text() == text.replace(gen.DEFAULT_RUNBOOK_BASE + "#", base + "#")
+    assert runbook_urls(yaml.safe_load(alerts.read_text())["groups"]) == wanted
+    with pytest.raises(ValueError, match="runbook_url not on"):
+        gen.rebase_runbooks("        runbook_url: https://elsewhere/runbook.md#x\n", base)
+
+
+def _account_files(statefulset: dict[str, Any], directory: Path) -> list[str]:
+    """Write, as the kubelet would, the files the `accounts` volume projects from its
+    Secrets (one account.yaml each); their account names."""
+    volumes = {v["name"]: v for v in statefulset["spec"]["template"]["spec"]["volumes"]}
+    directory.mkdir()
+    names = []
+    for source in volumes["accounts"]["projected"]["sources"]:
+        (item,) = source["secret"]["items"]
+        name = item["path"].removesuffix(".yaml")
+        (directory / item["path"]).write_text(
+            yaml.safe_dump({"name": name, "api_key": "k" * 64, "api_secret": "s" * 64})
+        )
+        names.append(name)
+    return names
+
+
+def test_one_secret_per_account_is_mounted_where_accounts_dir_says(tmp_path: Path) -> None:
+    statefulset = load("statefulset.yaml")
+    volumes = {v["name"]: v for v in statefulset["spec"]["template"]["spec"]["volumes"]}
+    sources = volumes["accounts"]["projected"]["sources"]
+    assert len(sources) >= 2
+    for source in sources:
+        (item,) = source["secret"]["items"]
+        assert item["key"] == "account.yaml"
+        name = item["path"].removesuffix(".yaml")
+        assert source["secret"]["name"] == f"binance-pm-account-{name}"
+        assert not source["secret"].get("optional", False)  # a missing Secret is an error
+    assert volumes["accounts"]["projected"]["defaultMode"] == 0o440
+    (mount,) = [m for m in container(statefulset)["volumeMounts"] if m["name"] == "accounts"]
+    assert mount["readOnly"] is True
+    config = yaml.safe_load((KUBE / "config.yaml").read_text())
+    assert config["accounts_dir"] == mount["mountPath"]
+    # Not under another volume's mount: a read-only mount cannot take another inside it.
+    others = [m["mountPath"] for m in container(statefulset)["volumeMounts"] if m is not mount]
+    assert not [o for o in others if mount["mountPath"].startswith(o + "/")]
+    names = _account_files(statefulset, tmp_path / "accounts.d")
+    data = {**config, "accounts": [], "accounts_dir": str(tmp_path / "accounts.d")}
+    assert [a.name for a in parse_config(data, environ={}, base_dir=tmp_path).accounts] == names

@@ -133,11 +133,79 @@ def test_annotations_name_the_account_and_asset(rule: dict[str, Any]) -> None:
             assert f"$labels.{key}" in text, f"{rule['alert']}: {annotation} does not name {key}"
 
 
+#: how each account alert copies the account's own labels, and keeps firing without them
+JOIN = "* on (job, instance, account) group_left (desk, team) binance_pm_account_info"
+FALLBACK = "or on (job, instance, account)"
+
+
+def _unjoined(expr: str) -> str:
+    """The condition an account alert wraps in the label join: `(E) JOIN or on (...) (E)`."""
+    text = " ".join(expr.split())
+    match = re.fullmatch(rf"\((.*)\) {re.escape(JOIN)} {re.escape(FALLBACK)} \((.*)\)", text)
+    assert match, text
+    assert match.group(1) == match.group(2), "the two halves must be the same condition"
+    return match.group(1).strip()
+
+
+ACCOUNT_ALERTS = (
+    "BinancePMNegativeBalance",
+    "BinancePMNegativeBalanceLarge",
+    "BinancePMUniMMRLow",
+    "BinancePMUniMMRCritical",
+    "BinancePMAccountStatusNotNormal",
+    "BinancePMAccountLiquidation",
+    "BinancePMAccountFailing",
+    "BinancePMStreamDown",
+    "BinancePMStreamUnstable",
+    "BinancePMDataStale",
+)
+
+
+@pytest.mark.parametrize("name", ACCOUNT_ALERTS)
+def test_account_alerts_carry_the_accounts_labels(name: str) -> None:
+    rule = next(r for r in _alerts() if r["alert"] == name)
+    assert "binance_pm_account_info" not in _unjoined(rule["expr"])
+
+
+def test_every_alert_on_account_series_is_joined() -> None:
+    """An alert whose tests expect an `account` label is in ACCOUNT_ALERTS (joined)."""
+    per_account = {
+        case["alertname"]
+        for case in _rule_test_cases()
+        for alert in case.get("exp_alerts") or []
+        if "account" in alert["exp_labels"]
+    }
+    assert per_account == set(ACCOUNT_ALERTS)
+
+
+@pytest.mark.parametrize(
+    ("name", "threshold", "default"),
+    [
+        ("BinancePMUniMMRLow", "uni_mmr_warning", "1.5"),
+        ("BinancePMUniMMRCritical", "uni_mmr_critical", "1.2"),
+    ],
+)
+def test_unimmr_alerts_use_the_accounts_threshold_or_the_default(
+    name: str, threshold: str, default: str
+) -> None:
+    rule = next(r for r in _alerts() if r["alert"] == name)
+    assert _unjoined(rule["expr"]) == (
+        "binance_pm_uni_mmr < on (job, instance, account) ("
+        f' binance_pm_account_threshold{{threshold="{threshold}"}}'
+        f" or on (job, instance, account) 0 * binance_pm_uni_mmr + {default} )"
+        " unless on (job, instance, account) binance_pm_maint_margin_usd == 0"
+    )
+    # the summary names the threshold used: the account's, else the default
+    used = f'"{threshold}" | query }}}}{{{{ . | first | value }}}}'
+    used += f"{{{{ else }}}}{default}{{{{ end }}}}"
+    assert used in rule["annotations"]["summary"]
+
+
 def test_negative_balance_alert_fires_at_once_on_any_sign() -> None:
     rule = next(r for r in _alerts() if r["alert"] == "BinancePMNegativeBalance")
     assert rule.get("for") in (None, "0s", "0m")
     assert rule["labels"]["severity"] == "critical"
-    assert re.fullmatch(r"binance_pm_negative_balance\s*!=\s*0", rule["expr"].strip())
+    assert re.fullmatch(r"binance_pm_negative_balance\s*!=\s*0", _unjoined(rule["expr"]))
 
 
 USD_RECORDS = {
@@ -163,7 +231,9 @@ def test_usd_rules_multiply_each_amount_by_its_price_per_account() -> None:
 
 def test_large_negative_balance_threshold_is_the_runbooks() -> None:
     rule = next(r for r in _alerts() if r["alert"] == "BinancePMNegativeBalanceLarge")
-    match = re.fullmatch(r"account:binance_pm_negative_balance_usd:sum > (\d+)", rule["expr"])
+    match = re.fullmatch(
+        r"account:binance_pm_negative_balance_usd:sum > (\d+)", _unjoined(rule["expr"])
+    )
     assert match, rule["expr"]
     threshold = match.group(1)
     assert rule["labels"]["severity"] == "critical"
@@ -174,3 +244,44 @@ def test_large_negative_balance_threshold_is_the_runbooks() -> None:
         if line.startswith("| BinancePMNegativeBalanceLarge |")
     )
     assert f"more than {threshold} USD" in row
+
+
+ALERTING_DOC = ROOT / "docs" / "alerting.md"
+
+
+def _alertmanager_config() -> str:
+    text = ALERTING_DOC.read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL) if "route:" in b]
+    return block
+
+
+@pytest.mark.parametrize(
+    ("labels", "receiver"),
+    [
+        (["desk=market-making", "severity=critical"], "mm-pager"),
+        (["desk=market-making", "severity=warning"], "mm-chat"),
+        (["desk=treasury", "severity=critical"], "treasury-pager"),
+        (["severity=critical", "alertname=BinancePMExporterDown"], "ops-pager"),
+        (["severity=warning", "alertname=BinancePMDataStale"], "default"),
+    ],
+)
+def test_the_documented_route_sends_each_desk_to_its_receivers(
+    tmp_path: Path, labels: list[str], receiver: str
+) -> None:
+    amtool = require("amtool")
+    config = tmp_path / "alertmanager.yml"
+    config.write_text(_alertmanager_config())
+    result = subprocess.run(
+        [amtool, "config", "routes", "test", f"--config.file={config}", *labels],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == receiver
+
+
+def test_the_documented_join_is_the_rules() -> None:
+    text = " ".join(ALERTING_DOC.read_text().split())
+    assert JOIN in text
+    assert FALLBACK in text

@@ -6,6 +6,8 @@ Forms:
                          default may itself hold references (``${A:-${B}}``), which
                          are read only when the default is used
   ``$${``                a literal ``${``
+A whole value of the form ``$NAME`` (a shell habit; no Binance key or secret starts with
+``$``) is refused with "did you mean ${NAME}?" instead of being used as is.
 Mapping keys are never interpolated. A value that fails is replaced by ``""``
 and its location reported, so that later checks can skip it. Problems name the
 variable, never its value nor the text around it (which may be a secret).
@@ -19,6 +21,8 @@ from collections.abc import Mapping
 from exporter.config.errors import Loc, Problem
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: a whole value that is a shell-style reference without braces
+_BARE = re.compile(r"\s*\$([A-Za-z_][A-Za-z0-9_]*)\s*")
 #: defaults nest at most this deep (``${A:-${B:-...}}``)
 MAX_NESTING = 8
 _MALFORMED = "malformed ${...} reference (write ${NAME} or ${NAME:-default}; $${ for a literal ${)"
@@ -73,6 +77,10 @@ def interpolate(data: object, environ: Mapping[str, str]) -> tuple[object, list[
 
 def substitute(text: str, environ: Mapping[str, str]) -> str:
     """Substitute the variables in one string; raise ``_Failure`` on a bad one."""
+    bare = _BARE.fullmatch(text)
+    if bare is not None:
+        name = bare.group(1)
+        raise _Failure(f"${name} is not substituted: did you mean ${{{name}}}?")
     if "${" not in text:
         return text
     value, _ = _scan(text, 0, environ, depth=0, used=True)

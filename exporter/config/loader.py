@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,7 +42,11 @@ _FIELD_NAMES = field_names(ConfigInput, AccountInput)
 
 
 def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
-    """Read and validate the config file at ``path``; raise ``ConfigError``."""
+    """Read and validate the config file at ``path``; raise ``ConfigError``.
+
+    Every problem names the file it is in, once: ``config.yaml: accounts[0].name: ...``,
+    ``config.yaml:21:2: YAML syntax error: ...``, ``accounts.d/a.yaml: api_key: ...``.
+    """
     shown = str(path)
     try:
         raw = read_small_file(Path(path), MAX_CONFIG_BYTES)
@@ -52,48 +57,195 @@ def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
     except YamlError as exc:
         raise ConfigError([f"{shown}:{exc}"]) from None
     base_dir = Path(os.path.abspath(path)).parent
-    return parse_config(data, environ=environ, base_dir=base_dir)
+    config, problems, elsewhere = _parse(data, environ, base_dir)
+    if config is None:
+        raise ConfigError([f"{shown}: {line}" for line in problems] + elsewhere)
+    return config
 
 
 def parse_config(data: object, *, environ: Mapping[str, str], base_dir: Path) -> Config:
     """Validate already-parsed YAML data; relative file paths are taken from
-    ``base_dir``. Raise ``ConfigError`` listing every problem."""
+    ``base_dir``. Raise ``ConfigError`` listing every problem (those of the files in
+    ``accounts_dir`` name their file)."""
+    config, problems, elsewhere = _parse(data, environ, base_dir)
+    if config is None:
+        raise ConfigError(problems + elsewhere)
+    return config
+
+
+def _parse(
+    data: object, environ: Mapping[str, str], base_dir: Path
+) -> tuple[Config | None, list[str], list[str]]:
+    """``(config, problems of the document, problems of the account files)``; the config
+    is None when there is any problem."""
     if not isinstance(data, dict):
         kind = "an empty document" if data is None else describe_input(data, sensitive=True)
-        raise ConfigError([f"(top level): must be a mapping of settings (got {kind})"])
+        return None, [f"(top level): must be a mapping of settings (got {kind})"], []
     interpolated, problems, failed = interpolate(data, environ)
     assert isinstance(interpolated, dict)
     checked: list[Problem] = []
 
     top = _validate(ConfigInput, interpolated, (), checked)
     raw_accounts = interpolated.get("accounts")
-    accounts: list[AccountConfig] = []
-    if "accounts" not in interpolated:
+    accounts: list[Sourced] = []
+    if isinstance(raw_accounts, list):
+        accounts = [
+            Sourced(account, f"the config's accounts[{index}]")
+            for index, account in _accounts(raw_accounts, ("accounts",), base_dir, checked)
+        ]
+    directory = None
+    elsewhere: list[str] = []
+    if top is not None and top.accounts_dir is not None and ("accounts_dir",) not in failed:
+        directory = resolve_path(top.accounts_dir, base_dir)
+        from_files, elsewhere = read_accounts_dir(directory, environ, checked)
+        accounts += from_files
+    if "accounts" not in interpolated and "accounts_dir" not in interpolated:
         checked = [p for p in checked if p.loc != ("accounts",)]
-        checked.append(Problem(("accounts",), "required (a list of at least one account)"))
-    elif isinstance(raw_accounts, list):
-        if not raw_accounts:
-            checked.append(Problem(("accounts",), "at least one account is required"))
-        accounts = _accounts(raw_accounts, base_dir, checked)
+        checked.append(
+            Problem(("accounts",), "required (a list of at least one account, or accounts_dir)")
+        )
+    elif top is not None and not accounts and not checked and not elsewhere and not problems:
+        where = "accounts" if directory is None else "accounts_dir"
+        checked.append(Problem((where,), "at least one account is required"))
+    elsewhere += _duplicates(accounts)
 
     # A value whose ${VAR} failed was replaced by "": its own problems are noise.
     problems += [p for p in checked if not _under_any(p.loc, failed)]
-    if problems or top is None:
-        raise ConfigError(format_problems(problems, _FIELD_NAMES))
-    sections = {name: getattr(top, name) for name in Config.model_fields if name != "accounts"}
-    return Config(**sections, accounts=accounts)
+    if problems or elsewhere or top is None:
+        return None, format_problems(problems, _FIELD_NAMES), elsewhere
+    sections = {
+        name: getattr(top, name)
+        for name in Config.model_fields
+        if name not in ("accounts", "accounts_dir")
+    }
+    config = Config(
+        **sections,
+        accounts=[s.account for s in accounts],
+        accounts_dir=None if directory is None else str(directory),
+    )
+    return config, [], []
+
+
+_INLINE = "the config's "
+
+
+@dataclass(frozen=True)
+class Sourced:
+    """An account and where it was written: ``accounts[3]`` or an account file's path."""
+
+    account: AccountConfig
+    source: str
+
+
+def read_accounts_dir(
+    directory: Path, environ: Mapping[str, str], problems: list[Problem]
+) -> tuple[list[Sourced], list[str]]:
+    """The accounts of every ``*.yaml`` file in ``directory`` (names starting with a dot,
+    such as a Kubernetes volume's ``..data``, skipped), in the order of the file names,
+    and the files' problems, each line naming its file. A directory that cannot be
+    listed is a problem of ``accounts_dir`` (appended to ``problems``)."""
+    try:
+        names = sorted(
+            entry.name
+            for entry in os.scandir(directory)
+            if entry.name.endswith(".yaml") and not entry.name.startswith(".")
+        )
+    except FileNotFoundError:
+        problems.append(Problem(("accounts_dir",), f"directory not found: {directory}"))
+        return [], []
+    except NotADirectoryError:
+        problems.append(Problem(("accounts_dir",), f"not a directory: {directory}"))
+        return [], []
+    except OSError as exc:
+        problems.append(
+            Problem(("accounts_dir",), f"cannot list {directory}: {exc.strerror or 'I/O error'}")
+        )
+        return [], []
+    accounts: list[Sourced] = []
+    lines: list[str] = []
+    for name in names:
+        path = directory / name
+        found, file_problems = _account_file(path, environ)
+        accounts += [Sourced(account, str(path)) for account in found]
+        lines += [f"{path}{'' if line.startswith(':') else ': '}{line}" for line in file_problems]
+    return accounts, lines
+
+
+def _account_file(path: Path, environ: Mapping[str, str]) -> tuple[list[AccountConfig], list[str]]:
+    """One account file's accounts (a mapping: one account; a list: several), and its
+    problems, each a line without the file's name (``:LINE:COL: ...`` for YAML errors)."""
+    try:
+        data = parse_yaml(read_small_file(path, MAX_CONFIG_BYTES), _FIELD_NAMES, fast=True)
+    except SecretSourceError as exc:
+        return [], [f"cannot read account file: {exc}"]
+    except YamlError as exc:
+        return [], [f":{exc}"]
+    interpolated, problems, failed = interpolate(data, environ)
+    checked: list[Problem] = []
+    if isinstance(interpolated, dict):
+        found = _accounts([interpolated], (), path.parent, checked, single=True)
+    elif isinstance(interpolated, list) and interpolated:
+        found = _accounts(interpolated, (), path.parent, checked)
+        checked += _duplicates_in_list(interpolated)
+    else:
+        kind = "an empty document" if data is None else describe_input(data, sensitive=True)
+        checked.append(Problem((), f"must be an account or a list of accounts (got {kind})"))
+        found = []
+    problems += [p for p in checked if not _under_any(p.loc, failed)]
+    if problems:
+        return [], format_problems(problems, _FIELD_NAMES)
+    return [account for _, account in found], []
+
+
+def _duplicates_in_list(raw_accounts: list[Any]) -> list[Problem]:
+    first: dict[object, int] = {}
+    problems = []
+    for index, raw in enumerate(raw_accounts):
+        name = raw.get("name") if isinstance(raw, dict) else None
+        if not isinstance(name, str):
+            continue
+        known = first.setdefault(name, index)
+        if known != index:
+            message = f"duplicate account name {name!r} (also [{known}])"
+            problems.append(Problem((index, "name"), message))
+    return problems
+
+
+def _duplicates(accounts: list[Sourced]) -> list[str]:
+    """An account name given twice across the config and the account files, naming both
+    places; a name given twice in one list is that list's own problem."""
+    first: dict[str, Sourced] = {}
+    lines = []
+    for sourced in accounts:
+        name = sourced.account.name
+        known = first.setdefault(name, sourced)
+        if known is sourced:
+            continue
+        both_inline = known.source.startswith(_INLINE) and sourced.source.startswith(_INLINE)
+        if known.source != sourced.source and not both_inline:
+            lines.append(
+                f"{sourced.source}: duplicate account name {name!r} (also in {known.source})"
+            )
+    return lines
 
 
 def _accounts(
-    raw_accounts: list[Any], base_dir: Path, problems: list[Problem]
-) -> list[AccountConfig]:
+    raw_accounts: list[Any],
+    prefix: Loc,
+    base_dir: Path,
+    problems: list[Problem],
+    *,
+    single: bool = False,
+) -> list[tuple[int, AccountConfig]]:
+    """The valid accounts of a list, with their index; ``single``: the list holds one
+    account given as a mapping, located at ``prefix`` itself."""
     accounts = []
     for index, raw in enumerate(raw_accounts):
-        loc: Loc = ("accounts", index)
+        loc: Loc = prefix if single else (*prefix, index)
         given = _validate(AccountInput, raw, loc, problems)
         account = None if given is None else _resolve_account(given, loc, base_dir, problems)
         if account is not None:
-            accounts.append(account)
+            accounts.append((index, account))
     return accounts
 
 
@@ -146,6 +298,8 @@ def _resolve_account(
         private_key=private_key,
         proxy=given.proxy,
         source_address=given.source_address,
+        labels=given.labels,
+        thresholds=given.thresholds,
     )
 
 

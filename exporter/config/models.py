@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from exporter.config.errors import KEY_HEAD
 from exporter.config.secrets import PrivateKey, key_type
 from exporter.route import Route
 
@@ -46,6 +47,32 @@ ACCOUNT_NAME_PATTERN = r"[A-Za-z0-9_.-]+"
 ACCOUNT_NAME_MAX = 64
 _ASSET = re.compile(r"[A-Z0-9]{1,32}")
 _PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
+#: an account's own labels (accounts[].labels): Prometheus label syntax, at most this many
+LABEL_NAME_PATTERN = r"[a-zA-Z_][a-zA-Z0-9_]*"
+MAX_ACCOUNT_LABELS = 8
+LABEL_VALUE_MAX = 128
+#: label names an account's labels may not take: the exporter's own, the target's and the
+#: alerts' (a join would clash with them), and Prometheus's reserved __ prefix
+RESERVED_LABELS = frozenset(
+    {
+        "account",
+        "asset",
+        "egress",
+        "endpoint",
+        "event",
+        "outcome",
+        "reason",
+        "status",
+        "threshold",
+        "version",
+        "job",
+        "instance",
+        "alertname",
+        "severity",
+        "le",
+        "quantile",
+    }
+)
 
 
 def _problem(message: str, **values: Any) -> PydanticCustomError:
@@ -121,8 +148,46 @@ def _check_stream_url(value: str) -> str:
     return url
 
 
+#: what RFC 3986 allows unencoded in a URL's user name and password
+_USERINFO_CHARS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%"
+)
+_PERCENT_ENCODE = "percent-encode it (e.g. @ as %40, / as %2F, # as %23, : as %3A)"
+
+
+def _proxy_problem(value: str) -> str | None:
+    """Which part of a proxy URL does not parse, named without quoting it (the URL may
+    carry credentials); None when no part is at fault."""
+    scheme, separator, rest = value.partition("://")
+    if not separator or not scheme:
+        return "not a valid URL: no scheme (write http://host:port)"
+    at = rest.rfind("@")
+    if at >= 0:
+        user, has_password, password = rest[:at].partition(":")
+        if not set(user) <= _USERINFO_CHARS:
+            return f"not a valid URL: the user name has a reserved character: {_PERCENT_ENCODE}"
+        if has_password and not set(password) <= _USERINFO_CHARS:
+            return f"not a valid URL: the password has a reserved character: {_PERCENT_ENCODE}"
+        rest = rest[at + 1 :]
+    host_port = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    host, port = host_port, ""
+    if host_port.startswith("["):
+        end = host_port.find("]")
+        host, port = host_port[: end + 1], host_port[end + 1 :].removeprefix(":")
+    elif ":" in host_port:
+        host, _, port = host_port.rpartition(":")
+    if not host or host == "[]":
+        return "not a valid URL: no host"
+    if ":" in host_port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        return "not a valid URL: the port is not a number from 1 to 65535"
+    return None
+
+
 def _check_proxy(value: str) -> str:
     # The URL may carry credentials: messages never quote it.
+    problem = _proxy_problem(value.strip())
+    if problem is not None:
+        raise _problem(problem)
     parts = _split_url(value.strip())
     if parts.scheme not in _PROXY_SCHEMES:
         raise _problem("must be an http://, https://, socks5:// or socks5h:// URL")
@@ -155,6 +220,29 @@ def _check_name(value: str) -> str:
     return value
 
 
+def _check_labels(labels: dict[str, str]) -> dict[str, str]:
+    if len(labels) > MAX_ACCOUNT_LABELS:
+        raise _problem(f"at most {MAX_ACCOUNT_LABELS} labels (got {len(labels)})")
+    for name, value in labels.items():
+        shown = repr(name) if len(name) <= ACCOUNT_NAME_MAX else f"{name[:KEY_HEAD]!r}..."
+        if not re.fullmatch(LABEL_NAME_PATTERN, name):
+            raise _problem(
+                f"label name {shown} is not a Prometheus label name"
+                f" (letters, digits and _, not starting with a digit)"
+            )
+        if name.startswith("__"):
+            raise _problem(f"label name {shown} is reserved (names starting with __ are)")
+        if name in RESERVED_LABELS:
+            raise _problem(
+                f"label name {shown} is reserved (the exporter, Prometheus or the alerts use it)"
+            )
+        if not value.strip():
+            raise _problem(f"label {shown} must not be empty")
+        if len(value) > LABEL_VALUE_MAX or not value.isprintable():
+            raise _problem(f"label {shown}: at most {LABEL_VALUE_MAX} printable characters")
+    return labels
+
+
 def proxy_without_credentials(proxy: str) -> str:
     """``scheme://host[:port]`` of a proxy URL: user and password removed."""
     parts = urlsplit(proxy)
@@ -178,6 +266,9 @@ ProxyUrl = Annotated[str, AfterValidator(_check_proxy)]
 IpAddress = Annotated[str, AfterValidator(_check_ip)]
 Asset = Annotated[str, AfterValidator(_check_asset)]
 AccountName = Annotated[str, AfterValidator(_check_name)]
+AccountLabels = Annotated[
+    dict[str, str], BeforeValidator(_none_as_empty), AfterValidator(_check_labels)
+]
 
 
 # ---- settings ------------------------------------------------------------
@@ -288,6 +379,31 @@ class PricesSettings(_Frozen):
 
 # ---- accounts ------------------------------------------------------------
 
+#: a uniMMR threshold: Binance liquidates at uniMMR <= 1.05, so only above 1 means anything
+UniMMR = Annotated[float | None, Field(gt=1, le=1000, allow_inf_nan=False), _NotBool]
+
+
+class Thresholds(_Frozen):
+    """An account's own alert thresholds, exported as binance_pm_account_threshold; the
+    alert rules use them in place of their global defaults."""
+
+    uni_mmr_warning: UniMMR = None
+    uni_mmr_critical: UniMMR = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Thresholds:
+        warning, critical = self.uni_mmr_warning, self.uni_mmr_critical
+        if warning is not None and critical is not None and critical >= warning:
+            raise _problem(
+                "uni_mmr_critical must be below uni_mmr_warning (an account is critical"
+                " below the lower one)"
+            )
+        return self
+
+    def given(self) -> dict[str, float]:
+        """The thresholds set, by name."""
+        return {name: value for name, value in self.model_dump().items() if value is not None}
+
 
 class AccountInput(_Frozen):
     """One account as written in YAML: inline values or ``*_file`` paths.
@@ -307,6 +423,10 @@ class AccountInput(_Frozen):
     private_key_passphrase_file: str | None = None
     proxy: ProxyUrl | None = None
     source_address: IpAddress | None = None
+    labels: AccountLabels = Field(default_factory=dict)
+    thresholds: Annotated[Thresholds, BeforeValidator(_none_as_empty)] = Field(
+        default_factory=Thresholds
+    )
 
     @model_validator(mode="after")
     def _one_of_each(self) -> AccountInput:
@@ -367,6 +487,9 @@ class AccountConfig(_Frozen):
     private_key: PrivateKey | None = Field(default=None, repr=False)
     proxy: ProxyUrl | None = Field(default=None, repr=False)
     source_address: IpAddress | None = None
+    #: the account's own labels, exported once, on binance_pm_account_info
+    labels: AccountLabels = Field(default_factory=dict)
+    thresholds: Thresholds = Field(default_factory=Thresholds)
 
     @property
     def key_type(self) -> str:
@@ -409,15 +532,21 @@ class _Sections(_Frozen):
 
 
 class Config(_Sections):
-    """The whole configuration."""
+    """The whole configuration: the accounts of ``accounts`` and then those of the files in
+    ``accounts_dir``, each group in its order."""
 
     accounts: list[AccountConfig] = Field(min_length=1)
+    #: the directory whose *.yaml files hold more accounts (absolute), if any
+    accounts_dir: str | None = None
 
 
 class ConfigInput(_Sections):
     """The top level as written in YAML; the loader checks the accounts one by one."""
 
-    accounts: list[Any]
+    accounts: Annotated[list[Any], BeforeValidator(_none_as_empty_list)] = Field(
+        default_factory=list
+    )
+    accounts_dir: str | None = None
 
     @field_validator("accounts")
     @classmethod
