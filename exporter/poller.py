@@ -34,6 +34,9 @@ from exporter.triggers import CATCHUP_NEAR_SECONDS, Priority, TriggerQueue
 from exporter.weights import WEIGHTS, refresh_weight
 
 BACKOFF_CAP_SECONDS = 300.0
+#: the backoff's exponent stops here: interval x 2**64 is past any cap, and a larger
+#: exponent (failure 1,025 overflows a float; a restored 2**62 would hang) is never computed
+_BACKOFF_MAX_EXPONENT = 64
 T = TypeVar("T")
 log = structlog.get_logger("exporter.poller")
 
@@ -101,7 +104,8 @@ def backoff(
         return cap
     if isinstance(error, errors.BinanceError) and not error.account_fault:
         return interval  # the IP is paused; the account itself is fine
-    return float(min(interval * 2 ** max(failures - 1, 0), cap))
+    exponent = min(max(failures - 1, 0), _BACKOFF_MAX_EXPONENT)
+    return min(interval * 2.0**exponent, cap)
 
 
 class EgressPoller:
