@@ -469,3 +469,38 @@ def test_backoff_is_bounded_for_any_count(failures: int) -> None:
     error = RuntimeError("boom")
     expected = min(10 * 2 ** max(failures - 1, 0), 300) if failures < 64 else 300
     assert poller_module.backoff(10, failures, error, 300) == expected
+
+
+def test_an_event_time_far_ahead_does_not_hide_the_next_margin_call() -> None:
+    """E = 999999999999999 (year 33658) made every later riskLevelChange look old: a real
+    margin call was ignored until a restart."""
+    clock = VirtualTime()
+    health = StreamHealth(["acct-0"])
+    poller, store, _ = build_poller(
+        ["acct-0"], BudgetLimits(6000, 0.25, 0.8), 300.0, clock, FakeApi(clock), stream=health
+    )
+    risk = {"uni_mmr": None, "equity": None, "actual_equity": None, "maint_margin": None}
+    with structlog.testing.capture_logs() as logs:
+        poller.apply_risk("acct-0", **risk, status="REDUCE_ONLY", event_time=999999999999.999)
+        poller.apply_risk("acct-0", **risk, status="MARGIN_CALL", event_time=START - 0.5)
+        # a day ahead is still an event time; a later, older event is still ignored
+        poller.apply_risk("acct-0", **risk, status="SUPPLY_MARGIN", event_time=START + 86000)
+        poller.apply_risk("acct-0", **risk, status="NORMAL", event_time=START - 0.4)
+    info = store.get("acct-0").info
+    assert info is not None
+    assert info.status == "SUPPLY_MARGIN"
+    assert health.future_events.labels("acct-0")._value.get() == 1
+    assert [e["event"] for e in logs] == ["stream_event_in_future"]
+
+
+def test_a_margin_call_after_a_future_event_shows_at_once() -> None:
+    clock = VirtualTime()
+    poller, store, _ = build_poller(
+        ["acct-0"], BudgetLimits(6000, 0.25, 0.8), 300.0, clock, FakeApi(clock)
+    )
+    risk = {"uni_mmr": None, "equity": None, "actual_equity": None, "maint_margin": None}
+    poller.apply_risk("acct-0", **risk, status="NORMAL", event_time=999999999999.999)
+    poller.apply_risk("acct-0", **risk, status="MARGIN_CALL", event_time=START)
+    info = store.get("acct-0").info
+    assert info is not None
+    assert info.status == "MARGIN_CALL"
