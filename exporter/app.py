@@ -133,6 +133,8 @@ class Exporter:
         self.reload_status = ReloadStatus(successful=True, last_success=clock())
         names = {a.name for a in plan.accounts}
         saved = storage.load(names) if storage is not None else {}
+        for reason, count in storage.dropped.items() if storage is not None else ():
+            self.instruments.dropped.labels("state_file", reason).inc(count)
         self.store = SnapshotStore(
             _under(saved[a.name], plan.settings[a.route])
             if a.name in saved
