@@ -26,13 +26,14 @@ import pytest
 import yaml
 from exporterproc import ExporterProcess, black_hole, running
 from harness import accounts, wait_until
+from test_webconfig_reload import write_pair
 
 from exporter.binance.models import MAX_ASSETS_PER_ANSWER
 from exporter.labels import LABEL_MAX_CHARS
 from exporter.simulator import Simulator
 from exporter.simulator.demo import exporter_config
 from exporter.storage import FILE_NAME, VERSION
-from exporter.watchdog import SHUTDOWN_DEADLINE_SECONDS
+from exporter.watchdog import EXIT_STUCK, SHUTDOWN_DEADLINE_SECONDS
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -323,3 +324,50 @@ def test_a_fifo_secret_fails_its_reload_at_once_and_sigterm_still_exits(
 
 
 assert SHUTDOWN_DEADLINE_SECONDS < 10.0  # "SIGTERM exits within 10 s" (README: Security)
+
+
+def test_sigterm_ends_the_process_within_10_s_while_a_certificate_read_hangs(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """A certificate that is briefly a FIFO blocked the web config's watcher in open()
+    for good, and SIGTERM never exited (issue 17, #5). Whatever reads it, the process
+    now ends within the deadline: cleanly, or by the watchdog with one line saying what
+    was stuck and a non-zero code."""
+    write_pair(tmp_path, "exporter")
+    web = tmp_path / "web.yml"
+    web.write_text(
+        yaml.safe_dump(
+            {
+                "tls_server_config": {
+                    "cert_file": str(tmp_path / "server.crt"),
+                    "key_file": str(tmp_path / "server.key"),
+                }
+            }
+        )
+    )
+    config = write_config(
+        tmp_path / "config.yaml", exporter_config(sim.url, GENERATED, budget=BUDGET)
+    )
+    with running("--config.file", str(config), "--web.config.file", str(web)) as run:
+        (tmp_path / "server.crt").unlink()
+        os.mkfifo(tmp_path / "server.crt")  # no writer, ever
+        wait_until(lambda: _waits_for_a_fifo(run), 15, "a thread stuck opening the FIFO")
+        run.signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = run.popen.wait(timeout=30)
+        stopped = time.monotonic() - started
+        stuck = run.events("shutdown_stuck")
+        print(f"SIGTERM with a FIFO certificate: exit {code} after {stopped:.2f} s; {stuck}")
+        assert stopped < 10.0
+        assert code == 0 or (code == EXIT_STUCK and len(stuck) == 1)
+
+
+def _waits_for_a_fifo(run: ExporterProcess) -> bool:
+    """A thread of the process blocks in open() of a FIFO (the kernel's wait channel)."""
+    for task in Path(f"/proc/{run.popen.pid}/task").iterdir():
+        try:
+            if (task / "wchan").read_text() in ("wait_for_partner", "fifo_open"):
+                return True
+        except OSError:
+            continue
+    return False
