@@ -135,6 +135,8 @@ class PriceSource:
         self._failure: str | None = None
         #: the held assets without a price at the last refresh
         self._unpriced: set[str] = set()
+        #: assets that lost, and found, a price and are not logged yet
+        self._pending: tuple[set[str], set[str]] = (set(), set())
         self._unpriced_log = LogThrottle(clock=clock)
 
     @property
@@ -181,19 +183,21 @@ class PriceSource:
         await self._client.aclose()
 
     def _report_unpriced(self, book: PriceBook) -> None:
-        """Log the held assets that lost or found a price: one line each way per refresh
-        (a few names and the count), at most one a minute; the set keeps held assets only."""
+        """Log the held assets that lost or found a price, once each: one line each way
+        (10 names and the count) at most once a minute, the rest in the next line; only
+        held assets are remembered."""
         held = set(self._held())
         unpriced = {asset for asset in held if book.price(asset) is None}
-        for event, assets in (
-            ("asset_unpriced", unpriced - self._unpriced),
-            ("asset_priced", (self._unpriced & held) - unpriced),
-        ):
+        lost, found = self._pending
+        lost = (lost | (unpriced - self._unpriced)) & unpriced
+        found = (found | ((self._unpriced & held) - unpriced)) & (held - unpriced)
+        for event, assets in (("asset_unpriced", lost), ("asset_priced", found)):
             if assets and (held_back := self._unpriced_log.allow(event)) is not None:
                 names = sorted(assets)
                 level = log.warning if event == "asset_unpriced" else log.info
                 level(event, assets=names[:10], count=len(names), lines_held_back=held_back)
-        self._unpriced = unpriced
+                assets.clear()
+        self._unpriced, self._pending = unpriced, (lost, found)
 
     # The spot API's clock is not measured: the unsigned ticker needs no offset.
 

@@ -132,11 +132,27 @@ def test_new_unpriced_assets_each_refresh_cost_one_line_a_minute_and_are_forgott
             setup.refresh()
             setup.clock.now += 10
             assert len(setup.source._unpriced) == 20_000  # this answer's, not every one's
+            assert len(setup.source._pending[0]) <= 20_000
     unpriced = logs.events("asset_unpriced")
     assert len(unpriced) == 2  # at 0 s and at 60 s
-    assert [e["count"] for e in unpriced] == [20_000, 20_000]
+    assert [e["count"] for e in unpriced] == [20_000, 20_000]  # those still held, unpriced
     assert [len(e["assets"]) for e in unpriced] == [10, 10]
     assert unpriced[1]["lines_held_back"] == 5
+
+
+def test_an_asset_unpriced_while_lines_are_held_back_is_logged_in_the_next_line(
+    setup: Setup,
+) -> None:
+    held = {"BTC", "NOPE"}
+    setup.source._held = lambda: held
+    with captured_logs() as logs:
+        setup.refresh()  # NOPE: logged
+        held.add("NOPE2")
+        setup.clock.now += 30
+        setup.refresh()  # NOPE2: held back
+        setup.clock.now += 30
+        setup.refresh()  # a minute on: NOPE2 logged
+    assert [e["assets"] for e in logs.events("asset_unpriced")] == [["NOPE"], ["NOPE2"]]
 
 
 FAULTS: list[tuple[str, dict[str, Any], str]] = [
