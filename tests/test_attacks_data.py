@@ -285,6 +285,20 @@ def test_a_margin_call_after_an_event_from_the_future_shows_within_a_second(
 # --- #5: config and secret files on reload, and shutdown ---------------------------------
 
 
+def _sparse(path: Path) -> None:
+    with path.open("wb") as handle:
+        handle.truncate(100 * 1024 * 1024)
+
+
+#: a secret file swapped for something that is no secret file, and the reason given
+BAD_FILES = [
+    ("FIFO", os.mkfifo, "not a regular file"),
+    ("/dev/zero", lambda p: p.symlink_to("/dev/zero"), "not a regular file"),
+    ("100 MB", _sparse, "too large"),
+    ("directory", lambda p: p.mkdir(), "directory"),
+]
+
+
 def test_a_fifo_secret_fails_its_reload_at_once_and_sigterm_still_exits(
     sim: Simulator, tmp_path: Path
 ) -> None:
@@ -298,17 +312,24 @@ def test_a_fifo_secret_fails_its_reload_at_once_and_sigterm_still_exits(
     kept = tmp_path / "secret.kept"
     with running("--config.file", str(config)) as run:
         wait_until(lambda: scraped(run, 'binance_pm_up{account="acct-00"}') == 1, 30)
-        shutil.move(secret, kept)
-        os.mkfifo(secret)  # no writer, ever
-        run.signal(signal.SIGHUP)
-        (failed,) = wait_until(lambda: run.events("reload_failed"), 10, "the reload failing")
-        assert "not a regular file" in failed["error"]
-        # The lock is free: the next reload runs and succeeds.
-        secret.unlink()
-        shutil.move(kept, secret)
-        run.signal(signal.SIGHUP)
-        wait_until(lambda: run.events("config_reloaded"), 10, "the next reload")
-        assert scraped(run, "binance_pm_config_last_reload_successful") == 1
+        for bad, swap, reason in BAD_FILES:
+            shutil.move(secret, kept)
+            swap(secret)
+            run.signal(signal.SIGHUP)
+            failed = wait_until(lambda: run.events("reload_failed"), 10, f"{bad}: reload failing")
+            assert len(failed) == 1, bad
+            assert reason in failed[0]["error"], (bad, failed[0]["error"])
+            assert scraped(run, "binance_pm_config_last_reload_successful") == 0
+            # The lock is free: the next reload runs and succeeds.
+            if secret.is_dir():
+                secret.rmdir()
+            else:
+                secret.unlink()
+            shutil.move(kept, secret)
+            run.signal(signal.SIGHUP)
+            wait_until(lambda: run.events("config_reloaded"), 10, f"{bad}: the next reload")
+            assert scraped(run, "binance_pm_config_last_reload_successful") == 1
+            run.lines.clear()
         # And once more with the FIFO, SIGTERM right behind the SIGHUP.
         secret.unlink()
         os.mkfifo(secret)
