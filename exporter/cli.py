@@ -304,7 +304,7 @@ async def _run_until_signalled(exporter: Exporter, *, demo: bool = False) -> Non
         await _run(exporter, stop, demo=demo)
     finally:  # the watchdog, once armed, stays armed; a second signal now acts at once
         for signum, handler in before.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 async def _run(exporter: Exporter, stop: asyncio.Event, *, demo: bool) -> None:
