@@ -57,6 +57,8 @@ WEB_CONFIG_NAMES = ("web_config", "web config")
 
 #: how long in-flight requests may take to finish after a stop signal
 SHUTDOWN_GRACE_SECONDS = 5.0
+#: a reload still reading its files after this long fails (its thread is left behind)
+RELOAD_TIMEOUT = 30.0
 
 #: reads and validates the config (file, secrets, budget, shard); raises ConfigError
 ConfigLoader = Callable[[], Config]
@@ -138,6 +140,8 @@ class Exporter:
         self.reload_status = ReloadStatus(successful=True, last_success=clock())
         names = {a.name for a in plan.accounts}
         saved = storage.load(names) if storage is not None else {}
+        for reason, count in storage.dropped.items() if storage is not None else ():
+            self.instruments.dropped.labels("state_file", reason).inc(count)
         self.store = SnapshotStore(
             _with_meta(
                 _under(saved[a.name], plan.settings[a.route])
@@ -421,6 +425,18 @@ class Exporter:
             **more,
         )
 
+    def activity(self) -> list[str]:
+        """What the exporter is doing that may hold up its shutdown (for the watchdog;
+        read from another thread: plain reads only)."""
+        doing = []
+        if self._reload_lock.locked():
+            doing.append("config reload")
+        if self._retiring:
+            doing.append(f"{len(self._retiring)} retired pollers draining")
+        if self._stop is not None and self._stop.is_set():
+            doing.append("stopping")
+        return doing
+
     # --- reloading -------------------------------------------------------------------
 
     def reload(self, timeout: float = 60.0) -> str | None:
@@ -440,8 +456,15 @@ class Exporter:
                 log.warning("reload_failed", error="no config file to reload (--demo)")
                 return "no config file to reload (--demo)"
             try:
-                # Reading files and loading keys takes a while: not on the pollers' loop.
-                config = await asyncio.to_thread(self._load)
+                # Reading files and loading keys takes a while: not on the pollers' loop;
+                # a read that never ends must not hold the lock (and every later reload).
+                reading = asyncio.ensure_future(asyncio.to_thread(self._load))
+                try:
+                    config = await asyncio.wait_for(asyncio.shield(reading), RELOAD_TIMEOUT)
+                except TimeoutError:
+                    raise ConfigError(
+                        [f"reading the config took over {RELOAD_TIMEOUT:g} s; not applied"]
+                    ) from None
             except ConfigError as exc:
                 error = "; ".join(exc.problems)
                 self.reload_status.successful = False

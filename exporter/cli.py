@@ -25,6 +25,7 @@ from exporter.server import ServerLimits, parse_listen_address
 from exporter.shard import Shard, ShardError, parse_shard
 from exporter.storage import StateFile
 from exporter.summary import check_budget, summarize
+from exporter.watchdog import ShutdownWatchdog
 from exporter.webconfig import WebConfigError, WebConfigFile
 from exporter.weights import refresh_weight
 
@@ -36,6 +37,7 @@ DEFAULT_PORT = 9745
 DEMO_LISTEN_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
 ENV_PREFIX = "BINANCE_PM_EXPORTER_"
 EXIT_USAGE = 2
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 log = structlog.get_logger("exporter")
 
@@ -329,8 +331,24 @@ async def _run_until_signalled(
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, _stop, stop, signum)
+    watchdog = ShutdownWatchdog(activity=exporter.activity)
+
+    def on_stop_signal(signum: int, frame: object) -> None:
+        # A plain handler, not the loop's: it runs even while the loop cannot, and arms
+        # the watchdog before anything else may get stuck.
+        watchdog.arm(signal.Signals(signum).name)
+        loop.call_soon_threadsafe(_stop, stop, signum)
+
+    before = {signum: signal.signal(signum, on_stop_signal) for signum in _STOP_SIGNALS}
+    try:
+        await _run(exporter, stop, demo=demo)
+    finally:  # the watchdog, once armed, stays armed; a second signal now acts at once
+        for signum, handler in before.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+async def _run(exporter: Exporter, stop: asyncio.Event, *, demo: bool) -> None:
+    loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[str | None]] = set()
 
     def reload() -> None:

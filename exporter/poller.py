@@ -31,10 +31,16 @@ from exporter.clocksync import ClockSync
 from exporter.egress import EgressLedger
 from exporter.selfmetrics import Instruments, StreamHealth
 from exporter.snapshot import AccountInfo, AccountSnapshot, AssetBalance, SnapshotStore
+from exporter.throttle import LogThrottle
 from exporter.triggers import CATCHUP_NEAR_SECONDS, Priority, TriggerQueue
 from exporter.weights import WEIGHTS, refresh_weight
 
 BACKOFF_CAP_SECONDS = 300.0
+#: the backoff's exponent stops here: interval x 2**64 is past any cap, and a larger
+#: exponent (failure 1,025 overflows a float; a restored 2**62 would hang) is never computed
+_BACKOFF_MAX_EXPONENT = 64
+#: an event time E further ahead of the server's clock than this is not used for ordering
+FUTURE_EVENT_SECONDS = 86400.0
 T = TypeVar("T")
 log = structlog.get_logger("exporter.poller")
 
@@ -102,7 +108,8 @@ def backoff(
         return cap
     if isinstance(error, errors.BinanceError) and not error.account_fault:
         return interval  # the IP is paused; the account itself is fine
-    return float(min(interval * 2 ** max(failures - 1, 0), cap))
+    exponent = min(max(failures - 1, 0), _BACKOFF_MAX_EXPONENT)
+    return min(interval * 2.0**exponent, cap)
 
 
 class EgressPoller:
@@ -125,6 +132,10 @@ class EgressPoller:
         self._accounts = [_Account(t) for t in targets]
         self._by_name = {a.target.name: a for a in self._accounts}
         self._ledger = EgressLedger(budget, instruments)
+        self._instruments = instruments
+        #: malformed records: one line per account per minute, with the count held back
+        self._records_log = LogThrottle(clock=clock)
+        self._future_log = LogThrottle(clock=clock)
         self._client = make_client(observer=self._observe)
         self._budget = budget
         self._store = store
@@ -207,6 +218,14 @@ class EgressPoller:
         account = self._by_name.get(name)
         if account is None or not self._settings.account_info:
             return  # without account info polled, nothing would ever reconcile it
+        if event_time > self._client.server_now() + FUTURE_EVENT_SECONDS:
+            # E = 999999999999999 would make every later event look old: it goes in, but
+            # keeps the last event's place in the order
+            event_time = account.risk.time if account.risk is not None else float("-inf")
+            if self._stream is not None:
+                self._stream.future_event(name)
+            if (held_back := self._future_log.allow(name)) is not None:
+                log.warning("stream_event_in_future", account=name, lines_held_back=held_back)
         if account.risk is not None and event_time < account.risk.time:
             return
         values = {
@@ -383,8 +402,16 @@ class EgressPoller:
 
     def _merge(self, previous: AccountSnapshot, parsed: ParsedBalances) -> tuple[AssetBalance, ...]:
         """The new balances, filtered; a skipped malformed record keeps its asset's last values."""
-        if parsed.problems:
-            log.warning("malformed_records", account=previous.name, problems=list(parsed.problems))
+        for reason, count in parsed.dropped.items():
+            self._instruments.dropped.labels("balance", reason).inc(count)
+        if parsed.problems and (held_back := self._records_log.allow(previous.name)) is not None:
+            log.warning(
+                "malformed_records",
+                account=previous.name,
+                problems=list(parsed.problems),
+                dropped=dict(parsed.dropped),
+                lines_held_back=held_back,
+            )
         kept = [b for b in previous.balances if b.asset in parsed.skipped_assets]
         allowed = self._settings.allows_asset
         return tuple(

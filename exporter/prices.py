@@ -13,7 +13,9 @@ event (`symbol_not_trading`), and its asset takes the next route of the valuatio
 or none. Binance's ticker without the filter keeps listing such a pair at its last price.
 
 Assets held by the polled accounts that the valuation rule cannot price are logged
-once (`asset_unpriced`), and once more if they later get a price.
+when they lose their price (`asset_unpriced`: a few names and the count, at most one
+line a minute), and when they get one (`asset_priced`); assets no longer held are
+forgotten.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from exporter.budget import BudgetLimits, WeightBudget
 from exporter.egress import EgressLedger
 from exporter.selfmetrics import Instruments
 from exporter.snapshot import AssetBalance
+from exporter.throttle import LogThrottle
 from exporter.valuation import Price, Quote, usd_price
 from exporter.weights import SPOT_IP_WEIGHT_LIMIT_PER_MINUTE, WEIGHTS
 
@@ -137,7 +140,11 @@ class PriceSource:
         self._clock = clock
         self._sleep = sleep
         self._failure: str | None = None
+        #: the held assets without a price at the last refresh
         self._unpriced: set[str] = set()
+        #: assets that lost, and found, a price and are not logged yet
+        self._pending: tuple[set[str], set[str]] = (set(), set())
+        self._unpriced_log = LogThrottle(clock=clock)
 
     @property
     def budget(self) -> WeightBudget:
@@ -186,15 +193,21 @@ class PriceSource:
         await self._client.aclose()
 
     def _report_unpriced(self, book: PriceBook) -> None:
-        """Log each held asset without a price once, not on every refresh."""
-        for asset in sorted(set(self._held())):
-            priced = book.price(asset) is not None
-            if not priced and asset not in self._unpriced:
-                self._unpriced.add(asset)
-                log.warning("asset_unpriced", asset=asset)
-            elif priced and asset in self._unpriced:
-                self._unpriced.discard(asset)
-                log.info("asset_priced", asset=asset)
+        """Log the held assets that lost or found a price, once each: one line each way
+        (10 names and the count) at most once a minute, the rest in the next line; only
+        held assets are remembered."""
+        held = set(self._held())
+        unpriced = {asset for asset in held if book.price(asset) is None}
+        lost, found = self._pending
+        lost = (lost | (unpriced - self._unpriced)) & unpriced
+        found = (found | ((self._unpriced & held) - unpriced)) & (held - unpriced)
+        for event, assets in (("asset_unpriced", lost), ("asset_priced", found)):
+            if assets and (held_back := self._unpriced_log.allow(event)) is not None:
+                names = sorted(assets)
+                level = log.warning if event == "asset_unpriced" else log.info
+                level(event, assets=names[:10], count=len(names), lines_held_back=held_back)
+                assets.clear()
+        self._unpriced, self._pending = unpriced, (lost, found)
 
     # The spot API's clock is not measured: the unsigned ticker needs no offset.
 

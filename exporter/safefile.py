@@ -22,11 +22,14 @@ class UnsafeFileError(OSError):
     (the caller names it) and never any of the file's content."""
 
 
-def read_regular_file(path: Path | str, max_bytes: int) -> bytes:
+def read_regular_file(path: Path | str, max_bytes: int, *, private: bool = False) -> bytes:
     """The bytes of the regular file at `path`, of at most `max_bytes`.
 
     Raises `UnsafeFileError` with a short reason: not found, a directory, not a
     regular file (FIFO, device, socket), too large, permission denied, or an I/O error.
+    With `private`, also a file owned by another user than this one or root, or writable
+    by others (as sshd refuses such keys; group-writable is allowed, as Kubernetes'
+    fsGroup makes volume files).
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
@@ -43,7 +46,7 @@ def read_regular_file(path: Path | str, max_bytes: int) -> bytes:
     except ValueError:  # an embedded NUL byte in the path
         raise UnsafeFileError("invalid file path") from None
     try:
-        data = _read_opened(fd, max_bytes)
+        data = _read_opened(fd, max_bytes, private)
     finally:
         os.close(fd)
     if len(data) > max_bytes:
@@ -51,7 +54,7 @@ def read_regular_file(path: Path | str, max_bytes: int) -> bytes:
     return data
 
 
-def _read_opened(fd: int, max_bytes: int) -> bytes:
+def _read_opened(fd: int, max_bytes: int, private: bool = False) -> bytes:
     """At most `max_bytes` + 1 bytes of the opened `fd`, once it is known to be a
     regular file small enough."""
     try:
@@ -64,6 +67,10 @@ def _read_opened(fd: int, max_bytes: int) -> bytes:
         raise UnsafeFileError("not a regular file")
     if info.st_size > max_bytes:
         raise UnsafeFileError(f"file too large (over {max_bytes} bytes)")
+    if private and info.st_uid not in (os.geteuid(), 0):
+        raise UnsafeFileError(f"owned by another user (uid {info.st_uid}), not read")
+    if private and info.st_mode & stat.S_IWOTH:
+        raise UnsafeFileError("writable by others, not read")
     chunks: list[bytes] = []
     left = max_bytes + 1
     try:

@@ -59,7 +59,15 @@ class Instruments(_Live):
             buckets=LATENCY_BUCKETS,
             registry=None,
         )
-        self._metrics = (self.requests, self.duration)
+        self.dropped = Counter(
+            "binance_pm_dropped_records",
+            "Records from outside dropped on the way in, by source (balance: a balance "
+            "answer's asset; state_file: an account or asset of the state file) and reason "
+            "(malformed, label: a name that cannot be a label value, duplicate, over_cap).",
+            ["source", "reason"],
+            registry=None,
+        )
+        self._metrics = (self.requests, self.duration, self.dropped)
         registry.register(self)
 
 
@@ -114,7 +122,29 @@ class StreamHealth(_Live):
             ["account"],
             registry=None,
         )
-        self._metrics = (self.up, self.last_event, self.events, self.reconnects, self.triggered)
+        self.rejected = Counter(
+            "binance_pm_stream_frames_rejected",
+            "Frames of the account's user data stream dropped as malformed (not JSON, not an "
+            "event, or a field that cannot be a label value).",
+            ["account"],
+            registry=None,
+        )
+        self.future_events = Counter(
+            "binance_pm_stream_future_events",
+            "Events of the account's user data stream whose time E was more than a day ahead "
+            "of the clock: not used to order the account's risk events.",
+            ["account"],
+            registry=None,
+        )
+        self._metrics = (
+            self.up,
+            self.last_event,
+            self.events,
+            self.reconnects,
+            self.triggered,
+            self.rejected,
+            self.future_events,
+        )
         for account in accounts:
             self.up.labels(account).set(0)
             self.triggered.labels(account)
@@ -133,6 +163,12 @@ class StreamHealth(_Live):
         self.events.labels(account, event_type if event_type in STREAM_EVENTS else "other").inc()
         if event_time is not None:
             self.last_event.labels(account).set(event_time)
+
+    def frame_rejected(self, account: str) -> None:
+        self.rejected.labels(account).inc()
+
+    def future_event(self, account: str) -> None:
+        self.future_events.labels(account).inc()
 
     def forget(self, account: str) -> None:
         """The account is no longer polled (a reload removed it): its per-account series

@@ -80,6 +80,9 @@ class _AccountObserver(StreamObserver):
         if event.moves_account:
             self._poller.trigger(self._name, Priority.RISK if event.is_risk else Priority.EVENT)
 
+    def stream_frame_rejected(self, reason: str) -> None:
+        self._health.frame_rejected(self._name)
+
     def listen_key_failed(self, error: errors.BinanceError) -> None:
         self._poller.note_pause(error)
 

@@ -8,7 +8,7 @@ import asyncio
 import itertools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -22,6 +22,7 @@ from exporter import poller as poller_module
 from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import HmacSigner
 from exporter.budget import BudgetLimits, WeightBudget, refresh_interval
+from exporter.logs import configure_logging
 from exporter.poller import BACKOFF_CAP_SECONDS, EgressPoller, PollSettings, Target
 from exporter.selfmetrics import Instruments, StreamHealth
 from exporter.simulator.virtualtime import EventClock
@@ -436,3 +437,72 @@ def test_a_failure_slower_than_its_backoff_says_retry_in_0_not_a_negative_wait()
     retry_in = [e["retry_in"] for e in logs if e["event"] == "poll_failed"]
     assert retry_in
     assert min(retry_in) == 0  # it was next_due - now: -20.0
+
+
+@pytest.mark.timeout(60)  # 2**62 as an exponent hangs: fail, do not wait forever
+@pytest.mark.parametrize("failures_before", [1024, 2**62])
+def test_three_bad_days_of_failures_keep_the_cap_with_one_line_per_failure(
+    failures_before: int,
+) -> None:
+    """Failure 1,025 (3.5 days at the 300 s cap) overflowed `interval * 2 ** n` as a float
+    inside the failure handler: the backoff was lost and the account retried every second.
+    A restored consecutive_failures of 2**62 hung the process."""
+    configure_logging("debug", "json")  # the repeats of one failure are debug lines
+    limits = BudgetLimits(60000, 1.0, 0.8)
+    clock = VirtualTime()
+    api = FakeApi(clock)
+    api.fail["acct-0"] = (httpx.Response(500, content=b"oops"), START, START + 10_000)
+    poller, store, _ = build_poller(["acct-0"], limits, 1.0, clock, api, account_info=False)
+    store.replace(replace(store.get("acct-0"), consecutive_failures=failures_before))
+    with structlog.testing.capture_logs() as logs:
+        run_for(poller, clock, 1000)
+    tries = balance_times(api, "acct-0")
+    assert len(tries) >= 3
+    assert [round(b - a) for a, b in itertools.pairwise(tries)] == [300] * (len(tries) - 1)
+    failed = [e for e in logs if e["event"] == "poll_failed"]
+    assert len(failed) == len(tries)
+    assert failed[0]["failures"] == failures_before + 1
+    assert [e["retry_in"] for e in failed] == [300.0] * len(tries)
+    assert store.get("acct-0").consecutive_failures == failures_before + len(tries)
+
+
+@pytest.mark.parametrize("failures", [0, 1, 9, 10, 1024, 1025, 10**6, 2**62, 2**100])
+def test_backoff_is_bounded_for_any_count(failures: int) -> None:
+    error = RuntimeError("boom")
+    expected = min(10 * 2 ** max(failures - 1, 0), 300) if failures < 64 else 300
+    assert poller_module.backoff(10, failures, error, 300) == expected
+
+
+def test_an_event_time_far_ahead_does_not_hide_the_next_margin_call() -> None:
+    """E = 999999999999999 (year 33658) made every later riskLevelChange look old: a real
+    margin call was ignored until a restart."""
+    clock = VirtualTime()
+    health = StreamHealth(["acct-0"])
+    poller, store, _ = build_poller(
+        ["acct-0"], BudgetLimits(6000, 0.25, 0.8), 300.0, clock, FakeApi(clock), stream=health
+    )
+    risk = {"uni_mmr": None, "equity": None, "actual_equity": None, "maint_margin": None}
+    with structlog.testing.capture_logs() as logs:
+        poller.apply_risk("acct-0", **risk, status="REDUCE_ONLY", event_time=999999999999.999)
+        poller.apply_risk("acct-0", **risk, status="MARGIN_CALL", event_time=START - 0.5)
+        # a day ahead is still an event time; a later, older event is still ignored
+        poller.apply_risk("acct-0", **risk, status="SUPPLY_MARGIN", event_time=START + 86000)
+        poller.apply_risk("acct-0", **risk, status="NORMAL", event_time=START - 0.4)
+    info = store.get("acct-0").info
+    assert info is not None
+    assert info.status == "SUPPLY_MARGIN"
+    assert health.future_events.labels("acct-0")._value.get() == 1
+    assert [e["event"] for e in logs] == ["stream_event_in_future"]
+
+
+def test_a_margin_call_after_a_future_event_shows_at_once() -> None:
+    clock = VirtualTime()
+    poller, store, _ = build_poller(
+        ["acct-0"], BudgetLimits(6000, 0.25, 0.8), 300.0, clock, FakeApi(clock)
+    )
+    risk = {"uni_mmr": None, "equity": None, "actual_equity": None, "maint_margin": None}
+    poller.apply_risk("acct-0", **risk, status="NORMAL", event_time=999999999999.999)
+    poller.apply_risk("acct-0", **risk, status="MARGIN_CALL", event_time=START)
+    info = store.get("acct-0").info
+    assert info is not None
+    assert info.status == "MARGIN_CALL"

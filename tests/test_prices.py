@@ -117,7 +117,42 @@ def test_an_unpriced_asset_is_logged_once_not_per_refresh(setup: Setup) -> None:
         setup.clock.now += 30
         setup.refresh()
     unpriced = logs.events("asset_unpriced")
-    assert [e["asset"] for e in unpriced] == ["NOPE"]
+    assert [e["assets"] for e in unpriced] == [["NOPE"]]
+
+
+def test_new_unpriced_assets_each_refresh_cost_one_line_a_minute_and_are_forgotten(
+    setup: Setup,
+) -> None:
+    """20,000 new asset names per answer wrote one line each and were never forgotten:
+    155,000 lines and +18 MB in 40 s."""
+    answer = [0]
+    setup.source._held = lambda: {f"JUNK{answer[0]}-{i}" for i in range(20_000)} | {"BTC"}
+    with captured_logs() as logs:
+        for answer[0] in range(8):  # one refresh every 10 s: 80 s
+            setup.refresh()
+            setup.clock.now += 10
+            assert len(setup.source._unpriced) == 20_000  # this answer's, not every one's
+            assert len(setup.source._pending[0]) <= 20_000
+    unpriced = logs.events("asset_unpriced")
+    assert len(unpriced) == 2  # at 0 s and at 60 s
+    assert [e["count"] for e in unpriced] == [20_000, 20_000]  # those still held, unpriced
+    assert [len(e["assets"]) for e in unpriced] == [10, 10]
+    assert unpriced[1]["lines_held_back"] == 5
+
+
+def test_an_asset_unpriced_while_lines_are_held_back_is_logged_in_the_next_line(
+    setup: Setup,
+) -> None:
+    held = {"BTC", "NOPE"}
+    setup.source._held = lambda: held
+    with captured_logs() as logs:
+        setup.refresh()  # NOPE: logged
+        held.add("NOPE2")
+        setup.clock.now += 30
+        setup.refresh()  # NOPE2: held back
+        setup.clock.now += 30
+        setup.refresh()  # a minute on: NOPE2 logged
+    assert [e["assets"] for e in logs.events("asset_unpriced")] == [["NOPE"], ["NOPE2"]]
 
 
 FAULTS: list[tuple[str, dict[str, Any], str]] = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import signal
 import stat
@@ -14,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
+import structlog.testing
 import yaml
 from exporterproc import black_hole, running
 from faultkit import hmac_accounts
@@ -307,3 +309,117 @@ def test_an_older_snapshot_never_overwrites_a_newer_one(tmp_path: Path) -> None:
     assert state.write(newer, 2.0)
     assert state.write(older, 3.0)  # a slow write from the loop, finishing after shutdown's
     assert json.loads((tmp_path / FILE_NAME).read_text())["accounts"]["acct-a"]["up"] is True
+
+
+# --- a hostile or damaged state file (issue 17) ------------------------------------------
+
+
+def _saved(**account: Any) -> dict[str, Any]:
+    record = {
+        "up": True,
+        "consecutive_failures": 0,
+        "last_success": 1.7e9,
+        "balances": [{"asset": "BTC", "values": {"totalWalletBalance": 1.0}}],
+        "info": {"values": {"uniMMR": 3.0}, "status": "NORMAL"},
+    }
+    return {**record, **account}
+
+
+def _write_state(directory: Path, accounts: dict[str, Any], mode: int = 0o600) -> Path:
+    directory.mkdir(exist_ok=True)
+    path = directory / FILE_NAME
+    path.write_text(json.dumps({"version": VERSION, "written_at": 1.7e9, "accounts": accounts}))
+    path.chmod(mode)
+    return path
+
+
+BAD_ACCOUNTS: dict[str, tuple[dict[str, Any], str]] = {
+    "duplicate assets": (
+        {"balances": [{"asset": "BTC", "values": {}}, {"asset": "BTC", "values": {}}]},
+        "duplicate",
+    ),
+    "empty asset": ({"balances": [{"asset": "", "values": {}}]}, "label"),
+    "lone surrogate asset": ({"balances": [{"asset": "X\ud800", "values": {}}]}, "label"),
+    "newline in asset": ({"balances": [{"asset": "A\nB", "values": {}}]}, "label"),
+    "overlong status": ({"info": {"values": {}, "status": "S" * 1000}}, "label"),
+    "control in status": ({"info": {"values": {}, "status": "NORMAL\x1b"}}, "label"),
+    "last success in 9999": ({"last_success": 253402300799.0}, "out_of_range"),
+    "update time in 9999": (
+        {"balances": [{"asset": "BTC", "values": {}, "update_time": 253402300799.0}]},
+        "out_of_range",
+    ),
+    "negative time": ({"last_success": -1.0}, "out_of_range"),
+    "2**62 failures": ({"consecutive_failures": 2**62}, "out_of_range"),
+    "negative failures": ({"consecutive_failures": -1}, "out_of_range"),
+    "6000 assets": (
+        {"balances": [{"asset": f"A{i}", "values": {}} for i in range(6000)]},
+        "over_cap",
+    ),
+    "wrong shape": ({"balances": "BTC"}, "malformed"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_ACCOUNTS))
+def test_a_bad_saved_account_is_dropped_and_the_others_restored(bad: str, tmp_path: Path) -> None:
+    fields, reason = BAD_ACCOUNTS[bad]
+    _write_state(tmp_path, {"acct-a": _saved(**fields), "acct-b": _saved()})
+    state = StateFile(tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        restored = state.load(NAMES)
+    assert list(restored) == ["acct-b"]
+    assert state.dropped == {reason: 1}
+    (line,) = [e for e in logs if e["event"] == "state_accounts_dropped"]
+    assert line["problems"][0].startswith("acct-a: ")
+    assert "\ud800" not in str(line)
+
+
+def test_unknown_accounts_are_dropped_before_their_contents_are_looked_at(
+    tmp_path: Path,
+) -> None:
+    _write_state(tmp_path, {"acct-a": _saved(), "gone": {"balances": "anything at all"}})
+    state = StateFile(tmp_path)
+    assert list(state.load(NAMES)) == ["acct-a"]
+    assert state.dropped == {}
+
+
+def test_a_stale_temporary_file_is_removed_at_start(tmp_path: Path) -> None:
+    _write_state(tmp_path, {"acct-a": _saved()})
+    stale = tmp_path / f".{FILE_NAME}.k1l2e3d4.tmp"
+    stale.write_bytes(b"x" * 10_000_000)
+    other = tmp_path / "notes.tmp"
+    other.write_text("not ours")
+    assert list(StateFile(tmp_path).load(NAMES)) == ["acct-a"]
+    assert not stale.exists()
+    assert other.exists()
+
+
+@pytest.mark.parametrize("who", ["world-writable", "foreign-owned"])
+def test_a_state_file_others_control_is_refused_with_one_line(who: str, tmp_path: Path) -> None:
+    path = _write_state(tmp_path, {"acct-a": _saved()}, 0o666 if who == "world-writable" else 0o600)
+    if who == "foreign-owned":
+        if os.geteuid() != 0:
+            pytest.skip("only root can give a file away")
+        os.chown(path, 4242, 4242)
+    with structlog.testing.capture_logs() as logs:
+        assert StateFile(tmp_path).load(NAMES) == {}
+    (line,) = [e for e in logs if e["event"] == "state_file_ignored"]
+    assert ("others" if who == "world-writable" else "another user") in line["reason"]
+
+
+def test_a_group_writable_state_file_is_read_as_kubernetes_fsgroup_makes_it(
+    tmp_path: Path,
+) -> None:
+    _write_state(tmp_path, {"acct-a": _saved()}, 0o660)
+    assert list(StateFile(tmp_path).load(NAMES)) == ["acct-a"]
+
+
+def test_a_state_file_over_the_cap_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / FILE_NAME
+    with path.open("wb") as handle:
+        handle.truncate(2 * 1024**3)  # sparse: 2 GB that cost no disk
+    started = time.monotonic()
+    with structlog.testing.capture_logs() as logs:
+        assert StateFile(tmp_path).load(NAMES) == {}
+    assert time.monotonic() - started < 1.0
+    (line,) = [e for e in logs if e["event"] == "state_file_ignored"]
+    assert "too large" in line["reason"]

@@ -6,7 +6,8 @@ label), its event time `E`, whether it moves the account's balances or risk, and
 the risk fields of `riskLevelChange` (applied at once, then reconciled by REST).
 Unknown event types are values too (kind "other"), never errors; a frame that is
 not a JSON object with a string `e` raises `MalformedFrame`, whose message never
-quotes the frame (a `listenKeyExpired` frame carries the listenKey).
+quotes the frame (a `listenKeyExpired` frame carries the listenKey); so does a
+riskLevelChange whose status cannot be a label value (`exporter.labels`).
 Field names: shared/binance-pm-api.md, "The PM user data stream".
 """
 
@@ -16,6 +17,7 @@ import json
 from dataclasses import dataclass
 
 from exporter.binance.models import MalformedRecord, parse_decimal
+from exporter.labels import label_problem
 
 #: events that move an account's balances or risk: each one calls for a REST refresh
 ACCOUNT_MOVING = frozenset(
@@ -103,6 +105,8 @@ def parse_frame(data: str | bytes) -> StreamEvent:
         return StreamEvent(kind, event_time, reason=reason if isinstance(reason, str) else None)
     if kind == "riskLevelChange":
         status = payload.get("s")
+        if isinstance(status, str) and (problem := label_problem(status)) is not None:
+            raise MalformedFrame(f"riskLevelChange status: {problem}")  # becomes a label
         risk = RiskLevel(
             status=status if isinstance(status, str) else None,
             uni_mmr=_amount(payload.get("u")),

@@ -3,7 +3,10 @@
 Binance sends amounts as decimal strings. A string that is not a plain decimal
 (or a number that is not finite once converted) makes its record malformed;
 the empty string means "no value", so the series is absent rather than 0.
-Unknown fields are ignored and missing fields are simply absent.
+Unknown fields are ignored and missing fields are simply absent. Asset names and
+the account status become label values: `exporter.labels` decides which can, and a
+record whose name cannot is dropped. At most `MAX_ASSETS_PER_ANSWER` records of one
+balance answer are read; the rest are dropped and counted.
 """
 
 from __future__ import annotations
@@ -12,13 +15,20 @@ import math
 import re
 import reprlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from exporter import fields
 from exporter.binance.errors import InvalidResponse
+from exporter.labels import label_problem
 from exporter.snapshot import AccountInfo, AssetBalance
+
+#: records of one balance answer read at most (Binance lists a few hundred assets); the
+#: rest are dropped: 100,000 assets made 300,000 series and scrapes of seconds
+MAX_ASSETS_PER_ANSWER = 5000
+#: problems kept per answer, for one log line of bounded size (all are counted)
+MAX_PROBLEMS = 10
 
 #: ASCII digits only: `\d` would also take Arabic-Indic and other Unicode digits
 _DECIMAL = re.compile(r"-?[0-9]{1,40}(?:\.[0-9]{1,40})?")
@@ -27,14 +37,26 @@ _DECIMAL = re.compile(r"-?[0-9]{1,40}(?:\.[0-9]{1,40})?")
 class MalformedRecord(ValueError):
     """One record cannot be used; the rest of the response still can."""
 
+    #: why, for the count of dropped records: "malformed" or "label"
+    reason = "malformed"
+
+
+class BadLabel(MalformedRecord):
+    """A record whose asset name or status cannot be a label value (`exporter.labels`)."""
+
+    reason = "label"
+
 
 @dataclass(frozen=True, slots=True)
 class ParsedBalances:
     balances: tuple[AssetBalance, ...]
-    #: one line per skipped record, naming its index (and asset when known)
+    #: one line per skipped record (the first MAX_PROBLEMS), naming its index (and asset
+    #: when it can be named)
     problems: tuple[str, ...] = ()
     #: assets named by skipped records, so their last good values can be kept
     skipped_assets: frozenset[str] = frozenset()
+    #: records dropped, by reason: "malformed", "label", "duplicate", "over_cap"
+    dropped: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def parse_decimal(value: object) -> float | None:
@@ -76,8 +98,8 @@ def parse_balance_record(record: object) -> AssetBalance:
     if not isinstance(record, dict):
         raise MalformedRecord(f"not an object: {_preview(record)}")
     asset = record.get("asset")
-    if not isinstance(asset, str) or not asset or len(asset) > 32 or not asset.isprintable():
-        raise MalformedRecord(f"asset: not an asset symbol: {_preview(asset)}")
+    if not isinstance(asset, str) or label_problem(asset) is not None:
+        raise BadLabel(f"asset: {label_problem(asset)}")
     try:
         return AssetBalance(
             asset=asset,
@@ -97,23 +119,34 @@ def parse_balances(payload: object) -> ParsedBalances:
     problems: list[str] = []
     skipped: set[str] = set()
     seen: set[str] = set()
-    for index, record in enumerate(records):
+    dropped: dict[str, int] = {}
+
+    def drop(reason: str, problem: str, count: int = 1) -> None:
+        dropped[reason] = dropped.get(reason, 0) + count
+        if len(problems) < MAX_PROBLEMS:
+            problems.append(problem)
+
+    for index, record in enumerate(records[:MAX_ASSETS_PER_ANSWER]):
         try:
             balance = parse_balance_record(record)
         except MalformedRecord as exc:
-            problems.append(f"record {index}: {exc}")
+            drop(exc.reason, f"record {index}: {exc}")
             name = record.get("asset") if isinstance(record, dict) else None
-            if isinstance(name, str):
+            if exc.reason != "label" and isinstance(name, str):
                 skipped.add(name)
             continue
         if balance.asset in seen:
-            problems.append(f"record {index}: {balance.asset}: duplicate asset, first one kept")
+            drop("duplicate", f"record {index}: {balance.asset}: duplicate asset, first one kept")
             continue
         seen.add(balance.asset)
         balances.append(balance)
+    if (over := len(records) - MAX_ASSETS_PER_ANSWER) > 0:
+        drop("over_cap", f"{over} records past the first {MAX_ASSETS_PER_ANSWER} dropped", over)
     if records and not balances:
         raise InvalidResponse(f"balance: no usable record ({problems[0]})")
-    return ParsedBalances(tuple(balances), tuple(problems), frozenset(skipped - seen))
+    return ParsedBalances(
+        tuple(balances), tuple(problems), frozenset(skipped - seen), MappingProxyType(dropped)
+    )
 
 
 def parse_account(payload: object) -> AccountInfo:
@@ -121,8 +154,8 @@ def parse_account(payload: object) -> AccountInfo:
     if not isinstance(payload, dict):
         raise InvalidResponse(f"account: expected an object, got {_kind(payload)}")
     status = payload.get("accountStatus")
-    if status is not None and (not isinstance(status, str) or not status.isidentifier()):
-        raise InvalidResponse(f"account: accountStatus: not a status: {_preview(status)}")
+    if status is not None and (problem := label_problem(status)) is not None:
+        raise InvalidResponse(f"account: accountStatus: {problem}")
     try:
         return AccountInfo(
             values=_amounts(payload, fields.ACCOUNT),

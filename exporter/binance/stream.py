@@ -38,6 +38,7 @@ from exporter.binance import errors
 from exporter.binance.client import BinanceClient
 from exporter.binance.events import LISTEN_KEY_EXPIRED, MalformedFrame, StreamEvent, parse_frame
 from exporter.route import DEFAULT, Route
+from exporter.throttle import LogThrottle
 from exporter.weights import WEIGHTS
 
 log = structlog.get_logger("exporter.stream")
@@ -192,6 +193,8 @@ class UserDataStream:
         self._timings = timings
         self._clock = clock
         self._sleep = sleep
+        #: malformed frames: one line a minute, with the count held back (not one a frame)
+        self._rejected_log = LogThrottle(clock=clock)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._key: SecretStr | None = None
         self._stopping = asyncio.Event()
@@ -323,8 +326,14 @@ class UserDataStream:
                 try:
                     event = parse_frame(frame)
                 except MalformedFrame as exc:
-                    log.warning("stream_frame_rejected", account=self.account, problem=str(exc))
                     self._observer.stream_frame_rejected("malformed")
+                    if (held_back := self._rejected_log.allow(None)) is not None:
+                        log.warning(
+                            "stream_frame_rejected",
+                            account=self.account,
+                            problem=str(exc),
+                            lines_held_back=held_back,
+                        )
                     continue
                 self._observer.stream_event(event)
                 if event.kind == LISTEN_KEY_EXPIRED:
