@@ -341,13 +341,19 @@ async def _run_until_signalled(
 
     before = {signum: signal.signal(signum, on_stop_signal) for signum in _STOP_SIGNALS}
     try:
-        await _run(exporter, stop, demo=demo)
+        await _run(exporter, stop, demo=demo, episodes=episodes)
     finally:  # the watchdog, once armed, stays armed; a second signal now acts at once
         for signum, handler in before.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
-async def _run(exporter: Exporter, stop: asyncio.Event, *, demo: bool) -> None:
+async def _run(
+    exporter: Exporter,
+    stop: asyncio.Event,
+    *,
+    demo: bool,
+    episodes: NegativeEpisodes | None,
+) -> None:
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[str | None]] = set()
 
