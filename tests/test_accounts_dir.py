@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from exporterproc import running
-from faultkit import hmac_accounts
-from harness import wait_until
+from support.exporterproc import running
+from support.faultkit import hmac_accounts
+from support.waits import wait_until
 
 from exporter.cli import load_checked, main
 from exporter.config import ConfigError, load_config

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
-from faultkit import captured_logs
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
+from support.faultkit import captured_logs
 
 from exporter.binance import errors
 from exporter.binance.client import (

@@ -7,9 +7,9 @@ from __future__ import annotations
 import random
 
 import pytest
-from exporterproc import running
-from faultkit import captured_logs
-from harness import wait_until
+from support.exporterproc import running
+from support.faultkit import captured_logs
+from support.waits import wait_until
 
 from exporter.cli import build_parser, listen_address
 from exporter.simulator.auth import SimAccount

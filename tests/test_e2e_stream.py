@@ -2,7 +2,7 @@
 alone refreshes each account every 323 s. With the user data streams a negative balance
 set in the simulator on any account reaches the webhook as a firing
 `BinancePMNegativeBalance` within 6 s, through the real Prometheus (1 s scrape and
-evaluation) and Alertmanager (group_wait 1 s) of tests/e2estack.py, from the moment the
+evaluation) and Alertmanager (group_wait 1 s) of tests/support/e2estack.py, from the moment the
 streams are open. The polling-only figure beside it: bench/page_time.py.
 """
 
@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from e2estack import e2e_stack, page_times, wait_for
+from support.e2estack import STARTING, e2e_stack, page_times
+from support.waits import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -31,7 +32,7 @@ def test_a_negative_balance_on_any_of_200_accounts_pages_within_6_s(
     began = time.monotonic()
     with e2e_stack(tmp_path, accounts=ACCOUNTS) as stack:
         try:
-            wait_for("every stream open", stack.streams_up, timeout=120, poll=0.5)
+            wait_until(stack.streams_up, 120, "every stream open", step=0.5, ignoring=STARTING)
         except AssertionError as error:
             raise AssertionError(f"{error}\n{stack.logs()}") from None
         open_after = time.monotonic() - began

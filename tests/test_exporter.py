@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import RunningExporter, accounts, fast_config, wait_until
-from systools import require
+from support.harness import RunningExporter, accounts, fast_config
+from support.systools import require
+from support.waits import wait_until
 
 import exporter
 from exporter.logs import configure_logging

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from faultkit import (
+from support.faultkit import (
     LogLines,
     Relay,
     RunningExporter,
@@ -33,16 +33,15 @@ from faultkit import (
     budget_excesses,
     captured_logs,
     fast_config,
-    free_port,
     gaps,
     hmac_accounts,
-    parse_metrics,
     request_times,
-    sample,
     secret_forms,
-    wait_until,
     weight_by_ip,
 )
+from support.metrics import parse_metrics, sample
+from support.ports import free_port
+from support.waits import wait_until
 
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient

@@ -11,9 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
-from faultkit import captured_logs
-from harness import RunningExporter, fast_config, wait_until
 from prometheus_client import CollectorRegistry, generate_latest
+from support.faultkit import captured_logs
+from support.harness import RunningExporter, fast_config
+from support.waits import wait_until
 
 from exporter.app import Exporter
 from exporter.binance.client import BinanceClient

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from harness import wait_until
+from support.waits import wait_until
 
 from exporter.simulator.demo import generate_account
 from exporter.simulator.server import Simulator

@@ -12,9 +12,10 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from exporterproc import ExporterProcess, running
-from faultkit import hmac_accounts
-from harness import RunningExporter, wait_until
+from support.exporterproc import ExporterProcess, running
+from support.faultkit import hmac_accounts
+from support.harness import RunningExporter
+from support.waits import wait_until
 
 from exporter.config import Config, ConfigError, load_config
 from exporter.shard import owner

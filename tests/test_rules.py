@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from systools import require
+from support.systools import require
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "prometheus" / "alerts.yml"

@@ -11,8 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from harness import sim_config, wait_until
 from prometheus_client.parser import text_string_to_metric_families
+from support.harness import sim_config
+from support.waits import wait_until
 
 from exporter.app import Exporter
 from exporter.cli import main

@@ -29,6 +29,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from support.waits import wait_until
 
 from exporter.simulator import FAULT_KINDS, SimAccount, Simulator
 from exporter.simulator.cli import main as simulator_main
@@ -131,14 +132,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def wait_for(condition: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -713,7 +706,7 @@ def test_demo_serves_three_key_types_and_drifts() -> None:
                 return response.json()
 
             first = {e["name"]: balances(e) for e in entries}
-            wait_for(lambda: balances(entries[0]) != first["desk-a"])
+            wait_until(lambda: balances(entries[0]) != first["desk-a"], 5, "the balances to drift")
     finally:
         sim.stop()
     assert not any(t.name == "sim-drift" and t.is_alive() for t in threading.enumerate())

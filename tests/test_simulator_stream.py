@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import wait_until
+from support.waits import wait_until
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 

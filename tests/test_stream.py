@@ -17,12 +17,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import proxies
 import pytest
 import structlog
-from faultkit import captured_logs
-from proxies import RecordingProxy, Seen, Socks5Proxy
 from pydantic import SecretStr
+from support import proxies
+from support.faultkit import captured_logs
+from support.proxies import RecordingProxy, Seen, Socks5Proxy
 
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient, RequestReport

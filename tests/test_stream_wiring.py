@@ -10,7 +10,8 @@ import statistics
 import time
 from pathlib import Path
 
-from harness import RunningExporter, accounts, sim_config, wait_until
+from support.harness import RunningExporter, accounts, sim_config
+from support.waits import wait_until
 
 from exporter.config import parse_config
 from exporter.simulator import Simulator

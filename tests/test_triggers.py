@@ -16,9 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import RunningExporter, accounts, sim_config, wait_until
 from prometheus_client import CollectorRegistry, generate_latest
-from systools import require
+from support.harness import RunningExporter, accounts, sim_config
+from support.systools import require
+from support.waits import wait_until
 from test_poller import FakeApi, build_poller
 
 from exporter.app import Exporter

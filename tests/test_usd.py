@@ -13,8 +13,9 @@ import contextlib
 import random
 
 import pytest
-from faultkit import captured_logs
-from harness import RunningExporter, accounts, fast_config, wait_until
+from support.faultkit import captured_logs
+from support.harness import RunningExporter, accounts, fast_config
+from support.waits import wait_until
 
 from exporter.prices import net_usd
 from exporter.simulator import Simulator, synthetic

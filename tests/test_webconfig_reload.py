@@ -14,7 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from harness import RunningExporter, accounts, sim_config, wait_until
+from support.harness import RunningExporter, accounts, sim_config
+from support.waits import wait_until
 from test_webconfig import _issue
 
 from exporter.simulator import Simulator

@@ -14,15 +14,12 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import harness
-from harness import wait_until
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import Exporter
 from exporter.collector import SnapshotCollector
@@ -32,6 +29,10 @@ from exporter.poller import BACKOFF_CAP_SECONDS
 from exporter.simulator import RequestRecord, SimAccount
 from exporter.snapshot import AccountSnapshot, Snapshot, SnapshotStore
 from exporter.webconfig import WebConfig, WebConfigFile
+from support import harness
+from support.metrics import parse_metrics, sample
+from support.ports import free_port
+from support.waits import wait_until
 
 #: request weight by path, as Binance (and the simulator) charge it
 PATH_WEIGHTS = {"/papi/v1/balance": 20, "/papi/v1/account": 20}
@@ -75,27 +76,7 @@ def fast_config(
     return parse_config(data, environ={}, base_dir=Path.cwd())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # --- metrics ---------------------------------------------------------------------------------
-
-
-def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def sample(
-    metrics: Mapping[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float | None:
-    return metrics.get((name, frozenset(labels.items())))
 
 
 # --- the exporter in a thread, and what it did -----------------------------------------------
@@ -115,14 +96,6 @@ def _scrape(snap: AccountSnapshot) -> str:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(SnapshotCollector(SnapshotStore([snap])))
     return generate_latest(registry).decode()
-
-
-def _up(text: str, account: str) -> float | None:
-    prefix = f'binance_pm_up{{account="{account}"}} '
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line[len(prefix) :])
-    return None
 
 
 class Recorder:
@@ -172,7 +145,7 @@ class Recorder:
         if snap.attempted and not snap.up and not was_down:  # went down: render once
             text = _scrape(snap)
             self.scrapes[snap.name].append(text)
-            up_metric = _up(text, snap.name)
+            up_metric = sample(text, "binance_pm_up", account=snap.name)
         with self._lock:
             self._history[snap.name].append(Seen(now, snap, up_metric))
 

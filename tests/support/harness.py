@@ -22,21 +22,7 @@ from exporter.server import MetricsServer
 from exporter.shard import WHOLE, Shard
 from exporter.simulator.demo import GeneratedAccount, exporter_config, generate_account
 from exporter.webconfig import WebConfig, WebConfigFile
-
-
-def wait_until(
-    condition: Callable[[], Any], timeout: float = 30.0, what: str = "", step: float = 0.02
-) -> Any:
-    """Poll `condition` until it returns something truthy (and return that); fail after
-    `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(step)
+from support import metrics
 
 
 def reference_registry(exporter: Exporter) -> CollectorRegistry:
@@ -143,12 +129,7 @@ class RunningExporter:
 
     def sample(self, name: str, **labels: str) -> float | None:
         """The value of one series on /metrics, or None when absent."""
-        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
-        for line in self.metrics_text().splitlines():
-            if line.startswith(prefix):
-                return float(line[len(prefix) :])
-        return None
+        return metrics.sample(self.metrics_text(), name, **labels)
 
     def stop_polling(self) -> None:
         """Stop the pollers (in-flight requests get the exporter's grace); the server keeps
