@@ -37,6 +37,8 @@ from exporter.app import SHUTDOWN_GRACE_SECONDS
 from exporter.simulator import Simulator
 from exporter.simulator.demo import exporter_config
 
+pytestmark = pytest.mark.attack
+
 ROOT = Path(__file__).parent.parent
 FILES_LIMIT = 1024
 USER, PASSWORD = "prom", "scrape-password"

@@ -36,7 +36,7 @@ from exporter.simulator.demo import exporter_config
 from exporter.storage import FILE_NAME, VERSION
 from exporter.watchdog import EXIT_STUCK, SHUTDOWN_DEADLINE_SECONDS
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.attack, pytest.mark.timeout(180)]
 
 #: every hostile string of issue 17, each as a label value would get it
 HOSTILE = [

@@ -23,7 +23,7 @@ from support.dashboard_queries import label_values_variables, load_dashboards, q
 from support.e2estack import ALERT, JOB, STARTING, Stack, e2e_stack, returns_200
 from support.waits import wait_until
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 
 ACCOUNTS = 3
 #: two desks with uniMMR thresholds of their own: market making runs close to the edge

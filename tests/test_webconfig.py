@@ -943,6 +943,7 @@ def serve_cli(
         assert process.wait(timeout=15) == 0, (tmp_path / "exporter.log").read_text()
 
 
+@pytest.mark.e2e
 def test_prometheus_scrapes_over_https_with_basic_auth_and_client_cert(
     tmp_path: Path,
     pki: PKI,
