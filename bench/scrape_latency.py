@@ -25,7 +25,8 @@ from prometheus_client import CollectorRegistry
 from exporter.app import Exporter
 from exporter.collector import SnapshotCollector
 from exporter.config import parse_config
-from exporter.server import ExporterApp, MetricsServer, Request, Response
+from exporter.http import ExporterApp, MetricsServer, Request, Response
+from exporter.serve import serve_http
 from exporter.simulator.demo import exporter_config, generate_account
 from exporter.webconfig import WebConfig
 
@@ -98,7 +99,7 @@ def main() -> int:
             exporter.instruments.requests.labels(endpoint, outcome).inc(3)
         exporter.instruments.duration.labels(endpoint).observe(0.05)
 
-    ours = exporter.serve_http("127.0.0.1", 0)
+    ours = serve_http(exporter, "127.0.0.1", 0)
     everything = CollectorRegistry()  # the snapshot and the live metrics, all per scrape
     everything.register(SnapshotCollector(exporter.store))
     everything.register(exporter.registry)

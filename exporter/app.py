@@ -1,4 +1,4 @@
-"""Assembles a running exporter from a config: budgets, pollers, snapshot, metrics, HTTP.
+"""Assembles a running exporter from a config: budgets, pollers, snapshot, metrics.
 
 A reload (SIGHUP, or `Exporter.reload()`) turns a new config into the same parts,
 keeping what did not change: an egress (route) that stays keeps its budget, its
@@ -38,12 +38,10 @@ from exporter.selfmetrics import (
     ReloadStatus,
     StreamHealth,
 )
-from exporter.server import ExporterApp, MetricsServer, ServerLimits
 from exporter.shard import WHOLE, Shard
 from exporter.snapshot import AccountSnapshot, SnapshotStore
 from exporter.storage import StateFile
 from exporter.streams import AccountStreams
-from exporter.webconfig import WebConfig, WebConfigFile
 from exporter.weights import refresh_weight
 
 log = structlog.get_logger("exporter")
@@ -272,41 +270,6 @@ class Exporter:
         return known[1]
 
     # --- serving and polling ---------------------------------------------------------
-
-    def serve_http(
-        self,
-        host: str,
-        port: int,
-        web: WebConfig | WebConfigFile | None = None,
-        limits: ServerLimits | None = None,
-        *,
-        lifecycle: bool = False,
-    ) -> MetricsServer:
-        """Serve /metrics and the other endpoints on host:port, with TLS and auth from `web`
-        (a `WebConfigFile` is re-read when it changes); with `lifecycle`, `POST /-/reload`."""
-        source = None
-        if isinstance(web, WebConfigFile):
-            source, current = web, web.current
-            self.registry.register(ReloadCollector(source, *WEB_CONFIG_NAMES))
-        else:
-            current = web or WebConfig()
-        app = ExporterApp(
-            self.registry,
-            self.store,
-            current,
-            exposition=self.exposition,
-            reload=self.reload if lifecycle else None,
-        )
-        server = MetricsServer(
-            app,
-            host,
-            port,
-            current.ssl_context,
-            limits,
-            web_source=source.check if source is not None else None,
-        )
-        server.start()
-        return server
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until `stop` is set, then let in-flight requests finish within the grace."""

@@ -16,7 +16,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from exporter.exposition import CachedExposition
-from exporter.server import (
+from exporter.http import (
     ExporterApp,
     MetricsServer,
     ServerLimits,

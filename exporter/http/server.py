@@ -1,0 +1,332 @@
+"""The HTTP server: an event loop in a thread of its own, joining the parts.
+
+Scrapes read the current snapshot and live counters; they never wait on the
+poller, on Binance or on a reload. Connections (`protocol`) reach the rest only
+through the `Host` this module implements: the connection table (`limits`), the
+auth gate (`auth`), the endpoints (`endpoints`) and the TLS bounds (`tls`).
+/metrics is rendered in WORKERS threads; bcrypt, reloads and the web config's
+watcher each have a thread of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import socket
+import ssl
+import threading
+from collections import deque
+from collections.abc import Callable
+
+import structlog
+
+from exporter.http.auth import AuthGate, Check
+from exporter.http.endpoints import PUBLIC_PATHS, ExporterApp
+from exporter.http.limits import Acceptor, ConnectionTable, ServerLimits, listen
+from exporter.http.messages import Request, Response, text_response
+from exporter.http.protocol import Connection
+from exporter.http.quick import refused_at_once
+from exporter.http.site import WebConfig
+from exporter.http.tls import HANDSHAKE_TIMEOUT, MAX_HANDSHAKES
+
+log = structlog.get_logger("exporter.http")
+
+
+#: threads rendering and sending /metrics at once: enough to use every core for the
+#: kernel's copying; more only crowd out the pollers' thread (bench/load.py, wrk -c64)
+WORKERS = 4
+#: how much nicer the HTTP threads are than the pollers' (0-19)
+HTTP_NICE = 10
+#: how often the web config's files are looked at for a change (a stat each)
+WEB_CONFIG_CHECK_SECONDS = 2.0
+#: a look at the web config's files that takes longer is reported stuck (it never should:
+#: every file is read without blocking)
+WEB_CONFIG_TIMEOUT_SECONDS = 10.0
+
+#: `route`'s placeholders, made final by `produce`: /metrics rendered in a worker thread,
+#: and a reload's verdict
+RENDER = Response(200, [], [])
+RELOAD = Response(200, [], [])
+TOO_MANY_REQUESTS = text_response(503, "too many requests in flight\n", ("Retry-After", "1"))
+
+
+class _Server:
+    """The connections of one listening socket, on the loop of the HTTP thread (the
+    connections' `Host`)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        app: ExporterApp,
+        ssl_context: ssl.SSLContext | None,
+        limits: ServerLimits,
+        *,
+        web_source: Callable[[], WebConfig] | None = None,
+        on_stuck: Callable[[], None] | None = None,
+    ) -> None:
+        self.loop = loop
+        self.app = app
+        self.ssl_context = ssl_context
+        self.max_header_bytes = limits.max_header_bytes
+        self.read_header_timeout = limits.read_header_timeout
+        self.extra_headers = list(app.web.headers.items())
+        self.table = ConnectionTable(limits)
+        self.gate = AuthGate(app.web.basic_auth, nice=yield_to_the_pollers)
+        self.acceptor = Acceptor(loop, sock, self.table, self._take)
+        self._sock = sock
+        self._web = app.web
+        #: the web config to use now (a re-read `--web.config.file`); None: it never changes
+        self._web_source = web_source
+        self._on_stuck = on_stuck
+        self._watcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="web-config")
+        self._watching: concurrent.futures.Future[WebConfig] | None = None
+        self._watch_started = 0.0
+        self._stuck_reported = False
+        self._handshakes = 0
+        self._handshake_queue: deque[tuple[socket.socket, Connection]] = deque()
+        self._closed = False
+        #: /metrics renders and large writes; more in flight wait their turn
+        self.workers = concurrent.futures.ThreadPoolExecutor(
+            min(limits.max_requests, WORKERS),
+            thread_name_prefix="http-worker",
+            initializer=yield_to_the_pollers,
+        )
+
+    # accepting, and TLS
+
+    def _take(self, conn: socket.socket, peer: str) -> None:
+        context = self.ssl_context
+        connection = Connection(self, conn, peer, tls=context is not None)
+        if context is None and refused_at_once(connection, self, peer):
+            return
+        self.table.open.add(connection)
+        connection.start_clock()  # waiting for bytes and the handshake count toward it
+        if context is None:
+            self.loop.create_task(self._attach(conn, connection, None))
+        else:
+            connection.when_readable(lambda: self._handshake(conn, connection, context))
+
+    def _handshake(
+        self, conn: socket.socket, connection: Connection, context: ssl.SSLContext
+    ) -> None:
+        if self._handshakes >= MAX_HANDSHAKES:
+            self._handshake_queue.append((conn, connection))
+            return
+        self._handshakes += 1
+        task = self.loop.create_task(self._attach(conn, connection, context))
+        task.add_done_callback(lambda _: self._handshake_done(context))
+
+    def _handshake_done(self, context: ssl.SSLContext) -> None:
+        self._handshakes -= 1
+        while self._handshake_queue and not self._closed:
+            conn, connection = self._handshake_queue.popleft()
+            if connection.lost:
+                conn.close()
+                continue
+            self._handshake(conn, connection, context)
+            return
+
+    async def _attach(
+        self, conn: socket.socket, connection: Connection, context: ssl.SSLContext | None
+    ) -> None:
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: connection,
+                conn,
+                ssl=context,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if context else None,
+            )
+        except (TimeoutError, OSError):  # a failed TLS handshake, a reset
+            conn.close()
+            connection.abort()
+
+    # the connections' Host
+
+    def waiting(self, connection: Connection, waits: bool) -> None:
+        self.table.waiting(connection, waits)
+
+    def forget(self, connection: Connection) -> None:
+        if self.table.forget(connection) and not self.acceptor.accepting and not self._closed:
+            self.acceptor.start()
+
+    def refusal(self, request: Request, *, hung_up: bool) -> Response | None:
+        if request.path in PUBLIC_PATHS:
+            return None
+        return self.gate.refusal(request, hung_up=hung_up)
+
+    def answer(self, request: Request) -> tuple[Response, bool] | Check:
+        if request.path not in PUBLIC_PATHS:
+            admitted = self.gate.admit(request)
+            if isinstance(admitted, Check):
+                return admitted
+            if admitted is not None:
+                return admitted, False
+        return self.route(request)
+
+    def verify(self, check: Check, hung_up: Callable[[], bool]) -> asyncio.Future[bool]:
+        return asyncio.ensure_future(self.gate.verify(check, hung_up))
+
+    def route(self, request: Request) -> tuple[Response, bool]:
+        if request.path == "/metrics" and request.method in ("GET", "HEAD"):
+            if not self.table.start_metrics():
+                return TOO_MANY_REQUESTS, False
+            return RENDER, True
+        if self.app.is_reload(request):
+            return RELOAD, False
+        return self.render(request), False
+
+    async def produce(self, request: Request, response: Response) -> Response:
+        if response is RENDER:  # /metrics: rendered in a worker thread, off this loop
+            return await self.loop.run_in_executor(self.workers, self.render, request)
+        if response is RELOAD:  # waits in the reload thread, holding no worker
+            assert self.app.reloads is not None
+            return self.app.reloaded(await asyncio.wrap_future(self.app.reloads.request()))
+        return response
+
+    def render(self, request: Request) -> Response:
+        """The app's answer (in a worker thread for /metrics)."""
+        try:
+            return self.app(request)
+        except Exception:  # a bug: answer 500 rather than leave the client hanging
+            log.exception("http_handler_failed", path=request.path)
+            return text_response(500, "internal server error\n")
+
+    async def offload(self, send: Callable[[], None]) -> None:
+        await self.loop.run_in_executor(self.workers, send)
+
+    def metrics_done(self) -> None:
+        self.table.metrics_done()
+
+    # the web config
+
+    def watch_web_config(self) -> None:
+        """Look at the web config's files (in a thread of its own: a changed one is loaded,
+        certificates included); new connections use what it gives."""
+        if self._web_source is None or self._closed:
+            return
+        if self._watching is None:
+            self._watching = self._watcher.submit(self._web_source)
+            self._watching.add_done_callback(
+                lambda future: self.loop.call_soon_threadsafe(self._use_web_config, future)
+            )
+            self._watch_started = self.loop.time()
+        elif (
+            self.loop.time() - self._watch_started > WEB_CONFIG_TIMEOUT_SECONDS
+            and not self._stuck_reported  # once per stuck look, not every check
+        ):
+            self._stuck_reported = True
+            log.error("web_config_check_stuck", seconds=WEB_CONFIG_TIMEOUT_SECONDS)
+            if self._on_stuck is not None:
+                self._on_stuck()
+        self.loop.call_later(WEB_CONFIG_CHECK_SECONDS, self.watch_web_config)
+
+    def _use_web_config(self, future: concurrent.futures.Future[WebConfig]) -> None:
+        self._watching, self._stuck_reported = None, False
+        if future.cancelled() or future.exception() is not None or self._closed:
+            return
+        web = future.result()
+        if web is not self._web:
+            self._web = web
+            self.ssl_context = web.ssl_context
+            self.gate.use(web.basic_auth)
+            self.extra_headers = list(web.headers.items())
+
+    def close(self) -> None:
+        self._closed = True
+        self.acceptor.stop()
+        self._sock.close()
+        for connection in list(self.table.open):
+            connection.abort()
+        for conn, _ in self._handshake_queue:
+            conn.close()
+        for task in asyncio.all_tasks(self.loop):
+            task.cancel()
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """The threads: a bcrypt run in progress finishes (bounded by the cost cap), queued
+        ones never start; workers' sends fail at once (their sockets were shut down)."""
+        self.gate.close()
+        self.workers.shutdown(wait=False, cancel_futures=True)
+        self._watcher.shutdown(wait=False, cancel_futures=True)
+        if self.app.reloads is not None:
+            self.app.reloads.close()
+
+
+class MetricsServer:
+    """The HTTP server on its own event loop in a background thread; `close()` stops it."""
+
+    def __init__(
+        self,
+        app: ExporterApp,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+        limits: ServerLimits | None = None,
+        *,
+        web_source: Callable[[], WebConfig] | None = None,
+        on_stuck: Callable[[], None] | None = None,
+    ) -> None:
+        self._sock = listen(host, port)
+        self._loop = asyncio.new_event_loop()
+        self._server = _Server(
+            self._loop,
+            self._sock,
+            app,
+            ssl_context if ssl_context is not None else app.web.ssl_context,
+            limits or ServerLimits(),
+            web_source=web_source,
+            on_stuck=on_stuck,
+        )
+        self._thread = threading.Thread(target=self._run, name="http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._sock.getsockname()[1])
+
+    @property
+    def max_connections(self) -> int:
+        """Connections served at once: the limit, or what the open-files limit leaves."""
+        return self._server.table.max_connections
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        yield_to_the_pollers()
+        asyncio.set_event_loop(self._loop)
+        # Failed TLS handshakes and resets are the clients' business, not log lines.
+        self._loop.set_exception_handler(
+            lambda _loop, context: log.debug("http_connection_error", error=context.get("message"))
+        )
+        self._server.acceptor.start()
+        self._loop.call_later(WEB_CONFIG_CHECK_SECONDS, self._server.watch_web_config)
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.run_until_complete(asyncio.sleep(0))  # let cancelled tasks end
+            self._loop.close()
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            self._server.shutdown()
+            self._sock.close()
+            return
+
+        def stop() -> None:
+            self._server.close()
+            self._loop.stop()
+
+        self._loop.call_soon_threadsafe(stop)
+        self._thread.join(5)
+
+
+def yield_to_the_pollers() -> None:
+    """Lower the calling (HTTP) thread's scheduling priority (Linux: per-thread nice), so
+    that on a busy machine the pollers' thread runs first when both are ready: a scrape
+    may wait, a refresh should not."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HTTP_NICE)
