@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -179,6 +180,9 @@ class Exporter:
         self._stop: asyncio.Event | None = None
         self._crash: BaseException | None = None
         self._reload_lock = asyncio.Lock()
+        self._reloading: asyncio.Future[str | None] | None = None
+        #: reloads read files and load keys here, one at a time, off the pollers' loop
+        self._reload_thread = ThreadPoolExecutor(1, thread_name_prefix="config-reload")
         #: pollers a reload removed, finishing their in-flight refreshes
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -351,14 +355,21 @@ class Exporter:
     async def areload(self) -> str | None:
         """Re-read the config and every secret file; when all of it is valid, run it and
         return None. Otherwise keep the running config and return the problem (one line,
-        logged, and `binance_pm_config_last_reload_successful` 0)."""
+        logged, and `binance_pm_config_last_reload_successful` 0). A request made while a
+        reload runs (SIGHUP or HTTP) shares that run and its verdict."""
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.ensure_future(self._reload_once())
+        return await asyncio.shield(self._reloading)
+
+    async def _reload_once(self) -> str | None:
         async with self._reload_lock:
             if self._load is None:
                 log.warning("reload_failed", error="no config file to reload (--demo)")
                 return "no config file to reload (--demo)"
             try:
-                # Reading files and loading keys takes a while: not on the pollers' loop.
-                config = await asyncio.to_thread(self._load)
+                # Reading files and loading keys takes a while: in the reloads' own thread.
+                loop = asyncio.get_running_loop()
+                config = await loop.run_in_executor(self._reload_thread, self._load)
             except ConfigError as exc:
                 error = "; ".join(exc.problems)
                 self.reload_status.successful = False

@@ -110,10 +110,26 @@ class Connection(asyncio.Protocol):
 
         def readable() -> None:
             self._unwatch()
-            if not self.lost:
+            try:  # a peer that hangs up unheard never costs a TLS state either
+                first = self.sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                first = b"\x16"
+            except OSError:
+                first = b""
+            if first == b"\x16":
                 then()
+            else:  # not a TLS handshake record: hung up, or plain HTTP
+                self._drop()
 
         self._host.loop.add_reader(self.sock.fileno(), readable)
+
+    def _drop(self) -> None:
+        """Close a connection that never had a transport."""
+        self.lost = True
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self.sock.close()
+        self._host.forget(self)
 
     def _unwatch(self) -> None:
         if self._watched:
@@ -318,9 +334,8 @@ class Connection(asyncio.Protocol):
         """Before a transport: close the watched socket, or fail a TLS handshake in progress
         (the transport then closes the socket itself); after: fail a worker's send."""
         if self.transport is None and self._watched:
-            self.lost = True
             self._unwatch()
-            self.sock.close()
+            self._drop()
             return
         if self.transport is None:
             self.lost = True  # waiting for a handshake turn: never starts one
