@@ -318,3 +318,48 @@ def test_back_to_back_scrapes_on_one_connection_are_not_delayed(config: Path) ->
         assert median <= 0.010, f"median {median * 1000:.1f} ms"
     finally:
         assert running.stop() == 0
+
+
+# --- 1: stalled TLS handshakes ----------------------------------------------------------------
+
+
+def test_stalled_tls_handshakes_end_before_the_header_deadline_and_lock_no_one_out(
+    config: Path, tmp_path: Path
+) -> None:
+    web = tls_web_config(tmp_path)
+    running = start_exporter(
+        config, "--web.config.file", str(web), "--web.read-header-timeout", "30"
+    )
+    try:
+        wait_until(lambda: https(running).status_code == 200, timeout=20, what="a TLS scrape")
+        stalled = []
+        for _ in range(200):  # the start of a TLS record, and nothing more
+            sock = socket.create_connection(running.host_port, timeout=5)
+            sock.sendall(b"\x16\x03\x01")
+            stalled.append(sock)
+        started = time.monotonic()
+        try:
+            scrape = https(running)
+            waited = time.monotonic() - started
+            assert scrape.status_code == 200
+            wait_closed(stalled, deadline=started + 20)
+            ended = time.monotonic() - started
+        finally:
+            for sock in stalled:
+                sock.close()
+        print(f"\nstalled handshakes: a scrape in {waited:.2f} s, all ended in {ended:.1f} s")
+    finally:
+        assert running.stop() == 0
+
+
+def wait_closed(sockets: list[socket.socket], deadline: float) -> None:
+    """Wait until the exporter has closed every socket; fail if one is open at `deadline`."""
+    for sock in sockets:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            while sock.recv(65536):
+                pass
+        except ConnectionError:
+            pass
+        except TimeoutError:
+            raise AssertionError("a stalled handshake outlived its deadline") from None

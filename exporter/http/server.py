@@ -29,7 +29,8 @@ from exporter.http.messages import Request, Response, text_response
 from exporter.http.protocol import Connection
 from exporter.http.quick import refused_at_once
 from exporter.http.site import WebConfig
-from exporter.http.tls import HANDSHAKE_TIMEOUT, MAX_HANDSHAKES
+from exporter.http.tls import HANDSHAKE_STALE_SECONDS, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES
+from exporter.http.watch import WEB_CONFIG_TIMEOUT_SECONDS, WebConfigWatcher
 
 log = structlog.get_logger("exporter.http")
 
@@ -39,11 +40,6 @@ log = structlog.get_logger("exporter.http")
 WORKERS = 4
 #: how much nicer the HTTP threads are than the pollers' (0-19)
 HTTP_NICE = 10
-#: how often the web config's files are looked at for a change (a stat each)
-WEB_CONFIG_CHECK_SECONDS = 2.0
-#: a look at the web config's files that takes longer is reported stuck (it never should:
-#: every file is read without blocking)
-WEB_CONFIG_TIMEOUT_SECONDS = 10.0
 
 #: `route`'s placeholders, made final by `produce`: /metrics rendered in a worker thread,
 #: and a reload's verdict
@@ -66,6 +62,7 @@ class _Server:
         *,
         web_source: Callable[[], WebConfig] | None = None,
         on_stuck: Callable[[], None] | None = None,
+        web_timeout: float = WEB_CONFIG_TIMEOUT_SECONDS,
     ) -> None:
         self.loop = loop
         self.app = app
@@ -78,14 +75,17 @@ class _Server:
         self.acceptor = Acceptor(loop, sock, self.table, self._take)
         self._sock = sock
         self._web = app.web
-        #: the web config to use now (a re-read `--web.config.file`); None: it never changes
-        self._web_source = web_source
-        self._on_stuck = on_stuck
-        self._watcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="web-config")
-        self._watching: concurrent.futures.Future[WebConfig] | None = None
-        self._watch_started = 0.0
-        self._stuck_reported = False
-        self._handshakes = 0
+        #: re-reads `--web.config.file` when given its `web_source`
+        self.watcher = (
+            WebConfigWatcher(
+                loop, web_source, self._use_web_config, on_stuck=on_stuck, timeout=web_timeout
+            )
+            if web_source is not None
+            else None
+        )
+        #: connections in their TLS handshake, with when it started (oldest first)
+        self._handshaking: dict[Connection, float] = {}
+        self._stale_timer: asyncio.TimerHandle | None = None
         self._handshake_queue: deque[tuple[socket.socket, Connection]] = deque()
         self._closed = False
         #: /metrics renders and large writes; more in flight wait their turn
@@ -112,21 +112,44 @@ class _Server:
     def _handshake(
         self, conn: socket.socket, connection: Connection, context: ssl.SSLContext
     ) -> None:
-        if self._handshakes >= MAX_HANDSHAKES:
+        """Start `connection`'s TLS handshake, or queue it while MAX_HANDSHAKES run. Under
+        a crowd of stalled handshakes, the oldest, once past HANDSHAKE_STALE_SECONDS, makes
+        room, and the newest waiting goes next (a scraper's handshake takes milliseconds)."""
+        if len(self._handshaking) >= MAX_HANDSHAKES:
             self._handshake_queue.append((conn, connection))
+            self._evict_stale()
             return
-        self._handshakes += 1
+        self._handshaking[connection] = self.loop.time()
         task = self.loop.create_task(self._attach(conn, connection, context))
-        task.add_done_callback(lambda _: self._handshake_done(context))
+        task.add_done_callback(lambda _: self._handshake_done(connection, context))
 
-    def _handshake_done(self, context: ssl.SSLContext) -> None:
-        self._handshakes -= 1
+    def _evict_stale(self) -> None:
+        """While connections wait for a handshake, end the oldest once it is stale."""
+        if not self._handshake_queue or len(self._handshaking) < MAX_HANDSHAKES:
+            return
+        room, now = len(self._handshake_queue), self.loop.time()
+        for connection, started in list(self._handshaking.items()):  # oldest first
+            if room == 0 or now < started + HANDSHAKE_STALE_SECONDS:
+                break
+            connection.abort()  # its handshake fails: _handshake_done starts a waiting one
+            room -= 1
+        if self._stale_timer is None:
+            oldest = next(iter(self._handshaking.values()))
+            when = max(oldest + HANDSHAKE_STALE_SECONDS, now + 0.05)
+            self._stale_timer = self.loop.call_at(when, self._stale_timer_fired)
+
+    def _stale_timer_fired(self) -> None:
+        self._stale_timer = None
+        self._evict_stale()
+
+    def _handshake_done(self, connection: Connection, context: ssl.SSLContext) -> None:
+        del self._handshaking[connection]
         while self._handshake_queue and not self._closed:
-            conn, connection = self._handshake_queue.popleft()
-            if connection.lost:
+            conn, waiting = self._handshake_queue.pop()
+            if waiting.lost:
                 conn.close()
                 continue
-            self._handshake(conn, connection, context)
+            self._handshake(conn, waiting, context)
             return
 
     async def _attach(
@@ -200,34 +223,7 @@ class _Server:
     def metrics_done(self) -> None:
         self.table.metrics_done()
 
-    # the web config
-
-    def watch_web_config(self) -> None:
-        """Look at the web config's files (in a thread of its own: a changed one is loaded,
-        certificates included); new connections use what it gives."""
-        if self._web_source is None or self._closed:
-            return
-        if self._watching is None:
-            self._watching = self._watcher.submit(self._web_source)
-            self._watching.add_done_callback(
-                lambda future: self.loop.call_soon_threadsafe(self._use_web_config, future)
-            )
-            self._watch_started = self.loop.time()
-        elif (
-            self.loop.time() - self._watch_started > WEB_CONFIG_TIMEOUT_SECONDS
-            and not self._stuck_reported  # once per stuck look, not every check
-        ):
-            self._stuck_reported = True
-            log.error("web_config_check_stuck", seconds=WEB_CONFIG_TIMEOUT_SECONDS)
-            if self._on_stuck is not None:
-                self._on_stuck()
-        self.loop.call_later(WEB_CONFIG_CHECK_SECONDS, self.watch_web_config)
-
-    def _use_web_config(self, future: concurrent.futures.Future[WebConfig]) -> None:
-        self._watching, self._stuck_reported = None, False
-        if future.cancelled() or future.exception() is not None or self._closed:
-            return
-        web = future.result()
+    def _use_web_config(self, web: WebConfig) -> None:
         if web is not self._web:
             self._web = web
             self.ssl_context = web.ssl_context
@@ -251,7 +247,8 @@ class _Server:
         ones never start; workers' sends fail at once (their sockets were shut down)."""
         self.gate.close()
         self.workers.shutdown(wait=False, cancel_futures=True)
-        self._watcher.shutdown(wait=False, cancel_futures=True)
+        if self.watcher is not None:
+            self.watcher.close()
         if self.app.reloads is not None:
             self.app.reloads.close()
 
@@ -269,7 +266,10 @@ class MetricsServer:
         *,
         web_source: Callable[[], WebConfig] | None = None,
         on_stuck: Callable[[], None] | None = None,
+        web_timeout: float = WEB_CONFIG_TIMEOUT_SECONDS,
     ) -> None:
+        """`web_source` gives the web config to use now (looked at every few seconds, in a
+        thread of its own); `on_stuck` is called when a look takes over `web_timeout` s."""
         self._sock = listen(host, port)
         self._loop = asyncio.new_event_loop()
         self._server = _Server(
@@ -280,6 +280,7 @@ class MetricsServer:
             limits or ServerLimits(),
             web_source=web_source,
             on_stuck=on_stuck,
+            web_timeout=web_timeout,
         )
         self._thread = threading.Thread(target=self._run, name="http", daemon=True)
 
@@ -303,7 +304,8 @@ class MetricsServer:
             lambda _loop, context: log.debug("http_connection_error", error=context.get("message"))
         )
         self._server.acceptor.start()
-        self._loop.call_later(WEB_CONFIG_CHECK_SECONDS, self._server.watch_web_config)
+        if self._server.watcher is not None:
+            self._server.watcher.start()
         try:
             self._loop.run_forever()
         finally:

@@ -9,7 +9,8 @@ takes paths only.
 A connection costs TLS memory only once its first bytes arrive (until then it
 is a socket and a timer), its handshake has a deadline of its own, shorter than
 the header deadline, and at most MAX_HANDSHAKES run at once (the others wait,
-still unwrapped, within their own deadline).
+still unwrapped, within their header deadline; a stalled handshake gives its place
+to a waiting one after HANDSHAKE_STALE_SECONDS).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ MAX_TLS_FILE_BYTES = 1024 * 1024
 HANDSHAKE_TIMEOUT = 5.0
 #: TLS handshakes in progress at once; more connections wait (unwrapped) for a turn
 MAX_HANDSHAKES = 32
+#: a handshake running this long gives its place to a waiting one when all are taken
+HANDSHAKE_STALE_SECONDS = 1.0
 
 
 class TLSError(Exception):
