@@ -35,9 +35,12 @@ from test_attacks import (
     PASSWORD,
     USER,
     Exporter,
+    _run,
     enough_files_for_the_attacker,
+    files,
     simulator,
     start_exporter,
+    start_seconds,
 )
 from test_webconfig import _issue
 
@@ -45,7 +48,7 @@ from exporter.simulator import Simulator
 from exporter.simulator.demo import exporter_config
 from exporter.webconfig import load_web_config
 
-__all__ = ["enough_files_for_the_attacker", "simulator"]  # fixtures, used by name
+__all__ = ["enough_files_for_the_attacker", "files", "simulator", "start_seconds"]  # fixtures
 
 ATTACKER = "127.0.0.2"
 SUCCESSFUL = "binance_pm_web_config_last_reload_successful"
@@ -363,3 +366,30 @@ def wait_closed(sockets: list[socket.socket], deadline: float) -> None:
             pass
         except TimeoutError:
             raise AssertionError("a stalled handshake outlived its deadline") from None
+
+
+# --- 5: TLS files that are not regular files --------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["cert_file", "key_file", "client_ca_file"])
+@pytest.mark.parametrize("source", ["/dev/zero", "FIFO"])
+def test_tls_files_that_are_not_regular_files_exit_2_with_one_line_at_once(
+    config: Path, tmp_path: Path, start_seconds: float, which: str, source: str
+) -> None:
+    web = tls_web_config(tmp_path)
+    bad = Path("/dev/zero")
+    if source == "FIFO":
+        bad = tmp_path / "fifo.pem"
+        os.mkfifo(bad)
+    tls = {"cert_file": "server.crt", "key_file": "server.key", which: str(bad)}
+    if which == "client_ca_file":
+        tls["client_auth_type"] = "RequireAndVerifyClientCert"
+    web.write_text(yaml.safe_dump({"tls_server_config": tls}))
+    done, seconds = _run(
+        "--check-config", "--config.file", str(config), "--web.config.file", str(web)
+    )
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"tls_server_config.{which}" in done.stderr
+    assert "not a regular file" in done.stderr
+    assert seconds - start_seconds < 1.0
