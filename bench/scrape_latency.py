@@ -16,8 +16,11 @@ from __future__ import annotations
 import argparse
 import http.client
 import random
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from common import median, synthetic_account, table
 from prometheus_client import CollectorRegistry
@@ -40,10 +43,10 @@ PROMETHEUS_3 = (
 )
 
 
-def scrape(port: int, headers: dict[str, str]) -> tuple[float, int]:
+def scrape(port: int, headers: dict[str, str], path: str = "/metrics") -> tuple[float, int]:
     started = time.perf_counter()
     connection = http.client.HTTPConnection("127.0.0.1", port)
-    connection.request("GET", "/metrics", headers=headers)
+    connection.request("GET", path, headers=headers)
     response = connection.getresponse()
     body = response.read()
     connection.close()
@@ -55,6 +58,7 @@ class StaticApp:
     """The same bytes and headers as a given response, served as a constant."""
 
     web = WebConfig()
+    reloads = None
 
     def __init__(self) -> None:
         self.responses: dict[tuple[str, str], tuple[list[tuple[str, str]], bytes]] = {}
@@ -129,6 +133,12 @@ def main() -> int:
         f"gzip {len(static_app.responses[('', 'gzip')][1]) / 1e6:.2f} MB"
     )
 
+    files = tempfile.TemporaryDirectory(prefix="scrape-latency-")
+    for index, headers in enumerate(variants.values()):
+        key = (headers.get("Accept", ""), headers.get("Accept-Encoding", ""))
+        (Path(files.name) / f"v{index}").write_bytes(static_app.responses[key][1])
+    file_server, file_port = _file_server(files.name)
+
     names = list(exporter.store.current.accounts)
     fresh = [synthetic_account(n, args.assets, rng) for n in names]  # churn data, made up front
 
@@ -137,17 +147,21 @@ def main() -> int:
 
     times: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.rounds):
-        for variant, headers in variants.items():
+        for index, (variant, headers) in enumerate(variants.items()):
             for name, port, count, before in (
                 ("ours", ours.port, args.per_round, None),
                 ("ours churn", ours.port, args.per_round, churn),
                 ("static", static.port, args.per_round, None),
+                ("file", file_port, args.per_round, None),
                 ("baseline", baseline.port, 1, None),
             ):
                 for _ in range(count):
                     if before is not None:
                         before()
-                    elapsed, _ = scrape(port, headers)
+                    if name == "file":
+                        elapsed, _ = scrape(port, {}, f"/v{index}")
+                    else:
+                        elapsed, _ = scrape(port, headers)
                     times.setdefault((variant, name), []).append(elapsed * 1000)
             print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
@@ -156,16 +170,15 @@ def main() -> int:
     for variant in variants:
         m = {
             name: median(times[(variant, name)])
-            for name in ("ours", "ours churn", "static", "baseline")
+            for name in ("ours", "ours churn", "static", "file", "baseline")
         }
         rows.append([
-            variant, m["ours"], m["ours churn"], m["static"], m["baseline"],
-            f"{m['baseline'] / m['ours']:.0f}x", f"{m['baseline'] / m['ours churn']:.0f}x",
-            f"{m['ours'] / m['static']:.2f}x", f"{m['ours churn'] / m['static']:.2f}x",
+            variant, m["ours"], m["ours churn"], m["static"], m["file"], m["baseline"],
+            f"{m['ours'] / m['file']:.2f}x", f"{m['ours churn'] / m['file']:.2f}x",
         ])  # fmt: skip
     print(table(
-        ["format", "ours ms", "ours churn ms", "static ms", "generate_latest ms",
-         "baseline/ours", "baseline/churn", "ours/static", "churn/static"],
+        ["format", "ours ms", "ours churn ms", "static ms", "static file ms",
+         "generate_latest ms", "ours/file", "churn/file"],
         rows,
     ))  # fmt: skip
     print(
@@ -174,7 +187,34 @@ def main() -> int:
     )
     for server in (ours, baseline, static):
         server.close()
+    file_server.kill()
+    file_server.wait()
+    files.cleanup()
     return 0
+
+
+def _file_server(directory: str) -> tuple[subprocess.Popen[bytes], int]:
+    """`python -m http.server` on a free loopback port, serving `directory`."""
+    import socket  # noqa: PLC0415 - only here
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=directory,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, port
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 ROOT_DIR = __import__("pathlib").Path(__file__).resolve().parents[1]
