@@ -1,8 +1,9 @@
 """The exporter's endpoints: /metrics with its content negotiation, /, the probes, and
 `/-/reload`; a request in, a response out (auth is the gate's, sockets the protocol's).
 
-/metrics is the snapshot's cached exposition followed by the live self-metrics
-rendered per scrape (without a cache, the whole registry per scrape). A reload
+/metrics is the snapshot's cached exposition, kept built ahead of scrapes by a
+thread of its own once started, followed by the live self-metrics rendered per
+scrape (without a cache, the whole registry per scrape). A reload
 runs in a thread of its own; requests that arrive while one runs share its verdict.
 """
 
@@ -22,7 +23,7 @@ from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector
 
 from exporter.collector import SnapshotCollector
-from exporter.exposition import CachedExposition, Format
+from exporter.exposition import CachedExposition, Format, Prerenderer
 from exporter.http.messages import Request, Response, text_response
 from exporter.http.site import WebConfig
 from exporter.snapshot import SnapshotStore
@@ -83,6 +84,7 @@ class ExporterApp:
         self._store = store
         self.web = web or WebConfig()
         self._exposition = exposition
+        self._prerender: Prerenderer | None = None
         #: the config reloads (--web.enable-lifecycle, as Prometheus's); None: off
         self.reloads = Reloads(reload) if reload is not None else None
         #: path -> (its methods, its handler)
@@ -92,6 +94,18 @@ class ExporterApp:
             "/healthz": (READ, self._healthz),
             "/readyz": (READ, self._readyz),
         }
+
+    def start(self, on_start: Callable[[], None]) -> None:
+        """Keep /metrics bodies built ahead of scrapes (a thread calling `on_start` first)."""
+        if self._exposition is not None and self._prerender is None:
+            self._prerender = Prerenderer(self._exposition, self._store, on_start=on_start)
+            self._prerender.start()
+
+    def close(self) -> None:
+        if self._prerender is not None:
+            self._prerender.close()
+        if self.reloads is not None:
+            self.reloads.close()
 
     def __call__(self, request: Request) -> Response:
         route = self._routes.get(request.path)

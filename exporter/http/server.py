@@ -249,8 +249,7 @@ class _Server:
         self.workers.shutdown(wait=False, cancel_futures=True)
         if self.watcher is not None:
             self.watcher.close()
-        if self.app.reloads is not None:
-            self.app.reloads.close()
+        self.app.close()
 
 
 class MetricsServer:
@@ -294,6 +293,7 @@ class MetricsServer:
         return self._server.table.max_connections
 
     def start(self) -> None:
+        self._server.app.start(yield_to_the_pollers)
         self._thread.start()
 
     def _run(self) -> None:
