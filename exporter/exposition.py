@@ -174,24 +174,29 @@ class CachedExposition:
             body = self._bodies.get((fmt, gzip))
             if body is not None and body.generation >= wanted:
                 return body.content
-            snapshot = self._store.current
-            fragments = self._update_fragments(snapshot)
-            content = self._gzip(fmt, fragments) if gzip else self._plain(fmt, fragments)
-            # Bodies of older generations would be rebuilt before use anyway: free them.
+            # Bodies of older generations would be rebuilt before use anyway: free them
+            # first, so that an old and a new body of a variant are not held at once.
             self._bodies = {
                 key: old for key, old in self._bodies.items() if old.generation >= wanted
             }
+            snapshot = self._store.current
+            fragments = self._update_fragments(snapshot)
+            content = self._gzip(fmt, fragments) if gzip else self._plain(fmt, fragments)
             self._bodies[(fmt, gzip)] = _Body(snapshot.generation, content)
             self.renders += 1
             return content
 
     def render_changed(self) -> None:
-        """Build, for the current snapshot, the variants scrapes asked for lately: only the
-        accounts that changed are rendered and compressed, then the body is assembled."""
+        """Build, for the current snapshot, the gzip variants scrapes asked for lately (only
+        the accounts that changed are rendered and compressed, then the body is assembled),
+        and render the changed accounts' text. Plain bodies are joined per scrape: building
+        5 MB of text ahead at every change costs more memory than the join saves."""
         recent = time.monotonic() - WANTED_SECONDS
         for (fmt, gzip), asked in sorted(self._wanted.items()):
-            if asked >= recent:
+            if gzip and asked >= recent:
                 self._body(fmt, gzip, asked=False)
+        with self._lock:  # the plain text is only joined per scrape, from ready fragments
+            self._update_fragments(self._store.current)
 
     def _update_fragments(self, snapshot: Snapshot) -> list[_Fragment]:
         old = self._fragments

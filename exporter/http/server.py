@@ -17,7 +17,6 @@ import os
 import socket
 import ssl
 import threading
-from collections import deque
 from collections.abc import Callable
 
 import structlog
@@ -86,7 +85,8 @@ class _Server:
         #: connections in their TLS handshake, with when it started (oldest first)
         self._handshaking: dict[Connection, float] = {}
         self._stale_timer: asyncio.TimerHandle | None = None
-        self._handshake_queue: deque[tuple[socket.socket, Connection]] = deque()
+        #: connections waiting for a handshake turn, with their sockets (newest last)
+        self._handshake_queue: dict[Connection, socket.socket] = {}
         self._closed = False
         #: /metrics renders and large writes; more in flight wait their turn
         self.workers = concurrent.futures.ThreadPoolExecutor(
@@ -116,7 +116,7 @@ class _Server:
         a crowd of stalled handshakes, the oldest, once past HANDSHAKE_STALE_SECONDS, makes
         room, and the newest waiting goes next (a scraper's handshake takes milliseconds)."""
         if len(self._handshaking) >= MAX_HANDSHAKES:
-            self._handshake_queue.append((conn, connection))
+            self._handshake_queue[connection] = conn
             self._evict_stale()
             return
         self._handshaking[connection] = self.loop.time()
@@ -144,13 +144,9 @@ class _Server:
 
     def _handshake_done(self, connection: Connection, context: ssl.SSLContext) -> None:
         del self._handshaking[connection]
-        while self._handshake_queue and not self._closed:
-            conn, waiting = self._handshake_queue.pop()
-            if waiting.lost:
-                conn.close()
-                continue
-            self._handshake(conn, waiting, context)
-            return
+        if self._handshake_queue and not self._closed:
+            waiting, conn = self._handshake_queue.popitem()  # the newest: see _handshake
+            self._handshake(conn, waiting, self.ssl_context or context)
 
     async def _attach(
         self, conn: socket.socket, connection: Connection, context: ssl.SSLContext | None
@@ -172,6 +168,9 @@ class _Server:
         self.table.waiting(connection, waits)
 
     def forget(self, connection: Connection) -> None:
+        waiting = self._handshake_queue.pop(connection, None)
+        if waiting is not None:  # closed while it waited for a handshake turn
+            waiting.close()
         if self.table.forget(connection) and not self.acceptor.accepting and not self._closed:
             self.acceptor.start()
 
@@ -236,7 +235,7 @@ class _Server:
         self._sock.close()
         for connection in list(self.table.open):
             connection.abort()
-        for conn, _ in self._handshake_queue:
+        for conn in self._handshake_queue.values():
             conn.close()
         for task in asyncio.all_tasks(self.loop):
             task.cancel()
