@@ -9,8 +9,8 @@ import threading
 
 import bcrypt
 import httpx
-from harness import wait_until
 from prometheus_client import CollectorRegistry
+from support.waits import wait_until
 
 from exporter.http import BasicAuth, ExporterApp, MetricsServer, Request, WebConfig
 from exporter.http.auth import MAX_CHECKS_PER_PEER, TOO_MANY_CHECKS, AuthGate, Check
