@@ -80,9 +80,9 @@ class Run:
         )
 
     def _answer(self, request: httpx.Request) -> httpx.Response:
-        self.log.append((self.clock.now, request.url.path, request.headers.get("X-MBX-APIKEY", "")))
+        self.log.append((self.clock(), request.url.path, request.headers.get("X-MBX-APIKEY", "")))
         if request.url.path.endswith("/time"):
-            return httpx.Response(200, json={"serverTime": int(self.clock.now * 1000)})
+            return httpx.Response(200, json={"serverTime": int(self.clock() * 1000)})
         if request.url.path.endswith("/account"):
             return httpx.Response(200, json={"uniMMR": "3.5", "accountStatus": "NORMAL"})
         return httpx.Response(200, json=[{"asset": "USDT", "crossMarginFree": "1.0"}])
@@ -115,7 +115,7 @@ def budget(n: int) -> list[str]:
 
     async def events() -> None:
         await run.clock.sleep(30)
-        while run.clock.now < START + 90:
+        while run.clock() < START + 90:
             run.poller.trigger(busy, Priority.EVENT)
             await run.clock.sleep(0.005)
 
@@ -149,7 +149,7 @@ def freshness(catchups: bool) -> list[float]:
         for _ in range(20):
             await run.clock.sleep(rng.uniform(10, 20))
             name = rng.choice(run.names)
-            risks.append((run.clock.now, name))
+            risks.append((run.clock(), name))
             run.poller.trigger(name, Priority.RISK)
 
     run.run(360, streams)

@@ -45,6 +45,7 @@ from support.waits import wait_until
 
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient
+from exporter.clock import SystemClock
 from exporter.simulator import RequestRecord, Simulator
 from exporter.snapshot import AccountSnapshot
 
@@ -481,14 +482,17 @@ def assert_budget_held(records: list[RequestRecord]) -> None:
 # --- IP-wide pauses: 429 and 418 -----------------------------------------------------------
 
 
-class ShiftedClock:
+class ShiftedClock(SystemClock):
     """Wall time plus a shift, shared by the simulator and the exporter."""
 
     def __init__(self) -> None:
         self.shift = 0.0
 
-    def __call__(self) -> float:
+    def now(self) -> float:
         return time.time() + self.shift
+
+    def __call__(self) -> float:  # the simulator's clock
+        return self.now()
 
 
 @pytest.mark.parametrize(

@@ -56,15 +56,15 @@ class FakeApi:
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         key = request.headers.get("X-MBX-APIKEY", "")
-        self.log.append((self.clock.now, request.url.path, key))
-        headers = {"X-MBX-USED-WEIGHT-1M": str(self.used_weight(self.clock.now))}
+        self.log.append((self.clock(), request.url.path, key))
+        headers = {"X-MBX-USED-WEIGHT-1M": str(self.used_weight(self.clock()))}
         failure, since, until = self.fail.get(key, (None, 0.0, 0.0))
-        if failure is not None and since <= self.clock.now < until:
+        if failure is not None and since <= self.clock() < until:
             return httpx.Response(
                 failure.status_code, content=failure.content, headers={**headers, **failure.headers}
             )
         if request.url.path.endswith("/time"):
-            return httpx.Response(200, json={"serverTime": int(self.clock.now * 1000)})
+            return httpx.Response(200, json={"serverTime": int(self.clock() * 1000)})
         if request.url.path.endswith("/account"):
             return httpx.Response(
                 200, json={"uniMMR": "3.5", "accountStatus": "NORMAL"}, headers=headers
@@ -386,9 +386,9 @@ def test_a_pause_holds_the_later_requests_of_a_refresh_in_flight() -> None:
     async def api(request: httpx.Request) -> httpx.Response:
         key = request.headers.get("X-MBX-APIKEY", "")
         path = request.url.path.rsplit("/", 1)[1]
-        sent.append((clock.now, key, path))
+        sent.append((clock(), key, path))
         if path == "time":
-            return httpx.Response(200, json={"serverTime": int(clock.now * 1000)})
+            return httpx.Response(200, json={"serverTime": int(clock() * 1000)})
         if key == "b" and not b_limited.is_set():
             b_limited.set()
             return httpx.Response(429, json={"code": -1003}, headers={"Retry-After": "30"})

@@ -12,7 +12,6 @@ import json
 import secrets
 import socket
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.app import Exporter
+from exporter.clock import SYSTEM_CLOCK, Clock
 from exporter.collector import SnapshotCollector
 from exporter.config import Config, parse_config
 from exporter.logs import configure_logging
@@ -36,7 +36,6 @@ from support.waits import wait_until
 
 #: request weight by path, as Binance (and the simulator) charge it
 PATH_WEIGHTS = {"/papi/v1/balance": 20, "/papi/v1/account": 20}
-Clock = Callable[[], float]
 
 
 # --- accounts and config ---------------------------------------------------------------------
@@ -110,7 +109,7 @@ class Recorder:
     there would hold the exporter's loop for a while at every fault.)
     """
 
-    def __init__(self, exporter: Exporter, clock: Clock) -> None:
+    def __init__(self, exporter: Exporter, clock: Callable[[], float]) -> None:
         self._exporter = exporter
         self._clock = clock
         self._lock = threading.Lock()
@@ -169,11 +168,11 @@ class RunningExporter(harness.RunningExporter):
         config: Config,
         web: WebConfig | WebConfigFile | None = None,
         *,
-        clock: Clock = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         backoff_cap: float = BACKOFF_CAP_SECONDS,
     ) -> None:
         super().__init__(config, web, clock=clock, backoff_cap=backoff_cap)
-        self.recorder = Recorder(self.exporter, clock)
+        self.recorder = Recorder(self.exporter, clock.now)
 
     def start(self) -> RunningExporter:
         super().start()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -15,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from exporter.app import Exporter
 from exporter.binance.stream import DEFAULT_TIMINGS, StreamTimings
+from exporter.clock import SYSTEM_CLOCK, Clock
 from exporter.collector import SnapshotCollector
 from exporter.config import Config, parse_config
 from exporter.http import MetricsServer
@@ -77,7 +77,7 @@ class RunningExporter:
         web: WebConfig | WebConfigFile | None = None,
         shard: Shard = WHOLE,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         backoff_cap: float = BACKOFF_CAP_SECONDS,
         load: Callable[[], Config] | None = None,
         stream_timings: StreamTimings = DEFAULT_TIMINGS,
