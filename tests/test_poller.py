@@ -375,11 +375,10 @@ def test_a_retry_after_a_1021_reserves_the_weight_of_the_call_it_retries(
 # --- a pause holds the later requests of a refresh already in flight -----------------------
 
 
-def test_a_pause_holds_the_later_requests_of_a_refresh_in_flight() -> None:
+def test_a_pause_holds_the_later_requests_of_a_refresh_in_flight(clock: EventClock) -> None:
     """a's balance is answered only once b has had a 429 (Retry-After 30): a's account
     request, the second of its refresh, must wait for the pause to end."""
-    start = 1_700_000_000.0
-    clock = EventClock(start)
+    start = clock.now()
     sent: list[tuple[float, str, str]] = []
     b_limited = asyncio.Event()
 
