@@ -10,6 +10,10 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from collections.abc import Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class EventClock:
@@ -35,11 +39,25 @@ class EventClock:
     async def run_until(self, end: float) -> None:
         """Run the loop's tasks until the clock reaches `end`."""
         while self.time < end:
-            for _ in range(50):  # let every ready task run before time moves on
+            await self.advance()
+
+    async def run(self, work: Awaitable[T]) -> T:
+        """Run `work` to its end, moving the clock whenever every task waits on it."""
+        task = asyncio.ensure_future(work)
+        while True:
+            for _ in range(50):
                 await asyncio.sleep(0)
-            if not self._sleepers:
-                raise RuntimeError("every task has ended or waits on something else")
-            wake, _, future = heapq.heappop(self._sleepers)
-            self.time = max(self.time, wake)
-            if not future.done():
-                future.set_result(None)
+            if task.done():
+                return task.result()
+            await self.advance()
+
+    async def advance(self) -> None:
+        """Let every ready task run, then move to the earliest sleeper's wake."""
+        for _ in range(50):  # let every ready task run before time moves on
+            await asyncio.sleep(0)
+        if not self._sleepers:
+            raise RuntimeError("every task has ended or waits on something else")
+        wake, _, future = heapq.heappop(self._sleepers)
+        self.time = max(self.time, wake)
+        if not future.done():
+            future.set_result(None)
