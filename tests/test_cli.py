@@ -18,6 +18,8 @@ from support.waits import wait_until
 import exporter
 from exporter.simulator import Simulator
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).parent.parent
 
 

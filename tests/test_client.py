@@ -250,6 +250,7 @@ def test_a_body_past_the_cap_is_refused_without_reading_it_all() -> None:
     assert [r.outcome for r in reports] == ["invalid_response"]
 
 
+@pytest.mark.slow
 def test_a_balance_list_of_thousands_of_assets_fits() -> None:
     record = {
         "asset": "ASSET0000",

@@ -364,6 +364,7 @@ def test_a_broken_answer_fails_the_contract(api: Api) -> None:
         conform_event({"e": "riskLevelChange", "E": 1, "u": 1.5})
 
 
+@pytest.mark.slow
 def test_only_the_sdks_models_are_loaded() -> None:
     """The contract imports the SDK's model files, none of its transport (sdkcontract.py)."""
     code = (

@@ -126,6 +126,7 @@ def test_the_demo_listens_on_this_machine_unless_told_otherwise(
     assert listen_address(build_parser(environ).parse_args(argv)) == address
 
 
+@pytest.mark.slow
 def test_the_demo_process_logs_an_episode_and_when_metrics_has_it() -> None:
     """`binance-pm-exporter --demo` as a user runs it: the first episode starts 5 to 15 s
     in; both lines come, in order, and /metrics has the negative balance meanwhile."""

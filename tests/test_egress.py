@@ -17,6 +17,8 @@ from exporter.simulator import Simulator
 from exporter.simulator.demo import GeneratedAccount, generate_account
 from exporter.simulator.state import RequestRecord
 
+pytestmark = pytest.mark.slow
+
 EGRESS = {"a-0": "127.0.0.2", "a-1": "127.0.0.2", "b-0": "127.0.0.3", "b-1": "127.0.0.3"}
 
 

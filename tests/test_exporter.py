@@ -18,6 +18,8 @@ from exporter.logs import configure_logging
 from exporter.simulator import Simulator
 from exporter.simulator.demo import GeneratedAccount
 
+pytestmark = pytest.mark.slow
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 

@@ -188,6 +188,7 @@ ESCAPINGS = [
 ]
 
 
+@pytest.mark.slow
 def test_a_real_exporters_metrics_equal_the_full_registry_and_pass_promtool() -> None:
     generated = [generate_account(f"desk-{i}", "hmac") for i in range(3)]
     om_accept = {"Accept": "application/openmetrics-text; version=1.0.0"}

@@ -49,6 +49,8 @@ from exporter.clock import SystemClock
 from exporter.simulator import RequestRecord, Simulator
 from exporter.snapshot import AccountSnapshot
 
+pytestmark = pytest.mark.slow
+
 INTERVAL = 1.0
 TIMEOUT = 1.0
 CAP = 1.5

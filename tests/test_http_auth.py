@@ -9,6 +9,7 @@ import threading
 
 import bcrypt
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry
 from support.waits import wait_until
 
@@ -106,6 +107,7 @@ def test_unknown_credentials_are_capped_per_source_address() -> None:
     gate.close()
 
 
+@pytest.mark.slow
 def test_a_stuck_look_at_the_web_config_is_reported_and_blocks_no_scrape() -> None:
     store = SnapshotStore([AccountSnapshot("desk-a", 10.0)])
     stuck, reported = threading.Event(), threading.Event()

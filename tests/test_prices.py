@@ -121,6 +121,7 @@ def test_an_unpriced_asset_is_logged_once_not_per_refresh(setup: Setup) -> None:
     assert [e["assets"] for e in unpriced] == [["NOPE"]]
 
 
+@pytest.mark.slow
 def test_new_unpriced_assets_each_refresh_cost_one_line_a_minute_and_are_forgotten(
     setup: Setup,
 ) -> None:
@@ -275,6 +276,7 @@ def test_the_spot_weight_never_exceeds_its_own_budget() -> None:
         assert window <= 20, (t0, window)
 
 
+@pytest.mark.slow
 def test_a_ban_on_the_spot_api_pauses_prices_only() -> None:
     generated = [generate_account(f"acct-{i}", "hmac") for i in range(2)]
     with Simulator([g.sim_account for g in generated]) as sim:

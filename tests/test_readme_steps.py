@@ -88,6 +88,7 @@ def clone(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_the_five_steps_as_written_get_data_from_the_simulator(clone: Path) -> None:
     steps = five_steps()
     generated = generate_account("main", "hmac")

@@ -21,7 +21,7 @@ from exporter.config import Config, ConfigError, load_config
 from exporter.shard import owner
 from exporter.simulator import Simulator
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 RELOADED = "binance_pm_config_last_reload_success_timestamp_seconds"
 SUCCESSFUL = "binance_pm_config_last_reload_successful"

@@ -135,6 +135,7 @@ def run() -> Iterator[Run]:
             yield Run(sim, proxies, generated, exporter, exporter.metrics_text(), logs.lines)
 
 
+@pytest.mark.slow
 def test_each_account_travels_by_its_own_route(run: Run) -> None:
     key_of = {g.config["api_key"]: name for name, g in run.generated.items()}
     for index, proxy in enumerate(run.proxies):

@@ -57,6 +57,7 @@ def test_promtool_check_rules() -> None:
     assert "SUCCESS" in result.stdout
 
 
+@pytest.mark.slow
 def test_promtool_unit_tests() -> None:
     assert RULE_TESTS, "no rule unit tests in prometheus/tests/"
     result = subprocess.run(

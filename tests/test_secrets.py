@@ -37,6 +37,8 @@ from exporter.serve import serve_http
 from exporter.simulator import SimAccount, Simulator
 from exporter.summary import summarize
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 BALANCE = "/papi/v1/balance"
 

@@ -780,6 +780,7 @@ def test_command_line_refuses_a_drift_chance_outside_0_to_1(
     assert "expected a chance from 0 to 1, got '2'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_command_line_writes_config_and_stops_on_sigterm(tmp_path: Path) -> None:
     config_path = tmp_path / "config.yaml"
     process = subprocess.Popen(

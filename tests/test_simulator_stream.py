@@ -66,6 +66,7 @@ def events(ws: ClientConnection, count: int) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- listenKey endpoints
 
 
+@pytest.mark.slow
 def test_listen_key_calls_need_an_api_key_and_weigh_one_each(sim: Simulator) -> None:
     assert listen_key(sim, api_key=None).json()["code"] == -2014
     assert listen_key(sim, api_key="unknown").json()["code"] == -2015
@@ -79,6 +80,7 @@ def test_listen_key_calls_need_an_api_key_and_weigh_one_each(sim: Simulator) -> 
     assert listen_key(sim, "GET").status_code == 405
 
 
+@pytest.mark.slow
 def test_keys_live_60_minutes_of_the_simulators_clock(sim: Simulator, clock: Clock) -> None:
     key = listen_key(sim).json()["listenKey"]
     clock.advance(59 * 60)
@@ -105,6 +107,7 @@ def test_put_names_a_key_that_is_not_the_accounts(sim: Simulator) -> None:
 # ---------------------------------------------------------------- events
 
 
+@pytest.mark.slow
 def test_a_balance_change_pushes_position_and_balance_update(sim: Simulator) -> None:
     with open_stream(sim, "a") as a, open_stream(sim, "b") as b:
         sim.set_asset("a", "USDT", crossMarginFree="10.5", negativeBalance="0")
@@ -204,6 +207,7 @@ def test_a_key_expiring_on_the_clock_sends_listen_key_expired(sim: Simulator, cl
     assert sim.listen_key("a") is None
 
 
+@pytest.mark.slow
 def test_the_connection_closes_at_24_hours(sim: Simulator, clock: Clock) -> None:
     with open_stream(sim) as ws:
         for _ in range(24):
@@ -260,6 +264,7 @@ def test_refused_upgrades(sim: Simulator) -> None:
     assert sim.stream.refused == 3
 
 
+@pytest.mark.slow
 def test_silent_sends_no_events_and_no_pings(sim: Simulator) -> None:
     with open_stream(sim) as ws:
         wait_until(lambda: sim.stream.pongs("a") >= 1, what="a pong")

@@ -27,7 +27,7 @@ from exporter.simulator import SimAccount, Simulator
 from exporter.snapshot import AccountSnapshot, Snapshot
 from exporter.storage import FILE_NAME, VERSION, Encoder, StateFile, encode
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 NAMES = ["acct-a", "acct-b"]
 

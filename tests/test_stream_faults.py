@@ -27,6 +27,8 @@ from exporter.binance.stream import StreamTimings
 from exporter.simulator import Simulator
 from exporter.simulator.demo import GeneratedAccount
 
+pytestmark = pytest.mark.slow
+
 FAULTY, OTHER = "acct-00", "acct-01"
 NAMES = (FAULTY, OTHER)
 LISTEN_KEY = "/papi/v1/listenKey"

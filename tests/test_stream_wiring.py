@@ -10,12 +10,15 @@ import statistics
 import time
 from pathlib import Path
 
+import pytest
 from support.harness import RunningExporter, accounts, sim_config
 from support.waits import wait_until
 
 from exporter.config import parse_config
 from exporter.simulator import Simulator
 from exporter.simulator.demo import start_demo
+
+pytestmark = pytest.mark.slow
 
 #: a turn every 100 s per account: only an event can refresh an account in these tests
 SLOW = {"min_interval_seconds": 300}
@@ -70,6 +73,7 @@ def test_events_refresh_their_account_and_a_margin_call_shows_at_once() -> None:
         assert [sim.listen_key(n) for n in names] == [None, None, None]
 
 
+@pytest.mark.bench  # the README's freshness at 200 accounts: a figure, kept with a bound
 def test_freshness_at_200_accounts_on_the_default_budget() -> None:
     """Polling alone refreshes each of 200 accounts every 323 s on the default budget; with
     the streams a negative balance on any account is on /metrics within 3 s (a refresh

@@ -142,6 +142,7 @@ def weight_of(path: str) -> int:
     return 1 if path.endswith("/time") else 20
 
 
+@pytest.mark.slow
 def test_one_account_at_200_events_a_second_for_a_minute_stays_within_the_budget() -> None:
     """The issue's budget test: 20 accounts (polling-only interval 32.3 s), acct-7 emits
     200 events/s from t=30 to t=90."""
@@ -177,6 +178,7 @@ def test_one_account_at_200_events_a_second_for_a_minute_stays_within_the_budget
     assert worst > 1.3 * interval  # the triggers did take their half
 
 
+@pytest.mark.slow
 def test_every_account_busy_still_keeps_every_interval_within_2x() -> None:
     """All 20 accounts emit events for 120 s, RISK and EVENT mixed: the triggered half is
     always full, yet no account waits more than 2x its polling-only interval."""
@@ -197,6 +199,7 @@ def test_every_account_busy_still_keeps_every_interval_within_2x() -> None:
         assert max(b - a for a, b in itertools.pairwise(own)) <= 2 * interval, name
 
 
+@pytest.mark.slow
 def test_a_risk_trigger_starts_within_a_slot_behind_200_catchups() -> None:
     """200 accounts on the default budget (a slot every 1.6 s, each account every 323 s):
     all 200 streams reconnect at t=20 (CATCHUPs), then a riskLevelChange every 15 s on a
@@ -484,6 +487,7 @@ def test_stream_health_metrics_and_promtool() -> None:
 # ---- wired: the exporter against the simulator, on real time -------------------------
 
 
+@pytest.mark.slow
 def test_the_exporter_refreshes_a_triggered_account_long_before_its_turn() -> None:
     # The streams are off (no stream_url): the triggers come from the test, as the stream
     # clients would call them (tests/test_stream_wiring.py runs the real streams).

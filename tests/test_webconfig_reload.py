@@ -9,6 +9,7 @@ import ssl
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -20,6 +21,8 @@ from test_webconfig import _issue
 
 from exporter.simulator import Simulator
 from exporter.webconfig import WebConfigFile
+
+pytestmark = pytest.mark.slow
 
 SUCCESSFUL = "binance_pm_web_config_last_reload_successful"
 
