@@ -32,13 +32,13 @@ from support.faultkit import (
     Seen,
     budget_excesses,
     captured_logs,
-    fast_config,
     gaps,
     hmac_accounts,
     request_times,
     secret_forms,
     weight_by_ip,
 )
+from support.harness import fast_config
 from support.metrics import parse_metrics, sample
 from support.ports import free_port
 from support.waits import wait_until
@@ -55,6 +55,8 @@ INTERVAL = 1.0
 TIMEOUT = 1.0
 CAP = 1.5
 BUDGET = 100_000  # weight per minute; with share 1 the budget never binds here
+#: the matrix's budget: that limit, and a pause only above 90 % of it
+FAST = {"ip_weight_limit_per_minute": BUDGET, "ip_high_water": 0.9}
 EARLY = 0.2  # a gap between two arrivals may look shorter by the first request's transit
 LATE = 1.0  # how late a loaded machine may run a try: less than a backoff step
 BALANCE = "/papi/v1/balance"
@@ -255,7 +257,7 @@ def matrix() -> Matrix:
         relay.on()
         by_name[REFUSED]["proxy"] = relay.url
         by_name[DNS]["proxy"] = "http://nonexistent.invalid:3128"
-        config = fast_config(sim.url, entries, limit=BUDGET, timeout=TIMEOUT)
+        config = fast_config(sim.url, entries, timeout=TIMEOUT, **FAST)
         run = RunningExporter(config, backoff_cap=CAP)
         try:
             with run:
@@ -518,7 +520,9 @@ def test_ip_wide_pause_stops_every_account_until_it_ends(
         captured_logs() as logs,
         Simulator(sims, ip_weight_limit=10**6, clock=clock) as sim,
     ):
-        with RunningExporter(fast_config(sim.url, entries, limit=BUDGET), clock=clock) as run:
+        with RunningExporter(
+            fast_config(sim.url, entries, timeout=TIMEOUT, **FAST), clock=clock
+        ) as run:
             wait_until(run.all_up, 5, "every account up")
             if reason in ("rate_limited", "waf_blocked") and "retry_after" not in params:
                 clock.shift += (58.0 - clock() % 60) % 60  # jump to 2 s before a minute's end
@@ -590,7 +594,7 @@ def test_server_clock_offset(offset_ms: int, when: str, resync: bool) -> None:
     with captured_logs() as logs, Simulator(sims, ip_weight_limit=10**6) as sim:
         if when == "at start":
             sim.clock_offset_ms = offset_ms
-        with RunningExporter(fast_config(sim.url, entries, limit=BUDGET)) as run:
+        with RunningExporter(fast_config(sim.url, entries, timeout=TIMEOUT, **FAST)) as run:
             wait_until(run.all_up, 5, "every account up")
             changed = time.time()
             sim.clock_offset_ms = offset_ms
@@ -635,7 +639,7 @@ def test_server_clock_offset(offset_ms: int, when: str, resync: bool) -> None:
 def test_unresolvable_base_host() -> None:
     names = ["a", "b", "c"]
     _, entries = hmac_accounts(names)
-    config = fast_config("http://nonexistent.invalid", entries, limit=BUDGET)
+    config = fast_config("http://nonexistent.invalid", entries, timeout=TIMEOUT, **FAST)
     with captured_logs() as logs, RunningExporter(config) as run:
         wait_until(
             lambda: all(run.snapshot(n).consecutive_failures >= 2 for n in names),
@@ -663,7 +667,9 @@ def test_refused_base_host_then_listening() -> None:
     port = free_port()  # nothing listens there yet
     sim = Simulator(sims, port=port, ip_weight_limit=10**6)
     with captured_logs() as logs:
-        run = RunningExporter(fast_config(f"http://127.0.0.1:{port}", entries, limit=BUDGET))
+        run = RunningExporter(
+            fast_config(f"http://127.0.0.1:{port}", entries, timeout=TIMEOUT, **FAST)
+        )
         run.start()
         try:
             wait_until(lambda: all(run.snapshot(n).attempted for n in names), 5, "a failure each")

@@ -32,7 +32,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from support.faultkit import RunningExporter, fast_config, hmac_accounts
+from support.faultkit import RunningExporter, hmac_accounts
+from support.harness import fast_config
 from support.ports import free_port
 from support.waits import wait_until
 
@@ -245,7 +246,9 @@ def _start_exporter(
     simulator: tuple[Simulator, list[dict[str, str]]], web: WebConfig
 ) -> tuple[RunningExporter, MetricsServer]:
     sim, entries = simulator
-    run = RunningExporter(fast_config(sim.url, entries, interval=5.0), web).start()
+    run = RunningExporter(
+        fast_config(sim.url, entries, timeout=1.0, min_interval_seconds=5.0, ip_high_water=0.9), web
+    ).start()
     assert run.server is not None
     return run, run.server
 

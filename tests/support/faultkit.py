@@ -15,7 +15,6 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -23,7 +22,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from exporter.app import Exporter
 from exporter.clock import SYSTEM_CLOCK, Clock
 from exporter.collector import SnapshotCollector
-from exporter.config import Config, parse_config
+from exporter.config import Config
 from exporter.logs import configure_logging
 from exporter.poller import BACKOFF_CAP_SECONDS
 from exporter.simulator import RequestRecord, SimAccount
@@ -49,30 +48,6 @@ def hmac_accounts(names: Iterable[str]) -> tuple[list[SimAccount], list[dict[str
         sims.append(SimAccount.hmac(name, key, secret))
         entries.append({"name": name, "api_key": key, "api_secret": secret})
     return sims, entries
-
-
-def fast_config(
-    base_url: str,
-    accounts: list[dict[str, str]],
-    *,
-    limit: int = 100_000,
-    interval: float = 1.0,
-    timeout: float = 1.0,
-) -> Config:
-    """A config that refreshes every account each `interval` s: the budget does not bind."""
-    data = {
-        "binance": {"base_url": base_url, "timeout_seconds": timeout},
-        "stream": {"enabled": False},  # no stream server: nothing beyond loopback
-        "prices": {"base_url": base_url},
-        "budget": {
-            "ip_weight_limit_per_minute": limit,
-            "share": 1.0,
-            "ip_high_water": 0.9,
-            "min_interval_seconds": interval,
-        },
-        "accounts": accounts,
-    }
-    return parse_config(data, environ={}, base_dir=Path.cwd())
 
 
 # --- metrics ---------------------------------------------------------------------------------

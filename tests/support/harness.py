@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -61,10 +61,25 @@ def sim_config(
     return parse_config(data, environ={}, base_dir=Path.cwd())
 
 
-def fast_config(base_url: str, generated: list[GeneratedAccount], **budget: Any) -> Config:
-    """A config that refreshes every second: an IP limit so large the budget never binds."""
-    settings = {"ip_weight_limit_per_minute": 60000, "share": 1.0, "min_interval_seconds": 1}
-    return sim_config(base_url, generated, {**settings, **budget}, timeout_seconds=2)
+def fast_config(
+    base_url: str,
+    accounts: Sequence[GeneratedAccount] | Sequence[Mapping[str, str]],
+    *,
+    timeout: float = 2.0,
+    **budget: Any,
+) -> Config:
+    """A config that refreshes every account each second (`min_interval_seconds` to
+    change it) with an IP limit so large the budget never binds; the stream off. The
+    accounts are generated ones or config entries (name, api_key, api_secret)."""
+    settings = {"ip_weight_limit_per_minute": 100_000, "share": 1.0, "min_interval_seconds": 1}
+    data = {
+        "binance": {"base_url": base_url, "timeout_seconds": timeout},
+        "stream": {"enabled": False},  # no stream server: nothing beyond loopback
+        "prices": {"base_url": base_url},
+        "budget": {**settings, **budget},
+        "accounts": [dict(a.config if isinstance(a, GeneratedAccount) else a) for a in accounts],
+    }
+    return parse_config(data, environ={}, base_dir=Path.cwd())
 
 
 class RunningExporter:
