@@ -124,7 +124,7 @@ def budget(n: int) -> list[str]:
     worst = max(
         b - a for name in run.names if name != busy for a, b in itertools.pairwise(run.starts(name))
     )
-    triggered = run.stream.triggered.labels(busy)._value.get()
+    triggered = run.stream.triggered.labels(busy, "balance")._value.get()
     gap = min(b - a for a, b in itertools.pairwise(mine))
     return [
         f"{n} accounts, polling-only interval {run.interval:.1f} s; {busy}: 200 events/s for 60 s",

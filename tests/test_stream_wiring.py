@@ -39,7 +39,7 @@ def test_events_refresh_their_account_and_a_margin_call_shows_at_once() -> None:
             labels = {"account": "acct-02", "asset": asset}
             wait_until(lambda: running.sample("binance_pm_negative_balance", **labels) == 12.5)
             triggered = running.sample(
-                "binance_pm_stream_triggered_refreshes_total", account="acct-02"
+                "binance_pm_stream_triggered_refreshes_total", account="acct-02", endpoint="balance"
             )
             assert triggered is not None
             assert triggered >= 1
