@@ -280,18 +280,23 @@ class EgressPoller:
         interval late goes before EVENT and CATCHUP ones, so no polled interval passes 2x
         (a RISK one goes first still: it is bounded by the share and its own interval)."""
         interval = self._settings.interval
-        while (due := min(self._accounts, key=lambda a: a.next_due)).in_flight and (
-            due.next_due <= now
-        ):
-            due.next_due += interval  # slower than its interval: skip this turn
-        late = due.next_due <= now - interval + self._slot
-        busy = {a.target.name for a in self._accounts if a.in_flight}
+        busy = set()
+        due: _Account | None = None
+        for account in self._accounts:
+            if account.in_flight:
+                busy.add(account.target.name)
+                if account.next_due <= now and account.reading.keys() >= self._full:
+                    account.next_due += interval  # slower than its interval: skip this turn
+            elif due is None or account.next_due < due.next_due:
+                due = account  # (an account reading one endpoint keeps its turn for later)
+        late = due is not None and due.next_due <= now - interval + self._slot
         name, trigger_at = self._triggers.next(now, busy)
         if name is not None and (not late or self._triggers.pending(name) is Priority.RISK):
             return self._by_name[name], self._triggers.endpoints(name), True, now
-        if due.next_due <= now:
+        if due is not None and due.next_due <= now:
             return due, self._full, False, now
-        return None, frozenset(), False, min(due.next_due, trigger_at)
+        due_at = float("inf") if due is None else due.next_due
+        return None, frozenset(), False, min(due_at, trigger_at)
 
     def _start(
         self, account: _Account, endpoints: frozenset[str], triggered: bool, now: float
@@ -306,7 +311,11 @@ class EgressPoller:
                 self._stream.triggered_refresh(name, endpoints)
         else:
             self._triggers.discard(name)  # this turn answers the triggers so far
-            account.next_due = max(account.next_due + interval, now)
+            # On time (within a slot), the turns keep their even spacing; a turn served
+            # late, behind the triggered reads' half of B, counts its interval from now,
+            # so the round-robin asks for no more than it gets and never starves them.
+            on_time = now - account.next_due <= self._slot
+            account.next_due = account.next_due + interval if on_time else now + interval
         account.in_flight = True
         account.reading = dict.fromkeys(endpoints)
         task = asyncio.create_task(self._refresh(account, endpoints), name=name)
