@@ -40,9 +40,8 @@ from exporter.triggers import (
     Priority,
     TriggerQueue,
     uni_mmr_of,
-    weight_of,
 )
-from exporter.weights import WEIGHTS, refresh_weight
+from exporter.weights import WEIGHTS, read_weight, refresh_weight
 
 BACKOFF_CAP_SECONDS = 300.0
 T = TypeVar("T")
@@ -178,7 +177,7 @@ class EgressPoller:
             if chosen is None:
                 await self._nap(wake_at - now)
                 continue
-            weight = weight_of(endpoints)
+            weight = read_weight(endpoints)
             # The slot is chosen when it comes: a trigger arriving meanwhile may take it.
             if (wait := self._budget.delay(weight, now)) > 0:
                 await self._nap(wait)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 from exporter.binance.events import LIABILITY_CHANGE, RISK_LEVEL_CHANGE, StreamEvent
 from exporter.snapshot import AccountSnapshot
-from exporter.weights import WEIGHTS
+from exporter.weights import read_weight
 
 
 class Priority(enum.IntEnum):
@@ -125,11 +125,6 @@ def _raises_liability(event: StreamEvent, snapshot: AccountSnapshot | None) -> b
             held = values["crossMarginBorrowed"] + values.get("crossMarginInterest", 0.0)
             return event.liability > held
     return True
-
-
-def weight_of(endpoints: frozenset[str]) -> int:
-    """The weight of one refresh reading `endpoints`."""
-    return sum(WEIGHTS[endpoint] for endpoint in endpoints)
 
 
 @dataclass(slots=True)
@@ -243,7 +238,7 @@ class TriggerQueue:
         self._fill(now)
         entry = self._pending.pop(name, None)
         endpoints = BOTH if entry is None else entry.endpoints
-        self._tokens -= weight_of(endpoints) if endpoints else self.weight
+        self._tokens -= read_weight(endpoints) if endpoints else self.weight
         self._last_start[name] = now
         if entry is not None and entry.priority is Priority.RISK:
             self._last_risk[name] = now
@@ -252,7 +247,7 @@ class TriggerQueue:
     def _need(self, entry: _Pending) -> float:
         """Tokens in the bucket for `entry` to go: all but RISK leave one full refresh's
         worth behind them."""
-        own = weight_of(entry.endpoints)
+        own = read_weight(entry.endpoints)
         return own if entry.priority is Priority.RISK else own + self.weight
 
     def _fill(self, now: float) -> None:
