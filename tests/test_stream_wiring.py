@@ -119,10 +119,12 @@ def test_one_change_costs_one_triggered_read_of_the_balance_alone() -> None:
             assert triggered(endpoint="account") == 0
 
 
-def test_freshness_at_200_accounts_on_the_default_budget() -> None:
+def test_freshness_at_200_accounts_on_the_default_budget_while_the_desk_trades() -> None:
     """Polling alone refreshes each of 200 accounts every 323 s on the default budget; with
-    the streams a negative balance on any account is on /metrics within 3 s (a refresh
-    slot is 1.6 s: the trigger waits for the next one, then one refresh)."""
+    the streams, and the desk trading 5 fills a second (each two events), a negative
+    balance on any account is on /metrics within 2 s median, 4 s worst (a refresh slot is
+    1.6 s: the risk trigger waits for the next one, before every routine read, then one
+    refresh). Measured: 0.9 s median, 1.4 s worst (bench/stream_trading.py)."""
     generated = accounts(200)
     names = [g.sim_account.name for g in generated]
     with Simulator([g.sim_account for g in generated], assets_per_account=4) as sim:
@@ -130,11 +132,12 @@ def test_freshness_at_200_accounts_on_the_default_budget() -> None:
         with RunningExporter(config) as running:
             # from the moment the streams are open, not after a warm-up
             wait_until(lambda: streams_up(running, names), timeout=120, what="200 streams")
+            trader = start_trading(sim, 5.0, seed=3)
             rng = random.Random(3)
             delays = []
             for attempt in range(20):
-                # Events of one kind are not a storm: triggered refreshes may take half of
-                # B, one every 3.2 s here, so the tries come a little slower than that.
+                # Risk reads are paid from the triggered half of B too, one 40-weight read
+                # every 3.2 s here, so the tries come a little slower than that.
                 time.sleep(rng.uniform(2.0, 3.0))
                 name = rng.choice(names)
                 asset = sim.balances(name)[0]["asset"]
@@ -152,11 +155,12 @@ def test_freshness_at_200_accounts_on_the_default_budget() -> None:
                 )
                 delays.append(time.monotonic() - started)
             print(
-                f"200 accounts, negative balance -> /metrics: median "
+                f"200 accounts, {trader.trades} fills, negative balance -> /metrics: median "
                 f"{statistics.median(delays):.2f} s, worst {max(delays):.2f} s"
             )
-            assert statistics.median(delays) <= 3.0
-            assert max(delays) <= 3.0
+            assert trader.trades >= 5 * 40  # the desk traded throughout
+            assert statistics.median(delays) <= 2.0
+            assert max(delays) <= 4.0
 
 
 def _negative(sim: Simulator) -> tuple[str, str] | None:
