@@ -21,7 +21,7 @@ from exporter.simulator.server import Simulator
 #: how often the trading thread wakes; fills in between are drawn as a Poisson count
 TICK_SECONDS = 0.05
 
-#: one fill on (rng, account, asset, wallet change, free change): False when refused
+#: one fill: (account, asset, UM wallet change, free balance change) -> False when refused
 Fill = Callable[[str, str, Decimal, Decimal], bool]
 
 
