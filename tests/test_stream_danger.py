@@ -14,6 +14,7 @@ import itertools
 import json
 import random
 import statistics
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -411,3 +412,20 @@ def test_at_50_trades_a_second_every_polled_interval_stays_within_2x() -> None:
         full = [t for t, p, k in desk.api.log if k == name and p.endswith("/account")]
         gaps = [b - a for a, b in itertools.pairwise(full)]
         assert max(gaps) <= 2 * desk.interval, (name, max(gaps), desk.interval)
+
+
+def test_events_at_50_fills_a_second_cost_under_5_percent_of_a_core() -> None:
+    """The issue's cost, on CPU time (not wall time, so a loaded machine does not fail it):
+    a fill's two events through the real observer (parse, classify, trigger) for 200
+    accounts, 100 events a second, must take under 5 % of one core: < 500 us an event.
+    Measured: about 25 us (bench/stream_budget.py; the whole process, bench/stream_trading.py)."""
+    desk = Desk(200, 0.0)
+    frames = [
+        text for i in range(500) for text in (update(f"{100 + i}.5"), position(f"{1 + i}.25"))
+    ]
+    events = list(desk.observers.values())
+    began = time.process_time()
+    for i, text in enumerate(frames):
+        events[i % 200].stream_event(frame_at(text, START + i / 100))
+    per_event = (time.process_time() - began) / len(frames)
+    assert per_event * 100 < 0.05, f"{per_event * 1e6:.0f} us per event"
