@@ -10,9 +10,10 @@ turn (coalesced, prioritised, within half of the budget: `exporter.triggers`), o
 the endpoints the event moved; the round-robin keeps the rest and reads both, so under
 a storm of events an account's interval grows to at most twice the above. A triggered
 read answers every event of its account whose time E is at or before the moment its
-request was signed (server time, less the clock's uncertainty): the second event of
-one change costs nothing. A riskLevelChange goes into the snapshot at once
-(`apply_risk`).
+request was signed (server time, less the clock's uncertainty), or at or before the
+time of an event that had arrived by then (that change was on the server when the
+request left): the second event of one change costs nothing. A riskLevelChange goes
+into the snapshot at once (`apply_risk`).
 """
 
 from __future__ import annotations
@@ -84,11 +85,14 @@ class _Account:
     failure: str | None = None
     #: the last riskLevelChange applied to the snapshot
     risk: _Risk | None = None
-    #: the endpoints the refresh in flight reads -> when its request was signed (server
-    #: time, epoch seconds), None until it is
+    #: the endpoints the refresh in flight reads -> the time (server clock, epoch
+    #: seconds) up to which its answer is known to hold every change: see `_answers_up_to`;
+    #: None until its request is signed
     reading: dict[str, float | None] = field(default_factory=dict)
-    #: endpoint -> when the last successful read of it was signed (server time)
+    #: endpoint -> the same for the last successful read of it
     signed: dict[str, float] = field(default_factory=dict)
+    #: the latest event time E that arrived on the account's stream (epoch seconds)
+    latest_event: float | None = None
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,8 @@ class EgressPoller:
             return  # a failing account keeps its backoff: its next turn will tell
         wanted = endpoints if self._settings.account_info else endpoints & BALANCE
         wanted = frozenset(e for e in wanted if not self._answered(account, e, event_time))
+        if event_time is not None and (account.latest_event or 0.0) < event_time:
+            account.latest_event = event_time
         if not wanted:
             return
         if (
@@ -220,19 +226,25 @@ class EgressPoller:
     def _answered(self, account: _Account, endpoint: str, event_time: float | None) -> bool:
         """Whether a read of `endpoint` in flight or done answers an event of `event_time`:
         one not yet signed does (it is sent after the event came, so the server answers
-        it after the change), one signed at S does when event_time <= S less the clock's
-        uncertainty. An event without a time is answered only by a read not yet signed."""
+        it after the change), one signed does when event_time is at or before the time
+        it answers up to (`_answers_up_to`). An event without a time is answered only by
+        a read not yet signed."""
         if endpoint in account.reading:
-            signed = account.reading[endpoint]
-            if signed is None:
+            up_to = account.reading[endpoint]
+            if up_to is None:
                 return True
         else:
-            signed = account.signed.get(endpoint)
-        return (
-            signed is not None
-            and event_time is not None
-            and event_time <= signed - self._clock_error
-        )
+            up_to = account.signed.get(endpoint)
+        return up_to is not None and event_time is not None and event_time <= up_to
+
+    def _answers_up_to(self, account: _Account) -> float:
+        """For a request of `account` signed now: the time up to which every change is in
+        its answer. The server clock now, less its uncertainty (half the round trip of
+        the last time sync); and no earlier than the latest event already arrived (that
+        change was on the server before the request left, and so was every earlier one:
+        the two events of one change share their time)."""
+        signed = self._client.server_now() - self._clock_error
+        return max(signed, account.latest_event or signed)
 
     def snapshot_of(self, name: str) -> AccountSnapshot | None:
         """Account `name`'s current snapshot, if it is polled here."""
@@ -442,7 +454,7 @@ class EgressPoller:
             if (
                 account.risk is not None
                 and account.risk.applied > started
-                and (read_at is None or account.risk.time > read_at - self._clock_error)
+                and (read_at is None or account.risk.time > read_at)
             ):
                 # A riskLevelChange this read did not answer came in meanwhile: keep it
                 # until the refresh it triggered.
@@ -460,14 +472,14 @@ class EgressPoller:
         # since (a 429 or 418 on another account) holds its later requests too.
         await self._budget.wait_unpaused()
         try:
-            account.reading[endpoint] = self._client.server_now()  # the client signs now
+            account.reading[endpoint] = self._answers_up_to(account)  # the client signs now
             return await fetch(account.target.credentials)
         except errors.TimestampError:
             log.info("timestamp_rejected")
             await self._budget.acquire(WEIGHTS["time"])
             await self._client.sync_time()
             await self._budget.acquire(WEIGHTS[endpoint])
-            account.reading[endpoint] = self._client.server_now()
+            account.reading[endpoint] = self._answers_up_to(account)
             return await fetch(account.target.credentials)
 
     def _merge(self, previous: AccountSnapshot, parsed: ParsedBalances) -> tuple[AssetBalance, ...]:

@@ -280,6 +280,36 @@ def test_one_change_one_refresh_of_the_balance_alone() -> None:
     assert health.triggered.labels("acct-1", "account")._value.get() == 0
 
 
+def test_a_read_answers_what_had_arrived_before_it_left_whatever_the_clock() -> None:
+    """With the server clock known only to 1 s (a slow first time sync), the clock says
+    little; but an event that arrived before the request was signed was on the server
+    before it, and so was every change of its time or earlier: the other event of that
+    change, arriving after the signing, costs nothing. A later change still asks."""
+    clock = EventClock(START)
+    api = HeldApi(clock)
+    health = StreamHealth(names(3))
+    poller = quiet_poller(3, api, clock, stream=health)
+    events = observer(poller, "acct-1", clock, health)
+
+    async def trade() -> None:
+        await clock.sleep(10)
+        poller._clock_error = 1.0  # (after the time sync at the start measured it)
+        api.hold = "acct-1"
+        changed = clock.now - 0.002
+        events.stream_event(frame_at(update("100.5"), changed))  # read signed at 10
+        await clock.sleep(0.004)
+        events.stream_event(frame_at(position("3.1"), changed))  # the same change
+        api.release.set()
+        await clock.sleep(10)
+        events.stream_event(frame_at(position("3.2"), clock.now - 0.001))  # a new one, at 20
+
+    run(poller, clock, 60, trade)
+    assert reads(api, "acct-1", START + 5) == [
+        (10.0, "balance"),
+        (pytest.approx(20.004), "balance"),
+    ]
+
+
 def test_an_event_older_than_a_finished_read_costs_nothing() -> None:
     clock = EventClock(START)
     api = HeldApi(clock)
