@@ -16,7 +16,7 @@ account's current snapshot (a pure function):
 
 and which endpoints it needs: a balance event `balance` alone (20), a risk event
 `account` and, when it touches balances or a negative balance, `balance` too; the
-round-robin and a CATCHUP read both. Four rules keep a busy stream from starving the
+round-robin and a CATCHUP read both. Three rules keep a busy stream from starving the
 rest:
 
 - Coalescing: one pending refresh per account (the higher priority and the union of the
