@@ -126,14 +126,15 @@ def margin_calls(sim: Simulator, exporter: Exporter, rng: random.Random) -> list
 
 
 def one_change(sim: Simulator, exporter: Exporter, fills: int = 10) -> tuple[int, int, int]:
-    """(fills, requests, weight) for `fills` fills, 1.5 s apart, on distinct accounts whose
-    turns are far: what their two events each cost in the simulator's request log."""
+    """(fills, requests, weight) for `fills` fills, 3.5 s apart (slower than main's B/2
+    pays for one 40-weight refresh), on distinct accounts whose turns are far: what their
+    two events each cost in the simulator's request log."""
     names = sim.account_names[ACCOUNTS // 2 : ACCOUNTS // 2 + fills]
     before = len(sim.requests)
     for name in names:
         asset = sim.balances(name)[0]["asset"]
         sim.state.book.trade(name, asset, Decimal("1.5"), Decimal("0.25"))
-        time.sleep(1.5)
+        time.sleep(3.5)
     time.sleep(5)  # a second event's "one more after it" would come 2 s after the first
     reads = [
         r
