@@ -413,6 +413,7 @@ def freshness(desk: Desk, tries: int = 20) -> list[float]:
     return delays
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trade_rate", [0.0, 5.0, 50.0])
 def test_a_negative_balance_is_read_within_a_budget_slot_while_the_desk_trades(
     trade_rate: float,
@@ -428,6 +429,7 @@ def test_a_negative_balance_is_read_within_a_budget_slot_while_the_desk_trades(
     assert statistics.median(delays) <= SLOT / 2 + 0.2, delays
 
 
+@pytest.mark.slow
 def test_at_50_trades_a_second_every_polled_interval_stays_within_2x() -> None:
     """20 accounts (polling-only interval 32.3 s) under 50 trades/s, 2.5 a second each:
     triggered balance reads take their half of B, and every account's account endpoint

@@ -134,6 +134,7 @@ def test_the_demo_drift_keeps_its_fills_and_skips_its_negative_episode(
     assert Trader(drift.fill, [other], drift.assets, rate=20.0, rng=random.Random(3)).tick(1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["-1", "fast", "1e9"])
 def test_trade_rate_must_be_a_rate(bad: str) -> None:
     done = subprocess.run(
