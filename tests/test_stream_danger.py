@@ -360,7 +360,7 @@ class Desk:
 
     def __init__(self, n: int, trade_rate: float, seed: int = 5) -> None:
         self.clock = EventClock(START)
-        self.api = FakeApi(self.clock)  # type: ignore[arg-type]
+        self.api = FakeApi(self.clock)
         self.health = StreamHealth(names(n))
         self.interval = refresh_interval(n, 40, LIMITS, 10.0)
         self.poller, _, _ = build_poller(

@@ -73,7 +73,7 @@ def setup(
     n: int, *, min_interval: float = 10.0, stream: StreamHealth | None = None
 ) -> tuple[EgressPoller, FakeApi, EventClock, float]:
     clock = EventClock(START)
-    api = FakeApi(clock)  # type: ignore[arg-type]
+    api = FakeApi(clock)
     interval = refresh_interval(n, W, LIMITS, min_interval)
     poller, _, _ = build_poller(names(n), LIMITS, interval, clock, api, stream=stream)
     return poller, api, clock, interval
@@ -239,7 +239,7 @@ class HeldApi(FakeApi):
     `release`."""
 
     def __init__(self, clock: EventClock, hold: str = "", held: str = "balance") -> None:
-        super().__init__(clock)  # type: ignore[arg-type]
+        super().__init__(clock)
         self.hold = hold
         self.held = held
         self.release = asyncio.Event()
