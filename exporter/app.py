@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 
+import httpx
 import structlog
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry
@@ -120,8 +121,12 @@ class Exporter:
         load: ConfigLoader | None = None,
         backoff_cap: float = BACKOFF_CAP_SECONDS,
         stream_timings: StreamTimings = DEFAULT_TIMINGS,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.shard = shard
+        #: every REST client's transport instead of its route's (tests: the simulator
+        #: in-process, exporter/simulator/transport.py); None in production
+        self._transport = transport
         self.storage = storage
         #: the one clock's two halves, handed to every part that reads the time or waits
         self._clock = clock.now
@@ -285,6 +290,7 @@ class Exporter:
                 recv_window_ms=config.binance.recv_window_ms,
                 clock=self._clock,
                 route=settings.route,
+                transport=self._transport,
             ),
             budget=self._host_budget("spot", settings.route),
             store=self.price_store,
@@ -308,6 +314,7 @@ class Exporter:
                 recv_window_ms=binance.recv_window_ms,
                 clock=self._clock,
                 route=route,
+                transport=self._transport,
             ),
             budget=budget,
             store=self.store,

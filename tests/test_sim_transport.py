@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from functools import partial
 
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
+from support.harness import accounts, fast_config
 
+from exporter.app import Exporter
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import HmacSigner
@@ -167,3 +170,36 @@ def test_a_stalling_account_backs_off_exactly_1_2_4_8_intervals(clock: EventCloc
     assert store.get("b").consecutive_failures == 5
     # what the budget spent is what the simulator charged: one weight accounting
     assert budget.spent_total == sum(r.weight for r in sim.requests if r.path.startswith("/papi/"))
+
+
+def test_the_whole_exporter_runs_on_one_virtual_clock(clock: EventClock) -> None:
+    """Exporter(clock=, transport=): pollers, budgets, clock sync and the price source all
+    on the EventClock, the simulator in-process. Ten virtual minutes take a moment of
+    wall time, and every account is refreshed at exactly its interval."""
+    generated = accounts(3)
+    sim = Simulator([g.sim_account for g in generated], clock=clock, ip_weight_limit=60000)
+    config = fast_config("http://sim.test", generated, min_interval_seconds=5)
+    exporter = Exporter(config, clock=clock, transport=SimTransport(sim.state, clock))
+    start = clock.now()
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(exporter.run(stop))
+        await clock.run_until(start + 600)
+        stop.set()
+        await task
+
+    began = time.monotonic()
+    asyncio.run(go())
+    wall = time.monotonic() - began
+    for g in generated:
+        name = g.sim_account.name
+        times = [r.time for r in sim.requests if r.path == BALANCE and r.account == name]
+        assert [round(b - a, 9) for a, b in itertools.pairwise(times)] == [5.0] * 119, name
+        assert exporter.store.get(name).up
+    tickers = [r.time for r in sim.requests if r.path == "/api/v3/ticker/price"]
+    assert len(tickers) >= 10  # the price source ran on the same clock
+    spent = sum(b.spent_total for b in exporter.budgets)  # the accounts' route
+    charged = sum(r.weight for r in sim.requests if r.path.startswith("/papi/"))
+    assert spent == charged == 3 * 120 * 40  # one accounting, both sides
+    assert wall < 60  # ten virtual minutes; generous: the figure is the exact spacing above
