@@ -218,14 +218,14 @@ def desk(
             while arrivals < 0.05:
                 events = observers[rng.choice(run.names)]
                 for kind in ("update", "position"):
-                    events.stream_event(parse_frame(frame(kind, run.clock.now)))
+                    events.stream_event(parse_frame(frame(kind, run.clock())))
                 trades += 1
                 arrivals += rng.expovariate(rate)
 
     async def danger() -> None:
         await run.clock.sleep(30)
         for name in rng.sample(run.names, negatives):
-            at = run.clock.now
+            at = run.clock()
             observers[name].stream_event(parse_frame(frame("update", at, wb="-412.5")))
             while not [t for t in run.starts(name) if t >= at]:
                 await run.clock.sleep(0.01)
