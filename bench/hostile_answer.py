@@ -21,8 +21,8 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from exporterproc import ExporterProcess, running
-from harness import accounts
+from support.exporterproc import ExporterProcess, running
+from support.harness import accounts
 
 from exporter.simulator import Simulator
 from exporter.simulator.demo import exporter_config

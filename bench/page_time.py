@@ -1,6 +1,6 @@
 """Page time at scale (issue 9): a negative balance set in the simulator, to its firing
 `BinancePMNegativeBalance` at the webhook, through the real Prometheus (1 s scrape and
-evaluation) and Alertmanager (group_wait 1 s) of the end-to-end tests (tests/e2estack.py).
+evaluation) and Alertmanager (group_wait 1 s) of the end-to-end tests (tests/support/e2estack.py).
 200 accounts on the default budget (polling alone refreshes each every 323 s), run twice:
 
 1. streams on: from the moment every stream is open, 20 tries on distinct random
@@ -26,7 +26,8 @@ from pathlib import Path
 from common import ROOT, median, table
 
 sys.path.insert(0, str(ROOT / "tests"))
-from e2estack import ALERT, PAGE_ASSET, Stack, e2e_stack, page_times, wait_for
+from support.e2estack import ALERT, PAGE_ASSET, STARTING, Stack, e2e_stack, page_times
+from support.waits import wait_until
 
 ACCOUNTS = 200
 TRIES = 20
@@ -35,7 +36,7 @@ POLLING_TIMEOUT = 360.0
 
 
 def streams_on(stack: Stack, rng: random.Random) -> list[float]:
-    wait_for("every stream open", stack.streams_up, timeout=120, poll=0.5)
+    wait_until(stack.streams_up, 120, "every stream open", step=0.5, ignoring=STARTING)
     tried = rng.sample(stack.accounts, TRIES)
     return page_times(stack, tried, lambda: rng.uniform(2.0, 3.0), timeout=30)
 

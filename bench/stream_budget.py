@@ -89,9 +89,9 @@ class Run:
         )
 
     def _answer(self, request: httpx.Request) -> httpx.Response:
-        self.log.append((self.clock.now, request.url.path, request.headers.get("X-MBX-APIKEY", "")))
+        self.log.append((self.clock(), request.url.path, request.headers.get("X-MBX-APIKEY", "")))
         if request.url.path.endswith("/time"):
-            return httpx.Response(200, json={"serverTime": int(self.clock.now * 1000)})
+            return httpx.Response(200, json={"serverTime": int(self.clock() * 1000)})
         if request.url.path.endswith("/account"):
             return httpx.Response(200, json={"uniMMR": "3.5", "accountStatus": "NORMAL"})
         return httpx.Response(200, json=[{"asset": "USDT", "crossMarginFree": "1.0"}])
@@ -125,7 +125,7 @@ def budget(n: int) -> list[str]:
 
     async def events() -> None:
         await run.clock.sleep(30)
-        while run.clock.now < START + 90:
+        while run.clock() < START + 90:
             run.poller.trigger(busy, Priority.EVENT)
             await run.clock.sleep(0.005)
 
@@ -159,7 +159,7 @@ def freshness(catchups: bool) -> list[float]:
         for _ in range(20):
             await run.clock.sleep(rng.uniform(10, 20))
             name = rng.choice(run.names)
-            risks.append((run.clock.now, name))
+            risks.append((run.clock(), name))
             run.poller.trigger(name, Priority.RISK)
 
     run.run(360, streams)
@@ -218,14 +218,14 @@ def desk(
             while arrivals < 0.05:
                 events = observers[rng.choice(run.names)]
                 for kind in ("update", "position"):
-                    events.stream_event(parse_frame(frame(kind, run.clock.now)))
+                    events.stream_event(parse_frame(frame(kind, run.clock())))
                 trades += 1
                 arrivals += rng.expovariate(rate)
 
     async def danger() -> None:
         await run.clock.sleep(30)
         for name in rng.sample(run.names, negatives):
-            at = run.clock.now
+            at = run.clock()
             observers[name].stream_event(parse_frame(frame("update", at, wb="-412.5")))
             while not [t for t in run.starts(name) if t >= at]:
                 await run.clock.sleep(0.01)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 
+import httpx
 import structlog
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry
@@ -25,6 +25,7 @@ from exporter.binance.client import FAPI_TIME_PATH, SPOT_TIME_PATH, BinanceClien
 from exporter.binance.signing import make_signer
 from exporter.binance.stream import DEFAULT_TIMINGS, StreamTimings
 from exporter.budget import BudgetLimits, WeightBudget, refresh_interval, shard_limits
+from exporter.clock import SYSTEM_CLOCK, Clock
 from exporter.clocksync import ClockSync, TimeSource, fapi_budget_limits
 from exporter.config import AccountConfig, Config, ConfigError, PrivateKey
 from exporter.exposition import CachedExposition
@@ -114,16 +115,22 @@ class Exporter:
         self,
         config: Config,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         shard: Shard = WHOLE,
         storage: StateFile | None = None,
         load: ConfigLoader | None = None,
         backoff_cap: float = BACKOFF_CAP_SECONDS,
         stream_timings: StreamTimings = DEFAULT_TIMINGS,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.shard = shard
+        #: every REST client's transport instead of its route's (tests: the simulator
+        #: in-process, exporter/simulator/transport.py); None in production
+        self._transport = transport
         self.storage = storage
-        self._clock = clock
+        #: the one clock's two halves, handed to every part that reads the time or waits
+        self._clock = clock.now
+        self._sleep = clock.sleep
         self._load = load
         self._backoff_cap = backoff_cap
         plan = self._plan = _plan(config, shard, backoff_cap)
@@ -136,7 +143,7 @@ class Exporter:
         #: budgets of the other hosts' pools per route ("fapi:<route>", "spot:<route>"):
         #: the server time's, and the price source's (one spot budget per route for both)
         self._host_budgets: dict[str, WeightBudget] = {}
-        self.reload_status = ReloadStatus(successful=True, last_success=clock())
+        self.reload_status = ReloadStatus(successful=True, last_success=clock.now())
         names = {a.name for a in plan.accounts}
         saved = storage.load(names) if storage is not None else {}
         for reason, count in storage.dropped.items() if storage is not None else ():
@@ -161,7 +168,7 @@ class Exporter:
                 # Accounts with nothing to show (not restored) first: readiness sooner.
                 sorted(accounts, key=lambda a: a.name in saved),
                 plan,
-                WeightBudget(route.label, plan.limits, clock=clock),
+                WeightBudget(route.label, plan.limits, clock=clock.now, sleep=clock.sleep),
             )
             for route, accounts in plan.groups.items()
         }
@@ -170,7 +177,8 @@ class Exporter:
             AccountStreams(
                 stream_url=config.binance.stream_url,
                 health=self.stream_health,
-                clock=clock,
+                clock=clock.now,
+                sleep=clock.sleep,
                 timings=stream_timings,
             )
             if self.stream_health is not None
@@ -178,7 +186,7 @@ class Exporter:
         )
         #: the spot prices, read by the price metrics at scrape time
         self.price_store = PriceStore(PriceBook(frozenset(config.prices.usd_assets)))
-        self.prices = self._price_source(config, clock)
+        self.prices = self._price_source(config)
         self.registry.register(BudgetCollector(lambda: self._all_budgets))
         self.registry.register(ReloadCollector(self.reload_status, "config", "config"))
         self.registry.register(BuildInfoCollector())
@@ -234,7 +242,7 @@ class Exporter:
                 if host == "fapi"
                 else price_budget_limits(high_water)
             )
-            budget = WeightBudget(name, limits, clock=self._clock)
+            budget = WeightBudget(name, limits, clock=self._clock, sleep=self._sleep)
             # a new dict, not an insert: scrapes iterate the current one from another thread
             self._host_budgets = {**self._host_budgets, name: budget}
         return budget
@@ -269,7 +277,7 @@ class Exporter:
             for target in egress.poller.targets
         }
 
-    def _price_source(self, config: Config, clock: Callable[[], float]) -> PriceSource | None:
+    def _price_source(self, config: Config) -> PriceSource | None:
         """The spot price source, on a budget of its own (the spot API's weight pool)."""
         settings = config.prices
         if not settings.enabled:
@@ -280,15 +288,17 @@ class Exporter:
                 base_url=settings.base_url,
                 timeout_seconds=config.binance.timeout_seconds,
                 recv_window_ms=config.binance.recv_window_ms,
-                clock=clock,
+                clock=self._clock,
                 route=settings.route,
+                transport=self._transport,
             ),
             budget=self._host_budget("spot", settings.route),
             store=self.price_store,
             instruments=self.instruments,
             interval=settings.interval_seconds,
             held=lambda: self.store.current.assets,
-            clock=clock,
+            clock=self._clock,
+            sleep=self._sleep,
         )
 
     def _egress(
@@ -304,12 +314,14 @@ class Exporter:
                 recv_window_ms=binance.recv_window_ms,
                 clock=self._clock,
                 route=route,
+                transport=self._transport,
             ),
             budget=budget,
             store=self.store,
             instruments=self.instruments,
             settings=plan.settings[route],
             clock=self._clock,
+            sleep=self._sleep,
             stream=self.stream_health,
             clock_sync=self._clock_sync(route, plan.config),
         )
@@ -332,7 +344,9 @@ class Exporter:
             self._start(egress)
         others = []  # the storage's writer and the price source: they must not end either
         if self.storage is not None:
-            others.append(self.storage.keep_written(self.store, clock=self._clock))
+            others.append(
+                self.storage.keep_written(self.store, clock=self._clock, sleep=self._sleep)
+            )
         if self.prices is not None:
             others.append(self.prices.run())
         helpers = [asyncio.create_task(coroutine) for coroutine in others]
@@ -485,7 +499,7 @@ class Exporter:
             budget = (
                 current.budget
                 if current is not None
-                else WeightBudget(route.label, plan.limits, clock=self._clock)
+                else WeightBudget(route.label, plan.limits, clock=self._clock, sleep=self._sleep)
             )
             egresses[route] = self._egress(route, accounts, plan, budget)
         for route, egress in old.items():

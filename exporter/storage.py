@@ -26,7 +26,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -254,12 +254,13 @@ class StateFile:
         *,
         interval: float = WRITE_INTERVAL_SECONDS,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """Write the store's snapshot whenever it changed, at most every `interval` seconds,
         until cancelled (the caller writes a last time on shutdown)."""
         written = store.current.generation
         while True:
-            await asyncio.sleep(interval)
+            await sleep(interval)
             snapshot = store.current
             if snapshot.generation != written:
                 # In a thread: encoding and fsync must not hold up the pollers.

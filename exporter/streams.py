@@ -30,6 +30,7 @@ from exporter.binance.events import StreamEvent
 from exporter.binance.stream import (
     DEFAULT_TIMINGS,
     ConnectPacer,
+    Sleep,
     StreamObserver,
     StreamTimings,
     UserDataStream,
@@ -103,11 +104,13 @@ class AccountStreams:
         stream_url: str,
         health: StreamHealth,
         clock: Callable[[], float] = time.time,
+        sleep: Sleep = asyncio.sleep,
         timings: StreamTimings = DEFAULT_TIMINGS,
     ) -> None:
         self._stream_url = stream_url
         self._health = health
         self._clock = clock
+        self._sleep = sleep
         self._timings = timings
         #: route -> the pacer of its connection attempts (Binance counts them per IP)
         self._pacers: dict[Route, ConnectPacer] = {}
@@ -134,7 +137,8 @@ class AccountStreams:
             if new is None:
                 self._health.forget(name)
         self._pacers = {
-            route: self._pacers.get(route) or ConnectPacer() for route, *_ in wanted.values()
+            route: self._pacers.get(route) or ConnectPacer(clock=self._clock, sleep=self._sleep)
+            for route, *_ in wanted.values()
         }
         for name, (route, budget, poller, target) in wanted.items():
             if name in self._running:
@@ -149,6 +153,8 @@ class AccountStreams:
                 observer=_AccountObserver(name, poller, self._health, self._clock),
                 route=route,
                 timings=self._timings,
+                clock=self._clock,
+                sleep=self._sleep,
             )
             task = asyncio.create_task(_run(stream), name=f"stream {name}")
             self._running[name] = (target, poller, stream, task)

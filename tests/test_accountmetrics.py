@@ -10,9 +10,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from harness import accounts, reference_registry, sim_config
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.utils import floatToGoString
+from support.harness import accounts, reference_registry, sim_config
 
 from exporter.app import Exporter
 from exporter.processmetrics import MemoryLimitCollector, memory_limit_file, read_memory_limit

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from exporterproc import running
-from faultkit import hmac_accounts
-from harness import wait_until
+from support.exporterproc import running
+from support.faultkit import hmac_accounts
+from support.waits import wait_until
 
 from exporter.cli import load_checked, main
 from exporter.config import ConfigError, load_config
@@ -146,6 +146,7 @@ MANY = 500
 BUDGET_SECONDS = 2.0
 
 
+@pytest.mark.slow
 def test_five_hundred_account_files_are_read_and_checked_in_under_two_seconds(
     tmp_path: Path,
 ) -> None:
@@ -210,6 +211,7 @@ def sim_dir(tmp_path: Path) -> Iterator[tuple[Path, Path, dict[str, dict[str, st
         yield conf, tmp_path / "accounts.d", {e["name"]: e for e in entries}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_reload_adds_and_removes_account_files_and_leaves_the_others(
     sim_dir: tuple[Path, Path, dict[str, dict[str, str]]],

@@ -30,6 +30,8 @@ from exporter.binance.signing import HmacSigner
 from exporter.budget import MAX_PAUSE_SECONDS, BudgetLimits, WeightBudget
 from exporter.snapshot import AccountInfo
 
+pytestmark = pytest.mark.slow
+
 NOW = 1_700_000_000.0
 
 # --- strategies ------------------------------------------------------------------------------

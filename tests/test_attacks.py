@@ -28,12 +28,16 @@ import bcrypt
 import httpx
 import pytest
 import yaml
-from exporterproc import ExporterProcess
-from harness import accounts, wait_until
+from support.exporterproc import ExporterProcess
+from support.harness import accounts
+from support.ports import free_port
+from support.waits import wait_until
 
 from exporter.app import SHUTDOWN_GRACE_SECONDS
 from exporter.simulator import Simulator
 from exporter.simulator.demo import exporter_config
+
+pytestmark = pytest.mark.attack
 
 ROOT = Path(__file__).parent.parent
 FILES_LIMIT = 1024
@@ -360,12 +364,6 @@ def test_sigterm_during_a_wrong_password_flood_exits_0_within_the_grace(
 # --- listening and content negotiation ------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
-
-
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as sock:
@@ -377,7 +375,7 @@ def _ipv6_loopback() -> bool:
 
 def test_port_alone_listens_on_ipv4_and_ipv6(files: tuple[Path, Path]) -> None:
     config, _ = files
-    port = _free_port()
+    port = free_port("", socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET)
     running = start_exporter(config, listen=f":{port}")
     try:
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200

@@ -1,7 +1,7 @@
 """Hostile data against the real exporter process (issue 17): what Binance, the user data
 stream, the state file and the config's files may hold, and what three bad days do.
 
-The exporter runs as `python -m exporter` (tests/exporterproc.py) polling an in-process
+The exporter runs as `python -m exporter` (tests/support/exporterproc.py) polling an in-process
 simulator, whose admin controls inject what a broken or hostile upstream would send.
 Each test asserts that a bad record costs that record only: /metrics stays 200 and
 valid for `promtool check metrics`, memory and log lines stay bounded, and the process
@@ -24,8 +24,9 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from exporterproc import ExporterProcess, black_hole, running
-from harness import accounts, wait_until
+from support.exporterproc import ExporterProcess, black_hole, running
+from support.harness import accounts
+from support.waits import wait_until
 from test_webconfig_reload import write_pair
 
 from exporter.binance.models import MAX_ASSETS_PER_ANSWER
@@ -35,7 +36,7 @@ from exporter.simulator.demo import exporter_config
 from exporter.storage import FILE_NAME, VERSION
 from exporter.watchdog import SHUTDOWN_DEADLINE_SECONDS
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.attack, pytest.mark.timeout(180)]
 
 #: every hostile string of issue 17, each as a label value would get it
 HOSTILE = [

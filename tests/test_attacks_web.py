@@ -29,7 +29,8 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from harness import accounts, wait_until
+from support.harness import accounts
+from support.waits import wait_until
 from test_attacks import (
     AUTH,
     PASSWORD,
@@ -47,6 +48,8 @@ from test_webconfig import _issue
 from exporter.simulator import Simulator
 from exporter.simulator.demo import exporter_config
 from exporter.webconfig import load_web_config
+
+pytestmark = pytest.mark.attack
 
 __all__ = ["enough_files_for_the_attacker", "files", "simulator", "start_seconds"]  # fixtures
 

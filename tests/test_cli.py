@@ -12,10 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from harness import accounts, wait_until
+from support.harness import accounts
+from support.waits import wait_until
 
 import exporter
 from exporter.simulator import Simulator
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).parent.parent
 

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
-from faultkit import captured_logs
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
+from support.faultkit import captured_logs
 
 from exporter.binance import errors
 from exporter.binance.client import (
@@ -250,6 +250,7 @@ def test_a_body_past_the_cap_is_refused_without_reading_it_all() -> None:
     assert [r.outcome for r in reports] == ["invalid_response"]
 
 
+@pytest.mark.slow
 def test_a_balance_list_of_thousands_of_assets_fits() -> None:
     record = {
         "asset": "ASSET0000",

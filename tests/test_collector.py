@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from systools import require
+from support.systools import require
 
 from exporter.binance.models import parse_account, parse_balances
 from exporter.collector import SnapshotCollector

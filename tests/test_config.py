@@ -747,6 +747,7 @@ def _fuzz_error_is_clean(error: ConfigError, secrets: tuple[str, ...] = ()) -> N
     assert "input_value" not in str(error)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=st.text(max_size=200) | st.binary(max_size=200).map(lambda b: b.decode("latin-1")))
 def test_random_text_gives_config_error_only(
@@ -760,6 +761,7 @@ def test_random_text_gives_config_error_only(
         _fuzz_error_is_clean(error)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(document=st.dictionaries(_keys, _values, max_size=5) | _values)
 def test_random_documents_give_config_error_only(
@@ -824,6 +826,7 @@ def _mutated(draw: st.DrawFn) -> dict[str, Any]:
     return document
 
 
+@pytest.mark.slow
 @settings(max_examples=500, deadline=None)
 @given(document=_mutated())
 def test_mutated_configs_give_config_error_only(document: dict[str, Any]) -> None:

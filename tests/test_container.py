@@ -189,6 +189,7 @@ def _replay_builder(builder: Stage, workdir: Path, venv: Path) -> dict[str, str]
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_install_steps_produce_a_working_entry_point(stages: list[Stage], tmp_path: Path) -> None:
     builder, runtime = stages
@@ -262,6 +263,7 @@ def test_one_image_name_and_tag_everywhere() -> None:
     ]
 
 
+@pytest.mark.slow
 def test_the_readme_passes_keys_to_docker_by_environment_and_by_secret_files(
     tmp_path: Path,
 ) -> None:

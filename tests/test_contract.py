@@ -1,5 +1,5 @@
 """The simulator against Binance's own documents: every REST answer it can give conforms
-to the official PM SDK's models (tests/sdkcontract.py says how strictly), every error
+to the official PM SDK's models (tests/support/sdkcontract.py says how strictly), every error
 body is one the SDK reads, and a corpus of documented payloads (tests/fixtures/binance/,
 each naming its source) goes through our parsers and comes back from the simulator.
 
@@ -20,10 +20,10 @@ from typing import Any
 
 import httpx
 import pytest
-import sdkcontract
 from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import SecretStr
-from sdkcontract import ContractError, conform, conform_error, conform_event
+from support import sdkcontract
+from support.sdkcontract import ContractError, conform, conform_error, conform_event
 
 from exporter.binance import errors
 from exporter.binance.client import _decode
@@ -364,10 +364,11 @@ def test_a_broken_answer_fails_the_contract(api: Api) -> None:
         conform_event({"e": "riskLevelChange", "E": 1, "u": 1.5})
 
 
+@pytest.mark.slow
 def test_only_the_sdks_models_are_loaded() -> None:
     """The contract imports the SDK's model files, none of its transport (sdkcontract.py)."""
     code = (
-        "import sys, sdkcontract\n"
+        "import sys\nfrom support import sdkcontract\n"
         "loaded = [m for m in sys.modules if m.split('.')[0] in"
         " ('aiohttp', 'requests', 'urllib3', 'binance_common', 'Crypto')]\n"
         "assert not loaded, loaded\n"

@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import wait_until
-from sdkcontract import ContractError, conform_event
+from support.sdkcontract import ContractError, conform_event
+from support.waits import wait_until
 from websockets.sync.client import ClientConnection, connect
 
 from exporter.binance.events import parse_frame

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from dashboard_queries import (
+from support.dashboard_queries import (
     DASHBOARDS_DIR,
     ROOT,
     label_values_variables,
@@ -22,7 +22,7 @@ from dashboard_queries import (
     used_variables,
     variable_names,
 )
-from systools import require
+from support.systools import require
 from test_fields import served_metric_names
 
 EXPECTED_UIDS = {

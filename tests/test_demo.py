@@ -7,23 +7,16 @@ from __future__ import annotations
 import random
 
 import pytest
-from exporterproc import running
-from faultkit import captured_logs
-from harness import wait_until
+from support.exporterproc import running
+from support.faultkit import captured_logs
+from support.waits import wait_until
 
 from exporter.cli import build_parser, listen_address
 from exporter.simulator.auth import SimAccount
 from exporter.simulator.demo import Drift, NegativeEpisodes
 from exporter.simulator.server import Simulator
+from exporter.simulator.virtualtime import EventClock
 from exporter.snapshot import AccountSnapshot, AssetBalance, SnapshotStore
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def account(negative: float) -> AccountSnapshot:
@@ -33,17 +26,17 @@ def account(negative: float) -> AccountSnapshot:
 
 
 def test_an_episode_is_logged_as_it_starts_and_once_as_the_snapshot_has_it() -> None:
-    clock = Clock(100.0)
+    clock = EventClock(100.0)
     episodes = NegativeEpisodes(clock)
     store = SnapshotStore([account(0.0)])
     with captured_logs() as logs:
         episodes.started("desk-a", "USDT", "15.5")
-        clock.now += 0.4
+        clock.time += 0.4
         assert episodes.check(store) is None  # the exporter has not refreshed yet
         store.replace(account(15.5))
-        clock.now += 0.35
+        clock.time += 0.35
         seen = episodes.check(store)
-        clock.now += 1.0
+        clock.time += 1.0
         assert episodes.check(store) is None  # logged once
     assert seen is not None
     assert (seen.account, seen.asset) == ("desk-a", "USDT")
@@ -67,7 +60,7 @@ def test_an_episode_is_logged_as_it_starts_and_once_as_the_snapshot_has_it() -> 
 
 
 def test_another_assets_negative_balance_is_not_the_episode() -> None:
-    episodes = NegativeEpisodes(Clock(0.0))
+    episodes = NegativeEpisodes(EventClock(0.0))
     store = SnapshotStore([account(3.0)])  # USDT negative, from before
     episodes.started("desk-a", "BTC", "1")
     assert episodes.check(store) is None
@@ -90,7 +83,7 @@ class Recorder(NegativeEpisodes):
 
 
 def test_the_drift_announces_each_episode_once_it_serves_it() -> None:
-    clock = Clock(1_700_000_000.0)
+    clock = EventClock(1_700_000_000.0)
     accounts = [SimAccount.hmac(name, f"key-{name}", "secret") for name in ("a", "b", "c")]
     sim = Simulator(accounts, clock=clock)  # not started: data only
     episodes = Recorder(sim)
@@ -98,7 +91,7 @@ def test_the_drift_announces_each_episode_once_it_serves_it() -> None:
     starts = 0
     negative_before = False
     for _ in range(400):  # 400 s in 1 s ticks
-        clock.now += 1
+        clock.time += 1
         drift.tick()
         negative = any(
             r["negativeBalance"] != "0" for name in sim.account_names for r in sim.balances(name)
@@ -126,6 +119,7 @@ def test_the_demo_listens_on_this_machine_unless_told_otherwise(
     assert listen_address(build_parser(environ).parse_args(argv)) == address
 
 
+@pytest.mark.slow
 def test_the_demo_process_logs_an_episode_and_when_metrics_has_it() -> None:
     """`binance-pm-exporter --demo` as a user runs it: the first episode starts 5 to 15 s
     in; both lines come, in order, and /metrics has the negative balance meanwhile."""

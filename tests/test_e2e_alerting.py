@@ -1,6 +1,6 @@
 """End to end with real servers on 127.0.0.1: simulator -> exporter -> Prometheus -> Alertmanager.
 
-The stack (tests/e2estack.py) has 3 accounts refreshed every second. Prometheus
+The stack (tests/support/e2estack.py) has 3 accounts refreshed every second. Prometheus
 (Debian's `prometheus`) scrapes the exporter every second with prometheus/alerts.yml
 loaded; Alertmanager (Debian's `prometheus-alertmanager`) sends to a webhook receiver
 run by this test. The test runs every panel query of
@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dashboard_queries import label_values_variables, load_dashboards, queries, substitute
-from e2estack import ALERT, JOB, Stack, e2e_stack, returns_200, wait_for
+from support.dashboard_queries import label_values_variables, load_dashboards, queries, substitute
+from support.e2estack import ALERT, JOB, STARTING, Stack, e2e_stack, returns_200
+from support.waits import wait_until
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 
 ACCOUNTS = 3
 #: two desks with uniMMR thresholds of their own: market making runs close to the edge
@@ -47,8 +48,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("e2e")
     with e2e_stack(work, accounts=ACCOUNTS, budget=budget, account_settings=DESKS) as result:
         try:
-            wait_for(
-                "exporter /readyz", returns_200(result.http, f"{result.exporter_url}/readyz"), 30
+            wait_until(
+                returns_200(result.http, f"{result.exporter_url}/readyz"),
+                30,
+                "exporter /readyz",
+                step=0.2,
+                ignoring=STARTING,
             )
         except AssertionError as error:
             raise AssertionError(f"{error}\n{result.logs()}") from None
@@ -92,7 +97,13 @@ def _prometheus_has_samples(stack: Stack) -> bool:
 
 
 def test_every_dashboard_query_returns_data(stack: Stack) -> None:
-    wait_for("samples in Prometheus", lambda: _prometheus_has_samples(stack), timeout=60)
+    wait_until(
+        lambda: _prometheus_has_samples(stack),
+        60,
+        "samples in Prometheus",
+        step=0.2,
+        ignoring=STARTING,
+    )
     values = _scraped_values(stack)
     dashboards = load_dashboards()
     all_queries = [q for name, board in dashboards.items() for q in queries(name, board)]
@@ -117,11 +128,12 @@ def test_every_dashboard_query_returns_data(stack: Stack) -> None:
     ]
     empty = [q for q in all_queries if not run(q)]
     if empty:  # give slow series (rates, latency quantiles) a few more scrapes
-        wait_for(
-            "data for " + ", ".join(f"{q.dashboard}:{q.panel}:{q.ref_id}" for q in empty),
+        wait_until(
             lambda: all(run(q) for q in empty),
-            timeout=20,
-            poll=1,
+            20,
+            "data for " + ", ".join(f"{q.dashboard}:{q.panel}:{q.ref_id}" for q in empty),
+            step=1,
+            ignoring=STARTING,
         )
 
     for variable in (
@@ -144,7 +156,13 @@ def _firing(stack: Stack) -> list[dict[str, str]]:
 def test_negative_balance_alert_reaches_webhook_and_resolves(
     stack: Stack, record_property: Callable[[str, object], None], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    wait_for("samples in Prometheus", lambda: _prometheus_has_samples(stack), timeout=60)
+    wait_until(
+        lambda: _prometheus_has_samples(stack),
+        60,
+        "samples in Prometheus",
+        step=0.2,
+        ignoring=STARTING,
+    )
     values = _scraped_values(stack)
     account, asset = values["account"], values["asset"]
     labels = {"alertname": ALERT, "account": account, "asset": asset, "severity": "critical"}
@@ -192,12 +210,20 @@ def _panel_query(dashboard: str, title: str) -> str:
 def test_usd_total_and_a_large_negative_balance_page_with_its_dollar_figure(
     stack: Stack, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    wait_for("samples in Prometheus", lambda: _prometheus_has_samples(stack), timeout=60)
+    wait_until(
+        lambda: _prometheus_has_samples(stack),
+        60,
+        "samples in Prometheus",
+        step=0.2,
+        ignoring=STARTING,
+    )
     values = _scraped_values(stack)
-    wait_for(
-        "USD totals recorded",
+    wait_until(
         lambda: len(stack.promql(f'account:binance_pm_net_usd:sum{{job="{JOB}"}}')) == ACCOUNTS,
-        timeout=30,
+        30,
+        "USD totals recorded",
+        step=0.2,
+        ignoring=STARTING,
     )
     # The Overview's grand total, as Grafana would ask for it: the simulator prices its
     # assets consistently, so it is the sum of the accounts' actualEquity (1e-6).
@@ -212,7 +238,7 @@ def test_usd_total_and_a_large_negative_balance_page_with_its_dollar_figure(
         return seen[-1][0] == pytest.approx(seen[-1][1], rel=1e-6)
 
     try:
-        wait_for("net USD = sum of actualEquity", totals_agree, timeout=15)
+        wait_until(totals_agree, 15, "net USD = sum of actualEquity", step=0.2, ignoring=STARTING)
     except AssertionError as error:
         raise AssertionError(f"{error}: (net, equity) {seen[-3:]}") from None
     total = seen[-1][0]
@@ -228,8 +254,7 @@ def test_usd_total_and_a_large_negative_balance_page_with_its_dollar_figure(
         raise AssertionError(f"{error}\n{stack.logs()}") from None
     # The per-asset alert fires too, its USD value in its description (read from Prometheus:
     # the webhook's queue may have passed it while waiting for the page).
-    small = wait_for(
-        "BinancePMNegativeBalance on BTC",
+    small = wait_until(
         lambda: next(
             (
                 a
@@ -240,7 +265,10 @@ def test_usd_total_and_a_large_negative_balance_page_with_its_dollar_figure(
             ),
             None,
         ),
-        timeout=30,
+        30,
+        "BinancePMNegativeBalance on BTC",
+        step=0.2,
+        ignoring=STARTING,
     )
     assert "13000.00 USD" in alert["annotations"]["summary"]
     assert "worth 13000.00 USD" in alert["annotations"]["description"]
@@ -252,7 +280,7 @@ def test_usd_total_and_a_large_negative_balance_page_with_its_dollar_figure(
         stack.webhook.wait("resolved", labels, timeout=45)
     except AssertionError as error:
         raise AssertionError(f"{error}\n{stack.logs()}") from None
-    wait_for("no alert firing", lambda: not _firing(stack), timeout=30)
+    wait_until(lambda: not _firing(stack), 30, "no alert firing", step=0.2, ignoring=STARTING)
     with capsys.disabled():
         print(f"\nnet USD of all accounts: {total:.2f}; page: {alert['annotations']['summary']}")
 
@@ -266,7 +294,13 @@ def _raw_samples(stack: Stack, selector: str, seconds: int) -> list[float]:
 def test_a_restart_with_storage_neither_resolves_nor_refires_a_firing_alert(
     stack: Stack, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    wait_for("samples in Prometheus", lambda: _prometheus_has_samples(stack), timeout=60)
+    wait_until(
+        lambda: _prometheus_has_samples(stack),
+        60,
+        "samples in Prometheus",
+        step=0.2,
+        ignoring=STARTING,
+    )
     series = stack.promql(f'binance_pm_negative_balance{{job="{JOB}"}} == 0')
     last = max((s["metric"] for s in series), key=lambda m: (m["account"], m["asset"]))
     account, asset = last["account"], last["asset"]
@@ -275,18 +309,24 @@ def test_a_restart_with_storage_neither_resolves_nor_refires_a_firing_alert(
     try:
         stack.webhook.wait("firing", labels, timeout=45)
         # the exporter's state file holds the negative balance (written every 5 s)
-        wait_for(
-            "the negative balance in the state file",
+        wait_until(
             lambda: '"negativeBalance":3.25' in _state_file(stack),
-            timeout=20,
+            20,
+            "the negative balance in the state file",
+            step=0.2,
+            ignoring=STARTING,
         )
     except AssertionError as error:
         raise AssertionError(f"{error}\n{stack.logs()}") from None
 
     restart_began = time.monotonic()
     stack.restart_exporter()
-    wait_for(
-        "the exporter ready again", returns_200(stack.http, f"{stack.exporter_url}/readyz"), 30
+    wait_until(
+        returns_200(stack.http, f"{stack.exporter_url}/readyz"),
+        30,
+        "the exporter ready again",
+        step=0.2,
+        ignoring=STARTING,
     )
     restart_seconds = time.monotonic() - restart_began
     # The assertion is that nothing arrives: watch for 10 s, ten scrapes and rule
@@ -363,7 +403,13 @@ def test_an_account_pages_below_its_own_threshold_and_carries_its_desk(stack: St
     """Two accounts of two desks: treasury below its own critical 1.6 (above the default
     1.2) pages with desk="treasury"; mm below the default 1.2 but above its own 1.1 does
     not. Last in the file: it replaces what the simulator serves for their risk."""
-    wait_for("samples in Prometheus", lambda: _prometheus_has_samples(stack), timeout=60)
+    wait_until(
+        lambda: _prometheus_has_samples(stack),
+        60,
+        "samples in Prometheus",
+        step=0.2,
+        ignoring=STARTING,
+    )
     mm, treasury = stack.accounts[0], stack.accounts[1]
     info = stack.promql(f'binance_pm_account_info{{job="{JOB}"}}')
     assert {s["metric"]["account"]: s["metric"].get("desk") for s in info} == {
@@ -390,13 +436,21 @@ def test_an_account_pages_below_its_own_threshold_and_carries_its_desk(stack: St
     )
 
     # mm's 1.15 is in Prometheus, and the rules have seen it: no alert for mm.
-    seen = wait_for(
-        "mm's uniMMR of 1.15 scraped",
+    seen = wait_until(
         lambda: stack.promql(f'timestamp(binance_pm_uni_mmr{{job="{JOB}",account="{mm}"}} < 1.2)'),
-        timeout=30,
+        30,
+        "mm's uniMMR of 1.15 scraped",
+        step=0.2,
+        ignoring=STARTING,
     )
     since = float(seen[0]["value"][1])
-    wait_for("two rule evaluations", lambda: _risk_group_evaluated_after(stack, since), 30)
+    wait_until(
+        lambda: _risk_group_evaluated_after(stack, since),
+        30,
+        "two rule evaluations",
+        step=0.2,
+        ignoring=STARTING,
+    )
     assert not [a for a in _firing(stack) if a.get("account") == mm], _firing(stack)
     _set_uni_mmr(stack, treasury, 50.0)
     _set_uni_mmr(stack, mm, 50.0)

@@ -9,12 +9,15 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from harness import RunningExporter, sim_config, wait_until
 from prometheus_client.parser import text_string_to_metric_families
+from support.harness import RunningExporter, sim_config
+from support.waits import wait_until
 
 from exporter.simulator import Simulator
 from exporter.simulator.demo import GeneratedAccount, generate_account
 from exporter.simulator.state import RequestRecord
+
+pytestmark = pytest.mark.slow
 
 EGRESS = {"a-0": "127.0.0.2", "a-1": "127.0.0.2", "b-0": "127.0.0.3", "b-1": "127.0.0.3"}
 

@@ -6,29 +6,26 @@ import io
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import RunningExporter, accounts, fast_config, wait_until
-from systools import require
+from support.harness import RunningExporter, accounts, fast_config
+from support.systools import require
+from support.waits import wait_until
 
 import exporter
 from exporter.logs import configure_logging
 from exporter.simulator import Simulator
+from exporter.simulator.demo import GeneratedAccount
+
+pytestmark = pytest.mark.slow
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture
-def sim3() -> Iterator[tuple[Simulator, list]]:
-    generated = accounts(3, ("hmac", "ed25519", "rsa"))
-    with Simulator([g.sim_account for g in generated], ip_weight_limit=60000) as sim:
-        yield sim, generated
-
-
-def test_seed_page_values_reach_metrics_for_every_key_type(sim3) -> None:
-    sim, generated = sim3
+def test_seed_page_values_reach_metrics_for_every_key_type(
+    sim: Simulator, generated: list[GeneratedAccount]
+) -> None:
     seed = json.loads((FIXTURES / "balance_seed.json").read_text())
     info = json.loads((FIXTURES / "account_seed.json").read_text())
     for g in generated:
@@ -49,47 +46,41 @@ def test_seed_page_values_reach_metrics_for_every_key_type(sim3) -> None:
         assert sum(r.status == 429 for r in sim.requests) == 0
 
 
-def test_negative_balance_and_vanishing_assets(sim3) -> None:
-    sim, generated = sim3
-    with RunningExporter(fast_config(sim.url, generated)) as running:
-        wait_until(lambda: running.sample("binance_pm_up", account="acct-00") == 1)
-        asset = sim.balances("acct-00")[0]["asset"]
-        sim.set_asset("acct-00", asset, negativeBalance="12.5")
-        wait_until(
-            lambda: (
-                running.sample("binance_pm_negative_balance", account="acct-00", asset=asset)
-                == 12.5
-            )
+def test_negative_balance_and_vanishing_assets(sim: Simulator, exporter: RunningExporter) -> None:
+    wait_until(lambda: exporter.sample("binance_pm_up", account="acct-00") == 1)
+    asset = sim.balances("acct-00")[0]["asset"]
+    sim.set_asset("acct-00", asset, negativeBalance="12.5")
+    wait_until(
+        lambda: (
+            exporter.sample("binance_pm_negative_balance", account="acct-00", asset=asset) == 12.5
         )
-        sim.remove_asset("acct-00", asset)
-        wait_until(
-            lambda: (
-                running.sample("binance_pm_negative_balance", account="acct-00", asset=asset)
-                is None
-            )
+    )
+    sim.remove_asset("acct-00", asset)
+    wait_until(
+        lambda: (
+            exporter.sample("binance_pm_negative_balance", account="acct-00", asset=asset) is None
         )
-        assert f'account="acct-00",asset="{asset}"' not in running.metrics_text()
-        assert f'account="acct-01",asset="{asset}"' in running.metrics_text()
+    )
+    assert f'account="acct-00",asset="{asset}"' not in exporter.metrics_text()
+    assert f'account="acct-01",asset="{asset}"' in exporter.metrics_text()
 
 
-def test_a_failing_account_keeps_its_values_and_recovers(sim3) -> None:
-    sim, generated = sim3
-    with RunningExporter(fast_config(sim.url, generated)) as running:
-        wait_until(lambda: running.sample("binance_pm_up", account="acct-01") == 1)
-        before = running.sample("binance_pm_uni_mmr", account="acct-01")
-        last = running.sample("binance_pm_last_success_timestamp_seconds", account="acct-01")
-        sim.inject_fault("status", account="acct-01", status=500, count=1)
-        wait_until(lambda: running.sample("binance_pm_up", account="acct-01") == 0)
-        assert running.sample("binance_pm_uni_mmr", account="acct-01") == before
-        assert (
-            running.sample("binance_pm_last_success_timestamp_seconds", account="acct-01") == last
-        )
-        assert running.sample("binance_pm_up", account="acct-00") == 1
-        wait_until(lambda: running.sample("binance_pm_up", account="acct-01") == 1)
-        assert (
-            running.sample("binance_pm_requests_total", endpoint="balance", outcome="server_error")
-            == 1
-        )
+def test_a_failing_account_keeps_its_values_and_recovers(
+    sim: Simulator, exporter: RunningExporter
+) -> None:
+    wait_until(lambda: exporter.sample("binance_pm_up", account="acct-01") == 1)
+    before = exporter.sample("binance_pm_uni_mmr", account="acct-01")
+    last = exporter.sample("binance_pm_last_success_timestamp_seconds", account="acct-01")
+    sim.inject_fault("status", account="acct-01", status=500, count=1)
+    wait_until(lambda: exporter.sample("binance_pm_up", account="acct-01") == 0)
+    assert exporter.sample("binance_pm_uni_mmr", account="acct-01") == before
+    assert exporter.sample("binance_pm_last_success_timestamp_seconds", account="acct-01") == last
+    assert exporter.sample("binance_pm_up", account="acct-00") == 1
+    wait_until(lambda: exporter.sample("binance_pm_up", account="acct-01") == 1)
+    assert (
+        exporter.sample("binance_pm_requests_total", endpoint="balance", outcome="server_error")
+        == 1
+    )
 
 
 def test_ten_accounts_refresh_round_robin_never_faster_than_the_budget() -> None:
@@ -126,11 +117,9 @@ def _balance_times(sim: Simulator) -> list[tuple[float, str]]:
     return [(r.time, r.account or "") for r in sim.requests if r.path == "/papi/v1/balance"]
 
 
-def test_promtool_check_metrics_on_real_output(sim3) -> None:
-    sim, generated = sim3
-    with RunningExporter(fast_config(sim.url, generated)) as running:
-        wait_until(lambda: running.sample("binance_pm_up", account="acct-02") == 1)
-        text = running.metrics_text()
+def test_promtool_check_metrics_on_real_output(sim: Simulator, exporter: RunningExporter) -> None:
+    wait_until(lambda: exporter.sample("binance_pm_up", account="acct-02") == 1)
+    text = exporter.metrics_text()
     result = subprocess.run(
         [require("promtool"), "check", "metrics"],
         input=text.encode(),
@@ -141,8 +130,9 @@ def test_promtool_check_metrics_on_real_output(sim3) -> None:
     assert result.returncode == 0
 
 
-def test_log_events_carry_account_endpoint_outcome_and_duration(sim3) -> None:
-    sim, generated = sim3
+def test_log_events_carry_account_endpoint_outcome_and_duration(
+    sim: Simulator, generated: list[GeneratedAccount]
+) -> None:
     stream = io.StringIO()
     configure_logging("debug", "json", stream)
     try:

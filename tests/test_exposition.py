@@ -10,7 +10,6 @@ from types import MappingProxyType
 
 import httpx
 import pytest
-from harness import RunningExporter, reference_registry, sim_config, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import (
@@ -20,7 +19,9 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
-from systools import require
+from support.harness import RunningExporter, reference_registry, sim_config
+from support.systools import require
+from support.waits import wait_until
 
 from exporter import fields
 from exporter.collector import SnapshotCollector
@@ -187,6 +188,7 @@ ESCAPINGS = [
 ]
 
 
+@pytest.mark.slow
 def test_a_real_exporters_metrics_equal_the_full_registry_and_pass_promtool() -> None:
     generated = [generate_account(f"desk-{i}", "hmac") for i in range(3)]
     om_accept = {"Accept": "application/openmetrics-text; version=1.0.0"}

@@ -25,34 +25,38 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from faultkit import (
+from support.faultkit import (
     LogLines,
     Relay,
     RunningExporter,
     Seen,
     budget_excesses,
     captured_logs,
-    fast_config,
-    free_port,
     gaps,
     hmac_accounts,
-    parse_metrics,
     request_times,
-    sample,
     secret_forms,
-    wait_until,
     weight_by_ip,
 )
+from support.harness import fast_config
+from support.metrics import parse_metrics, sample
+from support.ports import free_port
+from support.waits import wait_until
 
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient
+from exporter.clock import SystemClock
 from exporter.simulator import RequestRecord, Simulator
 from exporter.snapshot import AccountSnapshot
+
+pytestmark = pytest.mark.slow
 
 INTERVAL = 1.0
 TIMEOUT = 1.0
 CAP = 1.5
 BUDGET = 100_000  # weight per minute; with share 1 the budget never binds here
+#: the matrix's budget: that limit, and a pause only above 90 % of it
+FAST = {"ip_weight_limit_per_minute": BUDGET, "ip_high_water": 0.9}
 EARLY = 0.2  # a gap between two arrivals may look shorter by the first request's transit
 LATE = 1.0  # how late a loaded machine may run a try: less than a backoff step
 BALANCE = "/papi/v1/balance"
@@ -253,7 +257,7 @@ def matrix() -> Matrix:
         relay.on()
         by_name[REFUSED]["proxy"] = relay.url
         by_name[DNS]["proxy"] = "http://nonexistent.invalid:3128"
-        config = fast_config(sim.url, entries, limit=BUDGET, timeout=TIMEOUT)
+        config = fast_config(sim.url, entries, timeout=TIMEOUT, **FAST)
         run = RunningExporter(config, backoff_cap=CAP)
         try:
             with run:
@@ -482,14 +486,17 @@ def assert_budget_held(records: list[RequestRecord]) -> None:
 # --- IP-wide pauses: 429 and 418 -----------------------------------------------------------
 
 
-class ShiftedClock:
+class ShiftedClock(SystemClock):
     """Wall time plus a shift, shared by the simulator and the exporter."""
 
     def __init__(self) -> None:
         self.shift = 0.0
 
-    def __call__(self) -> float:
+    def now(self) -> float:
         return time.time() + self.shift
+
+    def __call__(self) -> float:  # the simulator's clock
+        return self.now()
 
 
 @pytest.mark.parametrize(
@@ -513,7 +520,9 @@ def test_ip_wide_pause_stops_every_account_until_it_ends(
         captured_logs() as logs,
         Simulator(sims, ip_weight_limit=10**6, clock=clock) as sim,
     ):
-        with RunningExporter(fast_config(sim.url, entries, limit=BUDGET), clock=clock) as run:
+        with RunningExporter(
+            fast_config(sim.url, entries, timeout=TIMEOUT, **FAST), clock=clock
+        ) as run:
             wait_until(run.all_up, 5, "every account up")
             if reason in ("rate_limited", "waf_blocked") and "retry_after" not in params:
                 clock.shift += (58.0 - clock() % 60) % 60  # jump to 2 s before a minute's end
@@ -585,7 +594,7 @@ def test_server_clock_offset(offset_ms: int, when: str, resync: bool) -> None:
     with captured_logs() as logs, Simulator(sims, ip_weight_limit=10**6) as sim:
         if when == "at start":
             sim.clock_offset_ms = offset_ms
-        with RunningExporter(fast_config(sim.url, entries, limit=BUDGET)) as run:
+        with RunningExporter(fast_config(sim.url, entries, timeout=TIMEOUT, **FAST)) as run:
             wait_until(run.all_up, 5, "every account up")
             changed = time.time()
             sim.clock_offset_ms = offset_ms
@@ -630,7 +639,7 @@ def test_server_clock_offset(offset_ms: int, when: str, resync: bool) -> None:
 def test_unresolvable_base_host() -> None:
     names = ["a", "b", "c"]
     _, entries = hmac_accounts(names)
-    config = fast_config("http://nonexistent.invalid", entries, limit=BUDGET)
+    config = fast_config("http://nonexistent.invalid", entries, timeout=TIMEOUT, **FAST)
     with captured_logs() as logs, RunningExporter(config) as run:
         wait_until(
             lambda: all(run.snapshot(n).consecutive_failures >= 2 for n in names),
@@ -658,7 +667,9 @@ def test_refused_base_host_then_listening() -> None:
     port = free_port()  # nothing listens there yet
     sim = Simulator(sims, port=port, ip_weight_limit=10**6)
     with captured_logs() as logs:
-        run = RunningExporter(fast_config(f"http://127.0.0.1:{port}", entries, limit=BUDGET))
+        run = RunningExporter(
+            fast_config(f"http://127.0.0.1:{port}", entries, timeout=TIMEOUT, **FAST)
+        )
         run.start()
         try:
             wait_until(lambda: all(run.snapshot(n).attempted for n in names), 5, "a failure each")

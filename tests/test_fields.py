@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import yaml
-from harness import accounts, sim_config
+from support.harness import accounts, sim_config
 
 from exporter import fields
 from exporter.app import WEB_CONFIG_NAMES, Exporter

@@ -9,8 +9,9 @@ import threading
 
 import bcrypt
 import httpx
-from harness import wait_until
+import pytest
 from prometheus_client import CollectorRegistry
+from support.waits import wait_until
 
 from exporter.http import BasicAuth, ExporterApp, MetricsServer, Request, WebConfig
 from exporter.http.auth import MAX_CHECKS_PER_PEER, TOO_MANY_CHECKS, AuthGate, Check
@@ -106,6 +107,7 @@ def test_unknown_credentials_are_capped_per_source_address() -> None:
     gate.close()
 
 
+@pytest.mark.slow
 def test_a_stuck_look_at_the_web_config_is_reported_and_blocks_no_scrape() -> None:
     store = SnapshotStore([AccountSnapshot("desk-a", 10.0)])
     stuck, reported = threading.Event(), threading.Event()

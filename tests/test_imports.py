@@ -157,6 +157,7 @@ def test_leaves_import_only_the_standard_library(module: str) -> None:
     assert not bad, f"{module} imports {bad}"
 
 
+@pytest.mark.slow
 def test_no_import_cycles() -> None:
     graph = closure("exporter.cli")
     for simulator in package_modules("exporter.simulator"):

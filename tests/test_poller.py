@@ -1,7 +1,7 @@
 """The scheduler on virtual time: spacing, budget, pauses and backoff.
 
-The PM API here is an httpx.MockTransport that answers at once, and the clock
-only moves when the poller sleeps, so every figure is exact and fast.
+The PM API here is an httpx.MockTransport that answers at once, and the clock (the
+EventClock) only moves when every task waits on it, so every figure is exact and fast.
 """
 
 import asyncio
@@ -32,39 +32,26 @@ START = 1_699_999_990.0  # 10 s into a minute
 
 
 @dataclass
-class VirtualTime:
-    now: float = START
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        for _ in range(50):  # let every ready task run before time moves on
-            await asyncio.sleep(0)
-        self.now += max(seconds, 0.0)
-
-
-@dataclass
 class FakeApi:
     """Answers like the PM API; `fail` maps an API key to a response to give instead,
     from and until the times given with it."""
 
-    clock: VirtualTime
+    clock: EventClock
     log: list[tuple[float, str, str]] = field(default_factory=list)
     fail: dict[str, tuple[httpx.Response, float, float]] = field(default_factory=dict)
     used_weight: Callable[[float], int] = lambda now: 100
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         key = request.headers.get("X-MBX-APIKEY", "")
-        self.log.append((self.clock.now, request.url.path, key))
-        headers = {"X-MBX-USED-WEIGHT-1M": str(self.used_weight(self.clock.now))}
+        self.log.append((self.clock(), request.url.path, key))
+        headers = {"X-MBX-USED-WEIGHT-1M": str(self.used_weight(self.clock()))}
         failure, since, until = self.fail.get(key, (None, 0.0, 0.0))
-        if failure is not None and since <= self.clock.now < until:
+        if failure is not None and since <= self.clock() < until:
             return httpx.Response(
                 failure.status_code, content=failure.content, headers={**headers, **failure.headers}
             )
         if request.url.path.endswith("/time"):
-            return httpx.Response(200, json={"serverTime": int(self.clock.now * 1000)})
+            return httpx.Response(200, json={"serverTime": int(self.clock() * 1000)})
         if request.url.path.endswith("/account"):
             return httpx.Response(
                 200, json={"uniMMR": "3.5", "accountStatus": "NORMAL"}, headers=headers
@@ -128,9 +115,9 @@ def make_poller(
     *,
     account_info: bool = True,
     backoff_cap: float = BACKOFF_CAP_SECONDS,
-) -> tuple[EgressPoller, FakeApi, VirtualTime, SnapshotStore, WeightBudget]:
+) -> tuple[EgressPoller, FakeApi, EventClock, SnapshotStore, WeightBudget]:
     """n accounts acct-0.. (API keys key-0..) against a FakeApi, on virtual time."""
-    clock = VirtualTime()
+    clock = EventClock(START)
     api = FakeApi(clock)
     interval = refresh_interval(n, 40 if account_info else 20, limits, min_interval)
     poller, store, budget = build_poller(
@@ -146,13 +133,12 @@ def make_poller(
     return poller, api, clock, store, budget
 
 
-def run_for(poller: EgressPoller, clock: VirtualTime, seconds: float) -> None:
+def run_for(poller: EgressPoller, clock: EventClock, seconds: float) -> None:
     async def go() -> None:
         task = asyncio.create_task(poller.run())
-        while clock.now < START + seconds:
-            await asyncio.sleep(0)
-            if task.done():
-                task.result()
+        await clock.run_until(START + seconds)
+        if task.done():
+            task.result()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await poller.drain(1)
@@ -343,13 +329,13 @@ def test_a_retry_after_a_1021_reserves_the_weight_of_the_call_it_retries(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(poller_module.WEIGHTS, "account", 30)  # unlike balance's 20
-    clock = VirtualTime()
+    clock = EventClock(START)
     api = FakeApi(clock)
     rejected: list[float] = []
 
     def account_call_rejected_once(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/account") and not rejected:
-            rejected.append(clock.now)
+            rejected.append(clock())
             return httpx.Response(400, json={"code": -1021, "msg": "Timestamp outside"})
         return api(request)
 
@@ -375,20 +361,19 @@ def test_a_retry_after_a_1021_reserves_the_weight_of_the_call_it_retries(
 # --- a pause holds the later requests of a refresh already in flight -----------------------
 
 
-def test_a_pause_holds_the_later_requests_of_a_refresh_in_flight() -> None:
+def test_a_pause_holds_the_later_requests_of_a_refresh_in_flight(clock: EventClock) -> None:
     """a's balance is answered only once b has had a 429 (Retry-After 30): a's account
     request, the second of its refresh, must wait for the pause to end."""
-    start = 1_700_000_000.0
-    clock = EventClock(start)
+    start = clock.now()
     sent: list[tuple[float, str, str]] = []
     b_limited = asyncio.Event()
 
     async def api(request: httpx.Request) -> httpx.Response:
         key = request.headers.get("X-MBX-APIKEY", "")
         path = request.url.path.rsplit("/", 1)[1]
-        sent.append((clock.now, key, path))
+        sent.append((clock(), key, path))
         if path == "time":
-            return httpx.Response(200, json={"serverTime": int(clock.now * 1000)})
+            return httpx.Response(200, json={"serverTime": int(clock() * 1000)})
         if key == "b" and not b_limited.is_set():
             b_limited.set()
             return httpx.Response(429, json={"code": -1003}, headers={"Retry-After": "30"})
@@ -421,12 +406,12 @@ def test_a_pause_holds_the_later_requests_of_a_refresh_in_flight() -> None:
 
 
 def test_a_failure_slower_than_its_backoff_says_retry_in_0_not_a_negative_wait() -> None:
-    clock = VirtualTime()
+    clock = EventClock(START)
     api = FakeApi(clock)
 
     def slow_failure(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/balance"):
-            clock.now += 30  # the answer takes longer than the 10 s backoff
+            clock.time += 30  # the answer takes longer than the 10 s backoff
             return httpx.Response(500, content=b"oops")
         return api(request)
 
@@ -449,7 +434,7 @@ def test_three_bad_days_of_failures_keep_the_cap_with_one_line_per_failure(
     A restored consecutive_failures of 2**62 hung the process."""
     configure_logging("debug", "json")  # the repeats of one failure are debug lines
     limits = BudgetLimits(60000, 1.0, 0.8)
-    clock = VirtualTime()
+    clock = EventClock(START)
     api = FakeApi(clock)
     api.fail["acct-0"] = (httpx.Response(500, content=b"oops"), START, START + 10_000)
     poller, store, _ = build_poller(["acct-0"], limits, 1.0, clock, api, account_info=False)
@@ -476,7 +461,7 @@ def test_backoff_is_bounded_for_any_count(failures: int) -> None:
 def test_an_event_time_far_ahead_does_not_hide_the_next_margin_call() -> None:
     """E = 999999999999999 (year 33658) made every later riskLevelChange look old: a real
     margin call was ignored until a restart."""
-    clock = VirtualTime()
+    clock = EventClock(START)
     health = StreamHealth(["acct-0"])
     poller, store, _ = build_poller(
         ["acct-0"], BudgetLimits(6000, 0.25, 0.8), 300.0, clock, FakeApi(clock), stream=health
@@ -496,7 +481,7 @@ def test_an_event_time_far_ahead_does_not_hide_the_next_margin_call() -> None:
 
 
 def test_a_margin_call_after_a_future_event_shows_at_once() -> None:
-    clock = VirtualTime()
+    clock = EventClock(START)
     poller, store, _ = build_poller(
         ["acct-0"], BudgetLimits(6000, 0.25, 0.8), 300.0, clock, FakeApi(clock)
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from systools import require
+from support.systools import require
 from test_collector import seed_store
 
 from exporter.binance.models import AssetBalance

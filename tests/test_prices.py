@@ -11,9 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
-from faultkit import captured_logs
-from harness import RunningExporter, fast_config, wait_until
 from prometheus_client import CollectorRegistry, generate_latest
+from support.faultkit import captured_logs
+from support.harness import RunningExporter, fast_config
+from support.waits import wait_until
 
 from exporter.app import Exporter
 from exporter.binance.client import BinanceClient
@@ -23,28 +24,16 @@ from exporter.prices import PriceBook, PriceSource, PriceStore, price_budget_lim
 from exporter.selfmetrics import Instruments
 from exporter.simulator import Simulator
 from exporter.simulator.demo import generate_account
+from exporter.simulator.transport import SimTransport
+from exporter.simulator.virtualtime import EventClock
 from exporter.summary import summarize
 
 TICKER = "/api/v3/ticker/price"
 USD = frozenset({"USDT", "USDC", "FDUSD"})
 
 
-class StepClock:
-    """Virtual time, shared by the simulator and the price source; sleeping moves it."""
-
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += max(seconds, 0.0)
-        await asyncio.sleep(0)
-
-
 class Setup:
-    def __init__(self, sim: Simulator, clock: StepClock, limits: BudgetLimits) -> None:
+    def __init__(self, sim: Simulator, clock: EventClock, limits: BudgetLimits) -> None:
         self.sim = sim
         self.clock = clock
         self.registry = CollectorRegistry()
@@ -54,10 +43,11 @@ class Setup:
         self.source = PriceSource(
             make_client=partial(
                 BinanceClient,
-                base_url=sim.url,
+                base_url="http://sim.test",
                 timeout_seconds=5,
                 recv_window_ms=5000,
                 clock=clock,
+                transport=SimTransport(sim.state, clock),  # in-process: no wall time
             ),
             budget=self.budget,
             store=self.store,
@@ -71,11 +61,21 @@ class Setup:
         self.loop = asyncio.new_event_loop()
 
     def refresh(self) -> bool:
-        return self.loop.run_until_complete(self.source.refresh())
+        return self.loop.run_until_complete(self.clock.run(self.source.refresh()))
 
     def close(self) -> None:
         self.loop.run_until_complete(self.source.aclose())
         self.loop.close()
+
+    def ticker(self) -> Any:
+        """The whole ticker, as a plain GET gets it from the simulator."""
+
+        async def get() -> Any:
+            transport = SimTransport(self.sim.state, self.clock)
+            async with httpx.AsyncClient(transport=transport, base_url="http://sim.test") as c:
+                return (await c.get(TICKER)).json()
+
+        return self.loop.run_until_complete(get())
 
     def requests(self, outcome: str) -> float:
         value = self.registry.get_sample_value(
@@ -86,17 +86,16 @@ class Setup:
 
 @pytest.fixture
 def setup() -> Iterator[Setup]:
-    clock = StepClock()
-    with Simulator([], clock=clock) as sim:
-        made = Setup(sim, clock, price_budget_limits(0.8))
-        yield made
-        made.close()
+    clock = EventClock(1_800_000_000.0)
+    made = Setup(Simulator([], clock=clock), clock, price_budget_limits(0.8))  # not started
+    yield made
+    made.close()
 
 
 def test_one_request_brings_every_price_and_counts_on_the_spot_pool(setup: Setup) -> None:
     assert setup.refresh()
     book = setup.store.current
-    assert book.fetched == setup.clock.now
+    assert book.fetched == setup.clock.time
     btc, asset17 = book.price("BTC"), book.price("ASSET17")
     assert btc is not None
     assert btc.usd == 65000.0
@@ -114,12 +113,13 @@ def test_one_request_brings_every_price_and_counts_on_the_spot_pool(setup: Setup
 def test_an_unpriced_asset_is_logged_once_not_per_refresh(setup: Setup) -> None:
     with captured_logs() as logs:
         setup.refresh()
-        setup.clock.now += 30
+        setup.clock.time += 30
         setup.refresh()
     unpriced = logs.events("asset_unpriced")
     assert [e["assets"] for e in unpriced] == [["NOPE"]]
 
 
+@pytest.mark.slow
 def test_new_unpriced_assets_each_refresh_cost_one_line_a_minute_and_are_forgotten(
     setup: Setup,
 ) -> None:
@@ -130,7 +130,7 @@ def test_new_unpriced_assets_each_refresh_cost_one_line_a_minute_and_are_forgott
     with captured_logs() as logs:
         for answer[0] in range(8):  # one refresh every 10 s: 80 s
             setup.refresh()
-            setup.clock.now += 10
+            setup.clock.time += 10
             assert len(setup.source._unpriced) == 20_000  # this answer's, not every one's
             assert len(setup.source._pending[0]) <= 20_000
     unpriced = logs.events("asset_unpriced")
@@ -148,9 +148,9 @@ def test_an_asset_unpriced_while_lines_are_held_back_is_logged_in_the_next_line(
     with captured_logs() as logs:
         setup.refresh()  # NOPE: logged
         held.add("NOPE2")
-        setup.clock.now += 30
+        setup.clock.time += 30
         setup.refresh()  # NOPE2: held back
-        setup.clock.now += 30
+        setup.clock.time += 30
         setup.refresh()  # a minute on: NOPE2 logged
     assert [e["assets"] for e in logs.events("asset_unpriced")] == [["NOPE"], ["NOPE2"]]
 
@@ -173,8 +173,8 @@ def test_a_fault_keeps_the_last_prices_and_their_age(
 ) -> None:
     assert setup.refresh()
     first = setup.store.current
-    fetched_at = setup.clock.now
-    setup.clock.now += 40
+    fetched_at = setup.clock.time
+    setup.clock.time += 40
     setup.sim.inject_fault(kind, endpoint=TICKER, count=1, **params)
     assert not setup.refresh()
     book = setup.store.current
@@ -185,29 +185,29 @@ def test_a_fault_keeps_the_last_prices_and_their_age(
     assert price.time == fetched_at
     assert setup.requests(outcome) == 1
     if outcome in ("rate_limited", "banned"):
-        assert setup.budget.is_paused(setup.clock.now)
+        assert setup.budget.is_paused(setup.clock.time)
         assert setup.budget.pauses[outcome] == 1
     else:
-        assert not setup.budget.is_paused(setup.clock.now)
+        assert not setup.budget.is_paused(setup.clock.time)
 
 
 def test_a_symbol_leaving_the_ticker_loses_its_price_with_one_log_event(setup: Setup) -> None:
     """The ticker asked for TRADING symbols is the whole truth: a symbol absent from it
     has no price (never its last one), and its asset takes the next route."""
     assert setup.refresh()
-    setup.clock.now += 30
+    setup.clock.time += 30
     setup.sim.set_price("ETHUSDT", None)
     setup.sim.set_price("ASSET17BTC", None)
     setup.sim.set_price("BTCUSDT", "70000.00000000")
     with captured_logs() as logs:
         assert setup.refresh()
-        setup.clock.now += 30
+        setup.clock.time += 30
         assert setup.refresh()  # still absent: no second log event
     book = setup.store.current
     eth, btc = book.price("ETH"), book.price("BTC")
     assert eth is not None
     assert eth.route == "ETHBTC*BTCUSDT"  # the next route, at today's prices
-    assert eth.time == setup.clock.now
+    assert eth.time == setup.clock.time
     assert btc is not None
     assert btc.usd == 70000.0
     assert book.price("ASSET17") is None  # no route left: unpriced, not 0
@@ -226,9 +226,9 @@ def test_a_pair_that_stopped_trading_never_prices_its_asset(setup: Setup, status
     assert eth is not None
     assert eth.route == "ETHUSDT"
     setup.sim.set_symbol_status("ETHUSDT", status)
-    listed = httpx.get(setup.sim.url + TICKER).json()  # without the filter: still there
+    listed = setup.ticker()  # without the filter: still there
     assert {"symbol": "ETHUSDT", "price": "3200.00000000"} in listed
-    setup.clock.now += 30
+    setup.clock.time += 30
     with captured_logs() as logs:
         assert setup.refresh()
     eth = setup.store.current.price("ETH")
@@ -252,16 +252,15 @@ def test_zero_and_malformed_entries_are_no_price(setup: Setup) -> None:
 def test_the_spot_weight_never_exceeds_its_own_budget() -> None:
     """A tiny budget (20/min: 5 requests) and a 1 s interval: the budget, not the
     interval, binds, and no 60 s window of the simulator's log holds more than 20."""
-    clock = StepClock()
+    clock = EventClock(1_800_000_000.0)
     with Simulator([], clock=clock) as sim:
         setup = Setup(sim, clock, BudgetLimits(6000, 20 / 6000, 0.8))
         setup.source._interval = 1.0
-        start = clock.now
+        start = clock.time
 
         async def run() -> None:
             task = asyncio.create_task(setup.source.run())
-            while clock.now < start + 600:
-                await asyncio.sleep(0.001)
+            await clock.run_until(start + 600)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
@@ -274,6 +273,7 @@ def test_the_spot_weight_never_exceeds_its_own_budget() -> None:
         assert window <= 20, (t0, window)
 
 
+@pytest.mark.slow
 def test_a_ban_on_the_spot_api_pauses_prices_only() -> None:
     generated = [generate_account(f"acct-{i}", "hmac") for i in range(2)]
     with Simulator([g.sim_account for g in generated]) as sim:

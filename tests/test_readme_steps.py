@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from harness import wait_until
+from support.waits import wait_until
 
 from exporter.simulator.demo import generate_account
 from exporter.simulator.server import Simulator
@@ -88,6 +88,7 @@ def clone(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_the_five_steps_as_written_get_data_from_the_simulator(clone: Path) -> None:
     steps = five_steps()
     generated = generate_account("main", "hmac")

@@ -12,15 +12,16 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from exporterproc import ExporterProcess, running
-from faultkit import hmac_accounts
-from harness import RunningExporter, wait_until
+from support.exporterproc import ExporterProcess, running
+from support.faultkit import hmac_accounts
+from support.harness import RunningExporter
+from support.waits import wait_until
 
 from exporter.config import Config, ConfigError, load_config
 from exporter.shard import owner
 from exporter.simulator import Simulator
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 RELOADED = "binance_pm_config_last_reload_success_timestamp_seconds"
 SUCCESSFUL = "binance_pm_config_last_reload_successful"

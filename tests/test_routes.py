@@ -1,6 +1,6 @@
 """Each account's requests go by its own route: its proxy, its credentials, its source address.
 
-Two real HTTP proxies on loopback (tests/proxies.py: absolute-URI forwarding, as httpx
+Two real HTTP proxies on loopback (tests/support/proxies.py: absolute-URI forwarding, as httpx
 proxies http:// origins) record, for every request, the address it came from and the credentials it
 carried, and connect on from an exit address picked by the username, as proxy services
 that choose the exit IP by credentials do. The simulator behind them counts weight per
@@ -20,9 +20,10 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import yaml
-from faultkit import captured_logs, secret_forms
-from harness import RunningExporter, sim_config, wait_until
-from proxies import RecordingProxy, Seen, running
+from support.faultkit import captured_logs, secret_forms
+from support.harness import RunningExporter, sim_config
+from support.proxies import RecordingProxy, Seen, running
+from support.waits import wait_until
 
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient
@@ -134,6 +135,7 @@ def run() -> Iterator[Run]:
             yield Run(sim, proxies, generated, exporter, exporter.metrics_text(), logs.lines)
 
 
+@pytest.mark.slow
 def test_each_account_travels_by_its_own_route(run: Run) -> None:
     key_of = {g.config["api_key"]: name for name, g in run.generated.items()}
     for index, proxy in enumerate(run.proxies):

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from systools import require
+from support.systools import require
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "prometheus" / "alerts.yml"
@@ -57,6 +57,7 @@ def test_promtool_check_rules() -> None:
     assert "SUCCESS" in result.stdout
 
 
+@pytest.mark.slow
 def test_promtool_unit_tests() -> None:
     assert RULE_TESTS, "no rule unit tests in prometheus/tests/"
     result = subprocess.run(

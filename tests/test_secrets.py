@@ -25,7 +25,8 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from faultkit import RunningExporter, captured_logs, secret_forms, wait_until
+from support.faultkit import RunningExporter, captured_logs, secret_forms
+from support.waits import wait_until
 
 from exporter.app import Exporter
 from exporter.binance import errors
@@ -35,6 +36,8 @@ from exporter.config import Config, ConfigError, load_config
 from exporter.serve import serve_http
 from exporter.simulator import SimAccount, Simulator
 from exporter.summary import summarize
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 BALANCE = "/papi/v1/balance"

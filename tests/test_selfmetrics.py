@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from harness import accounts, sim_config
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
+from support.harness import accounts, sim_config
 
 from exporter.app import Exporter
 from exporter.collector import FAMILIES

@@ -10,11 +10,11 @@ from pathlib import Path
 import bcrypt
 import httpx
 import pytest
-from harness import wait_until
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from support.waits import wait_until
 
 from exporter.exposition import CachedExposition
 from exporter.http import (

@@ -11,8 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from harness import sim_config, wait_until
 from prometheus_client.parser import text_string_to_metric_families
+from support.harness import sim_config
+from support.waits import wait_until
 
 from exporter.app import Exporter
 from exporter.cli import main
@@ -129,6 +130,7 @@ def up_accounts(url: str) -> list[str]:
     return [s.labels["account"] for s in family.samples]
 
 
+@pytest.mark.slow
 def test_five_processes_together_show_every_account_exactly_once(tmp_path: Path) -> None:
     generated = [generate_account(f"desk-{i:02d}", "hmac") for i in range(23)]
     limit = 100_000  # every account refreshed within a second, so the test is quick

@@ -29,11 +29,13 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from support.waits import wait_until
 
 from exporter.simulator import FAULT_KINDS, SimAccount, Simulator
 from exporter.simulator.cli import main as simulator_main
 from exporter.simulator.demo import Drift, start_demo
 from exporter.simulator.state import RequestLog, RequestRecord
+from exporter.simulator.virtualtime import EventClock
 
 ROOT = Path(__file__).resolve().parent.parent
 BALANCE = "/papi/v1/balance"
@@ -125,37 +127,23 @@ def call(client: httpx.Client, keys: dict[str, Key]) -> Caller:
     return Caller(client, keys)
 
 
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def wait_for(condition: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
-
-
 @pytest.fixture
-def frozen() -> FakeClock:
+def frozen() -> EventClock:
     """A server clock that stands still 10 s into a minute: the per-minute weight counter
     cannot roll over in the middle of a test, however slow the machine."""
-    return FakeClock(1_699_999_990.0)
+    return EventClock(1_699_999_990.0)
 
 
 @pytest.fixture
-def frozen_sim(keys: dict[str, Key], frozen: FakeClock) -> Iterator[Simulator]:
+def frozen_sim(keys: dict[str, Key], frozen: EventClock) -> Iterator[Simulator]:
     with Simulator(sim_accounts(keys), assets_per_account=3, clock=frozen) as simulator:
         yield simulator
 
 
 @pytest.fixture
-def frozen_call(frozen_sim: Simulator, keys: dict[str, Key], frozen: FakeClock) -> Iterator[Caller]:
+def frozen_call(
+    frozen_sim: Simulator, keys: dict[str, Key], frozen: EventClock
+) -> Iterator[Caller]:
     with httpx.Client(base_url=frozen_sim.url, timeout=5) as client:
         yield Caller(client, keys, frozen)
 
@@ -321,7 +309,7 @@ def test_mandatory_and_malformed_parameters(client: httpx.Client, keys: dict[str
     assert error(no_signature) == (400, -1102)
 
 
-def test_timestamp_window(frozen_sim: Simulator, frozen_call: Caller, frozen: FakeClock) -> None:
+def test_timestamp_window(frozen_sim: Simulator, frozen_call: Caller, frozen: EventClock) -> None:
     sim, call = frozen_sim, frozen_call
     now = int(frozen() * 1000)
 
@@ -422,7 +410,7 @@ def test_weight_is_counted_per_ip_across_accounts(
 
 
 def test_weight_resets_each_calendar_minute(keys: dict[str, Key]) -> None:
-    clock = FakeClock(1_699_999_990.0)  # 10 s into a minute
+    clock = EventClock(1_699_999_990.0)  # 10 s into a minute
     with (
         Simulator(sim_accounts(keys), clock=clock, ip_weight_limit=30) as sim,
         httpx.Client(base_url=sim.url) as client,
@@ -433,11 +421,11 @@ def test_weight_resets_each_calendar_minute(keys: dict[str, Key]) -> None:
         assert refused.status_code == 429
         assert refused.headers["Retry-After"] == "50"
         assert refused.headers["X-MBX-USED-WEIGHT-1M"] == "30"
-        clock.now = 1_700_000_041.0  # next minute
+        clock.time = 1_700_000_041.0  # next minute
         assert client.get(PING).headers["X-MBX-USED-WEIGHT-1M"] == "1"
 
 
-def test_429_then_418_ban(frozen: FakeClock, keys: dict[str, Key]) -> None:
+def test_429_then_418_ban(frozen: EventClock, keys: dict[str, Key]) -> None:
     with (
         Simulator(sim_accounts(keys), ip_weight_limit=50, clock=frozen) as limited,
         httpx.Client(base_url=limited.url) as client,
@@ -713,7 +701,7 @@ def test_demo_serves_three_key_types_and_drifts() -> None:
                 return response.json()
 
             first = {e["name"]: balances(e) for e in entries}
-            wait_for(lambda: balances(entries[0]) != first["desk-a"])
+            wait_until(lambda: balances(entries[0]) != first["desk-a"], 5, "the balances to drift")
     finally:
         sim.stop()
     assert not any(t.name == "sim-drift" and t.is_alive() for t in threading.enumerate())
@@ -730,7 +718,7 @@ def test_demo_config_parses_with_the_exporters_config() -> None:
 
 
 def test_drift_has_negative_episodes(keys: dict[str, Key]) -> None:
-    clock = FakeClock(1_700_000_000.0)
+    clock = EventClock(1_700_000_000.0)
     sim = Simulator(sim_accounts(keys), clock=clock)  # not started: data only
     drift = Drift(sim, assets_per_account=4, rng=random.Random(7))
 
@@ -745,7 +733,7 @@ def test_drift_has_negative_episodes(keys: dict[str, Key]) -> None:
     assert negatives() == []
     seen: list[list[str]] = []
     for _ in range(400):  # 400 s in 1 s ticks
-        clock.now += 1
+        clock.time += 1
         drift.tick()
         seen.append(negatives())
     assert any(len(s) == 1 for s in seen)  # one account at a time
@@ -764,7 +752,7 @@ def test_drift_moves_free_balances_with_its_chance(
 ) -> None:
     """Unrealized PnL moves every tick (no event on Binance); free balances, which push
     events, move with the drift's chance: the demo's default keeps its streams quiet."""
-    clock = FakeClock(1_700_000_000.0)
+    clock = EventClock(1_700_000_000.0)
     sim = Simulator(sim_accounts(keys), clock=clock)  # not started: data only
     drift = Drift(sim, assets_per_account=4, rng=random.Random(3), move_chance=move_chance)
 
@@ -772,7 +760,7 @@ def test_drift_moves_free_balances_with_its_chance(
         return [sim.balances(a)[0][name] for a in sim.account_names]
 
     free, pnl = fields("crossMarginFree"), fields("umUnrealizedPNL")
-    clock.now += 1
+    clock.time += 1
     drift.tick()
     assert (fields("crossMarginFree") != free) is moving
     assert fields("umUnrealizedPNL") != pnl
@@ -787,6 +775,7 @@ def test_command_line_refuses_a_drift_chance_outside_0_to_1(
     assert "expected a chance from 0 to 1, got '2'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_command_line_writes_config_and_stops_on_sigterm(tmp_path: Path) -> None:
     config_path = tmp_path / "config.yaml"
     process = subprocess.Popen(

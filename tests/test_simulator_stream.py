@@ -13,35 +13,26 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import wait_until
+from support.waits import wait_until
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from exporter.simulator import SimAccount, Simulator
 from exporter.simulator.demo import Drift
+from exporter.simulator.virtualtime import EventClock
 
 LISTEN_KEY = "/papi/v1/listenKey"
 KEYS = {"a": "key-a", "b": "key-b"}
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+@pytest.fixture
+def clock() -> EventClock:
+    """The virtual clock from now: the events' times are compared with the wall clock's."""
+    return EventClock(time.time())
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def sim(clock: Clock) -> Iterator[Simulator]:
+def sim(clock: EventClock) -> Iterator[Simulator]:
     accounts = [SimAccount.hmac(name, key, f"secret-{name}") for name, key in KEYS.items()]
     with Simulator(accounts, clock=clock, stream_ping_interval=0.05) as sim:
         yield sim
@@ -66,6 +57,7 @@ def events(ws: ClientConnection, count: int) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- listenKey endpoints
 
 
+@pytest.mark.slow
 def test_listen_key_calls_need_an_api_key_and_weigh_one_each(sim: Simulator) -> None:
     assert listen_key(sim, api_key=None).json()["code"] == -2014
     assert listen_key(sim, api_key="unknown").json()["code"] == -2015
@@ -79,13 +71,14 @@ def test_listen_key_calls_need_an_api_key_and_weigh_one_each(sim: Simulator) -> 
     assert listen_key(sim, "GET").status_code == 405
 
 
-def test_keys_live_60_minutes_of_the_simulators_clock(sim: Simulator, clock: Clock) -> None:
+@pytest.mark.slow
+def test_keys_live_60_minutes_of_the_simulators_clock(sim: Simulator, clock: EventClock) -> None:
     key = listen_key(sim).json()["listenKey"]
-    clock.advance(59 * 60)
+    clock.time += 59 * 60
     assert listen_key(sim, "PUT").json() == {}  # extended: 60 more minutes from now
-    clock.advance(59 * 60)
+    clock.time += 59 * 60
     assert listen_key(sim).json()["listenKey"] == key  # POST on a live key: the same one
-    clock.advance(60 * 60)
+    clock.time += 60 * 60
     reply = listen_key(sim, "PUT")
     assert reply.status_code == 400
     assert reply.json() == {"code": -1125, "msg": "This listenKey does not exist."}
@@ -105,6 +98,7 @@ def test_put_names_a_key_that_is_not_the_accounts(sim: Simulator) -> None:
 # ---------------------------------------------------------------- events
 
 
+@pytest.mark.slow
 def test_a_balance_change_pushes_position_and_balance_update(sim: Simulator) -> None:
     with open_stream(sim, "a") as a, open_stream(sim, "b") as b:
         sim.set_asset("a", "USDT", crossMarginFree="10.5", negativeBalance="0")
@@ -153,12 +147,12 @@ def test_admin_api_changes_push_liability_account_update_and_risk(sim: Simulator
         assert odd["B"] == []
 
 
-def test_demo_drift_and_its_negative_episode_push_events(sim: Simulator, clock: Clock) -> None:
+def test_demo_drift_and_its_negative_episode_push_events(sim: Simulator, clock: EventClock) -> None:
     with open_stream(sim, "a") as a, open_stream(sim, "b") as b:
         drift = Drift(sim, assets_per_account=3, rng=random.Random(1))  # publishes at once
         for ws in (a, b):
             assert ws.recv(timeout=5)
-        clock.advance(20)  # past the first negative episode's start (5 to 15 s)
+        clock.time += 20  # past the first negative episode's start (5 to 15 s)
         drift.tick()
         negative = {
             name: any(
@@ -193,9 +187,11 @@ def test_an_unknown_key_cannot_connect(sim: Simulator) -> None:
     assert b"not-a-key" not in caught.value.response.body
 
 
-def test_a_key_expiring_on_the_clock_sends_listen_key_expired(sim: Simulator, clock: Clock) -> None:
+def test_a_key_expiring_on_the_clock_sends_listen_key_expired(
+    sim: Simulator, clock: EventClock
+) -> None:
     with open_stream(sim) as ws:
-        clock.advance(3600)
+        clock.time += 3600
         (expired,) = events(ws, 1)
         assert expired == {"e": "listenKeyExpired", "E": expired["E"]}  # as documented
         assert isinstance(expired["E"], int)
@@ -204,14 +200,15 @@ def test_a_key_expiring_on_the_clock_sends_listen_key_expired(sim: Simulator, cl
     assert sim.listen_key("a") is None
 
 
-def test_the_connection_closes_at_24_hours(sim: Simulator, clock: Clock) -> None:
+@pytest.mark.slow
+def test_the_connection_closes_at_24_hours(sim: Simulator, clock: EventClock) -> None:
     with open_stream(sim) as ws:
         for _ in range(24):
-            clock.advance(3500)
+            clock.time += 3500
             listen_key(sim, "PUT")
         with pytest.raises(TimeoutError):
             ws.recv(timeout=0.2)
-        clock.advance(86400 - 24 * 3500)
+        clock.time += 86400 - 24 * 3500
         with pytest.raises(ConnectionClosedOK):
             ws.recv(timeout=5)
 
@@ -260,6 +257,7 @@ def test_refused_upgrades(sim: Simulator) -> None:
     assert sim.stream.refused == 3
 
 
+@pytest.mark.slow
 def test_silent_sends_no_events_and_no_pings(sim: Simulator) -> None:
     with open_stream(sim) as ws:
         wait_until(lambda: sim.stream.pongs("a") >= 1, what="a pong")
@@ -291,10 +289,10 @@ def test_malformed_unknown_and_big_frames(sim: Simulator) -> None:
         assert json.loads(big)["e"] == "SIMULATOR_UNKNOWN_EVENT"
 
 
-def test_max_age_is_configurable(sim: Simulator, clock: Clock) -> None:
+def test_max_age_is_configurable(sim: Simulator, clock: EventClock) -> None:
     fault(sim, kind="max_age", seconds=60)
     with open_stream(sim) as ws:
-        clock.advance(61)
+        clock.time += 61
         with pytest.raises(ConnectionClosedOK):
             ws.recv(timeout=5)
 

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import structlog.testing
 import yaml
-from exporterproc import black_hole, running
-from faultkit import hmac_accounts
-from harness import wait_until
+from support.exporterproc import black_hole, running
+from support.faultkit import hmac_accounts
+from support.waits import wait_until
 from test_secrets import assert_no_secret, make_secrets
 
 from exporter.binance.models import AssetBalance
@@ -27,7 +27,7 @@ from exporter.simulator import SimAccount, Simulator
 from exporter.snapshot import AccountSnapshot, Snapshot
 from exporter.storage import FILE_NAME, VERSION, Encoder, StateFile, encode
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 NAMES = ["acct-a", "acct-b"]
 

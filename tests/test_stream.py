@@ -17,12 +17,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import proxies
 import pytest
 import structlog
-from faultkit import captured_logs
-from proxies import RecordingProxy, Seen, Socks5Proxy
 from pydantic import SecretStr
+from support import proxies
+from support.faultkit import captured_logs
+from support.proxies import RecordingProxy, Seen, Socks5Proxy
 
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient, RequestReport
@@ -488,6 +488,7 @@ def test_a_1_mb_frame_closes_the_connection_and_the_stream_recovers(sim: Simulat
     run(scenario)
 
 
+@pytest.mark.slow
 def test_a_silent_server_is_detected_by_our_pings(sim: Simulator) -> None:
     async def scenario() -> None:
         timings = replace(FAST, ping_interval_seconds=0.05, ping_timeout_seconds=0.1)
@@ -511,6 +512,7 @@ def test_the_servers_24_hour_close_reconnects(sim: Simulator) -> None:
     run(scenario)
 
 
+@pytest.mark.slow
 def test_we_reconnect_before_24_hours(sim: Simulator) -> None:
     clock = FastTime(1e5)  # 23 h in 0.8 s
 
@@ -542,6 +544,7 @@ def test_each_stream_connects_from_its_source_address(sim: Simulator) -> None:
     run(scenario)
 
 
+@pytest.mark.slow
 def test_streams_of_one_egress_share_the_pacer(sim: Simulator) -> None:
     async def scenario() -> None:
         pacer = ConnectPacer(1, 3600.0)  # one attempt an hour for the whole egress

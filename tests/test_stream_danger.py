@@ -280,14 +280,14 @@ def test_one_change_one_refresh_of_the_balance_alone() -> None:
     async def trade() -> None:
         await clock.sleep(10)
         api.hold = "acct-1"
-        changed = clock.now - 0.05  # the change, 50 ms before its first event arrives
+        changed = clock.now() - 0.05  # the change, 50 ms before its first event arrives
         events.stream_event(frame_at(update("100.5"), changed))
         await clock.sleep(0.004)  # in flight, its balance request signed at 10.000
         events.stream_event(frame_at(position("3.1"), changed + 0.003))
         await clock.sleep(0.5)
         api.release.set()
         await clock.sleep(1)
-        events.stream_event(frame_at(position("3.2"), clock.now - 0.05))  # 11.5: a new change
+        events.stream_event(frame_at(position("3.2"), clock.now() - 0.05))  # 11.5: a new change
 
     run(poller, clock, 60, trade)
     assert reads(api, "acct-1", START + 5) == [(10.0, "balance"), (12.0, "balance")]
@@ -310,13 +310,13 @@ def test_a_read_answers_what_had_arrived_before_it_left_whatever_the_clock() -> 
         await clock.sleep(10)
         poller._clock_error = 1.0  # (after the time sync at the start measured it)
         api.hold = "acct-1"
-        changed = clock.now - 0.002
+        changed = clock.now() - 0.002
         events.stream_event(frame_at(update("100.5"), changed))  # read signed at 10
         await clock.sleep(0.004)
         events.stream_event(frame_at(position("3.1"), changed))  # the same change
         api.release.set()
         await clock.sleep(10)
-        events.stream_event(frame_at(position("3.2"), clock.now - 0.001))  # a new one, at 20
+        events.stream_event(frame_at(position("3.2"), clock.now() - 0.001))  # a new one, at 20
 
     run(poller, clock, 60, trade)
     assert reads(api, "acct-1", START + 5) == [
@@ -334,7 +334,7 @@ def test_an_event_older_than_a_finished_read_costs_nothing() -> None:
 
     async def late() -> None:
         await clock.sleep(30)
-        events.stream_event(frame_at(position("1"), clock.now - 0.01))  # read at 30
+        events.stream_event(frame_at(position("1"), clock.now() - 0.01))  # read at 30
         await clock.sleep(1)
         events.stream_event(frame_at(position("2"), START + 29.9))  # delayed: answered at 30
         events.stream_event(frame_at(RISK_LEVEL, START + 29.9))  # its account: not read yet
@@ -352,9 +352,9 @@ def test_a_risk_event_reads_the_account_and_the_balances_it_touches() -> None:
 
     async def danger() -> None:
         await clock.sleep(10)
-        events.stream_event(frame_at(RISK_LEVEL, clock.now - 0.01))  # 10: account alone
+        events.stream_event(frame_at(RISK_LEVEL, clock.now() - 0.01))  # 10: account alone
         await clock.sleep(10)
-        events.stream_event(frame_at(update("-412.5"), clock.now - 0.01))  # 20: both
+        events.stream_event(frame_at(update("-412.5"), clock.now() - 0.01))  # 20: both
 
     run(poller, clock, 60, danger)
     assert reads(api, "acct-1", START + 5) == [
@@ -375,7 +375,7 @@ class Desk:
 
     def __init__(self, n: int, trade_rate: float, seed: int = 5) -> None:
         self.clock = EventClock(START)
-        self.api = FakeApi(self.clock)  # type: ignore[arg-type]
+        self.api = FakeApi(self.clock)
         self.health = StreamHealth(names(n))
         self.interval = refresh_interval(n, 40, LIMITS, 10.0)
         self.poller, _, _ = build_poller(
@@ -399,7 +399,7 @@ class Desk:
             arrivals = 0.0
             while (arrivals := arrivals + self.rng.expovariate(self.rate)) < tick:
                 events = self.observers[self.rng.choice(accounts)]
-                now = self.clock.now
+                now = self.clock.now()
                 events.stream_event(frame_at(update(f"{self.rng.uniform(100, 900):.2f}"), now))
                 events.stream_event(frame_at(position(f"{self.rng.uniform(1, 9):.4f}"), now))
                 self.trades += 1
@@ -416,7 +416,7 @@ def freshness(desk: Desk, tries: int = 20) -> list[float]:
     async def negatives() -> None:
         await desk.clock.sleep(30)
         for name in desk.rng.sample(list(desk.observers), tries):
-            at = desk.clock.now
+            at = desk.clock.now()
             desk.observers[name].stream_event(frame_at(update("-412.5"), at))
             while not desk.balance_reads(name, at):
                 await desk.clock.sleep(0.01)
@@ -428,6 +428,7 @@ def freshness(desk: Desk, tries: int = 20) -> list[float]:
     return delays
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trade_rate", [0.0, 5.0, 50.0])
 def test_a_negative_balance_is_read_within_a_budget_slot_while_the_desk_trades(
     trade_rate: float,
@@ -443,6 +444,7 @@ def test_a_negative_balance_is_read_within_a_budget_slot_while_the_desk_trades(
     assert statistics.median(delays) <= SLOT / 2 + 0.2, delays
 
 
+@pytest.mark.slow
 def test_at_50_trades_a_second_every_polled_interval_stays_within_2x() -> None:
     """20 accounts (polling-only interval 32.3 s) under 50 trades/s, 2.5 a second each:
     triggered balance reads take their half of B, and every account's account endpoint

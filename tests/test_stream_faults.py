@@ -17,13 +17,17 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import pytest
-from faultkit import LogLines, captured_logs, parse_metrics, secret_forms
-from harness import RunningExporter, accounts, sim_config, wait_until
-from proxies import RecordingProxy, running
+from support.faultkit import LogLines, captured_logs, secret_forms
+from support.harness import RunningExporter, accounts, sim_config
+from support.metrics import parse_metrics
+from support.proxies import RecordingProxy, running
+from support.waits import wait_until
 
 from exporter.binance.stream import StreamTimings
 from exporter.simulator import Simulator
 from exporter.simulator.demo import GeneratedAccount
+
+pytestmark = pytest.mark.slow
 
 FAULTY, OTHER = "acct-00", "acct-01"
 NAMES = (FAULTY, OTHER)

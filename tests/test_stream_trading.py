@@ -15,12 +15,13 @@ import sys
 from decimal import Decimal
 
 import pytest
-from test_simulator_stream import Clock, clock, events, open_stream, sim
+from test_simulator_stream import clock, events, open_stream, sim
 
 from exporter.binance.events import parse_frame
 from exporter.simulator import Simulator
 from exporter.simulator.demo import Drift
 from exporter.simulator.trading import Trader, book_assets
+from exporter.simulator.virtualtime import EventClock
 from exporter.triggers import BALANCE, BOTH, Need, Priority, classify
 
 _ = (clock, sim)  # fixtures
@@ -108,7 +109,7 @@ def test_a_negative_balance_shows_as_a_wallet_below_zero(sim: Simulator) -> None
 
 
 def test_the_demo_drift_keeps_its_fills_and_skips_its_negative_episode(
-    sim: Simulator, clock: Clock
+    sim: Simulator, clock: EventClock
 ) -> None:
     drift = Drift(sim, assets_per_account=3, rng=random.Random(1))
     desk = Trader(drift.fill, sim.account_names, drift.assets, rate=20.0, rng=random.Random(2))
@@ -119,7 +120,7 @@ def test_the_demo_drift_keeps_its_fills_and_skips_its_negative_episode(
     kept = sim.balances("a") + sim.balances("b")
     for was, now in zip(served, kept, strict=True):
         assert was["umWalletBalance"] == now["umWalletBalance"]
-    clock.advance(20)  # past the first negative episode's start
+    clock.time += 20  # past the first negative episode's start
     drift.tick()
     (negative,) = [
         n for n in sim.account_names if any(r["negativeBalance"] != "0" for r in sim.balances(n))
@@ -134,6 +135,7 @@ def test_the_demo_drift_keeps_its_fills_and_skips_its_negative_episode(
     assert Trader(drift.fill, [other], drift.assets, rate=20.0, rng=random.Random(3)).tick(1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["-1", "fast", "1e9"])
 def test_trade_rate_must_be_a_rate(bad: str) -> None:
     done = subprocess.run(

@@ -12,12 +12,16 @@ from decimal import Decimal
 from functools import partial
 from pathlib import Path
 
-from harness import RunningExporter, accounts, sim_config, wait_until
+import pytest
+from support.harness import RunningExporter, accounts, sim_config
+from support.waits import wait_until
 
 from exporter.config import parse_config
 from exporter.simulator import Simulator
 from exporter.simulator.demo import start_demo
 from exporter.simulator.trading import start_trading
+
+pytestmark = pytest.mark.slow
 
 #: a turn every 100 s per account: only an event can refresh an account in these tests
 SLOW = {"min_interval_seconds": 300}
@@ -119,6 +123,7 @@ def test_one_change_costs_one_triggered_read_of_the_balance_alone() -> None:
             assert triggered(endpoint="account") == 0
 
 
+@pytest.mark.bench  # the README's freshness at 200 accounts: a figure, kept with a bound
 def test_freshness_at_200_accounts_on_the_default_budget_while_the_desk_trades() -> None:
     """Polling alone refreshes each of 200 accounts every 323 s on the default budget; with
     the streams, and the desk trading 5 fills a second (each two events), a negative

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from systools import require
+from support.systools import require
 
 
 @pytest.fixture

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import RunningExporter, accounts, sim_config, wait_until
 from prometheus_client import CollectorRegistry, generate_latest
-from systools import require
+from support.harness import RunningExporter, accounts, sim_config
+from support.systools import require
+from support.waits import wait_until
 from test_poller import FakeApi, build_poller
 
 from exporter.app import Exporter
@@ -72,7 +73,7 @@ def setup(
     n: int, *, min_interval: float = 10.0, stream: StreamHealth | None = None
 ) -> tuple[EgressPoller, FakeApi, EventClock, float]:
     clock = EventClock(START)
-    api = FakeApi(clock)  # type: ignore[arg-type]
+    api = FakeApi(clock)
     interval = refresh_interval(n, W, LIMITS, min_interval)
     poller, _, _ = build_poller(names(n), LIMITS, interval, clock, api, stream=stream)
     return poller, api, clock, interval
@@ -141,6 +142,7 @@ def weight_of(path: str) -> int:
     return 1 if path.endswith("/time") else 20
 
 
+@pytest.mark.slow
 def test_one_account_at_200_events_a_second_for_a_minute_stays_within_the_budget() -> None:
     """The issue's budget test: 20 accounts (polling-only interval 32.3 s), acct-7 emits
     200 events/s from t=30 to t=90."""
@@ -151,7 +153,7 @@ def test_one_account_at_200_events_a_second_for_a_minute_stays_within_the_budget
     async def busy_account() -> None:
         nonlocal events
         await clock.sleep(30)
-        while clock.now < START + 90:
+        while clock() < START + 90:
             poller.trigger("acct-7", Priority.EVENT)
             events += 1
             await clock.sleep(0.005)
@@ -176,6 +178,7 @@ def test_one_account_at_200_events_a_second_for_a_minute_stays_within_the_budget
     assert worst > 1.3 * interval  # the triggers did take their half
 
 
+@pytest.mark.slow
 def test_every_account_busy_still_keeps_every_interval_within_2x() -> None:
     """All 20 accounts emit events for 120 s, RISK and EVENT mixed: the triggered half is
     always full, yet no account waits more than 2x its polling-only interval."""
@@ -184,7 +187,7 @@ def test_every_account_busy_still_keeps_every_interval_within_2x() -> None:
 
     async def storm() -> None:
         await clock.sleep(10)
-        while clock.now < START + 130:
+        while clock() < START + 130:
             poller.trigger(rng.choice(names(20)), rng.choice([Priority.RISK, Priority.EVENT]))
             await clock.sleep(0.05)
 
@@ -196,6 +199,7 @@ def test_every_account_busy_still_keeps_every_interval_within_2x() -> None:
         assert max(b - a for a, b in itertools.pairwise(own)) <= 2 * interval, name
 
 
+@pytest.mark.slow
 def test_a_risk_trigger_starts_within_a_slot_behind_200_catchups() -> None:
     """200 accounts on the default budget (a slot every 1.6 s, each account every 323 s):
     all 200 streams reconnect at t=20 (CATCHUPs), then a riskLevelChange every 15 s on a
@@ -212,7 +216,7 @@ def test_a_risk_trigger_starts_within_a_slot_behind_200_catchups() -> None:
         for _ in range(20):
             await clock.sleep(rng.uniform(10, 20))
             name = rng.choice(names(200))
-            risks.append((clock.now, name))
+            risks.append((clock(), name))
             poller.trigger(name, Priority.RISK)
 
     run(poller, clock, 340, streams)
@@ -235,7 +239,7 @@ class HeldApi(FakeApi):
     `release`."""
 
     def __init__(self, clock: EventClock, hold: str = "", held: str = "balance") -> None:
-        super().__init__(clock)  # type: ignore[arg-type]
+        super().__init__(clock)
         self.hold = hold
         self.held = held
         self.release = asyncio.Event()
@@ -493,6 +497,7 @@ def test_stream_health_metrics_and_promtool() -> None:
 # ---- wired: the exporter against the simulator, on real time -------------------------
 
 
+@pytest.mark.slow
 def test_the_exporter_refreshes_a_triggered_account_long_before_its_turn() -> None:
     # The streams are off (no stream_url): the triggers come from the test, as the stream
     # clients would call them (tests/test_stream_wiring.py runs the real streams).

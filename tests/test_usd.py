@@ -13,8 +13,9 @@ import contextlib
 import random
 
 import pytest
-from faultkit import captured_logs
-from harness import RunningExporter, accounts, fast_config, wait_until
+from support.faultkit import captured_logs
+from support.harness import RunningExporter, accounts, fast_config
+from support.waits import wait_until
 
 from exporter.prices import net_usd
 from exporter.simulator import Simulator, synthetic
@@ -25,6 +26,7 @@ TOLERANCE = 1e-6
 ASSETS = 20  # well-known assets, then ASSET16.. priced through USDC, BTC and USDT pairs
 
 
+@pytest.mark.slow
 def test_net_usd_of_every_simulated_account_is_its_actual_equity() -> None:
     generated = accounts(3)
     with Simulator([g.sim_account for g in generated], assets_per_account=ASSETS) as sim:

@@ -19,7 +19,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from faultkit import RunningExporter, fast_config, hmac_accounts
+from support.faultkit import RunningExporter, hmac_accounts
+from support.harness import fast_config
+from support.ports import free_port
+from support.waits import wait_until
 
 from exporter.http import MetricsServer
 from exporter.simulator import Simulator
@@ -244,7 +246,9 @@ def _start_exporter(
     simulator: tuple[Simulator, list[dict[str, str]]], web: WebConfig
 ) -> tuple[RunningExporter, MetricsServer]:
     sim, entries = simulator
-    run = RunningExporter(fast_config(sim.url, entries, interval=5.0), web).start()
+    run = RunningExporter(
+        fast_config(sim.url, entries, timeout=1.0, min_interval_seconds=5.0, ip_high_water=0.9), web
+    ).start()
     assert run.server is not None
     return run, run.server
 
@@ -836,26 +840,6 @@ def test_every_bad_config_is_distinct() -> None:
 # --- a real Prometheus scraping over HTTPS, basic auth and a client certificate -------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for(condition: Callable[[], Any], deadline_seconds: float, what: str) -> Any:
-    deadline = time.monotonic() + deadline_seconds
-    while True:
-        try:
-            result = condition()
-        except httpx.TransportError:
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {deadline_seconds}s waiting for {what}")
-        time.sleep(0.1)
-
-
 @pytest.fixture
 def prometheus(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], str]]:
     """Start Debian's prometheus with a config; returns its base URL. Stopped at teardown."""
@@ -866,7 +850,7 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], str]]:
     def start(config: dict[str, Any]) -> str:
         config_file = tmp_path / "prometheus.yml"
         config_file.write_text(yaml.safe_dump(config))
-        url = f"http://127.0.0.1:{_free_port()}"
+        url = f"http://127.0.0.1:{free_port()}"
         log = (tmp_path / "prometheus.log").open("wb")
         processes.append(
             subprocess.Popen(
@@ -887,7 +871,7 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], str]]:
             assert processes[-1].poll() is None, (tmp_path / "prometheus.log").read_text()
             return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
 
-        _wait_for(ready, 30, "prometheus to be ready")
+        wait_until(ready, 30, "prometheus to be ready", step=0.1, ignoring=(httpx.TransportError,))
         return url
 
     yield start
@@ -923,7 +907,7 @@ def serve_cli(
     processes: list[subprocess.Popen[bytes]] = []
 
     def start(web_config_file: Path) -> str:
-        address = f"127.0.0.1:{_free_port()}"
+        address = f"127.0.0.1:{free_port()}"
         log = (tmp_path / "exporter.log").open("wb")
         processes.append(
             subprocess.Popen(
@@ -951,7 +935,9 @@ def serve_cli(
                 return False
             return True
 
-        _wait_for(listening, 30, "the exporter to listen")
+        wait_until(
+            listening, 30, "the exporter to listen", step=0.1, ignoring=(httpx.TransportError,)
+        )
         return address
 
     yield start
@@ -960,6 +946,7 @@ def serve_cli(
         assert process.wait(timeout=15) == 0, (tmp_path / "exporter.log").read_text()
 
 
+@pytest.mark.e2e
 def test_prometheus_scrapes_over_https_with_basic_auth_and_client_cert(
     tmp_path: Path,
     pki: PKI,
@@ -1004,7 +991,9 @@ def test_prometheus_scrapes_over_https_with_basic_auth_and_client_cert(
         up = {s["metric"]["job"]: s["value"][1] for s in results}
         return up if len(up) == 3 else None
 
-    assert _wait_for(up_by_job, 30, "three scraped targets") == {
+    assert wait_until(
+        up_by_job, 30, "three scraped targets", step=0.1, ignoring=(httpx.TransportError,)
+    ) == {
         "good": "1",
         "wrong_password": "0",
         "no_client_cert": "0",
@@ -1022,7 +1011,13 @@ def test_prometheus_scrapes_over_https_with_basic_auth_and_client_cert(
         return up if len(up) == 2 else None
 
     # the exporter's own data came through: both accounts refreshed, as scraped over HTTPS
-    assert _wait_for(accounts_up, 30, "binance_pm_up of both accounts") == {
+    assert wait_until(
+        accounts_up,
+        30,
+        "binance_pm_up of both accounts",
+        step=0.1,
+        ignoring=(httpx.TransportError,),
+    ) == {
         "desk-a": "1",
         "desk-b": "1",
     }

@@ -9,16 +9,20 @@ import ssl
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from harness import RunningExporter, accounts, sim_config, wait_until
+from support.harness import RunningExporter, accounts, sim_config
+from support.waits import wait_until
 from test_webconfig import _issue
 
 from exporter.simulator import Simulator
 from exporter.webconfig import WebConfigFile
+
+pytestmark = pytest.mark.slow
 
 SUCCESSFUL = "binance_pm_web_config_last_reload_successful"
 

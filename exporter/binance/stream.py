@@ -55,6 +55,8 @@ class StreamTimings:
     in a fraction of a second; nothing else should need to."""
 
     keepalive_seconds: float = 30 * 60.0  # a key lives 60 minutes
+    #: after a failed keep-alive: the key has 30 of its 60 minutes left, try again soon
+    keepalive_retry_seconds: float = 60.0
     #: reconnect before Binance closes a connection at 24 h
     max_connection_seconds: float = 23 * 3600.0
     backoff_initial_seconds: float = 1.0
@@ -68,13 +70,13 @@ class StreamTimings:
     ping_interval_seconds: float = 60.0
     ping_timeout_seconds: float = 30.0
     open_timeout_seconds: float = 10.0
+    #: how long our close handshake waits for the server's
+    close_timeout_seconds: float = 2.0
 
 
 #: what production runs with
 DEFAULT_TIMINGS = StreamTimings()
 
-KEEPALIVE_RETRY_SECONDS = 60.0  # after a failed keep-alive
-CLOSE_TIMEOUT_SECONDS = 2.0
 #: Binance allows about 300 connection attempts per 5 minutes per IP; stay well under
 PACER_ATTEMPTS = 200
 PACER_WINDOW_SECONDS = 300.0
@@ -270,7 +272,7 @@ class UserDataStream:
                 open_timeout=self._timings.open_timeout_seconds,
                 ping_interval=self._timings.ping_interval_seconds,
                 ping_timeout=self._timings.ping_timeout_seconds,
-                close_timeout=CLOSE_TIMEOUT_SECONDS,
+                close_timeout=self._timings.close_timeout_seconds,
                 max_size=self._timings.max_frame_bytes,
                 logger=_SILENT_LOGGER,
             )
@@ -359,10 +361,9 @@ class UserDataStream:
                     self._key = None
                     self._key_unknown.set()
                 else:
-                    wait = min(wait, KEEPALIVE_RETRY_SECONDS)
-            except errors.BinanceError:
-                # reported; the key has 30 of its 60 minutes left: try again soon
-                wait = min(wait, KEEPALIVE_RETRY_SECONDS)
+                    wait = min(wait, self._timings.keepalive_retry_seconds)
+            except errors.BinanceError:  # reported
+                wait = min(wait, self._timings.keepalive_retry_seconds)
 
     async def _listen_key(self, action: str) -> Any:
         await self._acquire(WEIGHTS["listen_key"])

@@ -1,4 +1,4 @@
-"""Virtual time for asyncio code that takes a clock and a sleep: the poller, the budget.
+"""Virtual time: the one clock of the tests that need one (an exporter.clock.Clock).
 
 A minute of polling at 200 accounts runs in a moment: `EventClock.sleep` parks the
 sleeper, and `run_until` moves the clock, once every ready task has run, to the
@@ -10,32 +10,54 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from collections.abc import Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class EventClock:
     """A clock that moves only when every task waits: then to the earliest sleeper's wake."""
 
     def __init__(self, start: float) -> None:
-        self.now = start
+        self.time = start
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
 
+    def now(self) -> float:
+        return self.time
+
     def __call__(self) -> float:
-        return self.now
+        """The time, for the parts that take a `Callable[[], float]` clock."""
+        return self.time
 
     async def sleep(self, seconds: float) -> None:
         future = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (self.now + max(seconds, 0.0), next(self._seq), future))
+        heapq.heappush(self._sleepers, (self.time + max(seconds, 0.0), next(self._seq), future))
         await future
 
     async def run_until(self, end: float) -> None:
         """Run the loop's tasks until the clock reaches `end`."""
-        while self.now < end:
-            for _ in range(50):  # let every ready task run before time moves on
+        while self.time < end:
+            await self.advance()
+
+    async def run(self, work: Awaitable[T]) -> T:
+        """Run `work` to its end, moving the clock whenever every task waits on it."""
+        task = asyncio.ensure_future(work)
+        while True:
+            for _ in range(50):
                 await asyncio.sleep(0)
-            if not self._sleepers:
-                raise RuntimeError("every task has ended or waits on something else")
-            wake, _, future = heapq.heappop(self._sleepers)
-            self.now = max(self.now, wake)
-            if not future.done():
-                future.set_result(None)
+            if task.done():
+                return task.result()
+            await self.advance()
+
+    async def advance(self) -> None:
+        """Let every ready task run, then move to the earliest sleeper's wake."""
+        for _ in range(50):  # let every ready task run before time moves on
+            await asyncio.sleep(0)
+        if not self._sleepers:
+            raise RuntimeError("every task has ended or waits on something else")
+        wake, _, future = heapq.heappop(self._sleepers)
+        self.time = max(self.time, wake)
+        if not future.done():
+            future.set_result(None)

@@ -12,30 +12,29 @@ import json
 import secrets
 import socket
 import threading
-import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import harness
-from harness import wait_until
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import Exporter
+from exporter.clock import SYSTEM_CLOCK, Clock
 from exporter.collector import SnapshotCollector
-from exporter.config import Config, parse_config
+from exporter.config import Config
 from exporter.logs import configure_logging
 from exporter.poller import BACKOFF_CAP_SECONDS
 from exporter.simulator import RequestRecord, SimAccount
 from exporter.snapshot import AccountSnapshot, Snapshot, SnapshotStore
 from exporter.webconfig import WebConfig, WebConfigFile
+from support import harness
+from support.metrics import parse_metrics, sample
+from support.ports import free_port
+from support.waits import wait_until
 
 #: request weight by path, as Binance (and the simulator) charge it
 PATH_WEIGHTS = {"/papi/v1/balance": 20, "/papi/v1/account": 20}
-Clock = Callable[[], float]
 
 
 # --- accounts and config ---------------------------------------------------------------------
@@ -51,51 +50,7 @@ def hmac_accounts(names: Iterable[str]) -> tuple[list[SimAccount], list[dict[str
     return sims, entries
 
 
-def fast_config(
-    base_url: str,
-    accounts: list[dict[str, str]],
-    *,
-    limit: int = 100_000,
-    interval: float = 1.0,
-    timeout: float = 1.0,
-) -> Config:
-    """A config that refreshes every account each `interval` s: the budget does not bind."""
-    data = {
-        "binance": {"base_url": base_url, "timeout_seconds": timeout},
-        "stream": {"enabled": False},  # no stream server: nothing beyond loopback
-        "prices": {"base_url": base_url},
-        "budget": {
-            "ip_weight_limit_per_minute": limit,
-            "share": 1.0,
-            "ip_high_water": 0.9,
-            "min_interval_seconds": interval,
-        },
-        "accounts": accounts,
-    }
-    return parse_config(data, environ={}, base_dir=Path.cwd())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # --- metrics ---------------------------------------------------------------------------------
-
-
-def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def sample(
-    metrics: Mapping[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float | None:
-    return metrics.get((name, frozenset(labels.items())))
 
 
 # --- the exporter in a thread, and what it did -----------------------------------------------
@@ -117,14 +72,6 @@ def _scrape(snap: AccountSnapshot) -> str:
     return generate_latest(registry).decode()
 
 
-def _up(text: str, account: str) -> float | None:
-    prefix = f'binance_pm_up{{account="{account}"}} '
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line[len(prefix) :])
-    return None
-
-
 class Recorder:
     """Keeps every account snapshot the exporter swaps into its store, when it does.
 
@@ -137,7 +84,7 @@ class Recorder:
     there would hold the exporter's loop for a while at every fault.)
     """
 
-    def __init__(self, exporter: Exporter, clock: Clock) -> None:
+    def __init__(self, exporter: Exporter, clock: Callable[[], float]) -> None:
         self._exporter = exporter
         self._clock = clock
         self._lock = threading.Lock()
@@ -172,7 +119,7 @@ class Recorder:
         if snap.attempted and not snap.up and not was_down:  # went down: render once
             text = _scrape(snap)
             self.scrapes[snap.name].append(text)
-            up_metric = _up(text, snap.name)
+            up_metric = sample(text, "binance_pm_up", account=snap.name)
         with self._lock:
             self._history[snap.name].append(Seen(now, snap, up_metric))
 
@@ -196,11 +143,11 @@ class RunningExporter(harness.RunningExporter):
         config: Config,
         web: WebConfig | WebConfigFile | None = None,
         *,
-        clock: Clock = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         backoff_cap: float = BACKOFF_CAP_SECONDS,
     ) -> None:
         super().__init__(config, web, clock=clock, backoff_cap=backoff_cap)
-        self.recorder = Recorder(self.exporter, clock)
+        self.recorder = Recorder(self.exporter, clock.now)
 
     def start(self) -> RunningExporter:
         super().start()

@@ -16,7 +16,6 @@ import json
 import os
 import queue
 import select
-import socket
 import subprocess
 import sys
 import threading
@@ -25,42 +24,25 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import yaml
-from dashboard_queries import ROOT
-from systools import require
+
+from support.dashboard_queries import ROOT
+from support.ports import free_port
+from support.systools import require
+from support.waits import wait_until
 
 JOB = "binance-pm-exporter"
 ALERT = "BinancePMNegativeBalance"
-T = TypeVar("T")
 
 
 # --- helpers --------------------------------------------------------------------
 
 
-def wait_for(what: str, check: Callable[[], T | None], timeout: float, poll: float = 0.2) -> T:
-    """Call check() until it returns something other than None or False, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while True:
-        try:
-            result = check()
-        except (httpx.HTTPError, OSError, ValueError, KeyError) as error:
-            last_error, result = error, None
-        if result is not None and result is not False:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}: {last_error!r}")
-        time.sleep(poll)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+#: what a server still starting answers: no connection, an error status, half a JSON body
+STARTING = (httpx.HTTPError, OSError, ValueError, KeyError)
 
 
 @dataclass
@@ -387,7 +369,7 @@ def e2e_stack(
             ("prometheus /-/ready", f"{result.prometheus_url}/-/ready"),
         ):
             try:
-                wait_for(name, returns_200(http, url), timeout=30)
+                wait_until(returns_200(http, url), 30, name, step=0.2, ignoring=STARTING)
             except AssertionError as error:
                 raise AssertionError(f"{error}\n{result.logs()}") from None
         yield result

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -15,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from exporter.app import Exporter
 from exporter.binance.stream import DEFAULT_TIMINGS, StreamTimings
+from exporter.clock import SYSTEM_CLOCK, Clock
 from exporter.collector import SnapshotCollector
 from exporter.config import Config, parse_config
 from exporter.http import MetricsServer
@@ -23,21 +23,7 @@ from exporter.serve import serve_http
 from exporter.shard import WHOLE, Shard
 from exporter.simulator.demo import GeneratedAccount, exporter_config, generate_account
 from exporter.webconfig import WebConfig, WebConfigFile
-
-
-def wait_until(
-    condition: Callable[[], Any], timeout: float = 30.0, what: str = "", step: float = 0.02
-) -> Any:
-    """Poll `condition` until it returns something truthy (and return that); fail after
-    `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(step)
+from support import metrics
 
 
 def reference_registry(exporter: Exporter) -> CollectorRegistry:
@@ -75,10 +61,25 @@ def sim_config(
     return parse_config(data, environ={}, base_dir=Path.cwd())
 
 
-def fast_config(base_url: str, generated: list[GeneratedAccount], **budget: Any) -> Config:
-    """A config that refreshes every second: an IP limit so large the budget never binds."""
-    settings = {"ip_weight_limit_per_minute": 60000, "share": 1.0, "min_interval_seconds": 1}
-    return sim_config(base_url, generated, {**settings, **budget}, timeout_seconds=2)
+def fast_config(
+    base_url: str,
+    accounts: Sequence[GeneratedAccount] | Sequence[Mapping[str, str]],
+    *,
+    timeout: float = 2.0,
+    **budget: Any,
+) -> Config:
+    """A config that refreshes every account each second (`min_interval_seconds` to
+    change it) with an IP limit so large the budget never binds; the stream off. The
+    accounts are generated ones or config entries (name, api_key, api_secret)."""
+    settings = {"ip_weight_limit_per_minute": 100_000, "share": 1.0, "min_interval_seconds": 1}
+    data = {
+        "binance": {"base_url": base_url, "timeout_seconds": timeout},
+        "stream": {"enabled": False},  # no stream server: nothing beyond loopback
+        "prices": {"base_url": base_url},
+        "budget": {**settings, **budget},
+        "accounts": [dict(a.config if isinstance(a, GeneratedAccount) else a) for a in accounts],
+    }
+    return parse_config(data, environ={}, base_dir=Path.cwd())
 
 
 class RunningExporter:
@@ -91,7 +92,7 @@ class RunningExporter:
         web: WebConfig | WebConfigFile | None = None,
         shard: Shard = WHOLE,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         backoff_cap: float = BACKOFF_CAP_SECONDS,
         load: Callable[[], Config] | None = None,
         stream_timings: StreamTimings = DEFAULT_TIMINGS,
@@ -144,12 +145,7 @@ class RunningExporter:
 
     def sample(self, name: str, **labels: str) -> float | None:
         """The value of one series on /metrics, or None when absent."""
-        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
-        for line in self.metrics_text().splitlines():
-            if line.startswith(prefix):
-                return float(line[len(prefix) :])
-        return None
+        return metrics.sample(self.metrics_text(), name, **labels)
 
     def stop_polling(self) -> None:
         """Stop the pollers (in-flight requests get the exporter's grace); the server keeps

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS_DIR = ROOT / "grafana" / "dashboards"
 DASHBOARD_FILES = ("overview.json", "account.json", "exporter.json")
 

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
+from support import metrics
+from support.waits import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
 EXPORTER = (sys.executable, "-m", "exporter")
 
 
@@ -79,12 +81,7 @@ class ExporterProcess:
         return httpx.get(self.url + path, timeout=5)
 
     def sample(self, name: str, **labels: str) -> float | None:
-        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
-        for line in self.get("/metrics").text.splitlines():
-            if line.startswith(prefix):
-                return float(line[len(prefix) :])
-        return None
+        return metrics.sample(self.get("/metrics").text, name, **labels)
 
     def signal(self, signum: int) -> None:
         self.popen.send_signal(signum)
