@@ -19,6 +19,7 @@ import structlog
 from exporter import __version__
 from exporter.app import Exporter
 from exporter.budget import shard_limits
+from exporter.collectors import weight_of
 from exporter.config import Config, ConfigError, load_config, parse_config
 from exporter.logs import FORMATS, LEVELS, configure_logging
 from exporter.server import ServerLimits, parse_listen_address
@@ -27,7 +28,6 @@ from exporter.storage import StateFile
 from exporter.summary import check_budget, summarize
 from exporter.watchdog import ShutdownWatchdog
 from exporter.webconfig import WebConfigError, WebConfigFile
-from exporter.weights import refresh_weight
 
 if TYPE_CHECKING:
     from exporter.simulator.demo import NegativeEpisodes
@@ -306,7 +306,7 @@ def load_checked(path: Path, environ: Mapping[str, str]) -> Config:
 
 def _shard_problem(config: Config, shard: Shard) -> str | None:
     per_shard = shard_limits(config.budget, shard.total).per_minute
-    weight = refresh_weight(config.collect.account_info)
+    weight = weight_of(config.collect.switches())
     if per_shard >= weight:
         return None
     return (

@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from types import MappingProxyType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -28,6 +29,7 @@ from exporter.binance.client import BinanceClient, Credentials, RequestReport
 from exporter.binance.models import ParsedBalances
 from exporter.budget import GUARD_SECONDS, WeightBudget
 from exporter.clocksync import ClockSync
+from exporter.collectors.registry import Collector
 from exporter.egress import EgressLedger
 from exporter.selfmetrics import Instruments, StreamHealth
 from exporter.snapshot import AccountInfo, AccountSnapshot, AssetBalance, SnapshotStore
@@ -36,6 +38,10 @@ from exporter.triggers import CATCHUP_NEAR_SECONDS, Priority, TriggerQueue
 from exporter.weights import WEIGHTS, refresh_weight
 
 BACKOFF_CAP_SECONDS = 300.0
+#: the collectors whose requests the refresh makes itself (balance answers are merged into
+#: the last ones; a riskLevelChange overlays account info): `PollSettings.collectors` are
+#: the others, read in turn after these
+POLLED_APART = frozenset({"balance", "account"})
 #: the backoff's exponent stops here: interval x 2**64 is past any cap, and a larger
 #: exponent (failure 1,025 overflows a float; a restored 2**62 would hang) is never computed
 _BACKOFF_MAX_EXPONENT = 64
@@ -66,10 +72,14 @@ class PollSettings:
     backoff_cap: float = BACKOFF_CAP_SECONDS
     #: at most one event-triggered refresh of an account per this many seconds
     trigger_interval: float = 2.0
+    #: the enabled collectors read after balance and account info, in order
+    collectors: tuple[Collector[Any], ...] = ()
+    #: the config's collect switches, by name (each collector's `narrow` reads them)
+    switches: Mapping[str, bool] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def weight(self) -> int:
-        return refresh_weight(self.account_info)
+        return refresh_weight(self.account_info) + sum(c.request.weight for c in self.collectors)
 
 
 @dataclass
@@ -355,6 +365,8 @@ class EgressPoller:
             if self._settings.account_info:
                 info: AccountInfo = await self._call(self._client.account, "account", account)
                 current = replace(current, info=info)
+            for collector in self._settings.collectors:
+                current = await self._collect(collector, account, current)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the one broad boundary: one account's refresh
@@ -385,8 +397,23 @@ class EgressPoller:
             self._store.replace(current)
             self._wake.set()  # a trigger that came in meanwhile may go now
 
+    async def _collect(
+        self, collector: Collector[Any], account: _Account, current: AccountSnapshot
+    ) -> AccountSnapshot:
+        """One registered collector's request, its part put into `current`."""
+        request = collector.request
+        fetch = partial(
+            self._client.read, request.path, request.params, collector.name, collector.parse
+        )
+        part = await self._call(fetch, collector.name, account, request.weight)
+        return collector.put(current, collector.narrow(part, self._settings.switches))
+
     async def _call(
-        self, fetch: Callable[[Credentials], Awaitable[T]], endpoint: str, account: _Account
+        self,
+        fetch: Callable[[Credentials], Awaitable[T]],
+        endpoint: str,
+        account: _Account,
+        weight: int | None = None,
     ) -> T:
         """One request to `endpoint`; after a -1021, resync the clock and try once more."""
         # The refresh reserved its weight before its first request; a pause that began
@@ -397,7 +424,7 @@ class EgressPoller:
         except errors.TimestampError:
             log.info("timestamp_rejected")
             await self._clock_sync.sync(self._client)
-            await self._budget.acquire(WEIGHTS[endpoint])
+            await self._budget.acquire(WEIGHTS[endpoint] if weight is None else weight)
             return await fetch(account.target.credentials)
 
     def _merge(self, previous: AccountSnapshot, parsed: ParsedBalances) -> tuple[AssetBalance, ...]:

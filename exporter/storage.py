@@ -35,6 +35,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from exporter.binance.models import MAX_ASSETS_PER_ANSWER
+from exporter.collectors import registered
 from exporter.labels import label_problem
 from exporter.safefile import UnsafeFileError, read_regular_file
 from exporter.snapshot import AccountInfo, AccountSnapshot, AssetBalance, Snapshot, SnapshotStore
@@ -80,6 +81,9 @@ class _Account(_Strict):
     last_success: float | None
     balances: list[_Balance]
     info: _Info | None = None
+    #: the other collectors' parts, by collector name, each in its collector's own shape
+    #: (`Collector.encode`/`decode`); a part of a collector not registered is not read
+    parts: dict[str, Any] = {}
 
 
 class _Head(_Strict):
@@ -185,8 +189,11 @@ class StateFile:
             else:
                 problem, reason = _problem(saved, now)
                 if problem is None:
-                    restored[name] = _snapshot(name, saved, refresh_interval)
-                    continue
+                    try:
+                        restored[name] = _snapshot(name, saved, refresh_interval)
+                        continue
+                    except (ValueError, TypeError) as exc:  # a collector's part
+                        problem, reason = str(exc), "malformed"
                 found = problem
             self.dropped[reason] = self.dropped.get(reason, 0) + 1
             problems.append(f"{name}: {found}")
@@ -300,7 +307,7 @@ def encode(snapshot: Snapshot, now: float) -> bytes:
 
 
 def _document(account: AccountSnapshot) -> dict[str, Any]:
-    return {
+    document: dict[str, Any] = {
         "up": account.up,
         "consecutive_failures": account.consecutive_failures,
         "last_success": account.last_success,
@@ -316,6 +323,14 @@ def _document(account: AccountSnapshot) -> dict[str, Any]:
             "update_time": account.info.update_time,
         },
     }
+    parts = {
+        collector.name: collector.encode(part)
+        for collector in registered()
+        if (part := account.parts.get(collector.name)) is not None
+    }
+    if parts:  # only then: a file without parts is read by earlier versions too
+        document["parts"] = parts
+    return document
 
 
 def _dumps(value: object) -> str:
@@ -357,7 +372,23 @@ def _snapshot(name: str, saved: _Account, refresh_interval: float) -> AccountSna
         restored=True,
         last_success=saved.last_success,
         consecutive_failures=saved.consecutive_failures,
+        parts=_parts(saved.parts),
     )
+
+
+def _parts(saved: Mapping[str, Any]) -> Mapping[str, object]:
+    """The saved parts of the registered collectors, each decoded by its collector (which
+    raises ValueError or TypeError on what it cannot use)."""
+    collectors = {c.name: c for c in registered()}
+    parts = {}
+    for name, record in saved.items():
+        collector = collectors.get(name)
+        if collector is not None:
+            try:
+                parts[name] = collector.decode(record)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ValueError(f"parts.{name}: {exc}") from None
+    return MappingProxyType(parts)
 
 
 def _frozen(values: Mapping[str, float]) -> Mapping[str, float]:

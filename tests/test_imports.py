@@ -80,9 +80,23 @@ FORBIDDEN = [
         "config is plain data: the wiring turns settings into running parts",
     ),
     (
-        ["exporter.collector", "exporter.exposition", "exporter.snapshot"],
-        ("exporter.binance", "exporter.poller", "httpx"),
+        ["exporter.collector", "exporter.exposition", "exporter.snapshot", "exporter.families"],
+        # the collector modules the families come from hold their parsers too (pure
+        # functions of exporter.binance.models), never a client, a stream or a transport
+        (
+            "exporter.binance.client",
+            "exporter.binance.stream",
+            "exporter.binance.transport",
+            "exporter.poller",
+            "httpx",
+            "websockets",
+        ),
         "the scrape path never talks to Binance",
+    ),
+    (
+        [m for m in package_modules("exporter.collectors") if m != "exporter.collectors"],
+        ("exporter.poller", "exporter.server", "exporter.http", "exporter.app", "exporter.cli"),
+        "a collector declares an endpoint: the poller and the scrape path read it",
     ),
     (
         package_modules("exporter.binance"),
@@ -119,6 +133,25 @@ def test_leaves_import_only_the_standard_library(module: str) -> None:
         name for name in reached(module) if name.split(".")[0] not in allowed and name not in LEAVES
     )
     assert not bad, f"{module} imports {bad}"
+
+
+#: the collector modules: each registers one endpoint
+COLLECTOR_MODULES = ["balance", "account", "um_account", "cm_account"]
+
+
+@pytest.mark.parametrize("name", COLLECTOR_MODULES)
+def test_a_collector_imports_no_other_collector(name: str) -> None:
+    others = {f"exporter.collectors.{other}" for other in COLLECTOR_MODULES if other != name}
+    reaches = reached(f"exporter.collectors.{name}")
+    bad = sorted(m for m in reaches if m in others or m.startswith(tuple(o + "." for o in others)))
+    assert not bad, f"exporter.collectors.{name} reaches {bad}"
+    assert "exporter.collectors" not in reaches  # the package imports every collector
+
+
+def test_every_collector_module_is_listed() -> None:
+    helpers = {"exporter.collectors", "exporter.collectors.registry", "exporter.collectors.margin"}
+    listed = {f"exporter.collectors.{name}" for name in COLLECTOR_MODULES}
+    assert set(package_modules("exporter.collectors")) == listed | helpers
 
 
 def test_no_import_cycles() -> None:

@@ -151,6 +151,18 @@ class BinanceClient:
     async def account(self, credentials: Credentials) -> AccountInfo:
         return await self._request("GET", ACCOUNT_PATH, "account", credentials, parse_account)
 
+    async def read(
+        self,
+        path: str,
+        params: tuple[tuple[str, str], ...],
+        endpoint: str,
+        parse: Callable[[object], T],
+        credentials: Credentials,
+    ) -> T:
+        """A signed GET of `path` with `params`, its answer parsed by `parse`: what a
+        collector (exporter/collectors/) declares."""
+        return await self._request("GET", path, endpoint, credentials, parse, params=params)
+
     # The user data stream's listenKey: the API key header only, no timestamp, no signature
     # (as Binance's SDK sends them). The key is a bearer token: held as a SecretStr.
 
@@ -185,6 +197,7 @@ class BinanceClient:
         *,
         api_key: SecretStr | None = None,
         observer: Observer | None = None,
+        params: tuple[tuple[str, str], ...] = (),
     ) -> T:
         report = partial(self._report, observer=observer or self._observer)
         headers = {}
@@ -192,11 +205,12 @@ class BinanceClient:
         if api_key is not None:
             headers["X-MBX-APIKEY"] = api_key.get_secret_value()
         if credentials is not None:
-            params = [
+            signed = [
+                *params,
                 ("recvWindow", str(self._recv_window_ms)),
                 ("timestamp", str(int(self.server_now() * 1000))),
             ]
-            url = f"{path}?{signed_query(params, credentials.signer)}"
+            url = f"{path}?{signed_query(signed, credentials.signer)}"
             headers["X-MBX-APIKEY"] = credentials.api_key.get_secret_value()
         started = time.perf_counter()
         try:
