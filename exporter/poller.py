@@ -403,7 +403,12 @@ class EgressPoller:
         """One registered collector's request, its part put into `current`."""
         request = collector.request
         fetch = partial(
-            self._client.read, request.path, request.params, collector.name, collector.parse
+            self._client.read,
+            request.path,
+            collector.name,
+            collector.parse,
+            params=request.params,
+            weight=request.weight,
         )
         part = await self._call(fetch, collector.name, account, request.weight)
         return collector.put(current, collector.narrow(part, self._settings.switches))

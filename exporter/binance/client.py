@@ -57,6 +57,8 @@ class RequestReport:
     used_weight: int | None
     #: the request reached the server, and so spent weight there, even if it then failed
     sent: bool = True
+    #: the request's weight when the caller gave it (a collector's); else weights.WEIGHTS'
+    weight: int | None = None
 
 
 #: transport errors raised before a request left this host: no weight was spent
@@ -154,14 +156,18 @@ class BinanceClient:
     async def read(
         self,
         path: str,
-        params: tuple[tuple[str, str], ...],
         endpoint: str,
         parse: Callable[[object], T],
         credentials: Credentials,
+        *,
+        params: tuple[tuple[str, str], ...],
+        weight: int,
     ) -> T:
-        """A signed GET of `path` with `params`, its answer parsed by `parse`: what a
-        collector (exporter/collectors/) declares."""
-        return await self._request("GET", path, endpoint, credentials, parse, params=params)
+        """A signed GET of `path` with `params` (of `weight`), its answer parsed by `parse`:
+        what a collector (exporter/collectors/) declares."""
+        return await self._request(
+            "GET", path, endpoint, credentials, parse, params=params, weight=weight
+        )
 
     # The user data stream's listenKey: the API key header only, no timestamp, no signature
     # (as Binance's SDK sends them). The key is a bearer token: held as a SecretStr.
@@ -198,8 +204,9 @@ class BinanceClient:
         api_key: SecretStr | None = None,
         observer: Observer | None = None,
         params: tuple[tuple[str, str], ...] = (),
+        weight: int | None = None,
     ) -> T:
-        report = partial(self._report, observer=observer or self._observer)
+        report = partial(self._report, observer=observer or self._observer, weight=weight)
         headers = {}
         url = path
         if api_key is not None:
@@ -252,9 +259,10 @@ class BinanceClient:
         *,
         sent: bool = True,
         observer: Observer | None,
+        weight: int | None = None,
     ) -> None:
         if observer is not None:
-            observer(RequestReport(endpoint, outcome, duration, used, sent))
+            observer(RequestReport(endpoint, outcome, duration, used, sent, weight))
 
 
 def _parse_listen_key(payload: object) -> SecretStr:

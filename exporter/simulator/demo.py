@@ -29,6 +29,7 @@ from exporter.prices import PriceStore, net_usd
 from exporter.simulator import synthetic
 from exporter.simulator.auth import KeyType, SimAccount
 from exporter.simulator.server import Simulator
+from exporter.simulator.state import FUTURES_BOOKS, POSITIONS_PER_BOOK
 from exporter.snapshot import SnapshotStore
 
 DEMO_KEY_TYPES: tuple[KeyType, ...] = ("hmac", "ed25519", "rsa")
@@ -164,6 +165,13 @@ class Drift:
             for name in sim.account_names
         }
         self._risks = {name: synthetic.make_risk(rng) for name in sim.account_names}
+        self._positions = {
+            name: {
+                book: synthetic.make_positions(rng, book, POSITIONS_PER_BOOK, now_ms)
+                for book in FUTURES_BOOKS
+            }
+            for name in sim.account_names
+        }
         self._negative: tuple[synthetic.SyntheticAsset, int] | None = None  # asset, until ms
         self._announce: tuple[str, synthetic.SyntheticAsset] | None = None  # started this tick
         self._next_negative_ms = now_ms + int(rng.uniform(5.0, 15.0) * 1000)
@@ -175,6 +183,10 @@ class Drift:
         for portfolio in self._portfolios.values():
             for asset in portfolio:
                 asset.drift(self._rng, now_ms, self._move_chance)
+        for books in self._positions.values():
+            for positions in books.values():
+                for position in positions:
+                    position.drift(self._rng, now_ms)
         self._publish(now_ms)
 
     def _negative_episode(self, now_ms: int) -> None:
@@ -202,6 +214,9 @@ class Drift:
             self._sim.set_balances(name, [asset.record() for asset in portfolio])
             info = synthetic.account_info(portfolio, self._risks[name], now_ms)
             self._sim.set_account_info(name, info)
+            for book, positions in self._positions[name].items():
+                payload = synthetic.futures_account(book, portfolio, positions, now_ms)
+                self._sim.set_futures_account(name, book, payload)
         if self._announce is not None and self._episodes is not None:
             name, asset = self._announce
             self._episodes.started(name, asset.asset, synthetic.format_amount(asset.negative))
