@@ -29,6 +29,7 @@ from exporter.binance.signing import make_signer
 from exporter.config import parse_config
 from exporter.logs import configure_logging
 from exporter.route import Route
+from exporter.serve import serve_http
 from exporter.simulator import Simulator
 from exporter.simulator.demo import exporter_config, generate_account
 
@@ -87,7 +88,7 @@ def main() -> int:
             for a in config.accounts
         ]
         exporter = Exporter(config)
-        server = exporter.serve_http("127.0.0.1", 0)
+        server = serve_http(exporter, "127.0.0.1", 0)
         url = f"http://127.0.0.1:{server.port}"
         with exporter_thread(exporter):
             while httpx.get(f"{url}/readyz").status_code != 200:

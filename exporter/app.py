@@ -1,4 +1,4 @@
-"""Assembles a running exporter from a config: budgets, pollers, snapshot, metrics, HTTP.
+"""Assembles a running exporter from a config: budgets, pollers, snapshot, metrics.
 
 A reload (SIGHUP, or `Exporter.reload()`) turns a new config into the same parts,
 keeping what did not change: an egress (route) that stays keeps its budget, its
@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 from types import MappingProxyType
@@ -43,12 +44,10 @@ from exporter.selfmetrics import (
     ReloadStatus,
     StreamHealth,
 )
-from exporter.server import ExporterApp, MetricsServer, ServerLimits
 from exporter.shard import WHOLE, Shard
 from exporter.snapshot import AccountMeta, AccountSnapshot, SnapshotStore
 from exporter.storage import StateFile
 from exporter.streams import AccountStreams
-from exporter.webconfig import WebConfig, WebConfigFile
 
 log = structlog.get_logger("exporter")
 
@@ -202,6 +201,9 @@ class Exporter:
         self._stop: asyncio.Event | None = None
         self._crash: BaseException | None = None
         self._reload_lock = asyncio.Lock()
+        self._reloading: asyncio.Future[str | None] | None = None
+        #: reloads read files and load keys here, one at a time, off the pollers' loop
+        self._reload_thread = ThreadPoolExecutor(1, thread_name_prefix="config-reload")
         #: pollers a reload removed, finishing their in-flight refreshes
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -331,41 +333,6 @@ class Exporter:
 
     # --- serving and polling ---------------------------------------------------------
 
-    def serve_http(
-        self,
-        host: str,
-        port: int,
-        web: WebConfig | WebConfigFile | None = None,
-        limits: ServerLimits | None = None,
-        *,
-        lifecycle: bool = False,
-    ) -> MetricsServer:
-        """Serve /metrics and the other endpoints on host:port, with TLS and auth from `web`
-        (a `WebConfigFile` is re-read when it changes); with `lifecycle`, `POST /-/reload`."""
-        source = None
-        if isinstance(web, WebConfigFile):
-            source, current = web, web.current
-            self.registry.register(ReloadCollector(source, *WEB_CONFIG_NAMES))
-        else:
-            current = web or WebConfig()
-        app = ExporterApp(
-            self.registry,
-            self.store,
-            current,
-            exposition=self.exposition,
-            reload=self.reload if lifecycle else None,
-        )
-        server = MetricsServer(
-            app,
-            host,
-            port,
-            current.ssl_context,
-            limits,
-            web_source=source.check if source is not None else None,
-        )
-        server.start()
-        return server
-
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until `stop` is set, then let in-flight requests finish within the grace."""
         self._loop, self._stop = asyncio.get_running_loop(), stop
@@ -458,18 +425,28 @@ class Exporter:
     async def areload(self) -> str | None:
         """Re-read the config and every secret file; when all of it is valid, run it and
         return None. Otherwise keep the running config and return the problem (one line,
-        logged, and `binance_pm_config_last_reload_successful` 0)."""
+        logged, and `binance_pm_config_last_reload_successful` 0). A request made while a
+        reload runs (SIGHUP or HTTP) shares that run and its verdict."""
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.ensure_future(self._reload_once())
+        return await asyncio.shield(self._reloading)
+
+    async def _reload_once(self) -> str | None:
         async with self._reload_lock:
             if self._load is None:
                 log.warning("reload_failed", error="no config file to reload (--demo)")
                 return "no config file to reload (--demo)"
             try:
-                # Reading files and loading keys takes a while: not on the pollers' loop;
-                # a read that never ends must not hold the lock (and every later reload).
-                reading = asyncio.ensure_future(asyncio.to_thread(self._load))
+                # Reading files and loading keys takes a while: in the reloads' own thread,
+                # never the pollers' loop; a read that never ends must not hold the lock
+                # (and every later reload): its thread is left behind and replaced.
+                loop = asyncio.get_running_loop()
+                reading = loop.run_in_executor(self._reload_thread, self._load)
                 try:
                     config = await asyncio.wait_for(asyncio.shield(reading), RELOAD_TIMEOUT)
                 except TimeoutError:
+                    self._reload_thread.shutdown(wait=False)
+                    self._reload_thread = ThreadPoolExecutor(1, thread_name_prefix="config-reload")
                     raise ConfigError(
                         [f"reading the config took over {RELOAD_TIMEOUT:g} s; not applied"]
                     ) from None

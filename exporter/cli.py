@@ -21,8 +21,9 @@ from exporter.app import Exporter
 from exporter.budget import shard_limits
 from exporter.collectors import weight_of
 from exporter.config import Config, ConfigError, load_config, parse_config
+from exporter.http import ServerLimits, parse_listen_address
 from exporter.logs import FORMATS, LEVELS, configure_logging
-from exporter.server import ServerLimits, parse_listen_address
+from exporter.serve import serve_http
 from exporter.shard import Shard, ShardError, parse_shard
 from exporter.storage import StateFile
 from exporter.summary import check_budget, summarize
@@ -196,8 +197,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         exporter = Exporter(config, shard=shard, storage=storage, load=load)
         open_files = raise_open_files_limit()
         try:
-            server = exporter.serve_http(
-                host, port, web_config, limits, lifecycle=args.web_enable_lifecycle
+            server = serve_http(
+                exporter, host, port, web_config, limits, lifecycle=args.web_enable_lifecycle
             )
         except OSError as exc:
             return _usage_error(f"--web.listen-address: cannot listen on {host}:{port}: {exc}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ Format = Literal["text", "openmetrics"]
 #: the gzip member header: deflate, no flags, mtime 0, no extra flags, OS unknown
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 _RAW_DEFLATE = -zlib.MAX_WBITS
+#: a variant no scrape asked for this long is no longer built ahead (Prometheus scrapes
+#: every 15-60 s; building bodies nobody reads would only take CPU from the pollers)
+WANTED_SECONDS = 120.0
 GZIP_LEVEL = 6
 #: prometheus_client's float formatting (Go's, as Prometheus expects), typed
 format_value: Callable[[float], str] = floatToGoString
@@ -139,6 +143,9 @@ class CachedExposition:
         self._lock = threading.Lock()
         self._fragments: dict[str, _Fragment] = {}
         self._bodies: dict[tuple[Format, bool], _Body] = {}
+        #: the variants scrapes asked for, and when last: `render_changed()` builds those
+        #: asked for within WANTED_SECONDS ahead of the next scrape
+        self._wanted: dict[tuple[Format, bool], float] = {}
         #: bodies built so far, for tests and benchmarks
         self.renders = 0
 
@@ -159,8 +166,10 @@ class CachedExposition:
         assert isinstance(content, GzipPrefix)
         return content
 
-    def _body(self, fmt: Format, gzip: bool) -> bytes | GzipPrefix:
+    def _body(self, fmt: Format, gzip: bool, *, asked: bool = True) -> bytes | GzipPrefix:
         wanted = self._store.current.generation
+        if asked:
+            self._wanted[(fmt, gzip)] = time.monotonic()
         body = self._bodies.get((fmt, gzip))
         if body is not None and body.generation >= wanted:
             return body.content
@@ -169,16 +178,29 @@ class CachedExposition:
             body = self._bodies.get((fmt, gzip))
             if body is not None and body.generation >= wanted:
                 return body.content
-            snapshot = self._store.current
-            fragments = self._update_fragments(snapshot)
-            content = self._gzip(fmt, fragments) if gzip else self._plain(fmt, fragments)
-            # Bodies of older generations would be rebuilt before use anyway: free them.
+            # Bodies of older generations would be rebuilt before use anyway: free them
+            # first, so that an old and a new body of a variant are not held at once.
             self._bodies = {
                 key: old for key, old in self._bodies.items() if old.generation >= wanted
             }
+            snapshot = self._store.current
+            fragments = self._update_fragments(snapshot)
+            content = self._gzip(fmt, fragments) if gzip else self._plain(fmt, fragments)
             self._bodies[(fmt, gzip)] = _Body(snapshot.generation, content)
             self.renders += 1
             return content
+
+    def render_changed(self) -> None:
+        """Build, for the current snapshot, the gzip variants scrapes asked for lately (only
+        the accounts that changed are rendered and compressed, then the body is assembled),
+        and render the changed accounts' text. Plain bodies are joined per scrape: building
+        5 MB of text ahead at every change costs more memory than the join saves."""
+        recent = time.monotonic() - WANTED_SECONDS
+        for (fmt, gzip), asked in sorted(self._wanted.items()):
+            if gzip and asked >= recent:
+                self._body(fmt, gzip, asked=False)
+        with self._lock:  # the plain text is only joined per scrape, from ready fragments
+            self._update_fragments(self._store.current)
 
     def _update_fragments(self, snapshot: Snapshot) -> list[_Fragment]:
         old = self._fragments
@@ -209,3 +231,48 @@ class CachedExposition:
             crc = zlib.crc32(column, crc)
             size += len(column)
         return GzipPrefix(b"".join(data), crc, size)
+
+
+class Prerenderer:
+    """Builds bodies ahead of scrapes: after each snapshot change (changes that come while
+    it works are taken together), a thread of its own renders and compresses the accounts
+    that changed and assembles the variants scraped within WANTED_SECONDS, so that a
+    scrape finds its body ready. A scrape that comes meanwhile waits for that build and
+    takes its result, as before: never an older generation."""
+
+    def __init__(
+        self,
+        exposition: CachedExposition,
+        store: SnapshotStore,
+        *,
+        on_start: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._exposition = exposition
+        self._store = store
+        self._on_start = on_start
+        self._changed = threading.Event()
+        self._closed = False
+        self._unsubscribe: Callable[[], None] | None = None
+        self._thread = threading.Thread(target=self._run, name="exposition", daemon=True)
+
+    def start(self) -> None:
+        self._unsubscribe = self._store.subscribe(self._changed.set)
+        self._thread.start()
+
+    def _run(self) -> None:
+        self._on_start()
+        while True:
+            self._changed.wait()
+            if self._closed:
+                return
+            self._changed.clear()
+            try:
+                self._exposition.render_changed()
+            except Exception:  # noqa: S112 - the scrape that needs it renders it and reports
+                continue
+
+    def close(self) -> None:
+        self._closed = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        self._changed.set()

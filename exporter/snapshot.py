@@ -99,6 +99,17 @@ class SnapshotStore:
     def __init__(self, accounts: Iterable[AccountSnapshot]) -> None:
         self._lock = threading.Lock()
         self._current = Snapshot(MappingProxyType({a.name: a for a in accounts}))
+        #: called (in the replacing thread) after every change: they must return at once
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` after every change; returns what unsubscribes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _changed(self) -> None:
+        for listener in list(self._listeners):
+            listener()
 
     @property
     def current(self) -> Snapshot:
@@ -118,8 +129,11 @@ class SnapshotStore:
                 account = replace(account, meta=stored.meta)
             accounts = dict(self._current.accounts)
             accounts[account.name] = account
-            self._current = Snapshot(MappingProxyType(accounts), self._current.generation + 1)
-            return self._current
+            self._current = current = Snapshot(
+                MappingProxyType(accounts), self._current.generation + 1
+            )
+        self._changed()
+        return current
 
     def rebuild(
         self, make: Callable[[Mapping[str, AccountSnapshot]], Iterable[AccountSnapshot]]
@@ -127,7 +141,8 @@ class SnapshotStore:
         """Swap in the accounts `make` builds from the current ones (sorted by name)."""
         with self._lock:
             accounts = sorted(make(self._current.accounts), key=lambda a: a.name)
-            self._current = Snapshot(
+            self._current = current = Snapshot(
                 MappingProxyType({a.name: a for a in accounts}), self._current.generation + 1
             )
-            return self._current
+        self._changed()
+        return current

@@ -38,42 +38,43 @@ differs from the Go one it says so with an error rather than silently:
   (same header names, same allowed values) and exposed as `WebConfig.headers` for
   the HTTP server to add to every response. `http2` is accepted and ignored: the
   server speaks HTTP/1.1 only.
-- The file is read once, at start; exporter-toolkit re-reads it per request.
+- The file, and the files it names, are read again when one of them changes
+  (`WebConfigFile`); exporter-toolkit re-reads it per request.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
 import re
-import secrets
 import ssl
-import threading
 import time
-import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, NoReturn
+from typing import Any, NoReturn
 
 import bcrypt
 import structlog
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from exporter.config.errors import field_names, format_problems, problems_from_validation
 from exporter.config.secrets import MAX_CONFIG_BYTES, SecretSourceError, read_small_file
 from exporter.config.yamlfile import YamlError, parse_yaml
+from exporter.http import (
+    CACHE_SIZE,
+    BasicAuth,
+    CheckPw,
+    ClientAuthType,
+    TLSError,
+    TLSSettings,
+    TLSVersionName,
+    WebConfig,
+    bcrypt_cost,
+    build_context,
+)
+
+__all__ = ["CACHE_SIZE", "WebConfig", "WebConfigError", "WebConfigFile", "load_web_config"]
 
 log = structlog.get_logger("exporter.webconfig")
-
-CheckPw = Callable[[bytes, bytes], bool]
-"""`bcrypt.checkpw`'s shape: (password, hashed) -> matches. Injectable for tests."""
 
 
 class WebConfigError(Exception):
@@ -81,23 +82,6 @@ class WebConfigError(Exception):
 
 
 # --- the file's schema -------------------------------------------------------------------
-
-_ClientAuthType = Literal[
-    "NoClientCert",
-    "RequestClientCert",
-    "RequireAnyClientCert",
-    "RequireClientCert",  # exporter-toolkit's old name for RequireAnyClientCert
-    "VerifyClientCertIfGiven",
-    "RequireAndVerifyClientCert",
-]
-_TLSVersionName = Literal["TLS10", "TLS11", "TLS12", "TLS13"]
-
-_TLS_VERSIONS: dict[str, ssl.TLSVersion] = {
-    "TLS10": ssl.TLSVersion.TLSv1,
-    "TLS11": ssl.TLSVersion.TLSv1_1,
-    "TLS12": ssl.TLSVersion.TLSv1_2,
-    "TLS13": ssl.TLSVersion.TLSv1_3,
-}
 
 # Keys exporter-toolkit knows that this implementation does not support.
 _UNSUPPORTED: dict[tuple[str, ...], str] = {
@@ -122,9 +106,6 @@ _ALLOWED_HEADERS: dict[str, tuple[str, ...]] = {
 _BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
 #: the highest bcrypt cost accepted: ~1 s per check on a 2024 server core (each step doubles)
 MAX_BCRYPT_COST = 14
-#: distinct wrong credentials remembered (exporter-toolkit keeps 100 verdicts)
-CACHE_SIZE = 100
-_BCRYPT_MAX_PASSWORD = 72  # bytes; longer passwords would be truncated, so they never match
 
 
 class _Section(BaseModel):
@@ -134,11 +115,11 @@ class _Section(BaseModel):
 class _TLSServerConfig(_Section):
     cert_file: str | None = None
     key_file: str | None = None
-    client_auth_type: _ClientAuthType | None = None
+    client_auth_type: ClientAuthType | None = None
     client_ca_file: str | None = None
     client_ca: str | None = None
-    min_version: _TLSVersionName | None = None
-    max_version: _TLSVersionName | None = None
+    min_version: TLSVersionName | None = None
+    max_version: TLSVersionName | None = None
     prefer_server_cipher_suites: bool | None = None
 
 
@@ -151,145 +132,6 @@ class _WebConfigFile(_Section):
     tls_server_config: _TLSServerConfig | None = None
     http_server_config: _HTTPServerConfig | None = None
     basic_auth_users: dict[str, SecretStr] | None = None
-
-
-# --- basic auth ----------------------------------------------------------------------------
-
-
-def _parse_basic_authorization(authorization: str | None) -> tuple[str, bytes] | None:
-    """(username, password) from an `Authorization: Basic ...` header value, else None."""
-    if authorization is None:
-        return None
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(token.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    username, colon, password = decoded.partition(b":")
-    if not colon:
-        return None
-    try:
-        return username.decode("utf-8"), password
-    except UnicodeDecodeError:
-        return None
-
-
-@dataclass(frozen=True)
-class Pending:
-    """Credentials the cache does not know: `BasicAuth.verify` runs bcrypt on them."""
-
-    key: bytes = field(repr=False)
-    username: str
-    password: bytes = field(repr=False)
-
-
-class BasicAuth:
-    """Checks `Authorization: Basic` against bcrypt hashes, caching recent verdicts.
-
-    Verdicts are remembered as an HMAC-SHA-256 of username and password under a key
-    drawn at start (never the password itself): the last verified credentials of each
-    user, and, as exporter-toolkit does, the last CACHE_SIZE failures. A scrape with
-    the same credentials, or a flood repeating one wrong password, costs a hash and a
-    lookup, not a bcrypt run; a flood of ever new wrong passwords cannot push a
-    verified user out (failures are kept apart). An unknown user costs the same bcrypt
-    run as a known one (against
-    the costliest configured hash), and never passes. Costs are capped at
-    MAX_BCRYPT_COST when the file is loaded, so one check is bounded too.
-
-    `verdict()` is cheap and answers from the cache or the header's shape; `verify()`
-    runs bcrypt (callers bound how many run: the server, one at a time with a short
-    queue). `check()` does both.
-    """
-
-    def __init__(self, users: Mapping[str, bytes], *, checkpw: CheckPw = bcrypt.checkpw) -> None:
-        self._users = dict(users)
-        self._checkpw = checkpw
-        self._cache_key = secrets.token_bytes(32)
-        self._verified: dict[str, bytes] = {}
-        self._failed: OrderedDict[bytes, None] = OrderedDict()
-        self._lock = threading.Lock()
-        # The costliest configured hash: checking against it takes as long as a known user.
-        self._decoy = max(self._users.values(), key=lambda h: int(h[4:6]), default=b"")
-
-    def __repr__(self) -> str:
-        return f"BasicAuth(users={len(self._users)})"
-
-    def verdict(self, authorization: str | None) -> bool | Pending:
-        """True or False when known without bcrypt, else the check `verify()` must run."""
-        credentials = _parse_basic_authorization(authorization)
-        if credentials is None:
-            return False
-        username, password = credentials
-        if len(password) > _BCRYPT_MAX_PASSWORD:
-            return False
-        key = self._digest(username, password)
-        known = self._known(username, key)
-        return Pending(key, username, password) if known is None else known
-
-    def _known(self, username: str, key: bytes) -> bool | None:
-        with self._lock:
-            verified = self._verified.get(username)
-            if verified is not None and hmac.compare_digest(verified, key):
-                return True
-            if key in self._failed:
-                self._failed.move_to_end(key)
-                return False
-        return None
-
-    def verify(self, pending: Pending) -> bool:
-        """Run bcrypt for `pending` (blocking) and remember the verdict."""
-        known = self._known(pending.username, pending.key)  # the same may have been checked
-        if known is not None:
-            return known
-        hashed = self._users.get(pending.username)
-        try:
-            matches = self._checkpw(pending.password, self._decoy if hashed is None else hashed)
-        except ValueError:  # bcrypt refusing its input is a failed login, not a 500
-            matches = False
-        verdict = matches and hashed is not None
-        with self._lock:
-            if verdict:
-                self._verified[pending.username] = pending.key
-            else:
-                self._failed[pending.key] = None
-                while len(self._failed) > CACHE_SIZE:
-                    self._failed.popitem(last=False)
-        return verdict
-
-    def check(self, authorization: str | None) -> bool:
-        """Whether `authorization` holds a user's credentials (may run bcrypt, blocking)."""
-        verdict = self.verdict(authorization)
-        return self.verify(verdict) if isinstance(verdict, Pending) else verdict
-
-    def _digest(self, username: str, password: bytes) -> bytes:
-        name = username.encode("utf-8")
-        message = len(name).to_bytes(4, "big") + name + password
-        return hmac.new(self._cache_key, message, hashlib.sha256).digest()
-
-
-# --- the result ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WebConfig:
-    """What the HTTP server needs: a TLS context (None = plain HTTP), auth, extra headers.
-
-    `WebConfig()` is the open, plain-HTTP configuration used without --web.config.file.
-    On a request that is not `authorized()`, answer 401 with `WWW-Authenticate: Basic`
-    and nothing more.
-    """
-
-    ssl_context: ssl.SSLContext | None = None
-    basic_auth: BasicAuth | None = field(default=None, repr=False)
-    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    #: the files it was read from: the web config, and the certificate, key and CA it names
-    files: tuple[Path, ...] = ()
-
-    def authorized(self, authorization: str | None) -> bool:
-        """Whether a request with this `Authorization` header value may proceed."""
-        return self.basic_auth is None or self.basic_auth.check(authorization)
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -331,10 +173,6 @@ def load_web_config(path: Path, *, checkpw: CheckPw = bcrypt.checkpw) -> WebConf
         headers=_headers(path, parsed.http_server_config),
         files=(path, *(_resolve(path, name) for name in named if name)),
     )
-
-
-#: how often the web config's files are looked at for a change (a stat each)
-WEB_CONFIG_CHECK_SECONDS = 2.0
 
 
 class WebConfigFile:
@@ -381,6 +219,10 @@ class WebConfigFile:
         log.info("web_config_reloaded", tls=loaded.ssl_context is not None)
         return loaded
 
+    def stuck(self) -> None:
+        """A look at the files did not end in time (the server logs it): a failed reload."""
+        self.successful = False
+
 
 def _stamp(files: tuple[Path, ...]) -> tuple[tuple[int, int, int] | None, ...]:
     """What tells a file's change: its inode, size and modification time (None: gone)."""
@@ -398,12 +240,6 @@ def _stamp(files: tuple[Path, ...]) -> tuple[tuple[int, int, int] | None, ...]:
 def _fail(path: Path, field_name: str, problem: str) -> NoReturn:
     # `from None`: the OpenSSL or pydantic error behind it would only add noise (or secrets).
     raise WebConfigError(f"{path}: {field_name}: {problem}") from None
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return type(e).__name__
 
 
 def _reject_unsupported(path: Path, raw: dict[Any, Any]) -> None:
@@ -427,99 +263,20 @@ def _ssl_context(path: Path, tls: _TLSServerConfig | None) -> ssl.SSLContext | N
         _fail(path, "tls_server_config.cert_file", "required when tls_server_config is set")
     if not tls.key_file:
         _fail(path, "tls_server_config.key_file", "required when tls_server_config is set")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _set_versions(path, context, tls)
-    if tls.prefer_server_cipher_suites is False:
-        context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
-    else:
-        context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
-    context.set_alpn_protocols(["http/1.1"])
-    _load_cert_chain(path, context, _resolve(path, tls.cert_file), _resolve(path, tls.key_file))
-    has_client_ca = _load_client_ca(path, context, tls)
-    mode = tls.client_auth_type or "NoClientCert"
-    if mode == "NoClientCert":
-        if has_client_ca:
-            _fail(
-                path,
-                "tls_server_config.client_ca_file",
-                "set, but client_auth_type does not ask for client certificates",
-            )
-        context.verify_mode = ssl.CERT_NONE
-    elif mode == "RequestClientCert":
-        context.verify_mode = ssl.CERT_NONE
-    else:
-        if not has_client_ca:
-            _fail(
-                path,
-                "tls_server_config.client_ca_file",
-                f"required with client_auth_type {mode}: client certificates are verified",
-            )
-        context.verify_mode = (
-            ssl.CERT_OPTIONAL if mode == "VerifyClientCertIfGiven" else ssl.CERT_REQUIRED
-        )
-    return context
-
-
-def _set_versions(path: Path, context: ssl.SSLContext, tls: _TLSServerConfig) -> None:
-    minimum = _TLS_VERSIONS[tls.min_version or "TLS12"]
-    maximum = _TLS_VERSIONS[tls.max_version or "TLS13"]
-    if minimum > maximum:
-        _fail(path, "tls_server_config.min_version", "is above max_version")
-    with warnings.catch_warnings():  # TLS10/TLS11 are deprecated; the user asked for them
-        warnings.simplefilter("ignore", DeprecationWarning)
-        context.minimum_version = minimum
-        context.maximum_version = maximum
-
-
-def _no_passphrase() -> NoReturn:
-    raise WebConfigError("encrypted")
-
-
-def _load_cert_chain(path: Path, context: ssl.SSLContext, cert: Path, key: Path) -> None:
-    for field_name, file in (("cert_file", cert), ("key_file", key)):
-        try:
-            file.read_bytes()
-        except OSError as e:
-            _fail(path, f"tls_server_config.{field_name}", f"cannot read {file}: {_reason(e)}")
+    settings = TLSSettings(
+        cert_file=_resolve(path, tls.cert_file),
+        key_file=_resolve(path, tls.key_file),
+        client_auth_type=tls.client_auth_type or "NoClientCert",
+        client_ca_file=_resolve(path, tls.client_ca_file) if tls.client_ca_file else None,
+        client_ca=tls.client_ca,
+        min_version=tls.min_version or "TLS12",
+        max_version=tls.max_version or "TLS13",
+        prefer_server_cipher_suites=tls.prefer_server_cipher_suites is not False,
+    )
     try:
-        context.load_cert_chain(cert, key, password=_no_passphrase)
-    except WebConfigError:
-        _fail(path, "tls_server_config.key_file", f"{key} is encrypted; use an unencrypted key")
-    except ssl.SSLError:
-        field_name, problem = _diagnose_cert_chain(cert, key)
-        _fail(path, f"tls_server_config.{field_name}", problem)
-
-
-def _diagnose_cert_chain(cert: Path, key: Path) -> tuple[str, str]:
-    """Which of cert_file and key_file OpenSSL refused, with a reason to show."""
-    try:
-        x509.load_pem_x509_certificates(cert.read_bytes())
-    except ValueError:
-        return "cert_file", f"{cert} holds no PEM certificate"
-    try:
-        load_pem_private_key(key.read_bytes(), password=None)
-    except (ValueError, TypeError):
-        return "key_file", f"{key} holds no usable PEM private key"
-    return "key_file", f"{key} does not match the certificate in {cert}"
-
-
-def _load_client_ca(path: Path, context: ssl.SSLContext, tls: _TLSServerConfig) -> bool:
-    if tls.client_ca_file:
-        ca_file = _resolve(path, tls.client_ca_file)
-        try:
-            context.load_verify_locations(cafile=ca_file)
-        except ssl.SSLError:
-            _fail(path, "tls_server_config.client_ca_file", f"{ca_file} holds no PEM certificate")
-        except OSError as e:
-            _fail(path, "tls_server_config.client_ca_file", f"cannot read {ca_file}: {_reason(e)}")
-        return True
-    if tls.client_ca:
-        try:
-            context.load_verify_locations(cadata=tls.client_ca)
-        except (ssl.SSLError, ValueError):
-            _fail(path, "tls_server_config.client_ca", "holds no PEM certificate")
-        return True
-    return False
+        return build_context(settings)
+    except TLSError as e:
+        _fail(path, f"tls_server_config.{e.field}", str(e))
 
 
 def _basic_auth(
@@ -535,7 +292,7 @@ def _basic_auth(
         hashed = secret.get_secret_value()
         if not _BCRYPT_HASH.fullmatch(hashed):
             _fail(path, where, "not a bcrypt hash ($2a$, $2b$ or $2y$, cost 04-31)")
-        if int(hashed[4:6]) > MAX_BCRYPT_COST:
+        if bcrypt_cost(hashed.encode()) > MAX_BCRYPT_COST:
             _fail(
                 path,
                 where,

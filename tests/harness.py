@@ -17,8 +17,9 @@ from exporter.app import Exporter
 from exporter.binance.stream import DEFAULT_TIMINGS, StreamTimings
 from exporter.collector import SnapshotCollector
 from exporter.config import Config, parse_config
+from exporter.http import MetricsServer
 from exporter.poller import BACKOFF_CAP_SECONDS
-from exporter.server import MetricsServer
+from exporter.serve import serve_http
 from exporter.shard import WHOLE, Shard
 from exporter.simulator.demo import GeneratedAccount, exporter_config, generate_account
 from exporter.webconfig import WebConfig, WebConfigFile
@@ -112,7 +113,7 @@ class RunningExporter:
         self._thread = threading.Thread(target=self._run, name="exporter", daemon=True)
 
     def start(self) -> Self:
-        self.server = self.exporter.serve_http("127.0.0.1", 0, self.web)
+        self.server = serve_http(self.exporter, "127.0.0.1", 0, self.web)
         self._thread.start()
         return self
 

@@ -100,8 +100,28 @@ FORBIDDEN = [
     ),
     (
         package_modules("exporter.binance"),
-        ("exporter.poller", "exporter.budget", "exporter.app", "exporter.cli", "exporter.server"),
+        ("exporter.poller", "exporter.budget", "exporter.app", "exporter.cli", "exporter.http"),
         "the client knows nothing of scheduling or serving",
+    ),
+    (
+        package_modules("exporter.http"),
+        (
+            "exporter.poller",
+            # the families' collector modules hold their parsers (exporter.binance.models,
+            # pure functions), never a client, a stream or a transport
+            "exporter.binance.client",
+            "exporter.binance.stream",
+            "exporter.binance.transport",
+            "exporter.binance.signing",
+            "exporter.config",
+            "exporter.webconfig",
+            "exporter.storage",
+            "exporter.app",
+            "exporter.serve",
+            "exporter.cli",
+            "httpx",
+        ),
+        "HTTP serves what it is given: it loads no config and polls nothing",
     ),
 ]
 
@@ -114,6 +134,27 @@ FORBIDDEN = [
 def test_no_import_runs_back_up(module: str, prefixes: tuple[str, ...]) -> None:
     bad = sorted(name for name in reached(module) if name.startswith(prefixes))
     assert not bad, f"{module} reaches {bad}"
+
+
+def exporter_modules() -> list[str]:
+    return sorted(
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for path in PACKAGE.rglob("*.py")
+    )
+
+
+@pytest.mark.parametrize(
+    "module", [m for m in exporter_modules() if not m.startswith("exporter.http")]
+)
+def test_the_rest_imports_only_the_public_face_of_http(module: str) -> None:
+    path = module_path(module)
+    assert path is not None
+    inner = sorted(
+        name
+        for name in imported_modules(path)
+        if name.startswith("exporter.http.") and module_path(name) is not None
+    )
+    assert not inner, f"{module} imports {inner}: import them from exporter.http"
 
 
 #: small modules every part reads: the standard library only (and each other)

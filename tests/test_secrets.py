@@ -32,6 +32,7 @@ from exporter.binance import errors
 from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import make_signer
 from exporter.config import Config, ConfigError, load_config
+from exporter.serve import serve_http
 from exporter.simulator import SimAccount, Simulator
 from exporter.summary import summarize
 
@@ -195,7 +196,7 @@ def test_no_secret_in_logs_metrics_readyz_under_faults(
     bodies: list[tuple[str, str]] = []
     # an auth error waits out the backoff cap: 1.5 s here, not 300 s
     with captured_logs() as logs, RunningExporter(config, backoff_cap=1.5) as run:
-        server = run.exporter.serve_http("127.0.0.1", 0)
+        server = serve_http(run.exporter, "127.0.0.1", 0)
         base = f"http://127.0.0.1:{server.port}"
         try:
             wait_until(run.all_up, 10, "every account up")

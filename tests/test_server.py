@@ -10,13 +10,14 @@ from pathlib import Path
 import bcrypt
 import httpx
 import pytest
+from harness import wait_until
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from exporter.exposition import CachedExposition
-from exporter.server import (
+from exporter.http import (
     ExporterApp,
     MetricsServer,
     ServerLimits,
@@ -265,5 +266,26 @@ def test_metrics_requests_past_max_requests_get_503() -> None:
             assert busy.status_code == 503
             assert busy.text == "too many requests in flight\n"
             assert httpx.get(f"http://127.0.0.1:{server.port}/healthz").status_code == 200
+    finally:
+        server.close()
+
+
+def test_a_changed_snapshot_is_rendered_before_the_next_scrape_asks() -> None:
+    store = SnapshotStore([AccountSnapshot("desk-a", 10.0), AccountSnapshot("desk-b", 10.0)])
+    exposition = CachedExposition(store)
+    server = MetricsServer(
+        ExporterApp(CollectorRegistry(), store, exposition=exposition), "127.0.0.1", 0
+    )
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        assert httpx.get(url, headers={"Accept-Encoding": "gzip"}).status_code == 200
+        built = exposition.renders
+        store.replace(AccountSnapshot("desk-a", 10.0, up=True, attempted=True))
+        wait_until(lambda: exposition.renders > built, timeout=10, what="the body built ahead")
+        rendered = exposition.renders
+        scrape = httpx.get(url, headers={"Accept-Encoding": "gzip"})
+        assert 'binance_pm_up{account="desk-a"} 1.0' in scrape.text
+        assert exposition.renders == rendered  # the scrape found its body ready
     finally:
         server.close()

@@ -1,7 +1,7 @@
 """--web.config.file: TLS, client certificates and basic auth, over real loopback HTTPS.
 
 Certificates are made at test time. The server under test is the real exporter polling
-a simulator: in-process (`Exporter.serve_http` with the loaded web config) for the HTTP
+a simulator: in-process (`exporter.serve.serve_http` with the loaded web config) for the HTTP
 tests, and the command line (`python -m exporter --web.config.file ...`) for the real
 Prometheus scraping it over HTTPS with basic auth and a client certificate.
 """
@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from faultkit import RunningExporter, fast_config, hmac_accounts
 
-from exporter.server import MetricsServer
+from exporter.http import MetricsServer
 from exporter.simulator import Simulator
 from exporter.webconfig import CACHE_SIZE, WebConfig, WebConfigError, load_web_config
 

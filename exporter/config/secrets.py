@@ -6,6 +6,7 @@ key type but never any part of the secret itself.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -93,7 +94,7 @@ def load_private_key(pem: bytes, passphrase: bytes | None) -> PrivateKey:
             "a passphrase was given but the key is not encrypted (remove the passphrase)"
         )
     try:
-        key = serialization.load_pem_private_key(pem, password=passphrase)
+        key = _parse_private_key(pem, passphrase)
     except UnsupportedAlgorithm:
         raise SecretSourceError("unsupported key algorithm (RSA or Ed25519 only)") from None
     except (ValueError, TypeError):
@@ -113,3 +114,11 @@ def key_type(key: PrivateKey | None) -> str:
     if key is None:
         return "hmac"
     return "rsa" if isinstance(key, RSAPrivateKey) else "ed25519"
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_private_key(pem: bytes, passphrase: bytes | None) -> object:
+    """OpenSSL's parse of a PEM key, kept per (bytes, passphrase): checking an RSA key takes
+    50-90 ms and holds the interpreter lock, so a reload of 50 unchanged RSA keys stalled
+    every scrape for seconds; unchanged bytes now reuse the key loaded before (immutable)."""
+    return serialization.load_pem_private_key(pem, password=passphrase)

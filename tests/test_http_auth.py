@@ -1,0 +1,136 @@
+"""The auth gate and the web-config watcher of exporter/http, without sockets: who waits
+for bcrypt in which order, what a reload keeps, and a stuck look at the web config."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+
+import bcrypt
+import httpx
+from harness import wait_until
+from prometheus_client import CollectorRegistry
+
+from exporter.http import BasicAuth, ExporterApp, MetricsServer, Request, WebConfig
+from exporter.http.auth import MAX_CHECKS_PER_PEER, TOO_MANY_CHECKS, AuthGate, Check
+from exporter.snapshot import AccountSnapshot, SnapshotStore
+
+PASSWORD = b"scrape-password"
+HASH = bcrypt.hashpw(PASSWORD, bcrypt.gensalt(rounds=4))
+
+
+def request(user: str, password: bytes, peer: str = "10.0.0.1") -> Request:
+    token = base64.b64encode(user.encode() + b":" + password).decode()
+    return Request("GET", "/metrics", {"authorization": f"Basic {token}"}, peer)
+
+
+class Recorder:
+    """bcrypt.checkpw that records each password and can hold the first call."""
+
+    def __init__(self) -> None:
+        self.passwords: list[bytes] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, password: bytes, hashed: bytes) -> bool:
+        self.passwords.append(password)
+        self.release.wait(10)
+        return bcrypt.checkpw(password, hashed)
+
+
+def test_a_reload_keeps_verified_credentials_only_where_the_hash_did_not_change() -> None:
+    checkpw = Recorder()
+    gate = AuthGate(BasicAuth({"prom": HASH, "other": HASH}, checkpw=checkpw), nice=lambda: None)
+
+    async def scenario() -> None:
+        for user in ("prom", "other"):
+            check = gate.admit(request(user, PASSWORD))
+            assert isinstance(check, Check)
+            assert await gate.verify(check, lambda: False)
+        rehashed = bcrypt.hashpw(PASSWORD, bcrypt.gensalt(rounds=4))  # same password
+        gate.use(BasicAuth({"prom": HASH, "other": rehashed}, checkpw=checkpw))
+        assert gate.admit(request("prom", PASSWORD)) is None  # still verified: no bcrypt
+        again = gate.admit(request("other", PASSWORD))
+        assert isinstance(again, Check)  # its hash changed: checked again
+        assert again.first  # ... ahead of unknown credentials
+        assert await gate.verify(again, lambda: False)
+        gate.use(BasicAuth({"prom": rehashed}, checkpw=checkpw))
+        assert isinstance(gate.admit(request("prom", b"wrong")), Check)
+
+    asyncio.run(scenario())
+    assert checkpw.passwords == [PASSWORD] * 3
+    gate.close()
+
+
+def test_credentials_verified_before_go_ahead_of_unknown_ones() -> None:
+    checkpw = Recorder()
+    gate = AuthGate(BasicAuth({"prom": HASH}, checkpw=checkpw), nice=lambda: None)
+
+    async def scenario() -> None:
+        first = gate.admit(request("prom", PASSWORD))
+        assert isinstance(first, Check)
+        assert await gate.verify(first, lambda: False)
+        # A reload re-hashed the password: the verified credentials must be checked again.
+        gate.use(BasicAuth({"prom": bcrypt.hashpw(PASSWORD, bcrypt.gensalt(4))}, checkpw=checkpw))
+        checkpw.release.clear()  # the next bcrypt run holds the thread
+        checks = []
+        for i in range(4):
+            check = gate.admit(request("prom", b"wrong-%d" % i, f"10.0.1.{i}"))
+            assert isinstance(check, Check)
+            checks.append(check)
+        known = gate.admit(request("prom", PASSWORD, "10.0.2.1"))
+        assert isinstance(known, Check)
+        assert known.first
+        tasks = [asyncio.ensure_future(gate.verify(c, lambda: False)) for c in checks]
+        while len(checkpw.passwords) < 2:  # the first unknown one is in bcrypt, the rest wait
+            await asyncio.sleep(0.001)
+        tasks.append(asyncio.ensure_future(gate.verify(known, lambda: False)))
+        await asyncio.sleep(0)  # it takes its place in the queue
+        checkpw.release.set()
+        assert await asyncio.gather(*tasks) == [False] * 4 + [True]
+
+    asyncio.run(scenario())
+    # the one in bcrypt when it arrived, then the verified-before credentials, then the rest
+    assert checkpw.passwords[1:3] == [b"wrong-0", PASSWORD]
+    gate.close()
+
+
+def test_unknown_credentials_are_capped_per_source_address() -> None:
+    gate = AuthGate(BasicAuth({"prom": HASH}), nice=lambda: None)
+    admitted = [gate.admit(request("prom", b"x%d" % i)) for i in range(MAX_CHECKS_PER_PEER)]
+    assert all(isinstance(check, Check) for check in admitted)
+    assert gate.admit(request("prom", b"one-more")) is TOO_MANY_CHECKS
+    assert gate.refusal(request("prom", b"one-more"), hung_up=False) is TOO_MANY_CHECKS
+    assert isinstance(gate.admit(request("prom", PASSWORD, "10.9.9.9")), Check)  # another
+    gate.close()
+
+
+def test_a_stuck_look_at_the_web_config_is_reported_and_blocks_no_scrape() -> None:
+    store = SnapshotStore([AccountSnapshot("desk-a", 10.0)])
+    stuck, reported = threading.Event(), threading.Event()
+    looks: list[float] = []
+
+    def source() -> WebConfig:
+        looks.append(1.0)
+        stuck.wait(30)  # a read that never ends
+        return WebConfig()
+
+    server = MetricsServer(
+        ExporterApp(CollectorRegistry(), store),
+        "127.0.0.1",
+        0,
+        web_source=source,
+        on_stuck=reported.set,
+        web_timeout=0.5,
+    )
+    server.start()
+    try:
+        wait_until(reported.is_set, timeout=10, what="the stuck look reported")
+        assert len(looks) == 1  # no second look piles up behind the stuck one
+        for _ in range(8):  # more than the /metrics workers: none of them is held
+            response = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5)
+            assert response.status_code == 200
+    finally:
+        stuck.set()
+        server.close()
