@@ -185,7 +185,7 @@ class Exporter:
         #: the spot prices, read by the price metrics at scrape time
         self.price_store = PriceStore(PriceBook(frozenset(config.prices.usd_assets)))
         self.prices = self._price_source(config, clock)
-        self.registry.register(BudgetCollector(lambda: self._all_budgets))
+        self.registry.register(BudgetCollector(lambda: [b.figures() for b in self._all_budgets]))
         self.registry.register(ReloadCollector(self.reload_status, "config", "config"))
         self.registry.register(BuildInfoCollector())
         register_process_metrics(self.registry)

@@ -31,7 +31,7 @@ from exporter.watchdog import ShutdownWatchdog
 from exporter.webconfig import WebConfigError, WebConfigFile
 
 if TYPE_CHECKING:
-    from exporter.simulator.demo import NegativeEpisodes
+    from exporter.demo import NegativeEpisodes
 
 DEFAULT_PORT = 9745
 #: the demo serves this machine only, unless --web.listen-address says otherwise
@@ -261,7 +261,7 @@ def listen_address(args: argparse.Namespace) -> str:
 
 
 def _demo_episodes() -> NegativeEpisodes:
-    from exporter.simulator.demo import NegativeEpisodes  # noqa: PLC0415 - demo only
+    from exporter.demo import NegativeEpisodes  # noqa: PLC0415 - demo only
 
     return NegativeEpisodes()
 
@@ -368,7 +368,7 @@ async def _run(
     if not demo:
         await exporter.run(stop)
         return
-    from exporter.simulator.demo import log_usd_totals  # noqa: PLC0415 - demo only
+    from exporter.demo import log_usd_totals  # noqa: PLC0415 - demo only
 
     tasks = [asyncio.create_task(log_usd_totals(exporter.store, exporter.price_store))]
     if episodes is not None:

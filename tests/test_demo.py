@@ -12,8 +12,9 @@ from faultkit import captured_logs
 from harness import wait_until
 
 from exporter.cli import build_parser, listen_address
+from exporter.demo import NegativeEpisodes
 from exporter.simulator.auth import SimAccount
-from exporter.simulator.demo import Drift, NegativeEpisodes
+from exporter.simulator.demo import Drift
 from exporter.simulator.server import Simulator
 from exporter.snapshot import AccountSnapshot, AssetBalance, SnapshotStore
 

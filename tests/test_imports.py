@@ -195,6 +195,35 @@ def test_every_collector_module_is_listed() -> None:
     assert set(package_modules("exporter.collectors")) == listed | helpers
 
 
+@pytest.mark.parametrize("module", package_modules("exporter.simulator"))
+def test_the_simulator_imports_nothing_of_the_exporter(module: str) -> None:
+    bad = sorted(
+        name
+        for name in reached(module)
+        if name.startswith("exporter") and not name.startswith("exporter.simulator")
+        # `from exporter.simulator import x` names the package `exporter.simulator`
+    )
+    assert not bad, f"{module} reaches {bad}: the demo's exporter side is exporter/demo.py"
+
+
+#: metrics and polling: the self-metrics read figures the budget and the poller hand them
+#: (plain values, a small protocol), so none of these reaches back to another
+METRICS_AND_POLLING = ("exporter.selfmetrics", "exporter.budget", "exporter.poller")
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(a, b) for i, a in enumerate(METRICS_AND_POLLING) for b in METRICS_AND_POLLING[i + 1 :]],
+)
+def test_metrics_and_polling_import_each_other_in_no_loop(first: str, second: str) -> None:
+    assert not (second in reached(first) and first in reached(second)), (first, second)
+
+
+def test_the_self_metrics_import_neither_budget_nor_poller() -> None:
+    reaches = reached("exporter.selfmetrics")
+    assert not reaches & {"exporter.budget", "exporter.poller"}, reaches
+
+
 def test_no_import_cycles() -> None:
     graph = closure("exporter.cli")
     for simulator in package_modules("exporter.simulator"):
