@@ -152,6 +152,7 @@ ACCOUNT_ALERTS = (
     "BinancePMNegativeBalanceLarge",
     "BinancePMUniMMRLow",
     "BinancePMUniMMRCritical",
+    "BinancePMPositionDominatesMargin",
     "BinancePMAccountStatusNotNormal",
     "BinancePMAccountLiquidation",
     "BinancePMAccountFailing",
