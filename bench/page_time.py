@@ -9,11 +9,14 @@ evaluation) and Alertmanager (group_wait 1 s) of the end-to-end tests (tests/e2e
    set at once on distinct random accounts, each timed to its own page (its account's
    round-robin turn comes within 323 s).
 
-    PYTHONPATH=. python bench/page_time.py      # ~9 min
+With `--trade-rate N` the simulator's desk trades N fills a second meanwhile (issue 16).
+
+    PYTHONPATH=. python bench/page_time.py [--trade-rate 5]     # ~9 min
 """
 
 from __future__ import annotations
 
+import argparse
 import random
 import sys
 import tempfile
@@ -50,6 +53,9 @@ def polling_only(stack: Stack, rng: random.Random) -> list[float]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trade-rate", type=float, default=0.0, metavar="N")
+    trade_rate = parser.parse_args().trade_rate
     rows = []
     for label, stream, run in (
         ("streams on", True, streams_on),
@@ -57,7 +63,9 @@ def main() -> None:
     ):
         with tempfile.TemporaryDirectory() as work:
             began = time.monotonic()
-            with e2e_stack(Path(work), accounts=ACCOUNTS, stream=stream) as stack:
+            with e2e_stack(
+                Path(work), accounts=ACCOUNTS, stream=stream, trade_rate=trade_rate
+            ) as stack:
                 times = run(stack, random.Random(9))
             took = time.monotonic() - began
         rows.append((label, len(times), median(times), max(times), took))

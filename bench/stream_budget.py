@@ -12,7 +12,13 @@ Figures:
    account every 10-20 s: delay from the trigger to its refresh's first request,
    with and without the 200 streams reconnecting at once (200 CATCHUPs queued),
    against the wait for the round-robin turn (polling only).
-3. Cost: CPU per 1,000 trigger() calls (coalesced into a pending refresh).
+3. Cost: CPU per 1,000 trigger() calls (coalesced into a pending refresh), and per 1,000
+   events through the stream observer (parse, classify, trigger).
+4. A desk that trades (issue 16): 200 accounts, Poisson fills at 5 and 50 a second, each
+   a fill's two events through the real observer (parse, classify, trigger); 20 events
+   driving a random account's USDT below zero: delay to its balance read; the triggered
+   reads by endpoint and their weight against B/2; and at 50/s with 20 accounts, every
+   account's worst full-read interval against polling-only.
 
     PYTHONPATH=. python bench/stream_budget.py
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
 import statistics
 import time
@@ -32,6 +39,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from exporter.binance.client import BinanceClient, Credentials
+from exporter.binance.events import parse_frame
 from exporter.binance.signing import HmacSigner
 from exporter.budget import BudgetLimits, WeightBudget, refresh_interval
 from exporter.logs import configure_logging
@@ -39,6 +47,7 @@ from exporter.poller import EgressPoller, PollSettings, Target
 from exporter.selfmetrics import Instruments, StreamHealth
 from exporter.simulator.virtualtime import EventClock
 from exporter.snapshot import AccountSnapshot, SnapshotStore
+from exporter.streams import _AccountObserver
 from exporter.triggers import Priority
 
 START = 1_700_000_010.0
@@ -124,7 +133,7 @@ def budget(n: int) -> list[str]:
     worst = max(
         b - a for name in run.names if name != busy for a, b in itertools.pairwise(run.starts(name))
     )
-    triggered = run.stream.triggered.labels(busy)._value.get()
+    triggered = run.stream.triggered.labels(busy, "balance")._value.get()
     gap = min(b - a for a, b in itertools.pairwise(mine))
     return [
         f"{n} accounts, polling-only interval {run.interval:.1f} s; {busy}: 200 events/s for 60 s",
@@ -180,6 +189,86 @@ def trigger_cost() -> float:
     return (time.process_time() - began) / loops * 1000 * 1e6
 
 
+def frame(kind: str, at: float, wb: str = "500.0") -> str:
+    if kind == "update":
+        rows = [{"a": "USDT", "wb": wb, "cw": wb, "bc": "0.5"}]
+        body = {"e": "ACCOUNT_UPDATE", "fs": "UM", "i": "", "a": {"m": "ORDER", "B": rows}}
+    else:
+        body = {"e": "outboundAccountPosition", "B": [{"a": "ETH", "f": "3.5", "l": "0"}]}
+    return json.dumps({**body, "E": int(at * 1000), "T": int(at * 1000)})
+
+
+def desk(
+    n: int, rate: float, seconds: float, negatives: int, pause: tuple[float, float] = (2.0, 3.0)
+) -> dict[str, float]:
+    run = Run(n)
+    rng = random.Random(5)
+    observers = {
+        name: _AccountObserver(name, run.poller, run.stream, run.clock) for name in run.names
+    }
+    delays: list[float] = []
+    trades = 0
+
+    async def trade() -> None:
+        nonlocal trades
+        while rate:
+            await run.clock.sleep(0.05)
+            arrivals = rng.expovariate(rate)
+            while arrivals < 0.05:
+                events = observers[rng.choice(run.names)]
+                for kind in ("update", "position"):
+                    events.stream_event(parse_frame(frame(kind, run.clock.now)))
+                trades += 1
+                arrivals += rng.expovariate(rate)
+
+    async def danger() -> None:
+        await run.clock.sleep(30)
+        for name in rng.sample(run.names, negatives):
+            at = run.clock.now
+            observers[name].stream_event(parse_frame(frame("update", at, wb="-412.5")))
+            while not [t for t in run.starts(name) if t >= at]:
+                await run.clock.sleep(0.01)
+            delays.append(next(t for t in run.starts(name) if t >= at) - at)
+            await run.clock.sleep(rng.uniform(*pause))
+
+    run.run(seconds, trade, danger)
+    reads = {
+        e: sum(run.stream.triggered.labels(n, e)._value.get() for n in run.names)
+        for e in ("balance", "account")
+    }
+    worst = max(
+        b - a
+        for name in run.names
+        for a, b in itertools.pairwise(
+            [t for t, p, k in run.log if k == name and p.endswith("/account")]
+        )
+    )
+    figures = {
+        "trades": trades,
+        "balance reads": reads["balance"],
+        "account reads": reads["account"],
+        "triggered weight/min": (reads["balance"] + reads["account"]) * 20 / seconds * 60,
+        "max window": run.max_window(),
+        "worst full-read interval x": worst / run.interval,
+    }
+    if delays:
+        figures["median"] = statistics.median(delays)
+        figures["worst"] = max(delays)
+    return figures
+
+
+def event_cost() -> float:
+    """us CPU per 1,000 events through the observer: parse, classify, trigger (a fill's two
+    events on random accounts, 200 accounts, none answered)."""
+    run = Run(200)
+    observers = [_AccountObserver(n, run.poller, run.stream, run.clock) for n in run.names]
+    frames = [frame(kind, START + i) for i in range(500) for kind in ("update", "position")]
+    began = time.process_time()
+    for i, text in enumerate(frames * 20):
+        observers[i % 200].stream_event(parse_frame(text))
+    return (time.process_time() - began) / (len(frames) * 20) * 1000 * 1e6
+
+
 def main() -> None:
     configure_logging("warning")
     print("1. Budget")
@@ -195,6 +284,21 @@ def main() -> None:
             f"  {label:<34} median {statistics.median(delays):7.2f} s, worst {max(delays):7.2f} s"
         )
     print(f"3. Cost: {trigger_cost():.0f} us CPU per 1,000 trigger() calls")
+    print(f"   {event_cost():.0f} us CPU per 1,000 events through the observer")
+    print("4. A desk that trades (B/2 = 750 weight/min)")
+    for n, rate, seconds, negatives in ((200, 0.0, 200, 20), (200, 5.0, 200, 20),
+                                        (200, 50.0, 200, 20), (20, 50.0, 300, 0)):  # fmt: skip
+        figures = desk(n, rate, seconds, negatives)
+        shown = ", ".join(
+            f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()
+        )
+        print(f"  {n} accounts, {rate:g} fills/s: {shown}", flush=True)
+    figures = desk(200, 0.0, 200, 20, pause=(0.0, 0.0))
+    print(  # B/2 pays for one 40-weight RISK read every 3.2 s: the tries queue for it
+        f"  200 accounts, quiet, tries back to back (no pause): median {figures['median']:.2f}"
+        f" s, worst {figures['worst']:.2f} s",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -6,10 +6,14 @@ account alone (exponentially, capped; auth errors straight to the cap). After
 every refresh the account's new state is swapped into the snapshot store.
 
 An event on the account's user data stream can `trigger` a refresh ahead of its
-turn (coalesced, prioritised, within half of the budget: `exporter.triggers`); the
-round-robin keeps the rest, so under a storm of events an account's interval grows
-to at most twice the above. A riskLevelChange goes into the snapshot at once
-(`apply_risk`).
+turn (coalesced, prioritised, within half of the budget: `exporter.triggers`), of only
+the endpoints the event moved; the round-robin keeps the rest and reads both, so under
+a storm of events an account's interval grows to at most twice the above. A triggered
+read answers every event of its account whose time E is at or before the moment its
+request was signed (server time, less the clock's uncertainty), or at or before the
+time of an event that had arrived by then (that change was on the server when the
+request left): the second event of one change costs nothing. A riskLevelChange goes
+into the snapshot at once (`apply_risk`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,14 @@ from exporter.egress import EgressLedger
 from exporter.selfmetrics import Instruments, StreamHealth
 from exporter.snapshot import AccountInfo, AccountSnapshot, AssetBalance, SnapshotStore
 from exporter.throttle import LogThrottle
-from exporter.triggers import CATCHUP_NEAR_SECONDS, Priority, TriggerQueue
+from exporter.triggers import (
+    BALANCE,
+    BOTH,
+    CATCHUP_NEAR_SECONDS,
+    Priority,
+    TriggerQueue,
+    uni_mmr_of,
+)
 from exporter.weights import WEIGHTS, refresh_weight
 
 BACKOFF_CAP_SECONDS = 300.0
@@ -91,6 +102,14 @@ class _Account:
     failure: str | None = None
     #: the last riskLevelChange applied to the snapshot
     risk: _Risk | None = None
+    #: the endpoints the refresh in flight reads -> the time (server clock, epoch
+    #: seconds) up to which its answer is known to hold every change: see `_answers_up_to`;
+    #: None until its request is signed
+    reading: dict[str, float | None] = field(default_factory=dict)
+    #: endpoint -> the same for the last successful read of it
+    signed: dict[str, float] = field(default_factory=dict)
+    #: the latest event time E that arrived on the account's stream (epoch seconds)
+    latest_event: float | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +177,8 @@ class EgressPoller:
         self._wake = asyncio.Event()
         #: sets the client's clock offset from Binance's time endpoints (other hosts)
         self._clock_sync = clock_sync or ClockSync.same_host(budget, instruments, sleep=sleep)
+        #: the server clock's uncertainty, seconds: half the round trip of the last sync
+        self._clock_error = 0.0
 
     @property
     def client(self) -> BinanceClient:
@@ -179,29 +200,43 @@ class EgressPoller:
         for index, account in enumerate(self._accounts):
             account.next_due = start + index * interval / len(self._accounts)
         while True:
-            weight = self._settings.weight  # `update` may change it
             self._wake.clear()  # a trigger or a finished refresh from now on wakes the nap
             now = self._clock()
-            chosen, triggered, wake_at = self._next_refresh(now)
+            chosen, endpoints, triggered, wake_at = self._next_refresh(now)
             if chosen is None:
                 await self._nap(wake_at - now)
                 continue
+            weight = sum(self._weights[endpoint] for endpoint in endpoints)
             # The slot is chosen when it comes: a trigger arriving meanwhile may take it.
             if (wait := self._budget.delay(weight, now)) > 0:
                 await self._nap(wait)
                 continue
             self._budget.reserve(weight, now)
-            self._start(chosen, triggered, now)
+            self._start(chosen, endpoints, triggered, now)
 
-    def trigger(self, name: str, priority: Priority) -> None:
-        """Refresh account `name` ahead of its round-robin turn (an event on its stream).
+    def trigger(
+        self,
+        name: str,
+        priority: Priority,
+        endpoints: frozenset[str] = BOTH,
+        event_time: float | None = None,
+    ) -> None:
+        """Read `endpoints` of account `name` ahead of its round-robin turn (an event on
+        its stream, of time `event_time` in epoch seconds when it has one).
 
-        Coalesced per account, ordered by priority, paid from at most half of the budget
-        (see `exporter.triggers`). Unknown names are ignored. Like `apply_risk`, call it
-        from the event loop the poller runs in."""
+        An endpoint whose read in flight, or last read, answers the event is left out
+        (`_answered`); the rest is coalesced per account, ordered by priority, paid from
+        at most half of the budget (see `exporter.triggers`). Unknown names are ignored.
+        Like `apply_risk`, call it from the event loop the poller runs in."""
         account = self._by_name.get(name)
         if account is None or self._store.get(name).consecutive_failures:
             return  # a failing account keeps its backoff: its next turn will tell
+        wanted = endpoints if self._settings.account_info else endpoints & BALANCE
+        wanted = frozenset(e for e in wanted if not self._answered(account, e, event_time))
+        if event_time is not None and (account.latest_event or 0.0) < event_time:
+            account.latest_event = event_time
+        if not wanted:
+            return
         if (
             priority is Priority.CATCHUP
             and not account.in_flight
@@ -209,8 +244,36 @@ class EgressPoller:
             and account.next_due - self._clock() <= self._catchup_near
         ):
             return  # its round-robin turn is the catch-up
-        if self._triggers.add(name, priority):
+        uni_mmr = uni_mmr_of(self._store.get(name))
+        if self._triggers.add(name, priority, wanted, uni_mmr):
             self._wake.set()
+
+    def _answered(self, account: _Account, endpoint: str, event_time: float | None) -> bool:
+        """Whether a read of `endpoint` in flight or done answers an event of `event_time`:
+        one not yet signed does (it is sent after the event came, so the server answers
+        it after the change), one signed does when event_time is at or before the time
+        it answers up to (`_answers_up_to`). An event without a time is answered only by
+        a read not yet signed."""
+        if endpoint in account.reading:
+            up_to = account.reading[endpoint]
+            if up_to is None:
+                return True
+        else:
+            up_to = account.signed.get(endpoint)
+        return up_to is not None and event_time is not None and event_time <= up_to
+
+    def _answers_up_to(self, account: _Account) -> float:
+        """For a request of `account` signed now: the time up to which every change is in
+        its answer. The server clock now, less its uncertainty (half the round trip of
+        the last time sync); and no earlier than the latest event already arrived (that
+        change was on the server before the request left, and so was every earlier one:
+        the two events of one change share their time)."""
+        signed = self._client.server_now() - self._clock_error
+        return max(signed, account.latest_event or signed)
+
+    def snapshot_of(self, name: str) -> AccountSnapshot | None:
+        """Account `name`'s current snapshot, if it is polled here."""
+        return self._store.current.accounts.get(name) if name in self._by_name else None
 
     def apply_risk(
         self,
@@ -252,38 +315,54 @@ class EgressPoller:
         snapshot = self._store.get(name)
         self._store.replace(replace(snapshot, info=account.risk.over(snapshot.info)))
 
-    def _next_refresh(self, now: float) -> tuple[_Account | None, bool, float]:
-        """The account to refresh at `now` and whether by trigger; else when to look again.
+    def _next_refresh(self, now: float) -> tuple[_Account | None, frozenset[str], bool, float]:
+        """The account to refresh at `now`, the endpoints to read (its turn: all; a
+        trigger: those its events moved) and whether by trigger; else None, and when to
+        look again.
 
         Triggers first, within their share; but a round-robin turn already a whole
-        interval late goes before them, so no polled interval passes 2x."""
+        interval late goes before EVENT and CATCHUP ones, so no polled interval passes 2x
+        (a RISK one goes first still: it is bounded by the share and its own interval)."""
         interval = self._settings.interval
-        while (due := min(self._accounts, key=lambda a: a.next_due)).in_flight and (
-            due.next_due <= now
-        ):
-            due.next_due += interval  # slower than its interval: skip this turn
-        late = due.next_due <= now - interval + self._slot
-        busy = {a.target.name for a in self._accounts if a.in_flight}
+        busy = set()
+        due: _Account | None = None
+        for account in self._accounts:
+            if account.in_flight:
+                busy.add(account.target.name)
+                if account.next_due <= now and account.reading.keys() >= self._full:
+                    account.next_due += interval  # slower than its interval: skip this turn
+            elif due is None or account.next_due < due.next_due:
+                due = account  # (an account reading one endpoint keeps its turn for later)
+        late = due is not None and due.next_due <= now - interval + self._slot
         name, trigger_at = self._triggers.next(now, busy)
-        if name is not None and not late:
-            return self._by_name[name], True, now
-        if due.next_due <= now:
-            return due, False, now
-        return None, False, min(due.next_due, trigger_at)
+        if name is not None and (not late or self._triggers.pending(name) is Priority.RISK):
+            return self._by_name[name], self._triggers.endpoints(name), True, now
+        if due is not None and due.next_due <= now:
+            return due, self._full, False, now
+        due_at = float("inf") if due is None else due.next_due
+        return None, frozenset(), False, min(due_at, trigger_at)
 
-    def _start(self, account: _Account, triggered: bool, now: float) -> None:
+    def _start(
+        self, account: _Account, endpoints: frozenset[str], triggered: bool, now: float
+    ) -> None:
         interval = self._settings.interval
         name = account.target.name
         if triggered:
-            self._triggers.start(name, now)
-            account.next_due = now + interval  # just refreshed: its turn moves one interval on
+            endpoints = self._triggers.start(name, now)
+            if endpoints >= self._full:  # read it all: its turn moves one interval on
+                account.next_due = now + interval
             if self._stream is not None:
-                self._stream.triggered_refresh(name)
+                self._stream.triggered_refresh(name, endpoints)
         else:
-            self._triggers.discard(name)  # this refresh answers the triggers so far
-            account.next_due = max(account.next_due + interval, now)
+            self._triggers.discard(name)  # this turn answers the triggers so far
+            # On time (within a slot), the turns keep their even spacing; a turn served
+            # late, behind the triggered reads' half of B, counts its interval from now,
+            # so the round-robin asks for no more than it gets and never starves them.
+            on_time = now - account.next_due <= self._slot
+            account.next_due = account.next_due + interval if on_time else now + interval
         account.in_flight = True
-        task = asyncio.create_task(self._refresh(account), name=name)
+        account.reading = dict.fromkeys(endpoints)
+        task = asyncio.create_task(self._refresh(account, endpoints), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -332,6 +411,10 @@ class EgressPoller:
         weight, interval = self._settings.weight, self._settings.trigger_interval
         #: seconds between two refreshes when the budget is fully used
         self._slot = weight / rate
+        #: what the round-robin reads: balance, account info, the other enabled collectors
+        core = BOTH if self._settings.account_info else BALANCE
+        self._full = core | {c.name for c in self._settings.collectors}
+        self._weights = {**WEIGHTS, **{c.name: c.request.weight for c in self._settings.collectors}}
         self._catchup_near = max(CATCHUP_NEAR_SECONDS, self._slot)
         if current is not None and current.plan == (weight, rate, interval):
             return current
@@ -347,9 +430,13 @@ class EgressPoller:
         await self._client.aclose()
 
     async def _sync_time(self) -> None:
-        await self._clock_sync.sync(self._client)  # logs; a failure keeps the offset
+        before = self._clock()
+        # logs; a failure keeps the offset (and its uncertainty)
+        if await self._clock_sync.sync(self._client) is not None:
+            # at most half the sync's round trip (more when it fell back to a second host)
+            self._clock_error = max(0.0, self._clock() - before) / 2
 
-    async def _refresh(self, account: _Account) -> None:
+    async def _refresh(self, account: _Account, endpoints: frozenset[str]) -> None:
         # Runs as a task of its own, so the bound account reaches only its own log lines.
         structlog.contextvars.bind_contextvars(account=account.target.name)
         started = self._clock()
@@ -357,16 +444,19 @@ class EgressPoller:
         previous = self._store.current.accounts.get(name)
         if previous is None:  # a reload removed the account since it was scheduled
             account.in_flight = False
+            account.reading = {}
             return
         current = previous
         try:
-            balances = await self._call(self._client.balance, "balance", account)
-            current = replace(current, balances=self._merge(previous, balances))
-            if self._settings.account_info:
+            if "balance" in endpoints:
+                balances = await self._call(self._client.balance, "balance", account)
+                current = replace(current, balances=self._merge(previous, balances))
+            if "account" in endpoints and self._settings.account_info:
                 info: AccountInfo = await self._call(self._client.account, "account", account)
                 current = replace(current, info=info)
             for collector in self._settings.collectors:
-                current = await self._collect(collector, account, current)
+                if collector.name in endpoints:
+                    current = await self._collect(collector, account, current)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the one broad boundary: one account's refresh
@@ -387,10 +477,20 @@ class EgressPoller:
                 log.info("poll_recovered", after_failures=failures)
                 account.failure = None
             log.debug("refreshed", seconds=round(self._clock() - started, 3))
+            for endpoint, signed in account.reading.items():
+                if signed is not None:
+                    account.signed[endpoint] = max(signed, account.signed.get(endpoint, signed))
         finally:
             account.in_flight = False
-            if account.risk is not None and account.risk.applied > started:
-                # A riskLevelChange came in meanwhile: keep it until the refresh it triggered.
+            read_at = account.reading.get("account")
+            account.reading = {}
+            if (
+                account.risk is not None
+                and account.risk.applied > started
+                and (read_at is None or account.risk.time > read_at)
+            ):
+                # A riskLevelChange this read did not answer came in meanwhile: keep it
+                # until the refresh it triggered.
                 current = replace(current, info=account.risk.over(current.info))
             if current.refresh_interval != self._settings.interval:  # a reload came meanwhile
                 current = replace(current, refresh_interval=self._settings.interval)
@@ -425,11 +525,13 @@ class EgressPoller:
         # since (a 429 or 418 on another account) holds its later requests too.
         await self._budget.wait_unpaused()
         try:
+            account.reading[endpoint] = self._answers_up_to(account)  # the client signs now
             return await fetch(account.target.credentials)
         except errors.TimestampError:
             log.info("timestamp_rejected")
-            await self._clock_sync.sync(self._client)
+            await self._sync_time()
             await self._budget.acquire(WEIGHTS[endpoint] if weight is None else weight)
+            account.reading[endpoint] = self._answers_up_to(account)
             return await fetch(account.target.credentials)
 
     def _merge(self, previous: AccountSnapshot, parsed: ParsedBalances) -> tuple[AssetBalance, ...]:

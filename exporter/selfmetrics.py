@@ -85,6 +85,10 @@ STREAM_EVENTS = frozenset(
 )
 
 
+#: the endpoints a triggered refresh reads (the `endpoint` label of its counter)
+TRIGGERED_ENDPOINTS = ("balance", "account")
+
+
 class StreamHealth(_Live):
     """The user data streams' own health, one series per account; the stream client
     calls these methods, the poller `triggered_refresh`. A collector to register."""
@@ -117,8 +121,9 @@ class StreamHealth(_Live):
         )
         self.triggered = Counter(
             "binance_pm_stream_triggered_refreshes",
-            "Refreshes of the account started ahead of its turn by an event on its stream.",
-            ["account"],
+            "Reads of the account started ahead of its turn by events on its stream, by "
+            "the endpoint read (a refresh reading balance and account counts under both).",
+            ["account", "endpoint"],
             registry=None,
         )
         self.rejected = Counter(
@@ -146,7 +151,8 @@ class StreamHealth(_Live):
         )
         for account in accounts:
             self.up.labels(account).set(0)
-            self.triggered.labels(account)
+            for endpoint in TRIGGERED_ENDPOINTS:
+                self.triggered.labels(account, endpoint)
 
     def stream_connected(self, account: str) -> None:
         self.up.labels(account).set(1)
@@ -172,12 +178,17 @@ class StreamHealth(_Live):
     def forget(self, account: str) -> None:
         """The account is no longer polled (a reload removed it): its per-account series
         leave /metrics; its counters by event and reason stay until a restart."""
-        for metric in (self.up, self.last_event, self.triggered):
+        for metric in (self.up, self.last_event):
             with contextlib.suppress(KeyError):  # never labelled
                 metric.remove(account)
+        for endpoint in TRIGGERED_ENDPOINTS:
+            with contextlib.suppress(KeyError):
+                self.triggered.remove(account, endpoint)
 
-    def triggered_refresh(self, account: str) -> None:
-        self.triggered.labels(account).inc()
+    def triggered_refresh(self, account: str, endpoints: Iterable[str]) -> None:
+        """A triggered refresh of `account` reading `endpoints` started."""
+        for endpoint in endpoints:
+            self.triggered.labels(account, endpoint).inc()
 
 
 class BudgetView(Protocol):

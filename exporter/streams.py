@@ -6,7 +6,8 @@ through its poller's client (counted like every request, endpoint `listen_key`) 
 that route's budget lets them (1 weight each, pauses obeyed), and WebSocket connection
 attempts of one route share one `ConnectPacer`. What a stream reports becomes:
 
-- a balance- or risk-moving event: a triggered refresh of the account (RISK or EVENT);
+- a balance- or risk-moving event: a triggered refresh of the endpoints it moved, RISK
+  or EVENT as `exporter.triggers.classify` reads its figures and the account's snapshot;
 - a riskLevelChange: its figures in the snapshot at once, then the refresh reconciles;
 - a reconnect: a CATCHUP refresh (events sent while disconnected are lost); the first
   connection needs none, the round-robin's first pass is that refresh;
@@ -37,7 +38,7 @@ from exporter.budget import WeightBudget
 from exporter.poller import EgressPoller, Target
 from exporter.route import Route
 from exporter.selfmetrics import StreamHealth
-from exporter.triggers import Priority
+from exporter.triggers import BOTH, Priority, classify
 
 log = structlog.get_logger("exporter.streams")
 
@@ -57,7 +58,7 @@ class _AccountObserver(StreamObserver):
     def stream_connected(self) -> None:
         self._health.stream_connected(self._name)
         if self._connected_before:
-            self._poller.trigger(self._name, Priority.CATCHUP)
+            self._poller.trigger(self._name, Priority.CATCHUP, BOTH)
         self._connected_before = True
 
     def stream_disconnected(self, reason: str) -> None:
@@ -77,8 +78,9 @@ class _AccountObserver(StreamObserver):
                 status=event.risk.status,
                 event_time=event_time if event_time is not None else self._clock(),
             )
-        if event.moves_account:
-            self._poller.trigger(self._name, Priority.RISK if event.is_risk else Priority.EVENT)
+        need = classify(event, self._poller.snapshot_of(self._name))
+        if need is not None:
+            self._poller.trigger(self._name, need.priority, need.endpoints, event_time)
 
     def stream_frame_rejected(self, reason: str) -> None:
         self._health.frame_rejected(self._name)

@@ -1,20 +1,37 @@
-"""Event-triggered refreshes: which account to refresh ahead of its round-robin turn, and
-how much of the weight budget those refreshes may take.
+"""Event-triggered refreshes: what an event on the stream calls for, which account to
+refresh ahead of its round-robin turn, and how much of the weight budget those refreshes
+may take.
 
-The user data stream says *when* and *where* to look; the poller then refreshes that
-account over REST, paid from the same budget B as the round-robin. Three rules keep a
-busy stream from starving the rest:
+The user data stream says *when* and *where* to look, and its figures say how urgently;
+the poller then reads the account over REST, paid from the same budget B as the
+round-robin. `classify` tells danger from routine on the event's own figures and the
+account's current snapshot (a pure function):
 
-- Coalescing: at most one triggered refresh per account per `min_interval` seconds, and
-  triggers that arrive while the account's refresh is in flight make one more after it.
+- RISK, read first: a wallet below zero in the event (`wb`/`cw` of ACCOUNT_UPDATE, `f` of
+  outboundAccountPosition); a change on an asset whose exported negativeBalance is not
+  zero (its resolution shows as fast as the debt did); a riskLevelChange; an
+  ACCOUNT_UPDATE for an insurance clear or an auto-exchange; a liabilityChange that
+  raises a liability while the account's uniMMR is below the warning threshold.
+- EVENT, everything else that moves balances or risk.
+
+and which endpoints it needs: a balance event `balance` alone (20), a risk event
+`account` and, when it touches balances or a negative balance, `balance` too; the
+round-robin and a CATCHUP read both. Three rules keep a busy stream from starving the
+rest:
+
+- Coalescing: one pending refresh per account (the higher priority and the union of the
+  endpoints win); at most one triggered refresh of an account per `min_interval`
+  seconds, and one RISK refresh per `min_interval` after the last RISK one, so a
+  routine refresh never holds a risk one back.
 - A share: triggered refreshes spend at most B/2 (a token bucket filling at B/2 per
-  budget minute, holding up to three refreshes), so the round-robin keeps half of B and
-  no account's polled interval grows past twice its polling-only interval (the poller
-  also serves a round-robin turn first once it is a whole interval late, which bounds
-  the bucket's bursts too).
-- An order: RISK, then EVENT, then CATCHUP, oldest first within one priority. EVENT and
-  CATCHUP refreshes leave one refresh's worth of tokens in the bucket, so a RISK trigger
-  never waits behind a queue of them: it goes at the next slot of the budget.
+  budget minute, holding three full refreshes, spent by each refresh's own weight), so
+  the round-robin keeps half of B and no account's polled interval grows past twice its
+  polling-only interval (the poller serves a round-robin turn before EVENT and CATCHUP
+  refreshes once it is a whole interval late).
+- An order: RISK oldest first; then EVENT, the account closest to trouble (lowest uniMMR)
+  first, then oldest; then CATCHUP oldest first. EVENT and CATCHUP refreshes leave one
+  full refresh's worth of tokens in the bucket, so a RISK trigger never waits behind a
+  queue of them: it goes at the next slot of the budget.
 
 Plain arithmetic on times passed in: no clock, no I/O, so it is tested on its own.
 """
@@ -23,13 +40,18 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 from dataclasses import dataclass
+
+from exporter.binance.events import LIABILITY_CHANGE, RISK_LEVEL_CHANGE, StreamEvent
+from exporter.snapshot import AccountSnapshot
+from exporter.weights import read_weight
 
 
 class Priority(enum.IntEnum):
     """Why an account should be refreshed now; lower values go first."""
 
-    #: riskLevelChange; ACCOUNT_UPDATE with reason INSURANCE_CLEAR or AUTO_EXCHANGE
+    #: danger in the event's figures (see `classify`)
     RISK = 0
     #: any other event that moves balances or risk
     EVENT = 1
@@ -37,10 +59,72 @@ class Priority(enum.IntEnum):
     CATCHUP = 2
 
 
+BALANCE = frozenset({"balance"})
+ACCOUNT = frozenset({"account"})
+BOTH = BALANCE | ACCOUNT
+
+#: uniMMR below which the alerts warn (BinancePMUniMMRLow, prometheus/alerts.yml): a
+#: liability raised below it is a risk event
+UNI_MMR_WARNING = 1.5
+
 #: a CATCHUP for an account whose round-robin turn is this close (or one budget slot,
 #: whichever is longer) is dropped: the turn is the catch-up
 CATCHUP_NEAR_SECONDS = 5.0
 _EPSILON = 1e-6  # weight
+
+
+@dataclass(frozen=True, slots=True)
+class Need:
+    """What an event calls for: a refresh of `endpoints`, with `priority`."""
+
+    priority: Priority
+    endpoints: frozenset[str]
+
+
+def classify(event: StreamEvent, snapshot: AccountSnapshot | None) -> Need | None:
+    """What `event` calls for, given its account's current `snapshot` (None if unknown);
+    None for an event that moves nothing the exporter reads."""
+    if not event.moves_account:
+        return None
+    if event.kind == RISK_LEVEL_CHANGE:
+        return Need(Priority.RISK, ACCOUNT)
+    debts = _negative_assets(snapshot) if snapshot is not None else set()
+    touches_debt = not debts.isdisjoint(event.assets)
+    if event.is_risk or event.below_zero or touches_debt:
+        return Need(Priority.RISK, BOTH)
+    if event.kind == LIABILITY_CHANGE and _raises_liability(event, snapshot):
+        uni_mmr = uni_mmr_of(snapshot)
+        if uni_mmr is not None and uni_mmr < UNI_MMR_WARNING:
+            return Need(Priority.RISK, BOTH)
+    if event.moves_balances:
+        return Need(Priority.EVENT, BALANCE)
+    return Need(Priority.EVENT, ACCOUNT)  # openOrderLoss: an account figure
+
+
+def uni_mmr_of(snapshot: AccountSnapshot | None) -> float | None:
+    """The account's uniMMR as last known (polled or from a riskLevelChange)."""
+    if snapshot is None or snapshot.info is None:
+        return None
+    return snapshot.info.values.get("uniMMR")
+
+
+def _negative_assets(snapshot: AccountSnapshot) -> set[str]:
+    return {b.asset for b in snapshot.balances if b.values.get("negativeBalance")}
+
+
+def _raises_liability(event: StreamEvent, snapshot: AccountSnapshot | None) -> bool:
+    """Whether the liabilityChange's total `l` is above what the snapshot holds for the
+    asset (borrowed plus interest); when either is unknown, it may be: yes."""
+    if event.liability is None or snapshot is None or not event.assets:
+        return True
+    for balance in snapshot.balances:
+        if balance.asset == event.assets[0]:
+            values = balance.values
+            if "crossMarginBorrowed" not in values:
+                return True
+            held = values["crossMarginBorrowed"] + values.get("crossMarginInterest", 0.0)
+            return event.liability > held
+    return True
 
 
 @dataclass(slots=True)
@@ -48,13 +132,21 @@ class _Pending:
     priority: Priority
     #: arrival order of the first trigger of this priority, for oldest-first
     seq: int
+    endpoints: frozenset[str]
+    #: the account's uniMMR when last triggered (inf when unknown): EVENTs go lowest first
+    uni_mmr: float
+
+    def key(self) -> tuple[int, float, int]:
+        urgency = self.uni_mmr if self.priority is Priority.EVENT else 0.0
+        return (self.priority, urgency, self.seq)
 
 
 class TriggerQueue:
     """Pending triggered refreshes of the accounts of one egress, and their weight share.
 
-    `weight` is one refresh's weight (w), `rate` the whole budget in weight per second
-    (B over the budget's minute), `min_interval` the per-account coalescing interval.
+    `weight` is one full refresh's weight (w: what the round-robin reads), `rate` the
+    whole budget in weight per second (B over the budget's minute), `min_interval` the
+    per-account coalescing interval.
     """
 
     def __init__(self, weight: int, rate: float, min_interval: float) -> None:
@@ -70,67 +162,93 @@ class TriggerQueue:
         self._filled_at: float | None = None
         self._pending: dict[str, _Pending] = {}
         self._last_start: dict[str, float] = {}
+        self._last_risk: dict[str, float] = {}
         self._seq = itertools.count()
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def add(self, name: str, priority: Priority) -> bool:
-        """Note a trigger for `name`, coalesced with any pending one (the higher priority
-        wins); False when it changed nothing."""
+    def add(
+        self,
+        name: str,
+        priority: Priority,
+        endpoints: frozenset[str] = BOTH,
+        uni_mmr: float | None = None,
+    ) -> bool:
+        """Note a trigger for `name` to read `endpoints`, coalesced with any pending one
+        (the higher priority and the union of endpoints win); False when it changed
+        nothing. `uni_mmr` is the account's, to order EVENTs by."""
+        urgency = math.inf if uni_mmr is None else uni_mmr
         pending = self._pending.get(name)
         if pending is None:
-            self._pending[name] = _Pending(priority, next(self._seq))
-        elif priority < pending.priority:
+            self._pending[name] = _Pending(priority, next(self._seq), endpoints, urgency)
+            return True
+        pending.uni_mmr = urgency
+        changed = False
+        if priority < pending.priority:
             pending.priority, pending.seq = priority, next(self._seq)
-        else:
-            return False
-        return True
+            changed = True
+        if not endpoints <= pending.endpoints:
+            pending.endpoints |= endpoints
+            changed = True
+        return changed
 
     def names(self) -> set[str]:
         """The accounts with a trigger pending."""
         return set(self._pending)
 
     def discard(self, name: str) -> None:
-        """A refresh of `name` starts: it answers every trigger that arrived before it."""
+        """A full refresh of `name` starts: it answers every trigger that arrived before it."""
         self._pending.pop(name, None)
 
     def pending(self, name: str) -> Priority | None:
         entry = self._pending.get(name)
         return None if entry is None else entry.priority
 
+    def endpoints(self, name: str) -> frozenset[str]:
+        """What the pending trigger of `name` reads (nothing if none is pending)."""
+        entry = self._pending.get(name)
+        return frozenset() if entry is None else entry.endpoints
+
     def next(self, now: float, busy: set[str]) -> tuple[str | None, float]:
         """The account whose triggered refresh may start at `now` (None if none), and,
         when none may, the time at which one could (inf: none pending or all `busy`)."""
         self._fill(now)
-        best: tuple[int, int, str] | None = None
+        best: tuple[tuple[int, float, int], str] | None = None
         later = float("inf")
         for name, entry in self._pending.items():
             if name in busy:
                 continue  # in flight: the one more follows once it completes
-            ready = self._last_start.get(name, -float("inf")) + self.min_interval
+            last = self._last_risk if entry.priority is Priority.RISK else self._last_start
+            ready = last.get(name, -float("inf")) + self.min_interval
             if ready > now:
                 later = min(later, ready)
-            elif best is None or (entry.priority, entry.seq) < best[:2]:
-                best = (entry.priority, entry.seq, name)
+            elif best is None or entry.key() < best[0]:
+                best = (entry.key(), name)
         if best is None:
             return None, later
-        need = self._need(Priority(best[0]))
+        entry = self._pending[best[1]]
+        need = self._need(entry)
         if self._tokens < need - _EPSILON:  # (rounding must not stall the caller)
             return None, min(later, now + max((need - self._tokens) / self._rate, 1e-3))
-        return best[2], now
+        return best[1], now
 
-    def start(self, name: str, now: float) -> None:
-        """`name`'s triggered refresh starts at `now`: spend its tokens."""
+    def start(self, name: str, now: float) -> frozenset[str]:
+        """`name`'s triggered refresh starts at `now`: spend its tokens; what it reads."""
         self._fill(now)
-        self._tokens -= self.weight
+        entry = self._pending.pop(name, None)
+        endpoints = BOTH if entry is None else entry.endpoints
+        self._tokens -= read_weight(endpoints) if endpoints else self.weight
         self._last_start[name] = now
-        self.discard(name)
+        if entry is not None and entry.priority is Priority.RISK:
+            self._last_risk[name] = now
+        return endpoints
 
-    def _need(self, priority: Priority) -> float:
-        """Tokens in the bucket for a refresh of `priority` to go: all but RISK leave one
-        refresh's worth behind them."""
-        return self.weight if priority is Priority.RISK else 2.0 * self.weight
+    def _need(self, entry: _Pending) -> float:
+        """Tokens in the bucket for `entry` to go: all but RISK leave one full refresh's
+        worth behind them."""
+        own = read_weight(entry.endpoints)
+        return own if entry.priority is Priority.RISK else own + self.weight
 
     def _fill(self, now: float) -> None:
         if self._filled_at is not None and now > self._filled_at:

@@ -1,6 +1,8 @@
 """Request weights of the Binance endpoints the exporter calls (Binance's docs), and the
-weight of one account refresh. Standard library only: the client, the budget, the poller,
-the price source and the --check-config summary all read these figures from here.
+weight of one account read: a full refresh (the round robin), or the endpoints an event
+moved (a triggered read: the balance alone is 20, the account alone 20, both 40).
+Standard library only: the client, the budget, the poller, the triggers, the price
+source and the --check-config summary all read these figures from here.
 
 `ticker_price` is on the spot API (api.binance.com), which counts weight in a pool of its
 own, apart from the PM API's: it is spent from the price source's budget, never the PM one.
@@ -8,6 +10,8 @@ own, apart from the PM API's: it is spent from the price source's budget, never 
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 #: request weight of each endpoint, per Binance's docs
 WEIGHTS = {
@@ -31,4 +35,9 @@ FAPI_IP_WEIGHT_LIMIT_PER_MINUTE = 2400
 
 def refresh_weight(account_info: bool) -> int:
     """w: the weight of one account refresh, balance plus account info when collected."""
-    return WEIGHTS["balance"] + (WEIGHTS["account"] if account_info else 0)
+    return read_weight(("balance", "account") if account_info else ("balance",))
+
+
+def read_weight(endpoints: Iterable[str]) -> int:
+    """The weight of one read of an account's `endpoints` ("balance", "account")."""
+    return sum(WEIGHTS[endpoint] for endpoint in endpoints)

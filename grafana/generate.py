@@ -1127,16 +1127,18 @@ def exporter_health() -> dict[str, Any]:
     board.with_panel(
         timeseries(
             "Event-triggered refreshes",
-            "Refreshes started ahead of their turn by an event on the account's stream, per "
-            "minute (binance_pm_stream_triggered_refreshes_total); they take at most half "
-            "of the budget. Events by type: binance_pm_stream_events_total; reconnects by "
-            "reason: binance_pm_stream_reconnects_total.",
+            "Reads started ahead of their turn by an event on the account's stream, per "
+            "minute and endpoint read (binance_pm_stream_triggered_refreshes_total: a "
+            "balance event reads the balance alone, a risk event the account too; a read "
+            "of both counts once under each); they take at most half of the budget. Events "
+            "by type: binance_pm_stream_events_total; reconnects by reason: "
+            "binance_pm_stream_reconnects_total.",
             "none",
             [
                 query(
-                    "sum by (account) (rate(binance_pm_stream_triggered_refreshes_total"
+                    "sum by (account, endpoint) (rate(binance_pm_stream_triggered_refreshes_total"
                     f"{{{acc}}}[$__rate_interval])) * 60",
-                    "{{account}}",
+                    "{{account}} {{endpoint}}",
                 )
             ],
         )

@@ -299,12 +299,14 @@ def e2e_stack(
     budget: dict[str, Any] | None = None,
     stream: bool = True,
     account_settings: dict[int, dict[str, Any]] | None = None,
+    trade_rate: float = 0.0,
 ) -> Iterator[Stack]:
     """The whole stack in `work`, yielded once every server answers (the exporter has
     not necessarily refreshed any account yet). `budget` overrides the exporter's budget
     keys; its `ip_weight_limit_per_minute` is the simulator's limit too (otherwise both
     keep the simulator's default, which the exporter's default budget fits).
-    `account_settings` adds keys (labels, thresholds) to the accounts, by index."""
+    `account_settings` adds keys (labels, thresholds) to the accounts, by index. With
+    `trade_rate`, the simulator's desk trades that many fills a second (`--trade-rate`)."""
     budget = budget or {}
     prometheus = require("prometheus")
     alertmanager = require("prometheus-alertmanager")
@@ -312,6 +314,8 @@ def e2e_stack(
     exporter_addr, am_addr, prom_addr = (f"127.0.0.1:{free_port()}" for _ in range(3))
     sim_args = ["--listen", "127.0.0.1:0", "--accounts", str(accounts), "--assets", str(assets)]
     sim_args += ["--write-config", str(config_path)]
+    if trade_rate:
+        sim_args += ["--trade-rate", str(trade_rate)]
     if "ip_weight_limit_per_minute" in budget:
         sim_args += ["--ip-weight-limit", str(budget["ip_weight_limit_per_minute"])]
 

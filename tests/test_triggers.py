@@ -163,7 +163,7 @@ def test_one_account_at_200_events_a_second_for_a_minute_stays_within_the_budget
         assert sum(w for s, w in spent if t <= s < t + 60) <= 1500
     busy = balance_times(api, "acct-7")
     assert min(b - a for a, b in itertools.pairwise(busy)) >= 2.0 - 1e-9
-    triggered = stream.triggered.labels("acct-7")._value.get()
+    triggered = stream.triggered.labels("acct-7", "balance")._value.get()
     assert 12 <= triggered <= 60 / 2 + 1
     assert len([t for t in busy if START + 30 <= t < START + 92]) == pytest.approx(triggered, abs=1)
     worst = 0.0
@@ -231,16 +231,18 @@ def test_a_risk_trigger_starts_within_a_slot_behind_200_catchups() -> None:
 
 
 class HeldApi(FakeApi):
-    """FakeApi, but the balance requests of API key `hold` wait for `release`."""
+    """FakeApi, but the requests to `held` (default: balance) of API key `hold` wait for
+    `release`."""
 
-    def __init__(self, clock: EventClock, hold: str = "") -> None:
+    def __init__(self, clock: EventClock, hold: str = "", held: str = "balance") -> None:
         super().__init__(clock)  # type: ignore[arg-type]
         self.hold = hold
+        self.held = held
         self.release = asyncio.Event()
 
     async def answer(self, request: httpx.Request) -> httpx.Response:
         response = self(request)
-        if request.headers.get("X-MBX-APIKEY") == self.hold and "balance" in request.url.path:
+        if request.headers.get("X-MBX-APIKEY") == self.hold and self.held in request.url.path:
             await self.release.wait()
         return response
 
@@ -271,15 +273,18 @@ def test_triggers_coalesce_and_one_in_flight_makes_exactly_one_more() -> None:
         await clock.sleep(15)
         poller.trigger("acct-2", Priority.EVENT)  # 30: at once
         await clock.sleep(0.5)
-        poller.trigger("acct-2", Priority.RISK)  # 30.5: at 32, min_interval after 30
+        # 30.5: a routine refresh never holds a risk one back: at the next budget slot
+        poller.trigger("acct-2", Priority.RISK)
         await clock.sleep(1.6)
         for _ in range(3):  # RISK: an EVENT would also wait for the bucket to refill
-            poller.trigger("acct-2", Priority.RISK)  # 32.1: at 34
+            poller.trigger("acct-2", Priority.RISK)  # 32.1: min_interval after that RISK
 
     run(poller, clock, 90, stream)
     # turns at 100 and 200 were moved on by the triggered refreshes
     assert [t - START for t in balance_times(api, "acct-1")] == pytest.approx([10, 15])
-    assert [t - START for t in balance_times(api, "acct-2")] == pytest.approx([30, 32, 34])
+    assert [t - START for t in balance_times(api, "acct-2")] == pytest.approx(
+        [30, 30 + SLOT, 32 + SLOT]
+    )
 
 
 def test_queued_triggers_go_risk_then_event_then_catchup() -> None:
@@ -381,15 +386,17 @@ def test_apply_risk_shows_at_the_next_scrape_and_the_triggered_refresh_reconcile
 
 
 def test_a_risk_event_during_a_refresh_survives_it_until_the_next() -> None:
+    """The refresh in flight signed its account request (at 10) before the event (at 11):
+    it does not answer it, so the event's figures stay until the next refresh."""
     clock = EventClock(START)
-    api = HeldApi(clock)
+    api = HeldApi(clock, held="account")
     poller = quiet_poller(3, api, clock)
     seen: list[str] = []
 
     async def stream() -> None:
         await clock.sleep(10)
         api.hold = "acct-0"
-        poller.trigger("acct-0", Priority.EVENT)  # held until 11.5
+        poller.trigger("acct-0", Priority.RISK)  # its account request held until 11.5
         await clock.sleep(1)
         poller.apply_risk(
             "acct-0",
@@ -409,7 +416,8 @@ def test_a_risk_event_during_a_refresh_survives_it_until_the_next() -> None:
             status="MARGIN_CALL",
             event_time=START + 5,
         )
-        poller.trigger("acct-0", Priority.RISK)  # in flight: one more after it, at 12
+        # in flight: one more after it, at 12 (one RISK refresh per 2 s)
+        poller.trigger("acct-0", Priority.RISK, event_time=START + 11)
         await clock.sleep(0.5)
         api.hold = ""  # the next one is answered at once
         api.release.set()
@@ -450,7 +458,8 @@ def test_stream_health_metrics_and_promtool() -> None:
     health.stream_event("a", "ORDER_TRADE_UPDATE", None)
     health.stream_event("a", "\n{evil}", 1_700_000_001.0)
     health.stream_disconnected("b", "dropped")
-    health.triggered_refresh("a")
+    health.triggered_refresh("a", ["balance"])
+    health.triggered_refresh("a", ["balance", "account"])
     text = generate_latest(registry).decode()
     for line in (
         'binance_pm_stream_up{account="a"} 1.0',
@@ -459,15 +468,16 @@ def test_stream_health_metrics_and_promtool() -> None:
         'binance_pm_stream_events_total{account="a",event="riskLevelChange"} 1.0',
         'binance_pm_stream_events_total{account="a",event="other"} 2.0',
         'binance_pm_stream_reconnects_total{account="b",reason="dropped"} 1.0',
-        'binance_pm_stream_triggered_refreshes_total{account="a"} 1.0',
-        'binance_pm_stream_triggered_refreshes_total{account="b"} 0.0',
+        'binance_pm_stream_triggered_refreshes_total{account="a",endpoint="balance"} 2.0',
+        'binance_pm_stream_triggered_refreshes_total{account="a",endpoint="account"} 1.0',
+        'binance_pm_stream_triggered_refreshes_total{account="b",endpoint="balance"} 0.0',
     ):
         assert line in text, line
     assert "evil" not in text
     health.forget("b")  # a reload removed it
     text_after = generate_latest(registry).decode()
     assert 'binance_pm_stream_up{account="b"}' not in text_after
-    assert 'binance_pm_stream_triggered_refreshes_total{account="b"}' not in text_after
+    assert 'binance_pm_stream_triggered_refreshes_total{account="b"' not in text_after
     assert 'binance_pm_stream_up{account="a"} 1.0' in text_after
     check = subprocess.run(
         [require("promtool"), "check", "metrics"],

@@ -1,6 +1,8 @@
 """`python -m exporter.simulator`: run the simulator on its own until SIGTERM or SIGINT.
 
-With --write-config it first writes an exporter config pointing at itself
+With --trade-rate N the desk trades: N fills a second across the accounts (Poisson),
+each pushing the events of a fill (`exporter.simulator.trading`). With --write-config
+it first writes an exporter config pointing at itself
 (accounts sim-00, sim-01, ... with their secrets inline, file mode 0600). The line
 `simulator listening on http://HOST:PORT` on stdout says it is ready; the next line,
 `simulator stream on ws://HOST:PORT/pm/ws`, gives the user data stream's base URL.
@@ -28,6 +30,7 @@ from exporter.simulator.demo import (
     start_drift,
 )
 from exporter.simulator.server import Simulator
+from exporter.simulator.trading import start_trading
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,8 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"simulator: cannot listen on {host}:{port}: {error.strerror}", file=sys.stderr)
         return 1
     try:
+        drift = None
         if args.drift is not None:
-            start_drift(sim, assets_per_account=args.assets, move_chance=args.drift)
+            drift = start_drift(sim, assets_per_account=args.assets, move_chance=args.drift)
+        if args.trade_rate > 0:
+            if drift is None:
+                start_trading(sim, args.trade_rate)
+            else:  # the drift's ticks serve its portfolios: its fills go through it
+                start_trading(sim, args.trade_rate, fill=drift.fill, assets=drift.assets)
         if args.write_config is not None:
             budget = {"ip_weight_limit_per_minute": args.ip_weight_limit}
             write_config(
@@ -102,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
         "1 pushes events for every account every second",
     )
     parser.add_argument(
+        "--trade-rate", type=_rate, default=0.0, metavar="N",
+        help="trade: N fills per second across all accounts (Poisson; default 0), each a "
+        "small change pushing an ACCOUNT_UPDATE (reason ORDER) and an "
+        "outboundAccountPosition; never on an account driven negative",
+    )  # fmt: skip
+    parser.add_argument(
         "--write-config", type=Path, metavar="PATH",
         help="write an exporter config (YAML, secrets inline) pointing at this simulator",
     )  # fmt: skip
@@ -120,6 +135,18 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
+
+
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = -1.0
+    if not 0 <= rate <= 10_000:
+        raise argparse.ArgumentTypeError(
+            f"expected a rate from 0 to 10000 per second, got {text!r}"
+        )
+    return rate
 
 
 def _chance(text: str) -> float:

@@ -3,17 +3,21 @@ and futures positions that move.
 
 `start_demo()` returns the started simulator and config data for
 `exporter.config.parse_config`, so `binance-pm-exporter --demo` needs no file and
-no real keys. Balances drift every second and, now and then, one account shows a
-negative balance for a while, so dashboards and alerts have something to show; the
-futures positions' marks drift too. The exporter's side of the demo (the USD log, the
-episode timing) is exporter/demo.py: the simulator knows nothing of the exporter.
+no real keys. Balances drift every second, the desk trades lightly (`DEMO_TRADE_RATE`
+fills a second, each pushing its events, as a desk's bots do all day) and, now and then,
+one account shows a negative balance for a while, so dashboards and alerts have
+something to show, through the same traffic a desk's streams carry; the futures
+positions' marks drift too. The exporter's side of the demo (the USD log, the episode
+timing) is exporter/demo.py: the simulator knows nothing of the exporter.
 """
 
 from __future__ import annotations
 
 import random
 import secrets
+import threading
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Protocol
 
 import structlog
@@ -24,6 +28,7 @@ from exporter.simulator import synthetic
 from exporter.simulator.auth import KeyType, SimAccount
 from exporter.simulator.server import Simulator
 from exporter.simulator.state import FUTURES_BOOKS, POSITIONS_PER_BOOK
+from exporter.simulator.trading import start_trading
 
 DEMO_KEY_TYPES: tuple[KeyType, ...] = ("hmac", "ed25519", "rsa")
 log = structlog.get_logger("exporter.demo")
@@ -34,6 +39,8 @@ NEGATIVE_FOR_SECONDS = (10.0, 30.0)  # how long one lasts
 #: account would keep each account's triggered refreshes at their limit (one per
 #: `stream.min_refresh_interval_seconds`), and a negative episode would wait for it.
 BALANCE_MOVE_CHANCE = 0.003
+#: the demo desk's fills per second, across its accounts (`--trade-rate` of the simulator)
+DEMO_TRADE_RATE = 1.0
 
 
 class EpisodeListener(Protocol):
@@ -116,20 +123,40 @@ class Drift:
         }
         self._negative: tuple[synthetic.SyntheticAsset, int] | None = None  # asset, until ms
         self._announce: tuple[str, synthetic.SyntheticAsset] | None = None  # started this tick
+        self._lock = threading.Lock()  # the ticks and the fills come from two threads
         self._next_negative_ms = now_ms + int(rng.uniform(5.0, 15.0) * 1000)
         self._publish(now_ms)
 
     def tick(self) -> None:
-        now_ms = self._sim.state.now_ms()
-        self._negative_episode(now_ms)
-        for portfolio in self._portfolios.values():
-            for asset in portfolio:
-                asset.drift(self._rng, now_ms, self._move_chance)
-        for books in self._positions.values():
-            for positions in books.values():
-                for position in positions:
-                    position.drift(self._rng, now_ms)
-        self._publish(now_ms)
+        with self._lock:
+            now_ms = self._sim.state.now_ms()
+            self._negative_episode(now_ms)
+            for portfolio in self._portfolios.values():
+                for asset in portfolio:
+                    asset.drift(self._rng, now_ms, self._move_chance)
+            for books in self._positions.values():
+                for positions in books.values():
+                    for position in positions:
+                        position.drift(self._rng, now_ms)
+            self._publish(now_ms)
+
+    def assets(self, account: str) -> list[str]:
+        """The assets of `account`'s portfolio, for `trading.start_trading`."""
+        return [asset.asset for asset in self._portfolios.get(account, [])]
+
+    def fill(self, account: str, asset: str, wallet: Decimal, free: Decimal) -> bool:
+        """A fill (see `trading`) made in the simulator and in the drifted portfolio alike,
+        so the next tick keeps it; never on the account of the negative episode."""
+        with self._lock:
+            portfolio = self._portfolios.get(account, [])
+            held = next((a for a in portfolio if a.asset == asset), None)
+            if held is None or any(a.negative for a in portfolio):
+                return False
+            if not self._sim.state.book.trade(account, asset, wallet, free):
+                return False
+            held.um_wallet += wallet
+            held.cross_free += free
+            return True
 
     def _negative_episode(self, now_ms: int) -> None:
         if self._negative is not None:
@@ -200,8 +227,10 @@ def start_demo(
     key_types: tuple[KeyType, ...] = DEMO_KEY_TYPES,
     tick_seconds: float = 1.0,
     episodes: EpisodeListener | None = None,
+    trade_rate: float = DEMO_TRADE_RATE,
 ) -> tuple[Simulator, dict[str, Any]]:
-    """A started, drifting simulator and the exporter's config data pointing at it.
+    """A started, drifting, trading (`trade_rate` fills a second) simulator and the
+    exporter's config data pointing at it.
 
     Accounts are desk-a, desk-b, ... with HMAC, Ed25519 and RSA keys in turn; `episodes`
     hears of each negative-balance episode as it starts.
@@ -219,12 +248,14 @@ def start_demo(
     )
     sim.start()
     try:
-        start_drift(
+        drift = start_drift(
             sim,
             assets_per_account=assets_per_account,
             tick_seconds=tick_seconds,
             episodes=episodes,
         )
+        if trade_rate > 0:
+            start_trading(sim, trade_rate, fill=drift.fill, assets=drift.assets)
     except BaseException:
         sim.stop()
         raise

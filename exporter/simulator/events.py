@@ -5,6 +5,10 @@ Binance's docs and SDK (shared/binance-pm-api.md). One change can push several
 events, as on Binance: a cross-margin change pushes `outboundAccountPosition` and a
 `balanceUpdate`, a borrow pushes `liabilityChange`, a UM or CM wallet change an
 `ACCOUNT_UPDATE`, and a risk status other than NORMAL a `riskLevelChange`.
+A negative balance is a wallet below zero, as Binance shows it: an asset whose
+`negativeBalance` moves pushes an `ACCOUNT_UPDATE` whose `wb` and `cw` are minus that
+amount (its wallet when it returns to zero). A trade (`trade_events`) pushes what a
+fill does: an `ACCOUNT_UPDATE` (reason ORDER) and an `outboundAccountPosition`.
 Data of shapes the API never sends (tests set them on purpose) still pushes an
 `outboundAccountPosition`, with no assets. What Binance does not push, neither
 does the simulator: unrealized PnL moving alone, and the return to NORMAL.
@@ -17,7 +21,8 @@ from typing import Any
 
 MARGIN_FIELDS = ("crossMarginFree", "crossMarginLocked", "crossMarginAsset", "negativeBalance")
 LIABILITY_FIELDS = ("crossMarginBorrowed", "crossMarginInterest")
-UM_FIELDS = ("umWalletBalance",)
+#: a negative balance shows as the UM wallet below zero
+UM_FIELDS = ("umWalletBalance", "negativeBalance")
 CM_FIELDS = ("cmWalletBalance",)
 #: fields whose change alone pushes nothing: as on Binance, no event carries
 #: unrealized PnL moving with prices
@@ -84,6 +89,33 @@ def balance_events(old: Any, new: Any, now_ms: int, update_id: int) -> list[dict
                 }
             )
     return events
+
+
+def trade_events(
+    asset: str,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    now_ms: int,
+    update_id: int,
+    *,
+    fs: str = "UM",
+) -> list[dict[str, Any]]:
+    """The events of one fill on `asset` taking its record from `before` to `after`: the
+    futures wallet (`fs` UM or CM) in an ACCOUNT_UPDATE for ORDER, then the margin free
+    and locked balances in an outboundAccountPosition, a few milliseconds apart on Binance
+    and with one E here."""
+    wallet = "umWalletBalance" if fs == "UM" else "cmWalletBalance"
+    return [
+        {
+            "e": "ACCOUNT_UPDATE",
+            "fs": fs,
+            "E": now_ms,
+            "T": now_ms,
+            "i": "",
+            "a": {"m": "ORDER", "B": [_wallet_row(asset, before, after, wallet)], "P": []},
+        },
+        _position(now_ms, update_id, [_position_row(asset, after)]),
+    ]
 
 
 def risk_events(old: Any, new: Any, now_ms: int) -> list[dict[str, Any]]:
@@ -194,6 +226,7 @@ def _liability(asset: str, record: dict[str, Any], now_ms: int) -> dict[str, Any
 def _wallet_row(
     asset: str, was: dict[str, Any], now: dict[str, Any], wallet: str
 ) -> dict[str, Any]:
-    balance = _text(now.get(wallet))
     change = _delta(was, now, wallet)
+    debt = _decimal(now.get("negativeBalance"))
+    balance = f"{-abs(debt):f}" if debt else _text(now.get(wallet))
     return {"a": asset, "wb": balance, "cw": balance, "bc": _text(change or 0)}

@@ -16,6 +16,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from exporter.simulator import events, synthetic
@@ -152,6 +153,37 @@ class AccountBook:
                 kept = [r for r in records if not (isinstance(r, dict) and r.get("asset") == asset)]
                 self._replace_balances(name, kept)
 
+    def trade(self, name: str, asset: str, wallet_change: Decimal, free_change: Decimal) -> bool:
+        """A fill on `name`'s `asset`: its UM wallet and cross-margin free balance move by
+        the changes, and the events of a fill are pushed. Refused (False, nothing changes)
+        on an account driven negative (a non-zero negativeBalance or a balance below zero)
+        and on an asset it does not hold in the API's shape."""
+        with self._lock:
+            self._check(name)
+            records = self._balances[name]
+            if not isinstance(records, list) or any(_in_debt(r) for r in records):
+                return False
+            index = next(
+                (
+                    i
+                    for i, r in enumerate(records)
+                    if isinstance(r, dict) and r.get("asset") == asset
+                ),
+                None,
+            )
+            if index is None:
+                return False
+            record = records[index]
+            changed = _traded(record, wallet_change, free_change)
+            if changed is None:
+                return False
+            self._balances[name] = [*records[:index], changed, *records[index + 1 :]]
+            update_id = next(self._update_ids)
+            self._announce(
+                name, events.trade_events(asset, record, changed, self._now_ms(), update_id)
+            )
+            return True
+
     def set_account_info(self, name: str, info: Any) -> None:
         stored = _json_copy(info)
         with self._lock:
@@ -180,6 +212,43 @@ class AccountBook:
 def _json_copy(value: Any) -> Any:
     """A private copy; refuses what cannot be served as JSON (NaN and Infinity are allowed)."""
     return json.loads(json.dumps(value))
+
+
+#: the fields a negative balance shows in; any below zero means the account is in debt
+_DEBT_FIELDS = ("crossMarginFree", "umWalletBalance", "cmWalletBalance", "totalWalletBalance")
+
+
+def _in_debt(record: Any) -> bool:
+    if not isinstance(record, dict):
+        return True
+    if _number(record.get("negativeBalance", "0")) != 0:
+        return True
+    return any((_number(record.get(name, "0")) or 0) < 0 for name in _DEBT_FIELDS)
+
+
+def _number(value: Any) -> Decimal | None:
+    try:
+        number = Decimal(str(value)) if value not in (None, "") else Decimal(0)
+    except InvalidOperation:
+        return None
+    return number if number.is_finite() else None
+
+
+def _traded(record: dict[str, Any], wallet: Decimal, free: Decimal) -> dict[str, Any] | None:
+    """`record` after a fill moving its UM wallet by `wallet` and its free balance by
+    `free`, the API's identities kept; None when its amounts are not decimals."""
+    names = ("umWalletBalance", "crossMarginFree", "crossMarginLocked", "cmWalletBalance")
+    um, cross_free, locked, cm = (_number(record.get(n, "0")) for n in names)
+    if um is None or cross_free is None or locked is None or cm is None:
+        return None
+    um, cross_free = um + wallet, cross_free + free
+    return {
+        **record,
+        "umWalletBalance": synthetic.format_amount(um),
+        "crossMarginFree": synthetic.format_amount(cross_free),
+        "crossMarginAsset": synthetic.format_amount(cross_free + locked),
+        "totalWalletBalance": synthetic.format_amount(cross_free + locked + um + cm),
+    }
 
 
 def _zero_record(asset: str) -> dict[str, Any]:
