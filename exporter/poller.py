@@ -231,7 +231,7 @@ class EgressPoller:
         account = self._by_name.get(name)
         if account is None or self._store.get(name).consecutive_failures:
             return  # a failing account keeps its backoff: its next turn will tell
-        wanted = endpoints if self._settings.account_info else endpoints & BALANCE
+        wanted = endpoints & self._full  # what is enabled: account info, collectors
         wanted = frozenset(e for e in wanted if not self._answered(account, e, event_time))
         if event_time is not None and (account.latest_event or 0.0) < event_time:
             account.latest_event = event_time

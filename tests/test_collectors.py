@@ -17,6 +17,7 @@ from systools import require
 
 from exporter import fields
 from exporter.binance.errors import InvalidResponse
+from exporter.binance.events import StreamEvent, parse_event
 from exporter.budget import refresh_interval, shard_limits
 from exporter.collectors import Collector, Request, register, registered, unregister, weight_of
 from exporter.collectors.registry import in_parts
@@ -29,6 +30,7 @@ from exporter.simulator.endpoints import ENDPOINTS, Endpoint
 from exporter.snapshot import AccountSnapshot, SnapshotStore
 from exporter.storage import StateFile
 from exporter.summary import summarize
+from exporter.triggers import books_moved, classify
 
 FAST = {"ip_weight_limit_per_minute": 60000, "share": 1.0, "min_interval_seconds": 1}
 
@@ -275,3 +277,56 @@ def test_a_toy_collector_registered_by_one_call_shows_everywhere(sim2, toy, tmp_
     assert state.write(snapshot, time.time())
     assert json.loads(state.path.read_text())["accounts"]["acct-00"]["parts"] == {"toy": 7.25}
     assert toy.get(StateFile(tmp_path).load({"acct-00"})["acct-00"]) == 7.25
+
+
+# --- stream events feed the same collectors ----------------------------------------------
+
+
+def _account_update(book: str, positions: list[dict[str, str]]) -> StreamEvent:
+    return parse_event(
+        {
+            "e": "ACCOUNT_UPDATE",
+            "fs": book,
+            "E": 1700000000000,
+            "a": {"m": "ORDER", "B": [{"a": "USDT", "wb": "10", "cw": "10"}], "P": positions},
+        }
+    )
+
+
+def test_an_account_update_of_a_books_positions_calls_for_its_collector() -> None:
+    position = {"s": "BTCUSDT", "pa": "0.5", "ep": "60000", "up": "1", "ps": "BOTH"}
+    assert books_moved(_account_update("UM", [position])) == {"um_account"}
+    assert books_moved(_account_update("CM", [{**position, "s": "BTCUSD_PERP"}])) == {"cm_account"}
+    assert books_moved(_account_update("UM", [])) == frozenset()
+
+
+def test_a_triggered_read_reads_the_um_book_only_when_it_is_enabled(sim2) -> None:
+    sim, generated = sim2
+    position = {"s": "BTCUSDT", "pa": "0.5", "ep": "60000", "up": "1", "ps": "BOTH"}
+    event = _account_update("UM", [position])
+    need = classify(event, None)
+    assert need is not None
+    endpoints = need.endpoints | books_moved(event)  # as streams.py asks
+    slow = {**FAST, "min_interval_seconds": 3600}
+    for um_on in (True, False):
+        data = exporter_config(sim.url, generated, budget=slow)
+        data["collect"] = {"um_account": um_on}
+        cfg = parse_config(data, environ={}, base_dir=Path.cwd())
+        start = len(sim.requests)
+
+        def paths(start: int = start) -> list[str]:
+            return [r.path for r in sim.requests[start:] if r.account == "acct-00"]
+
+        with RunningExporter(cfg) as running:
+            wait_until(lambda: running.sample("binance_pm_up", account="acct-00") == 1)
+            before = paths()
+            poller = running.exporter.pollers[0]
+            running.call_soon(poller.trigger, "acct-00", need.priority, endpoints, None)
+            wait_until(lambda: paths().count("/papi/v1/balance") == 2)
+            if um_on:
+                wait_until(lambda: paths().count("/papi/v1/um/account") == 2)
+            after = paths()
+        um = "/papi/v1/um/account"
+        assert before.count(um) == (1 if um_on else 0)
+        assert after.count(um) == (2 if um_on else 0)  # the event read the book again
+        assert after.count("/papi/v1/account") == 1  # the event did not move account info
