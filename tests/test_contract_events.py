@@ -86,6 +86,17 @@ SCENARIOS: dict[str, list[dict[str, Any]]] = {
         for status in ("MARGIN_CALL", "SUPPLY_MARGIN", "REDUCE_ONLY", "FORCE_LIQUIDATION")
     ],
     "listen_key_expired": [{}],
+    # one fill of the trading load: ACCOUNT_UPDATE (ORDER) and outboundAccountPosition
+    "trade_events": [
+        {
+            "asset": "BTC",
+            "before": RECORD,
+            "after": {**RECORD, "umWalletBalance": "0.30100000", "crossMarginFree": "0.99000000"},
+            "update_id": 14,
+            "fs": fs,
+        }
+        for fs in ("UM", "CM")
+    ],
 }
 #: arguments by parameter name, for a builder without scenarios of its own
 ARGUMENTS: dict[str, Any] = {"now_ms": NOW, "update_id": 1, "listen_key": "k" * 64}
@@ -267,7 +278,10 @@ class Poller:
         self.triggers: list[tuple[str, Priority]] = []
         self.risks: list[str | None] = []
 
-    def trigger(self, name: str, priority: Priority) -> None:
+    def snapshot_of(self, name: str) -> None:
+        return None  # an account not refreshed yet
+
+    def trigger(self, name: str, priority: Priority, *_: object) -> None:
         self.triggers.append((name, priority))
 
     def apply_risk(self, name: str, **risk: Any) -> None:
