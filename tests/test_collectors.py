@@ -4,29 +4,50 @@ through the poller, storage and scrape code that name no collector."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
+import statistics
 import subprocess
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from harness import RunningExporter, accounts, wait_until
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 from systools import require
 
 from exporter import fields
+from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.errors import InvalidResponse
 from exporter.binance.events import StreamEvent, parse_event
-from exporter.budget import refresh_interval, shard_limits
-from exporter.collectors import Collector, Request, register, registered, unregister, weight_of
+from exporter.binance.signing import HmacSigner
+from exporter.budget import WeightBudget, refresh_interval, shard_limits
+from exporter.collectors import (
+    Collector,
+    Request,
+    enabled,
+    register,
+    registered,
+    unregister,
+    weight_of,
+)
+from exporter.collectors.margin import FuturesAccount
 from exporter.collectors.registry import in_parts
 from exporter.collectors.um_account import COLLECTOR as UM
 from exporter.config import Config, parse_config
 from exporter.families import Family
+from exporter.poller import POLLED_APART, EgressPoller, PollSettings, Target
+from exporter.selfmetrics import Instruments
 from exporter.simulator import Simulator
 from exporter.simulator.demo import GeneratedAccount, exporter_config
 from exporter.simulator.endpoints import ENDPOINTS, Endpoint
+from exporter.simulator.virtualtime import EventClock
 from exporter.snapshot import AccountSnapshot, SnapshotStore
 from exporter.storage import StateFile
 from exporter.summary import summarize
@@ -330,3 +351,118 @@ def test_a_triggered_read_reads_the_um_book_only_when_it_is_enabled(sim2) -> Non
         assert before.count(um) == (1 if um_on else 0)
         assert after.count(um) == (2 if um_on else 0)  # the event read the book again
         assert after.count("/papi/v1/account") == 1  # the event did not move account info
+
+
+# --- 200 accounts, both margin collectors, the default budget, on virtual time -----------
+
+
+def test_200_accounts_with_both_margin_collectors_keep_the_budget(tmp_path) -> None:
+    """The real poller and budget on virtual time, answered at once by a server that
+    counts the exporter's weight per trailing 60 s as Binance does and answers 429 past B:
+    the weight stays <= B in every window, no 429, and each account's polled interval is
+    N·w/B with the new w, within 5 %."""
+    n = 200
+    data = exporter_config("http://binance.test", accounts(1))
+    data["collect"] = {"um_account": True, "cm_account": True}
+    cfg = parse_config(data, environ={}, base_dir=tmp_path)
+    switches = cfg.collect.switches()
+    w = weight_of(switches)
+    assert w == 50
+    limits = shard_limits(cfg.budget)
+    b = limits.per_minute
+    assert b == 1500  # the default budget
+    interval = refresh_interval(n, w, limits, cfg.budget.min_interval_seconds)
+    start = 1_700_000_010.0
+    clock = EventClock(start)
+    weights = {
+        "/papi/v1/balance": 20,
+        "/papi/v1/account": 20,
+        "/papi/v1/um/account": 5,
+        "/papi/v1/cm/account": 5,
+        "/fapi/v1/time": 1,
+    }
+    log: list[tuple[float, str, str, int]] = []  # time, path, api key, status
+    um_answer = {
+        "assets": [{"asset": "USDT", "maintMargin": "10"}],
+        "positions": [{"symbol": "BTCUSDT", "positionSide": "BOTH", "positionAmt": "1"}],
+    }
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        path, now = request.url.path, clock.now
+        # the PM API's pool (the server time is on the futures host's own)
+        used = sum(
+            weights[p]
+            for t, p, _, s in log
+            if now - 60 < t <= now and s == 200 and p != "/fapi/v1/time"
+        )
+        status = 429 if path != "/fapi/v1/time" and used + weights[path] > b else 200
+        log.append((now, path, request.headers.get("X-MBX-APIKEY", ""), status))
+        if status == 429:
+            return httpx.Response(429, json={"code": -1003, "msg": "Too many requests"})
+        if path.endswith("/time"):
+            return httpx.Response(200, json={"serverTime": int(now * 1000)})
+        if path == "/papi/v1/account":
+            return httpx.Response(200, json={"uniMMR": "3.5", "accountStatus": "NORMAL"})
+        if path in ("/papi/v1/um/account", "/papi/v1/cm/account"):
+            return httpx.Response(200, json=um_answer)
+        return httpx.Response(200, json=[{"asset": "USDT", "crossMarginFree": "1.0"}])
+
+    names = [f"acct-{i:03d}" for i in range(n)]
+    store = SnapshotStore(AccountSnapshot(name, interval) for name in names)
+    collectors = tuple(c for c in enabled(switches) if c.name not in POLLED_APART)
+    poller = EgressPoller(
+        targets=[Target(x, Credentials(SecretStr(x), HmacSigner(SecretStr("s")))) for x in names],
+        make_client=partial(
+            BinanceClient,
+            base_url="http://binance.test",
+            timeout_seconds=100,
+            recv_window_ms=5000,
+            clock=clock,
+            transport=httpx.MockTransport(answer),
+        ),
+        budget=WeightBudget("default", limits, clock=clock, sleep=clock.sleep),
+        store=store,
+        instruments=Instruments(CollectorRegistry()),
+        settings=PollSettings(
+            account_info=True,
+            allows_asset=lambda a: True,
+            interval=interval,
+            collectors=collectors,
+            switches=switches,
+        ),
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    assert poller.settings.weight == w
+
+    async def go() -> None:
+        task = asyncio.create_task(poller.run())
+        await clock.run_until(start + 3.5 * interval)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await poller.drain(1)
+
+    asyncio.run(go())
+    assert [s for *_, s in log].count(429) == 0
+    spent = [(t, weights[p]) for t, p, _, _ in log if p != "/fapi/v1/time"]
+    worst = max(sum(x for s, x in spent if t <= s < t + 60) for t, _ in spent)
+    assert worst <= b
+    gaps = [
+        later - earlier
+        for name in names
+        for earlier, later in itertools.pairwise(
+            t for t, p, key, _ in log if p == "/papi/v1/um/account" and key == name
+        )
+    ]
+    expected = n * w / b * 60  # N·w/B
+    mean = statistics.mean(gaps)
+    print(  # the figures, for the report (pytest -s)
+        f"200 accounts, w {w}, B {b:g}: worst 60 s window {worst}, 429s 0,"
+        f" interval mean {mean:.1f} s / max {max(gaps):.1f} s against N·w/B {expected:.1f} s"
+    )
+    assert len(gaps) >= 2 * n
+    assert abs(statistics.mean(gaps) / expected - 1) < 0.05, (statistics.mean(gaps), expected)
+    assert max(gaps) < expected * 1.05
+    part = store.get("acct-000").parts["um_account"]
+    assert isinstance(part, FuturesAccount)
+    assert part.positions[0].values["positionAmt"] == 1.0
