@@ -477,6 +477,7 @@ class Exporter:
             plan.config.prices.enabled,
             plan.config.prices.base_url,
         ) != (self._plan.config.prices.enabled, self._plan.config.prices.base_url)
+        self.exposition.set_families(families_of(enabled(plan.config.collect.switches())))
         self.store.rebuild(partial(_snapshots, plan))
         old = self._egresses
         egresses = {}

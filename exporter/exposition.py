@@ -132,17 +132,8 @@ class CachedExposition:
 
     def __init__(self, store: SnapshotStore, families: Sequence[Family] = DEFAULT_FAMILIES) -> None:
         self._store = store
-        self._families = tuple(families)
-        self._headers = {
-            fmt: tuple(help_line(f, fmt).encode() for f in self._families)
-            for fmt in ("text", "openmetrics")
-        }
-        self._header_segments = {
-            fmt: _deflate_segments(headers) for fmt, headers in self._headers.items()
-        }
         self._lock = threading.Lock()
-        self._fragments: dict[str, _Fragment] = {}
-        self._bodies: dict[tuple[Format, bool], _Body] = {}
+        self._set(families)
         #: the variants scrapes asked for, and when last: `render_changed()` builds those
         #: asked for within WANTED_SECONDS ahead of the next scrape
         self._wanted: dict[tuple[Format, bool], float] = {}
@@ -153,6 +144,25 @@ class CachedExposition:
     def families(self) -> tuple[Family, ...]:
         """The families rendered: the reference renderer reads the same ones."""
         return self._families
+
+    def set_families(self, families: Sequence[Family]) -> None:
+        """Render `families` from now on (a reload turned a collector on or off): every
+        account and body is rendered again at the next scrape."""
+        with self._lock:
+            if tuple(families) != self._families:
+                self._set(families)
+
+    def _set(self, families: Sequence[Family]) -> None:
+        self._families = tuple(families)
+        self._headers = {
+            fmt: tuple(help_line(f, fmt).encode() for f in self._families)
+            for fmt in ("text", "openmetrics")
+        }
+        self._header_segments = {
+            fmt: _deflate_segments(headers) for fmt, headers in self._headers.items()
+        }
+        self._fragments: dict[str, _Fragment] = {}
+        self._bodies: dict[tuple[Format, bool], _Body] = {}
 
     def text(self, fmt: Format) -> bytes:
         """The snapshot's families, uncompressed (no `# EOF`: the live part ends it)."""

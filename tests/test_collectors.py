@@ -466,3 +466,22 @@ def test_200_accounts_with_both_margin_collectors_keep_the_budget(tmp_path) -> N
     part = store.get("acct-000").parts["um_account"]
     assert isinstance(part, FuturesAccount)
     assert part.positions[0].values["positionAmt"] == 1.0
+
+
+def test_a_reload_turns_the_margin_collectors_and_positions_on_and_off(sim2) -> None:
+    sim, generated = sim2
+    configs = [
+        config(sim.url, generated, um_account=True, positions=False),
+        config(sim.url, generated, um_account=True),
+        config(sim.url, generated),
+    ]
+    pending = list(configs[1:])
+    with RunningExporter(configs[0], load=lambda: pending.pop(0)) as running:
+        asset = {"account": "acct-00", "asset": "USDT"}
+        wait_until(lambda: running.sample("binance_pm_um_asset_maint_margin", **asset) is not None)
+        assert "binance_pm_um_position_amount{" not in running.metrics_text()
+        assert running.exporter.reload() is None  # positions on
+        wait_until(lambda: "binance_pm_um_position_amount{" in running.metrics_text())
+        assert running.exporter.reload() is None  # um_account off: its series leave
+        wait_until(lambda: "binance_pm_um_asset_maint_margin{" not in running.metrics_text())
+        assert "# HELP binance_pm_um_asset_maint_margin" not in running.metrics_text()
