@@ -259,12 +259,15 @@ def start_demo(
     except BaseException:
         sim.stop()
         raise
-    return sim, exporter_config(
+    data = exporter_config(
         sim.url,
         generated,
         budget={"ip_weight_limit_per_minute": 6000, "share": 0.25, "min_interval_seconds": 10},
         stream_url=sim.stream_url,
     )
+    # the futures books too, whose positions drift: the Futures margin row has data
+    data["collect"] = {"um_account": True, "cm_account": True}
+    return sim, data
 
 
 def exporter_config(
