@@ -109,5 +109,6 @@ COLLECTOR: Collector[AccountInfo] = register(
         put=_put,
         encode=_encode,
         decode=_decode,
+        stored_as="info",
     )
 )

@@ -99,5 +99,6 @@ COLLECTOR: Collector[Any] = register(
         put=_put,
         encode=_encode,
         decode=_decode,
+        stored_as="balances",
     )
 )

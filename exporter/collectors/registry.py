@@ -66,6 +66,9 @@ class Collector(Generic[P]):
     narrow: Callable[[P, Mapping[str, bool]], P] = _same
     #: the config switch when it is not `collect.<name>`
     switch: str | None = None
+    #: the account record's own key in the state file (balance: "balances", account:
+    #: "info", the format's first shape); None: under `parts.<name>`
+    stored_as: str | None = None
 
     @property
     def setting(self) -> str:
