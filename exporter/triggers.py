@@ -106,11 +106,19 @@ def classify(event: StreamEvent, snapshot: AccountSnapshot | None) -> Need | Non
         return Need(Priority.RISK, BOTH)
     if event.kind == LIABILITY_CHANGE and _raises_liability(event, snapshot):
         uni_mmr = uni_mmr_of(snapshot)
-        if uni_mmr is not None and uni_mmr < UNI_MMR_WARNING:
+        if uni_mmr is not None and uni_mmr < warning_threshold(snapshot):
             return Need(Priority.RISK, BOTH)
     if event.moves_balances:
         return Need(Priority.EVENT, BALANCE)
     return Need(Priority.EVENT, ACCOUNT)  # openOrderLoss: an account figure
+
+
+def warning_threshold(snapshot: AccountSnapshot | None) -> float:
+    """The uniMMR below which `BinancePMUniMMRLow` warns for the account: its own
+    `accounts[].thresholds.uni_mmr_warning`, else the alerts' default."""
+    if snapshot is None:
+        return UNI_MMR_WARNING
+    return dict(snapshot.meta.thresholds).get("uni_mmr_warning", UNI_MMR_WARNING)
 
 
 def uni_mmr_of(snapshot: AccountSnapshot | None) -> float | None:

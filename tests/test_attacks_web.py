@@ -318,7 +318,10 @@ def test_back_to_back_scrapes_on_one_connection_are_not_delayed(config: Path) ->
                 latencies.append(time.monotonic() - started)
         median = statistics.median(latencies)
         print(f"\nback-to-back scrapes: median {median * 1000:.1f} ms")
-        assert median <= 0.010, f"median {median * 1000:.1f} ms"
+        # Nagle against delayed ACK holds each answer about 40 ms (main: 48-52 ms); without
+        # it a scrape takes 4-8 ms on a quiet machine, 16 ms on CI's loaded one: the bound
+        # tells the two apart without timing the machine.
+        assert median <= 0.030, f"median {median * 1000:.1f} ms"
     finally:
         assert running.stop() == 0
 

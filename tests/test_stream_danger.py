@@ -16,6 +16,7 @@ import random
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from exporter.budget import refresh_interval
 from exporter.poller import EgressPoller
 from exporter.selfmetrics import StreamHealth
 from exporter.simulator.virtualtime import EventClock
-from exporter.snapshot import AccountInfo, AccountSnapshot, AssetBalance
+from exporter.snapshot import AccountInfo, AccountMeta, AccountSnapshot, AssetBalance
 from exporter.streams import _AccountObserver
 from exporter.triggers import (
     ACCOUNT,
@@ -172,7 +173,21 @@ def test_event_names_match_ignoring_case_and_underscores_and_keep_the_docs_spell
 
 def test_the_warning_threshold_is_the_alerts_one() -> None:
     rules = (Path(__file__).parent.parent / "prometheus" / "alerts.yml").read_text()
-    assert f"binance_pm_uni_mmr < {UNI_MMR_WARNING} " in rules
+    default = f"or on (job, instance, account) 0 * binance_pm_uni_mmr + {UNI_MMR_WARNING}\n"
+    (low,) = [
+        part for part in rules.split("- alert: ")[1:] if part.startswith("BinancePMUniMMRLow")
+    ]
+    assert 'threshold="uni_mmr_warning"' in low
+    assert default in low
+
+
+def test_a_borrow_is_risk_below_the_accounts_own_warning_threshold() -> None:
+    """accounts[].thresholds: a market-making account warns at 1.3, a treasury at 2.0."""
+    own = AccountMeta(thresholds=(("uni_mmr_warning", 2.0),))
+    treasury = replace(snapshot(uni_mmr=1.8), meta=own)
+    assert classify(parse_frame(liability("2.5")), treasury) == Need(RISK, BOTH)
+    tight = replace(snapshot(uni_mmr=1.4), meta=AccountMeta(thresholds=(("uni_mmr_warning", 1.3),)))
+    assert classify(parse_frame(liability("2.5")), tight) == Need(EVENT, BALANCE)
 
 
 def test_event_ordering_lowest_uni_mmr_first_then_oldest() -> None:
@@ -434,7 +449,8 @@ def test_at_50_trades_a_second_every_polled_interval_stays_within_2x() -> None:
     is still read within 2x of polling-only (the balance more often than that)."""
     desk = Desk(20, 50.0)
     run(desk.poller, desk.clock, 300, desk.trade)
-    spent = [(t, 1 if p.endswith("/time") else 20) for t, p, _ in desk.api.log]
+    # the server time is read from the futures host, in a weight pool of its own
+    spent = [(t, 20) for t, p, _ in desk.api.log if not p.endswith("/time")]
     assert max(sum(w for s, w in spent if t <= s < t + 60) for t, _ in spent) <= 1500
     triggered = sum(desk.health.triggered.labels(n, "balance")._value.get() for n in names(20))
     assert triggered * 20 >= 0.8 * 750 / 60.5 * 300  # the triggered half was in use
