@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
+from types import MappingProxyType
 
 import httpx
 import structlog
@@ -27,9 +28,11 @@ from exporter.binance.stream import DEFAULT_TIMINGS, StreamTimings
 from exporter.budget import BudgetLimits, WeightBudget, refresh_interval, shard_limits
 from exporter.clock import SYSTEM_CLOCK, Clock
 from exporter.clocksync import ClockSync, TimeSource, fapi_budget_limits
+from exporter.collector import families_of
+from exporter.collectors import enabled, refresh_weight
 from exporter.config import AccountConfig, Config, ConfigError, PrivateKey
 from exporter.exposition import CachedExposition
-from exporter.poller import BACKOFF_CAP_SECONDS, EgressPoller, PollSettings, Target
+from exporter.poller import BACKOFF_CAP_SECONDS, POLLED_APART, EgressPoller, PollSettings, Target
 from exporter.pricemetrics import PriceCollector
 from exporter.prices import PriceBook, PriceSource, PriceStore, price_budget_limits
 from exporter.processmetrics import register_process_metrics
@@ -46,7 +49,6 @@ from exporter.shard import WHOLE, Shard
 from exporter.snapshot import AccountMeta, AccountSnapshot, SnapshotStore
 from exporter.storage import StateFile
 from exporter.streams import AccountStreams
-from exporter.weights import refresh_weight
 
 log = structlog.get_logger("exporter")
 
@@ -79,7 +81,9 @@ class _Plan:
 def _plan(config: Config, shard: Shard, backoff_cap: float) -> _Plan:
     accounts = shard.select(config.accounts, lambda a: a.name)
     limits = shard_limits(config.budget, shard.total)
-    weight = refresh_weight(config.collect.account_info)
+    switches = config.collect.switches()
+    collectors = enabled(switches)
+    weight = refresh_weight(collectors)
     by_route: dict[Route, list[AccountConfig]] = {}
     for account in accounts:
         by_route.setdefault(account.route, []).append(account)
@@ -93,6 +97,8 @@ def _plan(config: Config, shard: Shard, backoff_cap: float) -> _Plan:
             ),
             backoff_cap=backoff_cap,
             trigger_interval=config.stream.min_refresh_interval_seconds,
+            collectors=tuple(c for c in collectors if c.name not in POLLED_APART),
+            switches=MappingProxyType(switches),
         )
         for route, members in groups.items()
     }
@@ -187,7 +193,7 @@ class Exporter:
         #: the spot prices, read by the price metrics at scrape time
         self.price_store = PriceStore(PriceBook(frozenset(config.prices.usd_assets)))
         self.prices = self._price_source(config)
-        self.registry.register(BudgetCollector(lambda: self._all_budgets))
+        self.registry.register(BudgetCollector(lambda: [b.figures() for b in self._all_budgets]))
         self.registry.register(ReloadCollector(self.reload_status, "config", "config"))
         self.registry.register(BuildInfoCollector())
         register_process_metrics(self.registry)
@@ -196,7 +202,9 @@ class Exporter:
         if self.stream_health is not None:
             self.registry.register(self.stream_health)
         #: the snapshot's families, rendered once per snapshot change
-        self.exposition = CachedExposition(self.store)
+        self.exposition = CachedExposition(
+            self.store, families_of(enabled(config.collect.switches()))
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._crash: BaseException | None = None
@@ -483,6 +491,7 @@ class Exporter:
             plan.config.prices.enabled,
             plan.config.prices.base_url,
         ) != (self._plan.config.prices.enabled, self._plan.config.prices.base_url)
+        self.exposition.set_families(families_of(enabled(plan.config.collect.switches())))
         self.store.rebuild(partial(_snapshots, plan))
         old = self._egresses
         egresses = {}
@@ -552,17 +561,31 @@ def _with_meta(snapshot: AccountSnapshot, account: AccountConfig) -> AccountSnap
 
 
 def _under(snapshot: AccountSnapshot, settings: PollSettings) -> AccountSnapshot:
-    """`snapshot` under `settings`: their interval, assets and account info (the same
-    object when nothing changes, so its rendered lines stay cached)."""
+    """`snapshot` under `settings`: their interval, assets, account info and collectors'
+    parts (the same object when nothing changes, so its rendered lines stay cached)."""
     balances = tuple(b for b in snapshot.balances if settings.allows_asset(b.asset))
     info = snapshot.info if settings.account_info else None
+    polled = {c.name: c for c in settings.collectors}
+    parts = {
+        name: polled[name].narrow(part, settings.switches)
+        for name, part in snapshot.parts.items()
+        if name in polled
+    }
     if (
         snapshot.refresh_interval == settings.interval
         and len(balances) == len(snapshot.balances)
         and info is snapshot.info
+        and parts.keys() == snapshot.parts.keys()
+        and all(parts[name] is snapshot.parts[name] for name in parts)
     ):
         return snapshot
-    return replace(snapshot, refresh_interval=settings.interval, balances=balances, info=info)
+    return replace(
+        snapshot,
+        refresh_interval=settings.interval,
+        balances=balances,
+        info=info,
+        parts=MappingProxyType(parts),
+    )
 
 
 def same(a: AccountConfig, b: AccountConfig) -> bool:

@@ -66,6 +66,21 @@ def shard_limits(settings: BudgetFigures, shards: int = 1) -> BudgetLimits:
     )
 
 
+@dataclass(frozen=True)
+class BudgetState:
+    """One budget's state at one moment, as plain values (`WeightBudget.figures`)."""
+
+    egress: str
+    last_used_weight: int | None
+    spent_total: int
+    per_minute: float
+    limit_per_minute: int
+    #: epoch seconds until which requests are paused; 0 when not paused
+    paused_until: float
+    #: pauses so far, by reason
+    pauses: dict[str, int]
+
+
 class WeightBudget:
     """Pacing, the 60 s guard and the pause state of one egress; read by the metrics."""
 
@@ -91,6 +106,19 @@ class WeightBudget:
         self.pauses: Counter[str] = Counter()
         self.spent_total = 0
         self.last_used_weight: int | None = None
+
+    def figures(self) -> BudgetState:
+        """Its state now, as plain values: what the self-metrics read at scrape time."""
+        now = self.now()
+        return BudgetState(
+            egress=self.egress,
+            last_used_weight=self.last_used_weight,
+            spent_total=self.spent_total,
+            per_minute=self.settings.per_minute,
+            limit_per_minute=self.settings.limit_per_minute,
+            paused_until=self.paused_until if self.is_paused(now) else 0.0,
+            pauses=dict(self.pauses),
+        )
 
     def set_limits(self, settings: BudgetLimits) -> None:
         """New limits (a config reload). The spending log stays: the next requests wait until

@@ -19,6 +19,7 @@ import structlog
 from exporter import __version__
 from exporter.app import Exporter
 from exporter.budget import shard_limits
+from exporter.collectors import weight_of
 from exporter.config import Config, ConfigError, load_config, parse_config
 from exporter.http import ServerLimits, parse_listen_address
 from exporter.logs import FORMATS, LEVELS, configure_logging
@@ -28,10 +29,9 @@ from exporter.storage import StateFile
 from exporter.summary import check_budget, summarize
 from exporter.watchdog import ShutdownWatchdog
 from exporter.webconfig import WebConfigError, WebConfigFile
-from exporter.weights import refresh_weight
 
 if TYPE_CHECKING:
-    from exporter.simulator.demo import NegativeEpisodes
+    from exporter.demo import NegativeEpisodes
 
 DEFAULT_PORT = 9745
 #: the demo serves this machine only, unless --web.listen-address says otherwise
@@ -261,7 +261,7 @@ def listen_address(args: argparse.Namespace) -> str:
 
 
 def _demo_episodes() -> NegativeEpisodes:
-    from exporter.simulator.demo import NegativeEpisodes  # noqa: PLC0415 - demo only
+    from exporter.demo import NegativeEpisodes  # noqa: PLC0415 - demo only
 
     return NegativeEpisodes()
 
@@ -307,7 +307,7 @@ def load_checked(path: Path, environ: Mapping[str, str]) -> Config:
 
 def _shard_problem(config: Config, shard: Shard) -> str | None:
     per_shard = shard_limits(config.budget, shard.total).per_minute
-    weight = refresh_weight(config.collect.account_info)
+    weight = weight_of(config.collect.switches())
     if per_shard >= weight:
         return None
     return (
@@ -368,7 +368,7 @@ async def _run(
     if not demo:
         await exporter.run(stop)
         return
-    from exporter.simulator.demo import log_usd_totals  # noqa: PLC0415 - demo only
+    from exporter.demo import log_usd_totals  # noqa: PLC0415 - demo only
 
     tasks = [asyncio.create_task(log_usd_totals(exporter.store, exporter.price_store))]
     if episodes is not None:

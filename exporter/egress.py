@@ -37,7 +37,8 @@ class EgressLedger:
         self._instruments.requests.labels(report.endpoint, report.outcome).inc()
         self._instruments.duration.labels(report.endpoint).observe(report.duration)
         if report.sent:  # a reset mid-response spent its weight too; a refused connect did not
-            self.budget.count_sent(WEIGHTS[report.endpoint])
+            weight = report.weight
+            self.budget.count_sent(WEIGHTS[report.endpoint] if weight is None else weight)
         was_paused = self.budget.paused_until
         self.budget.note_used_weight(report.used_weight, self.budget.now(), clock_offset)
         if self.budget.paused_until != was_paused:

@@ -2,7 +2,8 @@
 
 prometheus_client builds an object per sample on every scrape: with 200
 accounts x 30 assets that is ~0.5 s per scrape. Here the snapshot families
-(collector.FAMILIES) are written straight to text, and only for the accounts
+(the enabled collectors', collector.families_of) are written straight to text, and only
+for the accounts
 that changed: each account's lines are kept per family, keyed by the
 `AccountSnapshot` object they came from (snapshots are immutable, so a new
 object is the only way an account changes). A scrape that finds the body of
@@ -36,7 +37,7 @@ from typing import Literal
 
 from prometheus_client.utils import floatToGoString
 
-from exporter.collector import FAMILIES, Family
+from exporter.collector import DEFAULT_FAMILIES, Family
 from exporter.snapshot import AccountSnapshot, Snapshot, SnapshotStore
 
 Format = Literal["text", "openmetrics"]
@@ -129,8 +130,29 @@ class _Body:
 class CachedExposition:
     """The current snapshot's families in each format, rendered once per generation."""
 
-    def __init__(self, store: SnapshotStore, families: Sequence[Family] = FAMILIES) -> None:
+    def __init__(self, store: SnapshotStore, families: Sequence[Family] = DEFAULT_FAMILIES) -> None:
         self._store = store
+        self._lock = threading.Lock()
+        self._set(families)
+        #: the variants scrapes asked for, and when last: `render_changed()` builds those
+        #: asked for within WANTED_SECONDS ahead of the next scrape
+        self._wanted: dict[tuple[Format, bool], float] = {}
+        #: bodies built so far, for tests and benchmarks
+        self.renders = 0
+
+    @property
+    def families(self) -> tuple[Family, ...]:
+        """The families rendered: the reference renderer reads the same ones."""
+        return self._families
+
+    def set_families(self, families: Sequence[Family]) -> None:
+        """Render `families` from now on (a reload turned a collector on or off): every
+        account and body is rendered again at the next scrape."""
+        with self._lock:
+            if tuple(families) != self._families:
+                self._set(families)
+
+    def _set(self, families: Sequence[Family]) -> None:
         self._families = tuple(families)
         self._headers = {
             fmt: tuple(help_line(f, fmt).encode() for f in self._families)
@@ -139,14 +161,8 @@ class CachedExposition:
         self._header_segments = {
             fmt: _deflate_segments(headers) for fmt, headers in self._headers.items()
         }
-        self._lock = threading.Lock()
         self._fragments: dict[str, _Fragment] = {}
         self._bodies: dict[tuple[Format, bool], _Body] = {}
-        #: the variants scrapes asked for, and when last: `render_changed()` builds those
-        #: asked for within WANTED_SECONDS ahead of the next scrape
-        self._wanted: dict[tuple[Format, bool], float] = {}
-        #: bodies built so far, for tests and benchmarks
-        self.renders = 0
 
     def text(self, fmt: Format) -> bytes:
         """The snapshot's families, uncompressed (no `# EOF`: the live part ends it)."""

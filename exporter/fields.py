@@ -160,3 +160,87 @@ ACCOUNT_STATUSES = (
     "FORCE_LIQUIDATION",
     "BANKRUPTED",
 )
+
+UM_ACCOUNT_ENDPOINT = "GET /papi/v1/um/account"
+CM_ACCOUNT_ENDPOINT = "GET /papi/v1/cm/account"
+
+
+def _futures_assets(book: str, name: str) -> tuple[Field, ...]:
+    """The per-asset amounts of GET /papi/v1/{um,cm}/account (`assets[]`)."""
+    prefix = f"binance_pm_{book}_asset"
+    return (
+        Field(
+            "crossWalletBalance",
+            f"{prefix}_cross_wallet_balance",
+            f"{name} cross wallet balance",
+            "Cross wallet",
+        ),
+        Field(
+            "crossUnPnl",
+            f"{prefix}_cross_unrealized_pnl",
+            f"{name} cross unrealized profit",
+            "Cross unrealized PnL",
+        ),
+        Field("maintMargin", f"{prefix}_maint_margin", f"{name} maintenance margin", "Maint."),
+        Field("initialMargin", f"{prefix}_initial_margin", f"{name} initial margin", "Initial"),
+        Field(
+            "positionInitialMargin",
+            f"{prefix}_position_initial_margin",
+            f"{name} initial margin of the positions",
+            "Position initial",
+        ),
+        Field(
+            "openOrderInitialMargin",
+            f"{prefix}_open_order_initial_margin",
+            f"{name} initial margin of the open orders",
+            "Open-order initial",
+        ),
+    )
+
+
+def _futures_positions(book: str, name: str) -> tuple[Field, ...]:
+    """The per-position amounts of GET /papi/v1/{um,cm}/account (`positions[]`)."""
+    prefix = f"binance_pm_{book}_position"
+    unit = "contracts" if book == "cm" else "base asset"
+    return (
+        Field(
+            "positionAmt",
+            f"{prefix}_amount",
+            f"{name} position amount in {unit} (negative: short)",
+            "Amount",
+        ),
+        Field("entryPrice", f"{prefix}_entry_price", f"{name} position entry price", "Entry"),
+        Field(
+            "unrealizedProfit",
+            f"{prefix}_unrealized_profit",
+            f"{name} position unrealized profit",
+            "Unrealized profit",
+        ),
+        Field(
+            "maintMargin", f"{prefix}_maint_margin", f"{name} position maintenance margin", "Maint."
+        ),
+        Field(
+            "initialMargin",
+            f"{prefix}_initial_margin",
+            f"{name} position initial margin",
+            "Initial",
+        ),
+        Field("leverage", f"{prefix}_leverage", f"{name} position leverage", "Leverage"),
+    )
+
+
+#: GET /papi/v1/um/account: one gauge per asset (account, asset) and per position
+#: (account, position_side, symbol)
+UM_ASSETS = _futures_assets("um", "USD-M futures")
+UM_POSITIONS = (
+    *_futures_positions("um", "USD-M futures"),
+    Field(
+        "maxNotional",
+        "binance_pm_um_position_max_notional",
+        "USD-M futures position's largest notional at its current leverage",
+        "Max notional",
+    ),
+)
+#: GET /papi/v1/cm/account: the same per asset and position
+CM_ASSETS = _futures_assets("cm", "COIN-M futures")
+CM_POSITIONS = _futures_positions("cm", "COIN-M futures")

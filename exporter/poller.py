@@ -22,8 +22,9 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from types import MappingProxyType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -32,6 +33,7 @@ from exporter.binance.client import BinanceClient, Credentials, RequestReport
 from exporter.binance.models import ParsedBalances
 from exporter.budget import GUARD_SECONDS, WeightBudget
 from exporter.clocksync import ClockSync
+from exporter.collectors.registry import Collector
 from exporter.egress import EgressLedger
 from exporter.selfmetrics import Instruments, StreamHealth
 from exporter.snapshot import AccountInfo, AccountSnapshot, AssetBalance, SnapshotStore
@@ -44,9 +46,13 @@ from exporter.triggers import (
     TriggerQueue,
     uni_mmr_of,
 )
-from exporter.weights import WEIGHTS, read_weight, refresh_weight
+from exporter.weights import WEIGHTS, refresh_weight
 
 BACKOFF_CAP_SECONDS = 300.0
+#: the collectors whose requests the refresh makes itself (balance answers are merged into
+#: the last ones; a riskLevelChange overlays account info): `PollSettings.collectors` are
+#: the others, read in turn after these
+POLLED_APART = frozenset({"balance", "account"})
 #: the backoff's exponent stops here: interval x 2**64 is past any cap, and a larger
 #: exponent (failure 1,025 overflows a float; a restored 2**62 would hang) is never computed
 _BACKOFF_MAX_EXPONENT = 64
@@ -77,10 +83,14 @@ class PollSettings:
     backoff_cap: float = BACKOFF_CAP_SECONDS
     #: at most one event-triggered refresh of an account per this many seconds
     trigger_interval: float = 2.0
+    #: the enabled collectors read after balance and account info, in order
+    collectors: tuple[Collector[Any], ...] = ()
+    #: the config's collect switches, by name (each collector's `narrow` reads them)
+    switches: Mapping[str, bool] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def weight(self) -> int:
-        return refresh_weight(self.account_info)
+        return refresh_weight(self.account_info) + sum(c.request.weight for c in self.collectors)
 
 
 @dataclass
@@ -196,7 +206,7 @@ class EgressPoller:
             if chosen is None:
                 await self._nap(wake_at - now)
                 continue
-            weight = read_weight(endpoints)
+            weight = sum(self._weights[endpoint] for endpoint in endpoints)
             # The slot is chosen when it comes: a trigger arriving meanwhile may take it.
             if (wait := self._budget.delay(weight, now)) > 0:
                 await self._nap(wait)
@@ -221,7 +231,7 @@ class EgressPoller:
         account = self._by_name.get(name)
         if account is None or self._store.get(name).consecutive_failures:
             return  # a failing account keeps its backoff: its next turn will tell
-        wanted = endpoints if self._settings.account_info else endpoints & BALANCE
+        wanted = endpoints & self._full  # what is enabled: account info, collectors
         wanted = frozenset(e for e in wanted if not self._answered(account, e, event_time))
         if event_time is not None and (account.latest_event or 0.0) < event_time:
             account.latest_event = event_time
@@ -401,8 +411,10 @@ class EgressPoller:
         weight, interval = self._settings.weight, self._settings.trigger_interval
         #: seconds between two refreshes when the budget is fully used
         self._slot = weight / rate
-        #: what the round-robin reads
-        self._full = BOTH if self._settings.account_info else BALANCE
+        #: what the round-robin reads: balance, account info, the other enabled collectors
+        core = BOTH if self._settings.account_info else BALANCE
+        self._full = core | {c.name for c in self._settings.collectors}
+        self._weights = {**WEIGHTS, **{c.name: c.request.weight for c in self._settings.collectors}}
         self._catchup_near = max(CATCHUP_NEAR_SECONDS, self._slot)
         if current is not None and current.plan == (weight, rate, interval):
             return current
@@ -442,6 +454,9 @@ class EgressPoller:
             if "account" in endpoints and self._settings.account_info:
                 info: AccountInfo = await self._call(self._client.account, "account", account)
                 current = replace(current, info=info)
+            for collector in self._settings.collectors:
+                if collector.name in endpoints:
+                    current = await self._collect(collector, account, current)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the one broad boundary: one account's refresh
@@ -482,8 +497,28 @@ class EgressPoller:
             self._store.replace(current)
             self._wake.set()  # a trigger that came in meanwhile may go now
 
+    async def _collect(
+        self, collector: Collector[Any], account: _Account, current: AccountSnapshot
+    ) -> AccountSnapshot:
+        """One registered collector's request, its part put into `current`."""
+        request = collector.request
+        fetch = partial(
+            self._client.read,
+            request.path,
+            collector.name,
+            collector.parse,
+            params=request.params,
+            weight=request.weight,
+        )
+        part = await self._call(fetch, collector.name, account, request.weight)
+        return collector.put(current, collector.narrow(part, self._settings.switches))
+
     async def _call(
-        self, fetch: Callable[[Credentials], Awaitable[T]], endpoint: str, account: _Account
+        self,
+        fetch: Callable[[Credentials], Awaitable[T]],
+        endpoint: str,
+        account: _Account,
+        weight: int | None = None,
     ) -> T:
         """One request to `endpoint`; after a -1021, resync the clock and try once more."""
         # The refresh reserved its weight before its first request; a pause that began
@@ -495,7 +530,7 @@ class EgressPoller:
         except errors.TimestampError:
             log.info("timestamp_rejected")
             await self._sync_time()
-            await self._budget.acquire(WEIGHTS[endpoint])
+            await self._budget.acquire(WEIGHTS[endpoint] if weight is None else weight)
             account.reading[endpoint] = self._answers_up_to(account)
             return await fetch(account.target.credentials)
 

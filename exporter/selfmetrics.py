@@ -8,7 +8,7 @@ collector instead.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,7 +18,6 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from exporter import __version__
-from exporter.budget import WeightBudget
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -192,10 +191,30 @@ class StreamHealth(_Live):
             self.triggered.labels(account, endpoint).inc()
 
 
+class BudgetView(Protocol):
+    """What the budget metrics read of one egress IP's budget (exporter.budget gives
+    these as plain values, `WeightBudget.figures()`; neither module imports the other)."""
+
+    @property
+    def egress(self) -> str: ...
+    @property
+    def last_used_weight(self) -> int | None: ...
+    @property
+    def spent_total(self) -> int: ...
+    @property
+    def per_minute(self) -> float: ...
+    @property
+    def limit_per_minute(self) -> int: ...
+    @property
+    def paused_until(self) -> float: ...  # 0 when not paused
+    @property
+    def pauses(self) -> Mapping[str, int]: ...
+
+
 class BudgetCollector(Collector):
     """Weight and pause state of each egress IP's budget, read at scrape time."""
 
-    def __init__(self, budgets: Callable[[], Sequence[WeightBudget]]) -> None:
+    def __init__(self, budgets: Callable[[], Sequence[BudgetView]]) -> None:
         self._budgets = budgets  # the current budgets: a reload adds and removes egresses
 
     def collect(self) -> Iterable[Metric]:
@@ -238,11 +257,11 @@ class BudgetCollector(Collector):
             if b.last_used_weight is not None:
                 used.add_metric([b.egress], b.last_used_weight)
             spent.add_metric([b.egress], b.spent_total)
-            budget.add_metric([b.egress], b.settings.per_minute)
-            limit.add_metric([b.egress], b.settings.limit_per_minute)
-            paused.add_metric([b.egress], b.paused_until if b.is_paused(b.now()) else 0.0)
+            budget.add_metric([b.egress], b.per_minute)
+            limit.add_metric([b.egress], b.limit_per_minute)
+            paused.add_metric([b.egress], b.paused_until)
             for reason in ("high_water", "rate_limited", "banned", "waf_blocked"):
-                pauses.add_metric([b.egress, reason], b.pauses[reason])
+                pauses.add_metric([b.egress, reason], b.pauses.get(reason, 0))
         yield from (used, spent, budget, limit, paused, pauses)
 
 

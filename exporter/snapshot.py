@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 _EMPTY: Mapping[str, float] = MappingProxyType({})
+_NO_PARTS: Mapping[str, object] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,9 @@ class AccountSnapshot:
     consecutive_failures: int = 0
     #: from the config: set by `SnapshotStore.rebuild` (a reload), kept by `replace`
     meta: AccountMeta = NO_META
+    #: the parts of the collectors other than balance and account info, by collector name
+    #: (exporter.collectors): each collector reads and writes only its own
+    parts: Mapping[str, object] = field(default_factory=lambda: _NO_PARTS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,9 +35,10 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from exporter.binance.models import MAX_ASSETS_PER_ANSWER
+from exporter.collectors import registered
 from exporter.labels import label_problem
 from exporter.safefile import UnsafeFileError, read_regular_file
-from exporter.snapshot import AccountInfo, AccountSnapshot, AssetBalance, Snapshot, SnapshotStore
+from exporter.snapshot import AccountSnapshot, Snapshot, SnapshotStore
 
 log = structlog.get_logger("exporter.storage")
 
@@ -80,6 +81,9 @@ class _Account(_Strict):
     last_success: float | None
     balances: list[_Balance]
     info: _Info | None = None
+    #: the other collectors' parts, by collector name, each in its collector's own shape
+    #: (`Collector.encode`/`decode`); a part of a collector not registered is not read
+    parts: dict[str, Any] = {}
 
 
 class _Head(_Strict):
@@ -185,8 +189,11 @@ class StateFile:
             else:
                 problem, reason = _problem(saved, now)
                 if problem is None:
-                    restored[name] = _snapshot(name, saved, refresh_interval)
-                    continue
+                    try:
+                        restored[name] = _snapshot(name, saved, refresh_interval)
+                        continue
+                    except (ValueError, TypeError) as exc:  # a collector's part
+                        problem, reason = str(exc), "malformed"
                 found = problem
             self.dropped[reason] = self.dropped.get(reason, 0) + 1
             problems.append(f"{name}: {found}")
@@ -301,22 +308,25 @@ def encode(snapshot: Snapshot, now: float) -> bytes:
 
 
 def _document(account: AccountSnapshot) -> dict[str, Any]:
-    return {
+    """An account's record: its refresh health, then each registered collector's part,
+    in its collector's shape (`encode`): at the record's own key (`stored_as`: balances,
+    info), else under `parts`."""
+    document: dict[str, Any] = {
         "up": account.up,
         "consecutive_failures": account.consecutive_failures,
         "last_success": account.last_success,
-        "balances": [
-            {"asset": b.asset, "values": dict(b.values), "update_time": b.update_time}
-            for b in account.balances
-        ],
-        "info": None
-        if account.info is None
-        else {
-            "values": dict(account.info.values),
-            "status": account.info.status,
-            "update_time": account.info.update_time,
-        },
     }
+    parts = {}
+    for collector in registered():
+        part = collector.get(account)
+        encoded = None if part is None else collector.encode(part)
+        if collector.stored_as is not None:
+            document[collector.stored_as] = encoded
+        elif encoded is not None:
+            parts[collector.name] = encoded
+    if parts:  # only then: a file without parts is read by earlier versions too
+        document["parts"] = parts
+    return document
 
 
 def _dumps(value: object) -> str:
@@ -344,22 +354,35 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def _snapshot(name: str, saved: _Account, refresh_interval: float) -> AccountSnapshot:
-    return AccountSnapshot(
+    """The saved account, each collector's part decoded by its collector (`decode`), the
+    record validated first (`_Account`, `_problem`)."""
+    account = AccountSnapshot(
         name,
         refresh_interval,
-        balances=tuple(
-            AssetBalance(b.asset, _frozen(b.values), b.update_time)
-            for b in sorted(saved.balances, key=lambda b: b.asset)
-        ),
-        info=None
-        if saved.info is None
-        else AccountInfo(_frozen(saved.info.values), saved.info.status, saved.info.update_time),
         up=saved.up,
         restored=True,
         last_success=saved.last_success,
         consecutive_failures=saved.consecutive_failures,
     )
+    record = saved.model_dump()
+    for collector in registered():
+        if collector.stored_as is not None and record.get(collector.stored_as) is not None:
+            account = collector.put(account, collector.decode(record[collector.stored_as]))
+    for name_of_part, part in _parts(saved.parts).items():
+        account = next(c for c in registered() if c.name == name_of_part).put(account, part)
+    return account
 
 
-def _frozen(values: Mapping[str, float]) -> Mapping[str, float]:
-    return MappingProxyType(dict(values))
+def _parts(saved: Mapping[str, Any]) -> Mapping[str, object]:
+    """The saved parts of the registered collectors, each decoded by its collector (which
+    raises ValueError or TypeError on what it cannot use)."""
+    collectors = {c.name: c for c in registered()}
+    parts = {}
+    for name, record in saved.items():
+        collector = collectors.get(name)
+        if collector is not None:
+            try:
+                parts[name] = collector.decode(record)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ValueError(f"parts.{name}: {exc}") from None
+    return MappingProxyType(parts)

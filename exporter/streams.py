@@ -39,7 +39,7 @@ from exporter.budget import WeightBudget
 from exporter.poller import EgressPoller, Target
 from exporter.route import Route
 from exporter.selfmetrics import StreamHealth
-from exporter.triggers import BOTH, Priority, classify
+from exporter.triggers import BOTH, Priority, books_moved, classify
 
 log = structlog.get_logger("exporter.streams")
 
@@ -81,7 +81,8 @@ class _AccountObserver(StreamObserver):
             )
         need = classify(event, self._poller.snapshot_of(self._name))
         if need is not None:
-            self._poller.trigger(self._name, need.priority, need.endpoints, event_time)
+            endpoints = need.endpoints | books_moved(event)
+            self._poller.trigger(self._name, need.priority, endpoints, event_time)
 
     def stream_frame_rejected(self, reason: str) -> None:
         self._health.frame_rejected(self._name)

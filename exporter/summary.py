@@ -6,15 +6,16 @@ from __future__ import annotations
 from collections import Counter
 
 from exporter.budget import GUARD_SECONDS, WINDOW_SECONDS, refresh_interval, shard_limits
+from exporter.collectors import enabled, weight_of
 from exporter.config import AccountConfig, Config, ConfigError
 from exporter.shard import WHOLE, Shard
-from exporter.weights import SPOT_IP_WEIGHT_LIMIT_PER_MINUTE, WEIGHTS, refresh_weight
+from exporter.weights import SPOT_IP_WEIGHT_LIMIT_PER_MINUTE, WEIGHTS
 
 
 def check_budget(config: Config) -> None:
     """Raise ``ConfigError`` unless B pays for at least one whole account refresh a minute."""
     per_minute = shard_limits(config.budget).per_minute
-    weight = refresh_weight(config.collect.account_info)
+    weight = weight_of(config.collect.switches())
     if per_minute < weight:
         raise ConfigError(
             [
@@ -28,7 +29,7 @@ def summarize(config: Config, shard: Shard = WHOLE) -> str:
     """A few lines: endpoint, budget arithmetic, accounts with key type and egress, and
     this replica's accounts when there are several shards."""
     budget = config.budget
-    weight = refresh_weight(config.collect.account_info)
+    weight = weight_of(config.collect.switches())
     limits = shard_limits(budget)
     per_minute = limits.per_minute
     high_water = budget.ip_high_water * budget.ip_weight_limit_per_minute
@@ -36,8 +37,11 @@ def summarize(config: Config, shard: Shard = WHOLE) -> str:
     lines = [
         f"binance: {config.binance.base_url} (recv_window {config.binance.recv_window_ms} ms,"
         f" timeout {_num(config.binance.timeout_seconds)} s)",
-        f"collect: balance{' + account info' if config.collect.account_info else ''}"
-        f" = {weight} weight per account refresh;"
+        "collect: "
+        + " + ".join(
+            f"{c.request.endpoint} ({c.request.weight})" for c in enabled(config.collect.switches())
+        )
+        + f" = {weight} weight per account refresh;"
         f" assets {', '.join(assets.include) or 'all'}"
         + (f" except {', '.join(assets.exclude)}" if assets.exclude else ""),
         f"budget: B = {budget.ip_weight_limit_per_minute} x {_num(budget.share)}"

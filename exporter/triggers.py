@@ -81,6 +81,18 @@ class Need:
     endpoints: frozenset[str]
 
 
+#: the margin collector that reads a futures book's positions (exporter/collectors/)
+BOOK_COLLECTORS = {"UM": "um_account", "CM": "cm_account"}
+
+
+def books_moved(event: StreamEvent) -> frozenset[str]:
+    """The margin collectors an event's position changes call for: an ACCOUNT_UPDATE that
+    moved a futures book's positions (`fs` UM or CM, a non-empty `P`) names that book's
+    (the poller reads it only when it is enabled)."""
+    book = BOOK_COLLECTORS.get(event.positions_of or "")
+    return frozenset() if book is None else frozenset({book})
+
+
 def classify(event: StreamEvent, snapshot: AccountSnapshot | None) -> Need | None:
     """What `event` calls for, given its account's current `snapshot` (None if unknown);
     None for an event that moves nothing the exporter reads."""

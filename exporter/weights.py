@@ -17,6 +17,9 @@ from collections.abc import Iterable
 WEIGHTS = {
     "balance": 20,
     "account": 20,
+    # GET /papi/v1/um/account and /papi/v1/cm/account (exporter/collectors/)
+    "um_account": 5,
+    "cm_account": 5,
     "listen_key": 1,
     "ticker_price": 4,
     # the server time: GET /fapi/v1/time (futures host), else GET /api/v3/time (spot host)

@@ -603,6 +603,7 @@ def account_detail() -> dict[str, Any]:
     )
 
     usd_account_panels(board, acc, asset)
+    futures_margin_panels(board, acc)
 
     board.with_row(dash_b.Row("Assets"))
     table_targets: list[Any] = [
@@ -676,6 +677,69 @@ def account_detail() -> dict[str, Any]:
         )
     )
     return finish(board)
+
+
+def futures_margin_panels(board: dash_b.Dashboard, acc: str) -> None:
+    """The "Futures margin" row: which futures positions and assets hold the account's
+    maintenance margin (GET /papi/v1/um/account and /papi/v1/cm/account; empty unless
+    collect.um_account or collect.cm_account is on)."""
+    board.with_row(dash_b.Row("Futures margin"))
+    share = "position:binance_pm_maint_margin_share:ratio"
+    margin = "position:binance_pm_position_maint_margin_usd"
+    board.with_panel(
+        table_b.Panel()
+        .title("Top positions by maintenance margin")
+        .description(
+            "The 10 open futures positions holding the most maintenance margin, in USD "
+            f"({margin}: maintMargin of GET /papi/v1/um/account and /papi/v1/cm/account, "
+            "a CM position's valued at its coin's spot price), and each one's share of the "
+            "account's maintenance margin (accountMaintMargin). Empty unless "
+            "collect.um_account or collect.cm_account is on."
+        )
+        .unit("short")
+        .datasource(DATASOURCE)
+        .targets(
+            [
+                query(f"topk(10, {margin}{{{acc}}})", "margin", "A", instant=True),
+                query(f"{share}{{{acc}}}", "share", "B", instant=True),
+            ]
+        )
+        .with_transformation(dash.DataTransformerConfig(id_val="merge", options={}))
+        .with_transformation(
+            organize(
+                ["Time", "job", "instance", "account"],
+                {"Value #A": "Maint. margin (USD)", "Value #B": "Share of the account's"},
+            )
+        )
+        .sort_by([common_b.TableSortByFieldState().display_name("Maint. margin (USD)").desc(True)])
+        .override_by_name(
+            "Share of the account's",
+            [dash.DynamicConfigValue(id_val="unit", value="percentunit")],
+        )
+        .height(8)
+        .span(12)
+    )
+    board.with_panel(
+        timeseries(
+            "Largest positions' share of maintenance margin",
+            f"The 5 largest shares ({share}) over time: BinancePMPositionDominatesMargin "
+            "warns above 0.5 while uniMMR is below its warning threshold.",
+            "percentunit",
+            [query(f"topk(5, {share}{{{acc}}})", "{{book}} {{symbol}} {{position_side}}")],
+            width=12,
+        )
+    )
+    for book, fields_of_book in (("um", fields.UM_ASSETS), ("cm", fields.CM_ASSETS)):
+        maint = next(f for f in fields_of_book if f.api == "maintMargin")
+        board.with_panel(
+            timeseries(
+                f"{book.upper()} maintenance margin per asset",
+                f"maintMargin of assets[] ({maint.metric}), in units of the asset.",
+                "short",
+                [query(f"{maint.metric}{{{acc}}}", "{{asset}}")],
+                width=12,
+            )
+        )
 
 
 # --- USD values (prices from the exporter, multiplied by the recording rules) ----------

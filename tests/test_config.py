@@ -704,7 +704,8 @@ def test_summarize(conf_dir: Path) -> None:
 def test_summarize_without_account_info(tmp_path: Path) -> None:
     data = {**_minimal(), "collect": {"account_info": False, "assets": {"exclude": ["BNB"]}}}
     text = summarize(parse_config(data, environ={}, base_dir=tmp_path))
-    assert "balance = 20 weight per account refresh; assets all except BNB" in text
+    expected = "GET /papi/v1/balance (20) = 20 weight per account refresh; assets all except BNB"
+    assert expected in text
     data = {**_minimal(), "stream": {"enabled": False}}
     text = summarize(parse_config(data, environ={}, base_dir=tmp_path))
     assert "stream: disabled (polling only)" in text

@@ -108,6 +108,18 @@ def test_account_is_the_sdks_object(api: Api, status: str) -> None:
     conform(sdkcontract.ACCOUNT, ok(api.signed(ACCOUNT)), complete=True)
 
 
+@pytest.mark.parametrize("book", ["um", "cm"])
+def test_the_margin_accounts_are_the_sdks_objects(api: Api, book: str) -> None:
+    answer = ok(api.signed(f"/papi/v1/{book}/account"))
+    model = sdkcontract.UM_ACCOUNT if book == "um" else sdkcontract.CM_ACCOUNT
+    conform(model, answer, complete=True)
+    assert answer["positions"]
+    assert answer["assets"]
+    wrong = {**answer, "positions": [{**answer["positions"][0], "positionAmount": "1"}]}
+    with pytest.raises(ContractError):
+        conform(model, wrong, complete=True)
+
+
 def test_listen_key_answers(api: Api) -> None:
     opened = ok(api.keyed("POST", LISTEN_KEY))
     conform(sdkcontract.LISTEN_KEY, opened, complete=True)

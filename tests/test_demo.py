@@ -12,8 +12,11 @@ from support.faultkit import captured_logs
 from support.waits import wait_until
 
 from exporter.cli import build_parser, listen_address
+from exporter.collectors.cm_account import COLLECTOR as CM
+from exporter.collectors.um_account import COLLECTOR as UM
+from exporter.demo import NegativeEpisodes
 from exporter.simulator.auth import SimAccount
-from exporter.simulator.demo import Drift, NegativeEpisodes
+from exporter.simulator.demo import Drift
 from exporter.simulator.server import Simulator
 from exporter.simulator.virtualtime import EventClock
 from exporter.snapshot import AccountSnapshot, AssetBalance, SnapshotStore
@@ -102,6 +105,24 @@ def test_the_drift_announces_each_episode_once_it_serves_it() -> None:
     assert len(episodes.served) == starts
     for _, _, announced, served in episodes.served:
         assert announced == served != "0"
+
+
+def test_the_drift_moves_the_futures_positions_and_the_exporter_parses_them() -> None:
+    clock = EventClock(1_700_000_000.0)
+    accounts = [SimAccount.hmac("a", "key-a", "secret")]
+    sim = Simulator(accounts, clock=clock)  # not started: data only
+    drift = Drift(sim, assets_per_account=4, rng=random.Random(7))
+    seen: dict[str, list[tuple[float, ...]]] = {"um": [], "cm": []}
+    for _ in range(5):
+        clock.time += 1
+        drift.tick()
+        for book, collector in (("um", UM), ("cm", CM)):
+            part = collector.parse(sim.futures_account("a", book))
+            assert part.positions
+            assert part.assets
+            seen[book].append(tuple(p.values["unrealizedProfit"] for p in part.positions))
+    for book, profits in seen.items():
+        assert len(set(profits)) == len(profits), book  # every tick moves them
 
 
 @pytest.mark.parametrize(

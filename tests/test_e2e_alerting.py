@@ -46,7 +46,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # A high IP limit lets the exporter refresh every account each second.
     budget = {"ip_weight_limit_per_minute": 60000, "min_interval_seconds": 1}
     work = tmp_path_factory.mktemp("e2e")
-    with e2e_stack(work, accounts=ACCOUNTS, budget=budget, account_settings=DESKS) as result:
+    # the margin collectors on: the Futures margin row's panels have data too
+    margin = {"um_account": True, "cm_account": True}
+    with e2e_stack(
+        work, accounts=ACCOUNTS, budget=budget, account_settings=DESKS, collect=margin
+    ) as result:
         try:
             wait_until(
                 returns_200(result.http, f"{result.exporter_url}/readyz"),

@@ -50,11 +50,14 @@ def served_metric_names() -> set[str]:
     return live | {family.name for family in FAMILIES}
 
 
+MARGIN_TABLES = (fields.UM_ASSETS, fields.UM_POSITIONS, fields.CM_ASSETS, fields.CM_POSITIONS)
+
+
 def test_every_field_of_the_table_is_served() -> None:
     served = {family.name for family in FAMILIES}
-    table = [*fields.BALANCE, *fields.ACCOUNT]
-    assert {f.metric for f in table} <= served
-    assert len({f.metric for f in table}) == len({f.api for f in table}) == len(table)
+    for table in ((*fields.BALANCE, *fields.ACCOUNT), *MARGIN_TABLES):
+        assert {f.metric for f in table} <= served
+        assert len({f.metric for f in table}) == len({f.api for f in table}) == len(table)
 
 
 def test_readme_lists_every_metric_served_and_no_other() -> None:
@@ -64,7 +67,7 @@ def test_readme_lists_every_metric_served_and_no_other() -> None:
 
 def test_readme_names_each_metrics_api_field_in_its_row() -> None:
     rows = readme_metric_rows()
-    for field in (*fields.BALANCE, *fields.ACCOUNT):
+    for field in (*fields.BALANCE, *fields.ACCOUNT, *(f for t in MARGIN_TABLES for f in t)):
         row = next(r for r in rows if field.metric in names_in(r.split(" | ")[0]))
         assert f"`{field.api}`" in row, (field.metric, field.api)
 

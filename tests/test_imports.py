@@ -80,9 +80,23 @@ FORBIDDEN = [
         "config is plain data: the wiring turns settings into running parts",
     ),
     (
-        ["exporter.collector", "exporter.exposition", "exporter.snapshot"],
-        ("exporter.binance", "exporter.poller", "httpx"),
+        ["exporter.collector", "exporter.exposition", "exporter.snapshot", "exporter.families"],
+        # the collector modules the families come from hold their parsers too (pure
+        # functions of exporter.binance.models), never a client, a stream or a transport
+        (
+            "exporter.binance.client",
+            "exporter.binance.stream",
+            "exporter.binance.transport",
+            "exporter.poller",
+            "httpx",
+            "websockets",
+        ),
         "the scrape path never talks to Binance",
+    ),
+    (
+        [m for m in package_modules("exporter.collectors") if m != "exporter.collectors"],
+        ("exporter.poller", "exporter.server", "exporter.http", "exporter.app", "exporter.cli"),
+        "a collector declares an endpoint: the poller and the scrape path read it",
     ),
     (
         package_modules("exporter.binance"),
@@ -93,7 +107,12 @@ FORBIDDEN = [
         package_modules("exporter.http"),
         (
             "exporter.poller",
-            "exporter.binance",
+            # the families' collector modules hold their parsers (exporter.binance.models,
+            # pure functions), never a client, a stream or a transport
+            "exporter.binance.client",
+            "exporter.binance.stream",
+            "exporter.binance.transport",
+            "exporter.binance.signing",
             "exporter.config",
             "exporter.webconfig",
             "exporter.storage",
@@ -155,6 +174,54 @@ def test_leaves_import_only_the_standard_library(module: str) -> None:
         name for name in reached(module) if name.split(".")[0] not in allowed and name not in LEAVES
     )
     assert not bad, f"{module} imports {bad}"
+
+
+#: the collector modules: each registers one endpoint
+COLLECTOR_MODULES = ["balance", "account", "um_account", "cm_account"]
+
+
+@pytest.mark.parametrize("name", COLLECTOR_MODULES)
+def test_a_collector_imports_no_other_collector(name: str) -> None:
+    others = {f"exporter.collectors.{other}" for other in COLLECTOR_MODULES if other != name}
+    reaches = reached(f"exporter.collectors.{name}")
+    bad = sorted(m for m in reaches if m in others or m.startswith(tuple(o + "." for o in others)))
+    assert not bad, f"exporter.collectors.{name} reaches {bad}"
+    assert "exporter.collectors" not in reaches  # the package imports every collector
+
+
+def test_every_collector_module_is_listed() -> None:
+    helpers = {"exporter.collectors", "exporter.collectors.registry", "exporter.collectors.margin"}
+    listed = {f"exporter.collectors.{name}" for name in COLLECTOR_MODULES}
+    assert set(package_modules("exporter.collectors")) == listed | helpers
+
+
+@pytest.mark.parametrize("module", package_modules("exporter.simulator"))
+def test_the_simulator_imports_nothing_of_the_exporter(module: str) -> None:
+    bad = sorted(
+        name
+        for name in reached(module)
+        if name.startswith("exporter") and not name.startswith("exporter.simulator")
+        # `from exporter.simulator import x` names the package `exporter.simulator`
+    )
+    assert not bad, f"{module} reaches {bad}: the demo's exporter side is exporter/demo.py"
+
+
+#: metrics and polling: the self-metrics read figures the budget and the poller hand them
+#: (plain values, a small protocol), so none of these reaches back to another
+METRICS_AND_POLLING = ("exporter.selfmetrics", "exporter.budget", "exporter.poller")
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(a, b) for i, a in enumerate(METRICS_AND_POLLING) for b in METRICS_AND_POLLING[i + 1 :]],
+)
+def test_metrics_and_polling_import_each_other_in_no_loop(first: str, second: str) -> None:
+    assert not (second in reached(first) and first in reached(second)), (first, second)
+
+
+def test_the_self_metrics_import_neither_budget_nor_poller() -> None:
+    reaches = reached("exporter.selfmetrics")
+    assert not reaches & {"exporter.budget", "exporter.poller"}, reaches
 
 
 @pytest.mark.slow

@@ -153,6 +153,7 @@ ACCOUNT_ALERTS = (
     "BinancePMNegativeBalanceLarge",
     "BinancePMUniMMRLow",
     "BinancePMUniMMRCritical",
+    "BinancePMPositionDominatesMargin",
     "BinancePMAccountStatusNotNormal",
     "BinancePMAccountLiquidation",
     "BinancePMAccountFailing",

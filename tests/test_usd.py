@@ -17,9 +17,9 @@ from support.faultkit import captured_logs
 from support.harness import RunningExporter, accounts, fast_config
 from support.waits import wait_until
 
+from exporter.demo import log_usd_totals
 from exporter.prices import net_usd
 from exporter.simulator import Simulator, synthetic
-from exporter.simulator.demo import log_usd_totals
 
 #: relative tolerance of the check (float rounding of ~20 products of 8-decimal amounts)
 TOLERANCE = 1e-6

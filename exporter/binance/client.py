@@ -57,6 +57,8 @@ class RequestReport:
     used_weight: int | None
     #: the request reached the server, and so spent weight there, even if it then failed
     sent: bool = True
+    #: the request's weight when the caller gave it (a collector's); else weights.WEIGHTS'
+    weight: int | None = None
 
 
 #: transport errors raised before a request left this host: no weight was spent
@@ -151,6 +153,22 @@ class BinanceClient:
     async def account(self, credentials: Credentials) -> AccountInfo:
         return await self._request("GET", ACCOUNT_PATH, "account", credentials, parse_account)
 
+    async def read(
+        self,
+        path: str,
+        endpoint: str,
+        parse: Callable[[object], T],
+        credentials: Credentials,
+        *,
+        params: tuple[tuple[str, str], ...],
+        weight: int,
+    ) -> T:
+        """A signed GET of `path` with `params` (of `weight`), its answer parsed by `parse`:
+        what a collector (exporter/collectors/) declares."""
+        return await self._request(
+            "GET", path, endpoint, credentials, parse, params=params, weight=weight
+        )
+
     # The user data stream's listenKey: the API key header only, no timestamp, no signature
     # (as Binance's SDK sends them). The key is a bearer token: held as a SecretStr.
 
@@ -185,18 +203,21 @@ class BinanceClient:
         *,
         api_key: SecretStr | None = None,
         observer: Observer | None = None,
+        params: tuple[tuple[str, str], ...] = (),
+        weight: int | None = None,
     ) -> T:
-        report = partial(self._report, observer=observer or self._observer)
+        report = partial(self._report, observer=observer or self._observer, weight=weight)
         headers = {}
         url = path
         if api_key is not None:
             headers["X-MBX-APIKEY"] = api_key.get_secret_value()
         if credentials is not None:
-            params = [
+            signed = [
+                *params,
                 ("recvWindow", str(self._recv_window_ms)),
                 ("timestamp", str(int(self.server_now() * 1000))),
             ]
-            url = f"{path}?{signed_query(params, credentials.signer)}"
+            url = f"{path}?{signed_query(signed, credentials.signer)}"
             headers["X-MBX-APIKEY"] = credentials.api_key.get_secret_value()
         started = time.perf_counter()
         try:
@@ -238,9 +259,10 @@ class BinanceClient:
         *,
         sent: bool = True,
         observer: Observer | None,
+        weight: int | None = None,
     ) -> None:
         if observer is not None:
-            observer(RequestReport(endpoint, outcome, duration, used, sent))
+            observer(RequestReport(endpoint, outcome, duration, used, sent, weight))
 
 
 def _parse_listen_key(payload: object) -> SecretStr:

@@ -92,6 +92,9 @@ class StreamEvent:
     below_zero: bool = False
     #: `l`, the asset's total liability after a liabilityChange
     liability: float | None = None
+    #: the futures book whose positions an ACCOUNT_UPDATE moved (`fs`, "UM" or "CM", with
+    #: a non-empty `P`), else None
+    positions_of: str | None = None
 
     @property
     def moves_account(self) -> bool:
@@ -135,12 +138,15 @@ def parse_event(payload: dict[str, object]) -> StreamEvent:
         update = update if isinstance(update, dict) else {}
         reason = update.get("m")
         rows = _rows(update.get("B"))
+        book = payload.get("fs")
+        moved = book in ("UM", "CM") and bool(_rows(update.get("P")))
         return StreamEvent(
             kind,
             event_time,
             reason=reason if isinstance(reason, str) else None,
             assets=_assets(rows),
             below_zero=any(_negative(row.get(k)) for row in rows for k in ("wb", "cw")),
+            positions_of=book if moved and isinstance(book, str) else None,
         )
     if kind == POSITION:
         rows = _rows(payload.get("B"))

@@ -264,6 +264,10 @@ def _unknown_key(loc: Loc, allowed: Sequence[str]) -> str:
     key = loc[-1] if loc else ""
     hint = ""
     if isinstance(key, str) and allowed:
-        close = difflib.get_close_matches(key, allowed, n=1)
+        # a key that begins with what was typed first (`account` -> account_info, not
+        # um_account), else the closest
+        close = [a for a in allowed if key and a.startswith(key)][:1] or (
+            difflib.get_close_matches(key, allowed, n=1)
+        )
         hint = f" (did you mean {close[0]}?)" if close else f" (allowed: {', '.join(allowed)})"
     return f"unknown key{hint}"

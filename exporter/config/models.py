@@ -347,12 +347,20 @@ class AssetFilter(_Frozen):
 
 
 class CollectSettings(_Frozen):
-    """What to poll besides /papi/v1/balance."""
+    """What to poll besides /papi/v1/balance: each switch turns on the collector of its
+    name (exporter/collectors/), `positions` the margin collectors' position series."""
 
     account_info: bool = True
+    um_account: bool = False
+    cm_account: bool = False
+    positions: bool = True
     assets: Annotated[AssetFilter, BeforeValidator(_none_as_empty)] = Field(
         default_factory=AssetFilter
     )
+
+    def switches(self) -> dict[str, bool]:
+        """Every on/off switch by name (`collect.<name>`), for the collector registry."""
+        return {name: value for name, value in self.model_dump().items() if isinstance(value, bool)}
 
 
 class PricesSettings(_Frozen):

@@ -145,7 +145,8 @@ class ExporterApp:
             # No cache, or a name escaping that renames: render everything now.
             everything: Collector = self._registry
             if self._exposition is not None:
-                everything = _Chain(SnapshotCollector(self._store), self._registry)
+                snapshot = SnapshotCollector(self._store, self._exposition.families)
+                everything = _Chain(snapshot, self._registry)
             body = encoder(everything)
             return Response(200, headers, [gzip.compress(body, 6) if gzipped else body])
         live = encoder(self._registry)  # the live self-metrics (and `# EOF`), per scrape

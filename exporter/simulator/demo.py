@@ -1,42 +1,36 @@
-"""Demo mode: a running simulator with fresh keys and balances that move.
+"""Demo mode, the simulator's side: a running simulator with fresh keys and balances
+and futures positions that move.
 
 `start_demo()` returns the started simulator and config data for
 `exporter.config.parse_config`, so `binance-pm-exporter --demo` needs no file and
 no real keys. Balances drift every second, the desk trades lightly (`DEMO_TRADE_RATE`
 fills a second, each pushing its events, as a desk's bots do all day) and, now and then,
 one account shows a negative balance for a while, so dashboards and alerts have
-something to show, through the same traffic a desk's streams carry. The
-simulator serves spot prices too, and `log_usd_totals` logs each account's net USD value
-every 10 s (`demo_usd_totals`). `NegativeEpisodes` logs when an episode starts
-(`demo_negative_episode_started`) and when the exporter's snapshot, the one /metrics
-serves, has it (`demo_negative_episode_on_metrics`, with the seconds between).
+something to show, through the same traffic a desk's streams carry; the futures
+positions' marks drift too. The exporter's side of the demo (the USD log, the episode
+timing) is exporter/demo.py: the simulator knows nothing of the exporter.
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
 import secrets
 import threading
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from exporter.prices import PriceStore, net_usd
 from exporter.simulator import synthetic
 from exporter.simulator.auth import KeyType, SimAccount
 from exporter.simulator.server import Simulator
+from exporter.simulator.state import FUTURES_BOOKS, POSITIONS_PER_BOOK
 from exporter.simulator.trading import start_trading
-from exporter.snapshot import SnapshotStore
 
 DEMO_KEY_TYPES: tuple[KeyType, ...] = ("hmac", "ed25519", "rsa")
-USD_LOG_EVERY_SECONDS = 10.0
 log = structlog.get_logger("exporter.demo")
 NEGATIVE_EVERY_SECONDS = (30.0, 90.0)  # gap between two negative-balance episodes
 NEGATIVE_FOR_SECONDS = (10.0, 30.0)  # how long one lasts
@@ -49,61 +43,11 @@ BALANCE_MOVE_CHANCE = 0.003
 DEMO_TRADE_RATE = 1.0
 
 
-@dataclass(frozen=True)
-class Episode:
-    """A negative balance the simulator serves from `started` (monotonic seconds) on."""
+class EpisodeListener(Protocol):
+    """Hears of each negative-balance episode as the drift starts serving it (the
+    exporter's demo wiring, exporter/demo.py, times how soon /metrics shows it)."""
 
-    account: str
-    asset: str
-    started: float
-
-
-class NegativeEpisodes:
-    """Demo only: the negative-balance episode the simulator serves now, and when the
-    exporter's snapshot (what /metrics serves) first shows it, each logged once."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._current: Episode | None = None  # not yet seen on /metrics
-
-    def started(self, account: str, asset: str, negative: str) -> None:
-        """Called by the simulator's drift as it starts serving the episode."""
-        with self._lock:
-            self._current = Episode(account, asset, self._clock())
-        log.info("demo_negative_episode_started", account=account, asset=asset, negative=negative)
-
-    def check(self, store: SnapshotStore) -> Episode | None:
-        """The current episode if `store` shows it now (logged, and then forgotten)."""
-        with self._lock:
-            episode = self._current
-            if episode is None or episode.account not in store.current.accounts:
-                return None
-            balances = store.current.accounts[episode.account].balances
-            if not any(
-                b.asset == episode.asset and b.values.get("negativeBalance") for b in balances
-            ):
-                return None
-            self._current = None
-        seconds = self._clock() - episode.started
-        log.info(
-            "demo_negative_episode_on_metrics",
-            account=episode.account,
-            asset=episode.asset,
-            seconds_after_start=round(seconds, 2),
-        )
-        return episode
-
-    async def watch(
-        self,
-        store: SnapshotStore,
-        every: float = 0.02,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        """Look at the store every `every` seconds until cancelled."""
-        while True:
-            self.check(store)
-            await sleep(every)
+    def started(self, account: str, asset: str, negative: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -158,7 +102,7 @@ class Drift:
         assets_per_account: int,
         rng: random.Random,
         move_chance: float = BALANCE_MOVE_CHANCE,
-        episodes: NegativeEpisodes | None = None,
+        episodes: EpisodeListener | None = None,
     ) -> None:
         self._sim = sim
         self._rng = rng
@@ -170,6 +114,13 @@ class Drift:
             for name in sim.account_names
         }
         self._risks = {name: synthetic.make_risk(rng) for name in sim.account_names}
+        self._positions = {
+            name: {
+                book: synthetic.make_positions(rng, book, POSITIONS_PER_BOOK, now_ms)
+                for book in FUTURES_BOOKS
+            }
+            for name in sim.account_names
+        }
         self._negative: tuple[synthetic.SyntheticAsset, int] | None = None  # asset, until ms
         self._announce: tuple[str, synthetic.SyntheticAsset] | None = None  # started this tick
         self._lock = threading.Lock()  # the ticks and the fills come from two threads
@@ -183,6 +134,10 @@ class Drift:
             for portfolio in self._portfolios.values():
                 for asset in portfolio:
                     asset.drift(self._rng, now_ms, self._move_chance)
+            for books in self._positions.values():
+                for positions in books.values():
+                    for position in positions:
+                        position.drift(self._rng, now_ms)
             self._publish(now_ms)
 
     def assets(self, account: str) -> list[str]:
@@ -228,6 +183,9 @@ class Drift:
             self._sim.set_balances(name, [asset.record() for asset in portfolio])
             info = synthetic.account_info(portfolio, self._risks[name], now_ms)
             self._sim.set_account_info(name, info)
+            for book, positions in self._positions[name].items():
+                payload = synthetic.futures_account(book, portfolio, positions, now_ms)
+                self._sim.set_futures_account(name, book, payload)
         if self._announce is not None and self._episodes is not None:
             name, asset = self._announce
             self._episodes.started(name, asset.asset, synthetic.format_amount(asset.negative))
@@ -241,7 +199,7 @@ def start_drift(
     tick_seconds: float = 1.0,
     seed: int | None = None,
     move_chance: float = BALANCE_MOVE_CHANCE,
-    episodes: NegativeEpisodes | None = None,
+    episodes: EpisodeListener | None = None,
 ) -> Drift:
     """Drift the started simulator's balances every `tick_seconds` until `sim.stop()`."""
     rng = random.Random(seed)  # noqa: S311 - made-up balances, not cryptography
@@ -256,28 +214,6 @@ def start_drift(
     return drift
 
 
-async def log_usd_totals(
-    store: SnapshotStore,
-    prices: PriceStore,
-    every: float = USD_LOG_EVERY_SECONDS,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-) -> None:
-    """Demo only: every `every` seconds, each account's net value in USD at the served
-    prices beside Binance's actualEquity (Prometheus's recording rules do this for real)."""
-    while True:
-        await sleep(every)
-        book = prices.current
-        if book.fetched is None:
-            continue
-        totals, desk = {}, 0.0
-        for account in store.current.accounts.values():
-            net, _ = net_usd(account.balances, book)
-            desk += net
-            equity = None if account.info is None else account.info.values.get("actualEquity")
-            totals[account.name] = {"net_usd": round(net, 2), "actual_equity_usd": equity}
-        log.info("demo_usd_totals", accounts=totals, desk_net_usd=round(desk, 2))
-
-
 def account_name(prefix: str, index: int, count: int) -> str:
     return f"{prefix}{index:0{max(2, len(str(count - 1)))}d}"
 
@@ -290,7 +226,7 @@ def start_demo(
     assets_per_account: int = 8,
     key_types: tuple[KeyType, ...] = DEMO_KEY_TYPES,
     tick_seconds: float = 1.0,
-    episodes: NegativeEpisodes | None = None,
+    episodes: EpisodeListener | None = None,
     trade_rate: float = DEMO_TRADE_RATE,
 ) -> tuple[Simulator, dict[str, Any]]:
     """A started, drifting, trading (`trade_rate` fills a second) simulator and the
@@ -323,12 +259,15 @@ def start_demo(
     except BaseException:
         sim.stop()
         raise
-    return sim, exporter_config(
+    data = exporter_config(
         sim.url,
         generated,
         budget={"ip_weight_limit_per_minute": 6000, "share": 0.25, "min_interval_seconds": 10},
         stream_url=sim.stream_url,
     )
+    # the futures books too, whose positions drift: the Futures margin row has data
+    data["collect"] = {"um_account": True, "cm_account": True}
+    return sim, data
 
 
 def exporter_config(
@@ -355,12 +294,10 @@ def exporter_config(
 
 __all__ = [
     "Drift",
-    "Episode",
+    "EpisodeListener",
     "GeneratedAccount",
-    "NegativeEpisodes",
     "exporter_config",
     "generate_account",
-    "log_usd_totals",
     "start_demo",
     "start_drift",
 ]

@@ -103,6 +103,14 @@ def _account(state: SimState, account: SimAccount | None, params: dict[str, str]
     return state.book.account_info(account.name)
 
 
+def _futures_account(book: str) -> Callable[[SimState, SimAccount | None, dict[str, str]], Any]:
+    def serve(state: SimState, account: SimAccount | None, params: dict[str, str]) -> Any:
+        assert account is not None
+        return state.book.futures_account(account.name, book)
+
+    return serve
+
+
 def _open_listen_key(state: SimState, account: SimAccount | None, params: dict[str, str]) -> Any:
     assert account is not None
     return {"listenKey": state.listen_keys.open(account.name, state.now_ms())}
@@ -129,6 +137,8 @@ ENDPOINTS: dict[tuple[str, str], Endpoint] = {
     ("GET", "/papi/v1/ping"): Endpoint(weight=1, auth="none", serve=_ping),
     ("GET", "/papi/v1/balance"): Endpoint(weight=20, auth="signed", serve=_balance),
     ("GET", "/papi/v1/account"): Endpoint(weight=20, auth="signed", serve=_account),
+    ("GET", "/papi/v1/um/account"): Endpoint(weight=5, auth="signed", serve=_futures_account("um")),
+    ("GET", "/papi/v1/cm/account"): Endpoint(weight=5, auth="signed", serve=_futures_account("cm")),
     ("POST", LISTEN_KEY_PATH): Endpoint(weight=1, auth="api_key", serve=_open_listen_key),
     ("PUT", LISTEN_KEY_PATH): Endpoint(weight=1, auth="api_key", serve=_keep_listen_key),
     ("DELETE", LISTEN_KEY_PATH): Endpoint(weight=1, auth="api_key", serve=_close_listen_key),
@@ -138,7 +148,6 @@ ENDPOINTS: dict[tuple[str, str], Endpoint] = {
     # the USD-M futures API (fapi.binance.com): its server time, in a pool of its own too
     ("GET", "/fapi/v1/time"): Endpoint(weight=1, auth="none", serve=_time),
 }
-PATHS = frozenset(path for _, path in ENDPOINTS)
 
 
 def handle(state: SimState, request: ApiRequest, sleep: Callable[[float], object]) -> Reply:
@@ -203,7 +212,7 @@ def _admitted(
 def _serve(
     state: SimState, request: ApiRequest, endpoint: Endpoint | None, account: SimAccount | None
 ) -> Any:
-    if request.path not in PATHS:
+    if all(path != request.path for _, path in ENDPOINTS):
         raise ApiError(404, -1020, "This operation is not supported.")
     if endpoint is None:
         raise ApiError(405, -1020, "This operation is not supported.")

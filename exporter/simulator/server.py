@@ -178,6 +178,13 @@ class Simulator:
     def remove_asset(self, account: str, asset: str) -> None:
         self.state.book.remove_asset(account, asset)
 
+    def futures_account(self, account: str, book: str) -> Any:
+        """GET /papi/v1/{book}/account as served (book "um" or "cm")."""
+        return self.state.book.futures_account(account, book)
+
+    def set_futures_account(self, account: str, book: str, payload: Any) -> None:
+        self.state.book.set_futures_account(account, book, payload)
+
     def set_account_info(self, account: str, info: Any) -> None:
         self.state.book.set_account_info(account, info)
 

@@ -29,6 +29,11 @@ REQUEST_LOG_SIZE = 100_000
 LISTEN_KEY_TTL_MS = 60 * MINUTE_MS
 MAX_CONNECTION_SECONDS = 24 * 3600.0
 
+#: the futures books served (GET /papi/v1/um/account, /papi/v1/cm/account)
+FUTURES_BOOKS = ("um", "cm")
+#: open positions per book and account at start (the demo's drift moves their marks)
+POSITIONS_PER_BOOK = 3
+
 #: pushes an account's events to its stream connections: publish(account, events)
 Publish = Callable[[str, list[dict[str, Any]]], None]
 
@@ -63,6 +68,8 @@ class AccountBook:
         self._by_key: dict[str, SimAccount] = {}
         self._balances: dict[str, Any] = {}
         self._info: dict[str, Any] = {}
+        #: name -> book ("um", "cm") -> GET /papi/v1/{book}/account
+        self._futures: dict[str, dict[str, Any]] = {}
         for account in accounts:
             if account.name in self._balances:
                 raise ValueError(f"duplicate account name: {account.name}")
@@ -74,6 +81,16 @@ class AccountBook:
             self._balances[account.name] = [asset.record() for asset in portfolio]
             risk = synthetic.make_risk(rng)
             self._info[account.name] = synthetic.account_info(portfolio, risk, now_ms())
+            futures_rng = random.Random(f"{seed}:{account.name}:futures")  # noqa: S311
+            self._futures[account.name] = {
+                book: synthetic.futures_account(
+                    book,
+                    portfolio,
+                    synthetic.make_positions(futures_rng, book, POSITIONS_PER_BOOK, now_ms()),
+                    now_ms(),
+                )
+                for book in FUTURES_BOOKS
+            }
 
     @property
     def names(self) -> list[str]:
@@ -91,6 +108,20 @@ class AccountBook:
         with self._lock:
             self._check(name)
             return copy.deepcopy(self._info[name])
+
+    def futures_account(self, name: str, book: str) -> Any:
+        """GET /papi/v1/{book}/account of account `name` (book "um" or "cm")."""
+        with self._lock:
+            self._check(name)
+            return copy.deepcopy(self._futures[name][book])
+
+    def set_futures_account(self, name: str, book: str, payload: Any) -> None:
+        if book not in FUTURES_BOOKS:
+            raise ValueError(f"unknown futures book: {book}")
+        stored = _json_copy(payload)
+        with self._lock:
+            self._check(name)
+            self._futures[name][book] = stored
 
     def set_balances(self, name: str, records: Any) -> None:
         stored = _json_copy(records)

@@ -221,3 +221,145 @@ def account_info(
         "totalMarginOpenLoss": format_amount(open_loss),
         "updateTime": now_ms,
     }
+
+
+#: the futures books and the symbols each trades (a USD-M symbol is quoted in USDT, a
+#: COIN-M one is a perpetual of the base coin, counted in contracts)
+FUTURES_SYMBOLS = {
+    "um": ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT", "ADAUSDT"),
+    "cm": ("BTCUSD_PERP", "ETHUSD_PERP", "BNBUSD_PERP", "SOLUSD_PERP", "XRPUSD_PERP"),
+}
+#: USD value of one COIN-M contract (Binance: 100 for BTC, 10 for the others)
+_CM_CONTRACT_USD = {"BTCUSD_PERP": Decimal(100)}
+_MAINT_RATE = Decimal("0.004")
+
+
+def _base_of(symbol: str) -> str:
+    return symbol.removesuffix("USD_PERP").removesuffix("USDT")
+
+
+@dataclass
+class SyntheticPosition:
+    """One position of one futures book; `record()` renders it as the book's account
+    endpoint does. Its mark price moves with `drift`, and so its PnL and margins."""
+
+    book: str
+    symbol: str
+    amount: Decimal  # base units (UM) or contracts (CM); negative: short; 0: closed
+    entry: Decimal
+    mark: Decimal
+    leverage: int
+    update_ms: int
+
+    def notional_usd(self) -> Decimal:
+        if self.book == "cm":
+            return abs(self.amount) * _CM_CONTRACT_USD.get(self.symbol, Decimal(10))
+        return abs(self.amount) * self.mark
+
+    def unrealized(self) -> Decimal:
+        if self.book == "cm":  # in the base coin: contracts x value x (1/entry - 1/mark)
+            if self.amount == ZERO:
+                return ZERO
+            value = _CM_CONTRACT_USD.get(self.symbol, Decimal(10))
+            return amount(self.amount * value * (1 / self.entry - 1 / self.mark))
+        return amount(self.amount * (self.mark - self.entry))
+
+    def margins(self) -> tuple[Decimal, Decimal]:
+        """(initial, maintenance), in the book's margin asset."""
+        notional = self.notional_usd()
+        if self.book == "cm":
+            notional = notional / self.mark
+        return amount(notional / self.leverage), amount(notional * _MAINT_RATE)
+
+    def record(self) -> dict[str, Any]:
+        initial, maint = self.margins()
+        record = {
+            "symbol": self.symbol,
+            "initialMargin": format_amount(initial),
+            "maintMargin": format_amount(maint),
+            "unrealizedProfit": format_amount(self.unrealized()),
+            "positionInitialMargin": format_amount(initial),
+            "openOrderInitialMargin": "0",
+            "leverage": str(self.leverage),
+            "entryPrice": format_amount(self.entry),
+            "positionSide": "BOTH",
+            "positionAmt": format_amount(self.amount),
+            "updateTime": self.update_ms,
+        }
+        if self.book == "um":
+            record["maxNotional"] = "250000"
+            record["bidNotional"] = record["askNotional"] = "0"
+        else:
+            record["maxQty"] = "1000"
+        return record
+
+    def drift(self, rng: random.Random, now_ms: int) -> None:
+        """The mark moves a little; the amount stays (the demo's positions are held)."""
+        self.mark = max(Decimal("0.0001"), amount(float(self.mark) * rng.gauss(1.0, 0.001)))
+        self.update_ms = now_ms
+
+
+def make_positions(
+    rng: random.Random, book: str, count: int, now_ms: int
+) -> list[SyntheticPosition]:
+    """`count` open positions of `book` (at most one per symbol), then one closed one, as
+    Binance lists symbols with `positionAmt` 0 too."""
+    symbols = FUTURES_SYMBOLS[book]
+    positions = []
+    for index in range(min(count + 1, len(symbols))):
+        symbol = symbols[index]
+        price = price_usd(_base_of(symbol))
+        size = rng.uniform(500.0, 20_000.0)
+        units = size / float(price) if book == "um" else size / 10
+        side = rng.choice((1, -1))
+        closed = index == count
+        positions.append(
+            SyntheticPosition(
+                book=book,
+                symbol=symbol,
+                amount=ZERO
+                if closed
+                else amount(side * units if book == "um" else side * round(units)),
+                entry=amount(float(price) * rng.uniform(0.97, 1.03)),
+                mark=price,
+                leverage=rng.choice((5, 10, 20)),
+                update_ms=now_ms - rng.randrange(0, 3_600_000),
+            )
+        )
+    return positions
+
+
+def futures_account(
+    book: str,
+    portfolio: list[SyntheticAsset],
+    positions: list[SyntheticPosition],
+    now_ms: int,
+) -> dict[str, Any]:
+    """GET /papi/v1/um/account or /papi/v1/cm/account for a portfolio and its positions:
+    a book's assets are the portfolio's (UM: the stablecoins, CM: the coin-margined
+    coins), their margins the sums of their positions'."""
+    assets = []
+    for asset in portfolio:
+        if book == "um":
+            held, wallet, pnl = asset.asset in STABLECOINS, asset.um_wallet, asset.um_pnl
+            mine = [p for p in positions if asset.asset == "USDT"]
+        else:
+            held, wallet, pnl = asset.cm_pnl is not None, asset.cm_wallet, asset.cm_pnl or ZERO
+            mine = [p for p in positions if _base_of(p.symbol) == asset.asset]
+        if not held:
+            continue
+        initial = sum((p.margins()[0] for p in mine), ZERO)
+        maint = sum((p.margins()[1] for p in mine), ZERO)
+        assets.append(
+            {
+                "asset": asset.asset,
+                "crossWalletBalance": format_amount(wallet),
+                "crossUnPnl": format_amount(pnl),
+                "maintMargin": format_amount(maint),
+                "initialMargin": format_amount(initial),
+                "positionInitialMargin": format_amount(initial),
+                "openOrderInitialMargin": "0",
+                "updateTime": now_ms,
+            }
+        )
+    return {"assets": assets, "positions": [p.record() for p in positions]}

@@ -13,14 +13,23 @@ source-address tests, the attack suite and the end-to-end stacks keep real socke
 
 from __future__ import annotations
 
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import httpx
 
-from exporter.clock import Clock
 from exporter.simulator.admin import PREFIX, handle_admin
 from exporter.simulator.endpoints import ApiRequest, Reply, handle, json_reply
 from exporter.simulator.state import SimState
+
+
+class Clock(Protocol):
+    """The time and a sleep on it (an exporter.clock.Clock, named here so that the
+    simulator imports nothing of the exporter): the virtual clock in tests."""
+
+    def now(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
 
 
 class SimTransport(httpx.AsyncBaseTransport):

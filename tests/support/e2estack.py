@@ -257,7 +257,11 @@ def _prometheus_config(exporter: str, alertmanager: str, rules: Path) -> dict[st
 
 
 def _exporter_config(
-    path: Path, budget: dict[str, Any], stream: bool, settings: dict[int, dict[str, Any]]
+    path: Path,
+    budget: dict[str, Any],
+    stream: bool,
+    settings: dict[int, dict[str, Any]],
+    collect: dict[str, Any] | None = None,
 ) -> list[str]:
     """Apply `budget`, `stream` and each account's `settings` (by its index: labels,
     thresholds) to the config the simulator wrote (which turns the streams on at its own
@@ -268,6 +272,8 @@ def _exporter_config(
         config["accounts"][index].update(extra)
     if not stream:
         config["stream"] = {"enabled": False}
+    if collect is not None:
+        config["collect"] = collect
     path.write_text(yaml.safe_dump(config))
     return [account["name"] for account in config["accounts"]]
 
@@ -282,13 +288,15 @@ def e2e_stack(
     stream: bool = True,
     account_settings: dict[int, dict[str, Any]] | None = None,
     trade_rate: float = 0.0,
+    collect: dict[str, Any] | None = None,
 ) -> Iterator[Stack]:
     """The whole stack in `work`, yielded once every server answers (the exporter has
     not necessarily refreshed any account yet). `budget` overrides the exporter's budget
     keys; its `ip_weight_limit_per_minute` is the simulator's limit too (otherwise both
     keep the simulator's default, which the exporter's default budget fits).
     `account_settings` adds keys (labels, thresholds) to the accounts, by index. With
-    `trade_rate`, the simulator's desk trades that many fills a second (`--trade-rate`)."""
+    `trade_rate`, the simulator's desk trades that many fills a second (`--trade-rate`).
+    `collect` is the exporter's `collect:` section (e.g. the margin collectors on)."""
     budget = budget or {}
     prometheus = require("prometheus")
     alertmanager = require("prometheus-alertmanager")
@@ -316,7 +324,7 @@ def e2e_stack(
         assert line.startswith("simulator listening on http://"), line + sim.tail()
         sim_url = line.rsplit(" ", 1)[1]
 
-        names = _exporter_config(config_path, budget, stream, account_settings or {})
+        names = _exporter_config(config_path, budget, stream, account_settings or {}, collect)
         exporter_args = ["--config.file", str(config_path), "--web.listen-address", exporter_addr]
         exporter_args += ["--storage.path", str(work / "exporter-data")]
         exporter_command = [sys.executable, "-m", "exporter", *exporter_args]

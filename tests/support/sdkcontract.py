@@ -70,6 +70,12 @@ AccountBalanceResponse2 = _model(
 AccountInformationResponse = _model(
     "rest_api.models.account_information_response", "AccountInformationResponse"
 )
+GetUmAccountDetailResponse = _model(
+    "rest_api.models.get_um_account_detail_response", "GetUmAccountDetailResponse"
+)
+GetCmAccountDetailResponse = _model(
+    "rest_api.models.get_cm_account_detail_response", "GetCmAccountDetailResponse"
+)
 StartUserDataStreamResponse = _model(
     "rest_api.models.start_user_data_stream_response", "StartUserDataStreamResponse"
 )
@@ -87,6 +93,9 @@ BALANCE_RECORD = AccountBalanceResponse1Inner
 BALANCE_ONE_ASSET = AccountBalanceResponse2
 ACCOUNT = AccountInformationResponse
 LISTEN_KEY = StartUserDataStreamResponse
+#: GET /papi/v1/um/account and /papi/v1/cm/account (the margin collectors)
+UM_ACCOUNT = GetUmAccountDetailResponse
+CM_ACCOUNT = GetCmAccountDetailResponse
 #: fields of the generated models that are not payload keys
 _NOT_KEYS = frozenset({"additional_properties"})
 
