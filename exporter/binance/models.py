@@ -81,7 +81,10 @@ def parse_millis(value: object) -> float | None:
     return value / 1000 if value else None
 
 
-def _amounts(record: Mapping[str, Any], table: tuple[fields.Field, ...]) -> Mapping[str, float]:
+def parse_amounts(
+    record: Mapping[str, Any], table: tuple[fields.Field, ...]
+) -> Mapping[str, float]:
+    """The decimal fields of `table` that `record` holds, as numbers ("" gives none)."""
     values = {}
     for name in (f.api for f in table):
         if name in record:
@@ -103,7 +106,7 @@ def parse_balance_record(record: object) -> AssetBalance:
     try:
         return AssetBalance(
             asset=asset,
-            values=_amounts(record, fields.BALANCE),
+            values=parse_amounts(record, fields.BALANCE),
             update_time=parse_millis(record.get("updateTime")),
         )
     except MalformedRecord as exc:
@@ -158,7 +161,7 @@ def parse_account(payload: object) -> AccountInfo:
         raise InvalidResponse(f"account: accountStatus: {problem}")
     try:
         return AccountInfo(
-            values=_amounts(payload, fields.ACCOUNT),
+            values=parse_amounts(payload, fields.ACCOUNT),
             status=status,
             update_time=parse_millis(payload.get("updateTime")),
         )

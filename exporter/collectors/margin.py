@@ -15,7 +15,7 @@ from typing import Any
 
 from exporter import fields
 from exporter.binance.errors import InvalidResponse
-from exporter.binance.models import MalformedRecord, parse_decimal, parse_millis
+from exporter.binance.models import MalformedRecord, parse_amounts, parse_millis
 from exporter.collectors.registry import Collector, Request, in_parts
 from exporter.families import Family, Sample, help_text
 from exporter.labels import label_problem
@@ -57,19 +57,6 @@ class FuturesAccount:
     positions: tuple[Position, ...] = ()
 
 
-def _amounts(record: Mapping[str, Any], table: tuple[fields.Field, ...]) -> Mapping[str, float]:
-    values = {}
-    for name in (f.api for f in table):
-        if name in record:
-            try:
-                number = parse_decimal(record[name])
-            except MalformedRecord as exc:
-                raise MalformedRecord(f"{name}: {exc}") from None
-            if number is not None:
-                values[name] = number
-    return MappingProxyType(values)
-
-
 def _label(record: Mapping[str, Any], key: str) -> str:
     value = record.get(key)
     if not isinstance(value, str) or label_problem(value) is not None:
@@ -106,14 +93,14 @@ def parser(
                 kept_assets.setdefault(
                     name,
                     MarginAsset(
-                        name, _amounts(record, assets), parse_millis(record.get("updateTime"))
+                        name, parse_amounts(record, assets), parse_millis(record.get("updateTime"))
                     ),
                 )
             for index, record in enumerate(_records(payload, "positions", endpoint)):
                 where = f"positions[{index}]"
                 symbol, side = _label(record, "symbol"), _label(record, "positionSide")
                 where = f"positions[{index}] {symbol}"
-                values = _amounts(record, positions)
+                values = parse_amounts(record, positions)
                 if not values.get("positionAmt"):
                     continue  # closed (or never opened): no series
                 kept_positions.setdefault(
