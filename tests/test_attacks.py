@@ -29,6 +29,7 @@ import httpx
 import pytest
 import yaml
 from support.exporterproc import ExporterProcess
+from support.flood import wrong_passwords
 from support.harness import accounts
 from support.ports import free_port
 from support.waits import wait_until
@@ -266,47 +267,12 @@ def test_huge_headers_get_431_or_a_closed_connection_and_cost_little_memory(
 # --- basic auth ----------------------------------------------------------------------------
 
 
-FLOOD = """
-import base64, secrets, socket, sys, threading
-port, clients, hang_up = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "hang-up"
-def flood():
-    while True:
-        token = base64.b64encode(f"prom:{secrets.token_hex(8)}".encode()).decode()
-        request = f"GET /metrics HTTP/1.1\\r\\nHost: x\\r\\nAuthorization: Basic {token}\\r\\n"
-        request += "\\r\\n"
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                sock.sendall(request.encode())
-                if not hang_up:
-                    sock.recv(1024)
-        except OSError:
-            pass
-for _ in range(clients):
-    threading.Thread(target=flood, daemon=True).start()
-sys.stdin.read()  # until the test closes our stdin
-"""
-
-
 @contextlib.contextmanager
 def flooding(exporter: Exporter, clients: int, *, hang_up: bool = True) -> Iterator[None]:
-    """Wrong passwords, a new one each time, from `clients` threads of another process
-    (an attacker does not share the test's interpreter lock), each as fast as it can."""
-    attacker = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            FLOOD,
-            str(exporter.host_port[1]),
-            str(clients),
-            "hang-up" if hang_up else "wait",
-        ],
-        stdin=subprocess.PIPE,
-    )
-    try:
+    """Wrong passwords, a new one each time, from `clients` threads of another process,
+    each as fast as it can."""
+    with wrong_passwords(exporter.host_port[1], clients, hang_up=hang_up):
         yield
-    finally:
-        attacker.kill()
-        attacker.wait()
 
 
 def test_a_wrong_password_flood_costs_little_and_ends_when_it_stops(exporter: Exporter) -> None:

@@ -15,11 +15,8 @@ import os
 import secrets
 import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import bcrypt
@@ -29,6 +26,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from support.flood import wrong_passwords
 from support.harness import accounts
 from support.waits import wait_until
 from test_attacks import (
@@ -126,40 +124,10 @@ def test_idle_tls_connections_cost_little_memory_and_give_it_back(
 # --- 2: auth fairness -------------------------------------------------------------------------
 
 
-FLOOD = """
-import base64, secrets, socket, sys, threading
-port, clients, source = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-def flood():
-    while True:
-        token = base64.b64encode(f"prom:{secrets.token_hex(8)}".encode()).decode()
-        request = "GET /metrics HTTP/1.1\\r\\nHost: x\\r\\n"
-        request += f"Authorization: Basic {token}\\r\\n\\r\\n"
-        try:
-            with socket.create_connection(
-                ("127.0.0.1", port), timeout=5, source_address=(source, 0)
-            ) as sock:
-                sock.sendall(request.encode())
-                sock.recv(1024)
-        except OSError:
-            pass
-for _ in range(clients):
-    threading.Thread(target=flood, daemon=True).start()
-sys.stdin.read()  # until the test closes our stdin
-"""
-
-
-@contextlib.contextmanager
-def flooding_from(source: str, port: int, clients: int) -> Iterator[None]:
+def flooding_from(source: str, port: int, clients: int) -> contextlib.AbstractContextManager[None]:
     """Wrong passwords for the scraper's user, a new one each time, from `clients` threads
     of another process at address `source`, each as fast as the answers come."""
-    attacker = subprocess.Popen(
-        [sys.executable, "-c", FLOOD, str(port), str(clients), source], stdin=subprocess.PIPE
-    )
-    try:
-        yield
-    finally:
-        attacker.kill()
-        attacker.wait()
+    return wrong_passwords(port, clients, source=source)
 
 
 def _attacker_refused(port: int) -> bool:
