@@ -43,7 +43,7 @@ from exporter.collectors.registry import in_parts
 from exporter.collectors.um_account import COLLECTOR as UM
 from exporter.config import Config, parse_config
 from exporter.families import Family
-from exporter.poller import POLLED_APART, EgressPoller, PollSettings, Target
+from exporter.poller import EgressPoller, PollSettings, Target
 from exporter.selfmetrics import Instruments
 from exporter.simulator import Simulator
 from exporter.simulator.demo import GeneratedAccount, exporter_config
@@ -410,7 +410,6 @@ def test_200_accounts_with_both_margin_collectors_keep_the_budget(tmp_path) -> N
 
     names = [f"acct-{i:03d}" for i in range(n)]
     store = SnapshotStore(AccountSnapshot(name, interval) for name in names)
-    collectors = tuple(c for c in enabled(switches) if c.name not in POLLED_APART)
     poller = EgressPoller(
         targets=[Target(x, Credentials(SecretStr(x), HmacSigner(SecretStr("s")))) for x in names],
         make_client=partial(
@@ -425,10 +424,9 @@ def test_200_accounts_with_both_margin_collectors_keep_the_budget(tmp_path) -> N
         store=store,
         instruments=Instruments(CollectorRegistry()),
         settings=PollSettings(
-            account_info=True,
             allows_asset=lambda a: True,
             interval=interval,
-            collectors=collectors,
+            collectors=enabled(switches),
             switches=switches,
         ),
         clock=clock,
@@ -486,3 +484,28 @@ def test_a_reload_turns_the_margin_collectors_and_positions_on_and_off(sim2) -> 
         assert running.exporter.reload() is None  # um_account off: its series leave
         wait_until(lambda: "binance_pm_um_asset_maint_margin{" not in running.metrics_text())
         assert "# HELP binance_pm_um_asset_maint_margin" not in running.metrics_text()
+
+
+def test_account_info_off_is_its_collectors_switch_and_the_rest_is_polled_alike(sim2) -> None:
+    # `collect.account_info: false`: the account collector is off like any other, the
+    # refresh reads the enabled ones (balance, um_account) the same way
+    sim, generated = sim2
+    cfg = config(sim.url, generated, account_info=False, um_account=True)
+    assert weight_of(cfg.collect.switches()) == 20 + 5
+    with RunningExporter(cfg) as running:
+        wait_until(
+            lambda: (
+                running.sample("binance_pm_um_asset_maint_margin", account="acct-01", asset="USDT")
+                is not None
+            )
+        )
+        interval = running.sample("binance_pm_refresh_interval_seconds", account="acct-01")
+        text = running.metrics_text()
+    assert 'binance_pm_wallet_balance{account="acct-01"' in text
+    assert "binance_pm_uni_mmr{" not in text
+    assert "binance_pm_account_status{" not in text
+    paths = {r.path for r in sim.requests}
+    assert {"/papi/v1/balance", "/papi/v1/um/account"} <= paths
+    assert "/papi/v1/account" not in paths
+    limits = shard_limits(cfg.budget)
+    assert interval == refresh_interval(2, 25, limits, cfg.budget.min_interval_seconds)
