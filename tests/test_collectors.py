@@ -39,7 +39,7 @@ from exporter.collectors import (
     weight_of,
 )
 from exporter.collectors.margin import FuturesAccount
-from exporter.collectors.registry import in_parts
+from exporter.collectors.registry import NOTHING_SKIPPED, Skipped, in_parts
 from exporter.collectors.um_account import COLLECTOR as UM
 from exporter.config import Config, parse_config
 from exporter.families import Family
@@ -278,6 +278,81 @@ def toy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Collector[float]]:
         yield collector
     finally:
         unregister("toy")
+
+
+# A collector of the test's own whose answer joins the last part, as balance's does:
+# `merge` keeps the highest level seen, `skipped` reports the records the parser left out.
+# The poller counts and logs them and merges the parts with no line of its own for it.
+
+_PEAK_PATH = "/papi/v1/toy-peak"
+
+
+def _peak_parse(payload: object) -> tuple[float | None, int]:
+    """The answer's level (None when its one record is malformed), and the records skipped."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("levels"), list):
+        raise InvalidResponse("toy-peak: expected {'levels': [...]}")
+    good = [float(x) for x in payload["levels"] if isinstance(x, str)]
+    return (max(good) if good else None), len(payload["levels"]) - len(good)
+
+
+def _peak_collector() -> Collector[float]:
+    get, put = in_parts("toy_peak")
+
+    def samples(account: AccountSnapshot) -> Iterator[tuple[tuple[str, ...], float]]:
+        if (level := get(account)) is not None:
+            yield (), level
+
+    def merge(previous: float | None, parsed: tuple[float | None, int]) -> float:
+        levels = [x for x in (previous, parsed[0]) if x is not None]
+        return max(levels) if levels else 0.0
+
+    def skipped(parsed: tuple[float | None, int]) -> Skipped:
+        return (
+            Skipped({"malformed": parsed[1]}, ("levels: not a string",))
+            if parsed[1]
+            else (NOTHING_SKIPPED)
+        )
+
+    return Collector(
+        name="toy_peak",
+        request=Request(_PEAK_PATH, 3),
+        parse=_peak_parse,
+        families=(Family("binance_pm_toy_peak", "The highest toy level.", ("account",), samples),),
+        default=True,
+        get=get,
+        put=put,
+        encode=lambda level: level,
+        decode=float,
+        merge=merge,
+        skipped=skipped,
+    )
+
+
+def test_a_collectors_merge_and_skipped_records_go_through_the_poller_alike(
+    sim2, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim, generated = sim2
+    answers = {"levels": ["5"]}
+
+    def serve(state: Any, account: Any, params: dict[str, str]) -> Any:
+        return answers
+
+    monkeypatch.setitem(ENDPOINTS, ("GET", _PEAK_PATH), Endpoint(3, "signed", serve))
+    register(_peak_collector())
+    try:
+        with RunningExporter(config(sim.url, generated)) as running:
+            wait_until(lambda: running.sample("binance_pm_toy_peak", account="acct-00") == 5.0)
+            answers = {"levels": ["2", 7]}  # lower, and a malformed record
+            dropped = {"source": "toy_peak", "reason": "malformed"}
+            # 4: each account's refresh has had the new answer, about twice
+            wait_until(
+                lambda: (running.sample("binance_pm_dropped_records_total", **dropped) or 0) >= 4
+            )
+            assert running.sample("binance_pm_toy_peak", account="acct-00") == 5.0  # merged
+            answers = {"levels": ["9"]}
+            wait_until(lambda: running.sample("binance_pm_toy_peak", account="acct-01") == 9.0)
+    finally:
+        unregister("toy_peak")
 
 
 def test_a_toy_collector_registered_by_one_call_shows_everywhere(sim2, toy, tmp_path) -> None:
