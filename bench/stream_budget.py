@@ -42,6 +42,7 @@ from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.events import parse_frame
 from exporter.binance.signing import HmacSigner
 from exporter.budget import BudgetLimits, WeightBudget, refresh_interval
+from exporter.collectors import enabled
 from exporter.logs import configure_logging
 from exporter.poller import EgressPoller, PollSettings, Target
 from exporter.selfmetrics import Instruments, StreamHealth
@@ -81,7 +82,9 @@ class Run:
             store=store,
             instruments=Instruments(CollectorRegistry()),
             settings=PollSettings(
-                account_info=True, allows_asset=lambda a: True, interval=self.interval
+                allows_asset=lambda a: True,
+                interval=self.interval,
+                collectors=enabled({}),
             ),
             clock=self.clock,
             sleep=self.clock.sleep,

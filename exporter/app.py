@@ -29,10 +29,10 @@ from exporter.budget import BudgetLimits, WeightBudget, refresh_interval, shard_
 from exporter.clock import SYSTEM_CLOCK, Clock
 from exporter.clocksync import ClockSync, TimeSource, fapi_budget_limits
 from exporter.collector import families_of
-from exporter.collectors import enabled, refresh_weight
+from exporter.collectors import enabled, refresh_weight, registered
 from exporter.config import AccountConfig, Config, ConfigError, PrivateKey
 from exporter.exposition import CachedExposition
-from exporter.poller import BACKOFF_CAP_SECONDS, POLLED_APART, EgressPoller, PollSettings, Target
+from exporter.poller import BACKOFF_CAP_SECONDS, EgressPoller, PollSettings, Target
 from exporter.pricemetrics import PriceCollector
 from exporter.prices import PriceBook, PriceSource, PriceStore, price_budget_limits
 from exporter.processmetrics import register_process_metrics
@@ -90,14 +90,13 @@ def _plan(config: Config, shard: Shard, backoff_cap: float) -> _Plan:
     groups = dict(sorted(by_route.items(), key=lambda group: group[0].label))
     settings = {
         route: PollSettings(
-            account_info=config.collect.account_info,
             allows_asset=config.collect.assets.allows,
             interval=refresh_interval(
                 len(members), weight, limits, config.budget.min_interval_seconds
             ),
             backoff_cap=backoff_cap,
             trigger_interval=config.stream.min_refresh_interval_seconds,
-            collectors=tuple(c for c in collectors if c.name not in POLLED_APART),
+            collectors=collectors,
             switches=MappingProxyType(switches),
         )
         for route, members in groups.items()
@@ -561,31 +560,24 @@ def _with_meta(snapshot: AccountSnapshot, account: AccountConfig) -> AccountSnap
 
 
 def _under(snapshot: AccountSnapshot, settings: PollSettings) -> AccountSnapshot:
-    """`snapshot` under `settings`: their interval, assets, account info and collectors'
-    parts (the same object when nothing changes, so its rendered lines stay cached)."""
-    balances = tuple(b for b in snapshot.balances if settings.allows_asset(b.asset))
-    info = snapshot.info if settings.account_info else None
-    polled = {c.name: c for c in settings.collectors}
-    parts = {
-        name: polled[name].narrow(part, settings.switches)
-        for name, part in snapshot.parts.items()
-        if name in polled
-    }
-    if (
-        snapshot.refresh_interval == settings.interval
-        and len(balances) == len(snapshot.balances)
-        and info is snapshot.info
-        and parts.keys() == snapshot.parts.keys()
-        and all(parts[name] is snapshot.parts[name] for name in parts)
-    ):
-        return snapshot
-    return replace(
-        snapshot,
-        refresh_interval=settings.interval,
-        balances=balances,
-        info=info,
-        parts=MappingProxyType(parts),
-    )
+    """`snapshot` under `settings`: their interval, and each collector's part narrowed to
+    their scope, or gone when the collector is off (the same object when nothing changes,
+    so its rendered lines stay cached)."""
+    polled = {c.name for c in settings.collectors}
+    account = snapshot
+    for collector in registered():
+        part = collector.get(account)
+        if part is None:
+            continue
+        kept = collector.narrow(part, settings.scope) if collector.name in polled else None
+        if kept is not part:
+            account = collector.put(account, kept)
+    if not account.parts.keys() <= polled:  # the part of a collector no longer registered
+        parts = {name: part for name, part in account.parts.items() if name in polled}
+        account = replace(account, parts=MappingProxyType(parts))
+    if account.refresh_interval != settings.interval:
+        account = replace(account, refresh_interval=settings.interval)
+    return account
 
 
 def same(a: AccountConfig, b: AccountConfig) -> bool:

@@ -1,13 +1,15 @@
 """The refresh loop: every account of one egress IP, round-robin, within its weight budget.
 
 Each account is refreshed every `max(N·w/B, min_interval)` seconds, the starts
-spread evenly from the first second. A refresh that fails backs off that
+spread evenly from the first second: a refresh makes the request of every enabled
+collector (exporter.collectors) in turn, each the same way (`_collect`), w being the sum
+of their weights. A refresh that fails backs off that
 account alone (exponentially, capped; auth errors straight to the cap). After
 every refresh the account's new state is swapped into the snapshot store.
 
 An event on the account's user data stream can `trigger` a refresh ahead of its
 turn (coalesced, prioritised, within half of the budget: `exporter.triggers`), of only
-the endpoints the event moved; the round-robin keeps the rest and reads both, so under
+the endpoints (collectors) the event moved; the round-robin reads them all, so under
 a storm of events an account's interval grows to at most twice the above. A triggered
 read answers every event of its account whose time E is at or before the moment its
 request was signed (server time, less the clock's uncertainty), or at or before the
@@ -30,29 +32,23 @@ import structlog
 
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient, Credentials, RequestReport
-from exporter.binance.models import ParsedBalances
 from exporter.budget import GUARD_SECONDS, WeightBudget
 from exporter.clocksync import ClockSync
-from exporter.collectors.registry import Collector
+from exporter.collectors.registry import Collector, Scope, Skipped, refresh_weight
 from exporter.egress import EgressLedger
 from exporter.selfmetrics import Instruments, StreamHealth
-from exporter.snapshot import AccountInfo, AccountSnapshot, AssetBalance, SnapshotStore
+from exporter.snapshot import AccountInfo, AccountSnapshot, SnapshotStore
 from exporter.throttle import LogThrottle
 from exporter.triggers import (
-    BALANCE,
+    ACCOUNT,
     BOTH,
     CATCHUP_NEAR_SECONDS,
     Priority,
     TriggerQueue,
     uni_mmr_of,
 )
-from exporter.weights import WEIGHTS, refresh_weight
 
 BACKOFF_CAP_SECONDS = 300.0
-#: the collectors whose requests the refresh makes itself (balance answers are merged into
-#: the last ones; a riskLevelChange overlays account info): `PollSettings.collectors` are
-#: the others, read in turn after these
-POLLED_APART = frozenset({"balance", "account"})
 #: the backoff's exponent stops here: interval x 2**64 is past any cap, and a larger
 #: exponent (failure 1,025 overflows a float; a restored 2**62 would hang) is never computed
 _BACKOFF_MAX_EXPONENT = 64
@@ -75,22 +71,28 @@ class Target:
 
 @dataclass(frozen=True)
 class PollSettings:
-    account_info: bool
     allows_asset: Callable[[str], bool]
     #: seconds between two refreshes of one account
     interval: float
+    #: the enabled collectors (exporter.collectors.enabled), read in this order: a
+    #: round-robin turn reads them all, a triggered refresh those its events moved
+    collectors: tuple[Collector[Any], ...]
     #: the longest a failing account waits before its next try (auth errors wait this long)
     backoff_cap: float = BACKOFF_CAP_SECONDS
     #: at most one event-triggered refresh of an account per this many seconds
     trigger_interval: float = 2.0
-    #: the enabled collectors read after balance and account info, in order
-    collectors: tuple[Collector[Any], ...] = ()
     #: the config's collect switches, by name (each collector's `narrow` reads them)
     switches: Mapping[str, bool] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def weight(self) -> int:
-        return refresh_weight(self.account_info) + sum(c.request.weight for c in self.collectors)
+        """w: one round-robin turn's weight, the sum of the collectors' request weights."""
+        return refresh_weight(self.collectors)
+
+    @property
+    def scope(self) -> Scope:
+        """What the config lets each collector's part hold."""
+        return Scope(self.switches, self.allows_asset)
 
 
 @dataclass
@@ -289,7 +291,7 @@ class EgressPoller:
         """Put a riskLevelChange into the snapshot at once; the refresh it triggers then
         reconciles. An event older than the last one applied is ignored."""
         account = self._by_name.get(name)
-        if account is None or not self._settings.account_info:
+        if account is None or not self._full >= ACCOUNT:
             return  # without account info polled, nothing would ever reconcile it
         if event_time > self._client.server_now() + FUTURE_EVENT_SECONDS:
             # E = 999999999999999 would make every later event look old: it goes in, but
@@ -336,7 +338,8 @@ class EgressPoller:
         late = due is not None and due.next_due <= now - interval + self._slot
         name, trigger_at = self._triggers.next(now, busy)
         if name is not None and (not late or self._triggers.pending(name) is Priority.RISK):
-            return self._by_name[name], self._triggers.endpoints(name), True, now
+            # (& _full: a reload may have turned off a collector a pending trigger names)
+            return self._by_name[name], self._triggers.endpoints(name) & self._full, True, now
         if due is not None and due.next_due <= now:
             return due, self._full, False, now
         due_at = float("inf") if due is None else due.next_due
@@ -411,10 +414,10 @@ class EgressPoller:
         weight, interval = self._settings.weight, self._settings.trigger_interval
         #: seconds between two refreshes when the budget is fully used
         self._slot = weight / rate
-        #: what the round-robin reads: balance, account info, the other enabled collectors
-        core = BOTH if self._settings.account_info else BALANCE
-        self._full = core | {c.name for c in self._settings.collectors}
-        self._weights = {**WEIGHTS, **{c.name: c.request.weight for c in self._settings.collectors}}
+        #: what the round-robin reads: every enabled collector, by name (the endpoints of
+        #: exporter.triggers: "balance", "account", ...)
+        self._full = frozenset(c.name for c in self._settings.collectors)
+        self._weights = {c.name: c.request.weight for c in self._settings.collectors}
         self._catchup_near = max(CATCHUP_NEAR_SECONDS, self._slot)
         if current is not None and current.plan == (weight, rate, interval):
             return current
@@ -448,15 +451,9 @@ class EgressPoller:
             return
         current = previous
         try:
-            if "balance" in endpoints:
-                balances = await self._call(self._client.balance, "balance", account)
-                current = replace(current, balances=self._merge(previous, balances))
-            if "account" in endpoints and self._settings.account_info:
-                info: AccountInfo = await self._call(self._client.account, "account", account)
-                current = replace(current, info=info)
             for collector in self._settings.collectors:
                 if collector.name in endpoints:
-                    current = await self._collect(collector, account, current)
+                    current = await self._collect(collector, account, previous, current)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the one broad boundary: one account's refresh
@@ -498,9 +495,14 @@ class EgressPoller:
             self._wake.set()  # a trigger that came in meanwhile may go now
 
     async def _collect(
-        self, collector: Collector[Any], account: _Account, current: AccountSnapshot
+        self,
+        collector: Collector[Any],
+        account: _Account,
+        previous: AccountSnapshot,
+        current: AccountSnapshot,
     ) -> AccountSnapshot:
-        """One registered collector's request, its part put into `current`."""
+        """One enabled collector's request; its answer merged into the part `previous`
+        held (`merge`), narrowed to the config's scope and put into `current`."""
         request = collector.request
         fetch = partial(
             self._client.read,
@@ -510,15 +512,17 @@ class EgressPoller:
             params=request.params,
             weight=request.weight,
         )
-        part = await self._call(fetch, collector.name, account, request.weight)
-        return collector.put(current, collector.narrow(part, self._settings.switches))
+        parsed = await self._call(fetch, collector.name, account, request.weight)
+        self._note_skipped(collector.name, previous.name, collector.skipped(parsed))
+        part = collector.merge(collector.get(previous), parsed)
+        return collector.put(current, collector.narrow(part, self._settings.scope))
 
     async def _call(
         self,
         fetch: Callable[[Credentials], Awaitable[T]],
         endpoint: str,
         account: _Account,
-        weight: int | None = None,
+        weight: int,
     ) -> T:
         """One request to `endpoint`; after a -1021, resync the clock and try once more."""
         # The refresh reserved its weight before its first request; a pause that began
@@ -530,29 +534,24 @@ class EgressPoller:
         except errors.TimestampError:
             log.info("timestamp_rejected")
             await self._sync_time()
-            await self._budget.acquire(WEIGHTS[endpoint] if weight is None else weight)
+            await self._budget.acquire(weight)
             account.reading[endpoint] = self._answers_up_to(account)
             return await fetch(account.target.credentials)
 
-    def _merge(self, previous: AccountSnapshot, parsed: ParsedBalances) -> tuple[AssetBalance, ...]:
-        """The new balances, filtered; a skipped malformed record keeps its asset's last values."""
-        for reason, count in parsed.dropped.items():
-            self._instruments.dropped.labels("balance", reason).inc(count)
-        if parsed.problems and (held_back := self._records_log.allow(previous.name)) is not None:
+    def _note_skipped(self, source: str, name: str, skipped: Skipped) -> None:
+        """Count the records of `source`'s answer its parser skipped; log them, a line per
+        account per minute."""
+        for reason, count in skipped.counts.items():
+            self._instruments.dropped.labels(source, reason).inc(count)
+        if skipped.problems and (held_back := self._records_log.allow(name)) is not None:
             log.warning(
                 "malformed_records",
-                account=previous.name,
-                problems=list(parsed.problems),
-                dropped=dict(parsed.dropped),
+                account=name,
+                source=source,
+                problems=list(skipped.problems),
+                dropped=dict(skipped.counts),
                 lines_held_back=held_back,
             )
-        kept = [b for b in previous.balances if b.asset in parsed.skipped_assets]
-        allowed = self._settings.allows_asset
-        return tuple(
-            sorted(
-                (b for b in (*parsed.balances, *kept) if allowed(b.asset)), key=lambda b: b.asset
-            )
-        )
 
     def _observe(self, report: RequestReport) -> None:
         """Called by the client for every request: metrics and the IP's used weight."""

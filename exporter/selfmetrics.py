@@ -60,9 +60,10 @@ class Instruments(_Live):
         )
         self.dropped = Counter(
             "binance_pm_dropped_records",
-            "Records from outside dropped on the way in, by source (balance: a balance "
-            "answer's asset; state_file: an account or asset of the state file) and reason "
-            "(malformed, label: a name that cannot be a label value, duplicate, over_cap).",
+            "Records from outside dropped on the way in, by source (a collector, e.g. "
+            "balance: a balance answer's asset; state_file: an account of the state file) "
+            "and reason (malformed, label: a name that cannot be a label value, duplicate, "
+            "over_cap, out_of_range).",
             ["source", "reason"],
             registry=None,
         )

@@ -12,8 +12,10 @@ not JSON, another version, over `MAX_FILE_BYTES`, not a regular file, owned by
 another user or writable by others) is logged in one line and ignored: the exporter
 then starts empty, as without a storage path. Accounts no longer configured are
 dropped unread; a saved account that fails a check (its shape, a label value,
-duplicate assets, a number out of range, a time in the future) is dropped alone. A write that fails
-(disk full, read-only) is logged and the exporter keeps serving.
+duplicate assets, a number out of range, a time in the future) is dropped alone: each
+registered collector reads its own part back (`Collector.decode`), this module only the
+refresh health. A write that fails (disk full, read-only) is logged and the exporter
+keeps serving.
 """
 
 from __future__ import annotations
@@ -28,15 +30,13 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from exporter.binance.models import MAX_ASSETS_PER_ANSWER
 from exporter.collectors import registered
-from exporter.labels import label_problem
+from exporter.collectors.stored import Unusable
 from exporter.safefile import UnsafeFileError, read_regular_file
 from exporter.snapshot import AccountSnapshot, Snapshot, SnapshotStore
 
@@ -63,26 +63,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, strict=True, allow_inf_nan=False)
 
 
-class _Balance(_Strict):
-    asset: str
-    values: dict[str, float]
-    update_time: float | None = None
-
-
-class _Info(_Strict):
-    values: dict[str, float]
-    status: str | None = None
-    update_time: float | None = None
-
-
 class _Account(_Strict):
+    """An account's record: its refresh health here; each collector's part, in its own
+    shape, at its `stored_as` key or under `parts` (read by `Collector.decode`)."""
+
     up: bool
     consecutive_failures: int
     last_success: float | None
-    balances: list[_Balance]
-    info: _Info | None = None
-    #: the other collectors' parts, by collector name, each in its collector's own shape
-    #: (`Collector.encode`/`decode`); a part of a collector not registered is not read
+    #: the parts of the collectors without a key of their own, by collector name; a part of
+    #: a collector not registered is not read
     parts: dict[str, Any] = {}
 
 
@@ -99,26 +88,17 @@ def _where(exc: ValidationError) -> str:
     return ".".join(str(part) for part in first["loc"]) or "(top level)"
 
 
+def _in_range(when: float | None, now: float) -> bool:
+    return when is None or 0 <= when <= now + MAX_FUTURE_SECONDS
+
+
 def _problem(saved: _Account, now: float) -> tuple[str | None, str]:
-    """What is wrong with a saved account beyond its shape, and the reason to count it
+    """What is wrong with a saved account's refresh health, and the reason to count it
     under; (None, "") when nothing is."""
     if not 0 <= saved.consecutive_failures <= MAX_CONSECUTIVE_FAILURES:
         return "consecutive_failures out of range", "out_of_range"
-    times = [saved.last_success, *(b.update_time for b in saved.balances)]
-    if saved.info is not None:
-        times.append(saved.info.update_time)
-    if any(t is not None and not 0 <= t <= now + MAX_FUTURE_SECONDS for t in times):
+    if not _in_range(saved.last_success, now):
         return "a time before 1970 or in the future", "out_of_range"
-    if len(saved.balances) > MAX_ASSETS_PER_ANSWER:
-        return f"more than {MAX_ASSETS_PER_ANSWER} assets", "over_cap"
-    names = [b.asset for b in saved.balances]
-    if saved.info is not None and saved.info.status is not None:
-        names.append(saved.info.status)
-    for name in names:
-        if (problem := label_problem(name)) is not None:
-            return f"an asset or status {problem}", "label"
-    if len(set(names[: len(saved.balances)])) != len(saved.balances):
-        return "duplicate assets", "duplicate"
     return None, ""
 
 
@@ -190,9 +170,11 @@ class StateFile:
                 problem, reason = _problem(saved, now)
                 if problem is None:
                     try:
-                        restored[name] = _snapshot(name, saved, refresh_interval)
+                        restored[name] = _snapshot(name, saved, record, refresh_interval, now)
                         continue
-                    except (ValueError, TypeError) as exc:  # a collector's part
+                    except Unusable as exc:
+                        problem, reason = str(exc), exc.reason
+                    except (ValueError, TypeError, KeyError) as exc:  # a collector's decode
                         problem, reason = str(exc), "malformed"
                 found = problem
             self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -353,9 +335,11 @@ def _write_atomically(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
-def _snapshot(name: str, saved: _Account, refresh_interval: float) -> AccountSnapshot:
-    """The saved account, each collector's part decoded by its collector (`decode`), the
-    record validated first (`_Account`, `_problem`)."""
+def _snapshot(
+    name: str, saved: _Account, record: Mapping[str, Any], refresh_interval: float, now: float
+) -> AccountSnapshot:
+    """The saved account, each registered collector's part decoded by its collector
+    (`decode`, which raises on what it cannot use) and its times checked (`times`)."""
     account = AccountSnapshot(
         name,
         refresh_interval,
@@ -364,25 +348,19 @@ def _snapshot(name: str, saved: _Account, refresh_interval: float) -> AccountSna
         last_success=saved.last_success,
         consecutive_failures=saved.consecutive_failures,
     )
-    record = saved.model_dump()
     for collector in registered():
-        if collector.stored_as is not None and record.get(collector.stored_as) is not None:
-            account = collector.put(account, collector.decode(record[collector.stored_as]))
-    for name_of_part, part in _parts(saved.parts).items():
-        account = next(c for c in registered() if c.name == name_of_part).put(account, part)
+        key = collector.stored_as
+        where = key if key is not None else f"parts.{collector.name}"
+        value = record.get(key) if key is not None else saved.parts.get(collector.name)
+        if value is None:
+            continue
+        try:
+            part = collector.decode(value)
+        except Unusable as exc:
+            raise Unusable(exc.reason, f"{where}: {exc}") from None
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if not all(_in_range(t, now) for t in collector.times(part)):
+            raise Unusable("out_of_range", f"{where}: a time before 1970 or in the future")
+        account = collector.put(account, part)
     return account
-
-
-def _parts(saved: Mapping[str, Any]) -> Mapping[str, object]:
-    """The saved parts of the registered collectors, each decoded by its collector (which
-    raises ValueError or TypeError on what it cannot use)."""
-    collectors = {c.name: c for c in registered()}
-    parts = {}
-    for name, record in saved.items():
-        collector = collectors.get(name)
-        if collector is not None:
-            try:
-                parts[name] = collector.decode(record)
-            except (ValueError, TypeError, KeyError) as exc:
-                raise ValueError(f"parts.{name}: {exc}") from None
-    return MappingProxyType(parts)

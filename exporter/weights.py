@@ -1,8 +1,8 @@
 """Request weights of the Binance endpoints the exporter calls (Binance's docs), and the
-weight of one account read: a full refresh (the round robin), or the endpoints an event
-moved (a triggered read: the balance alone is 20, the account alone 20, both 40).
-Standard library only: the client, the budget, the poller, the triggers, the price
-source and the --check-config summary all read these figures from here.
+weight of the endpoints an event moved (a triggered read: the balance alone is 20, the
+account alone 20, both 40). Standard library only: the collectors (whose weights sum to
+a full refresh's w: exporter.collectors.refresh_weight), the client, the budget, the
+triggers and the price source read these figures from here.
 
 `ticker_price` is on the spot API (api.binance.com), which counts weight in a pool of its
 own, apart from the PM API's: it is spent from the price source's budget, never the PM one.
@@ -31,11 +31,6 @@ WEIGHTS = {
 SPOT_IP_WEIGHT_LIMIT_PER_MINUTE = 6000
 #: the USD-M futures API's request-weight limit per IP and minute (its own pool too)
 FAPI_IP_WEIGHT_LIMIT_PER_MINUTE = 2400
-
-
-def refresh_weight(account_info: bool) -> int:
-    """w: the weight of one account refresh, balance plus account info when collected."""
-    return read_weight(("balance", "account") if account_info else ("balance",))
 
 
 def read_weight(endpoints: Iterable[str]) -> int:

@@ -39,11 +39,11 @@ from exporter.collectors import (
     weight_of,
 )
 from exporter.collectors.margin import FuturesAccount
-from exporter.collectors.registry import in_parts
+from exporter.collectors.registry import NOTHING_SKIPPED, Skipped, in_parts
 from exporter.collectors.um_account import COLLECTOR as UM
 from exporter.config import Config, parse_config
 from exporter.families import Family
-from exporter.poller import POLLED_APART, EgressPoller, PollSettings, Target
+from exporter.poller import EgressPoller, PollSettings, Target
 from exporter.selfmetrics import Instruments
 from exporter.simulator import Simulator
 from exporter.simulator.demo import GeneratedAccount, exporter_config
@@ -280,6 +280,81 @@ def toy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Collector[float]]:
         unregister("toy")
 
 
+# A collector of the test's own whose answer joins the last part, as balance's does:
+# `merge` keeps the highest level seen, `skipped` reports the records the parser left out.
+# The poller counts and logs them and merges the parts with no line of its own for it.
+
+_PEAK_PATH = "/papi/v1/toy-peak"
+
+
+def _peak_parse(payload: object) -> tuple[float | None, int]:
+    """The answer's level (None when its one record is malformed), and the records skipped."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("levels"), list):
+        raise InvalidResponse("toy-peak: expected {'levels': [...]}")
+    good = [float(x) for x in payload["levels"] if isinstance(x, str)]
+    return (max(good) if good else None), len(payload["levels"]) - len(good)
+
+
+def _peak_collector() -> Collector[float]:
+    get, put = in_parts("toy_peak")
+
+    def samples(account: AccountSnapshot) -> Iterator[tuple[tuple[str, ...], float]]:
+        if (level := get(account)) is not None:
+            yield (), level
+
+    def merge(previous: float | None, parsed: tuple[float | None, int]) -> float:
+        levels = [x for x in (previous, parsed[0]) if x is not None]
+        return max(levels) if levels else 0.0
+
+    def skipped(parsed: tuple[float | None, int]) -> Skipped:
+        return (
+            Skipped({"malformed": parsed[1]}, ("levels: not a string",))
+            if parsed[1]
+            else (NOTHING_SKIPPED)
+        )
+
+    return Collector(
+        name="toy_peak",
+        request=Request(_PEAK_PATH, 3),
+        parse=_peak_parse,
+        families=(Family("binance_pm_toy_peak", "The highest toy level.", ("account",), samples),),
+        default=True,
+        get=get,
+        put=put,
+        encode=lambda level: level,
+        decode=float,
+        merge=merge,
+        skipped=skipped,
+    )
+
+
+def test_a_collectors_merge_and_skipped_records_go_through_the_poller_alike(
+    sim2, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim, generated = sim2
+    answers = {"levels": ["5"]}
+
+    def serve(state: Any, account: Any, params: dict[str, str]) -> Any:
+        return answers
+
+    monkeypatch.setitem(ENDPOINTS, ("GET", _PEAK_PATH), Endpoint(3, "signed", serve))
+    register(_peak_collector())
+    try:
+        with RunningExporter(config(sim.url, generated)) as running:
+            wait_until(lambda: running.sample("binance_pm_toy_peak", account="acct-00") == 5.0)
+            answers = {"levels": ["2", 7]}  # lower, and a malformed record
+            dropped = {"source": "toy_peak", "reason": "malformed"}
+            # 4: each account's refresh has had the new answer, about twice
+            wait_until(
+                lambda: (running.sample("binance_pm_dropped_records_total", **dropped) or 0) >= 4
+            )
+            assert running.sample("binance_pm_toy_peak", account="acct-00") == 5.0  # merged
+            answers = {"levels": ["9"]}
+            wait_until(lambda: running.sample("binance_pm_toy_peak", account="acct-01") == 9.0)
+    finally:
+        unregister("toy_peak")
+
+
 def test_a_toy_collector_registered_by_one_call_shows_everywhere(sim2, toy, tmp_path) -> None:
     sim, generated = sim2
     assert registered()[-1] is toy
@@ -410,7 +485,6 @@ def test_200_accounts_with_both_margin_collectors_keep_the_budget(tmp_path) -> N
 
     names = [f"acct-{i:03d}" for i in range(n)]
     store = SnapshotStore(AccountSnapshot(name, interval) for name in names)
-    collectors = tuple(c for c in enabled(switches) if c.name not in POLLED_APART)
     poller = EgressPoller(
         targets=[Target(x, Credentials(SecretStr(x), HmacSigner(SecretStr("s")))) for x in names],
         make_client=partial(
@@ -425,10 +499,9 @@ def test_200_accounts_with_both_margin_collectors_keep_the_budget(tmp_path) -> N
         store=store,
         instruments=Instruments(CollectorRegistry()),
         settings=PollSettings(
-            account_info=True,
             allows_asset=lambda a: True,
             interval=interval,
-            collectors=collectors,
+            collectors=enabled(switches),
             switches=switches,
         ),
         clock=clock,
@@ -486,3 +559,28 @@ def test_a_reload_turns_the_margin_collectors_and_positions_on_and_off(sim2) -> 
         assert running.exporter.reload() is None  # um_account off: its series leave
         wait_until(lambda: "binance_pm_um_asset_maint_margin{" not in running.metrics_text())
         assert "# HELP binance_pm_um_asset_maint_margin" not in running.metrics_text()
+
+
+def test_account_info_off_is_its_collectors_switch_and_the_rest_is_polled_alike(sim2) -> None:
+    # `collect.account_info: false`: the account collector is off like any other, the
+    # refresh reads the enabled ones (balance, um_account) the same way
+    sim, generated = sim2
+    cfg = config(sim.url, generated, account_info=False, um_account=True)
+    assert weight_of(cfg.collect.switches()) == 20 + 5
+    with RunningExporter(cfg) as running:
+        wait_until(
+            lambda: (
+                running.sample("binance_pm_um_asset_maint_margin", account="acct-01", asset="USDT")
+                is not None
+            )
+        )
+        interval = running.sample("binance_pm_refresh_interval_seconds", account="acct-01")
+        text = running.metrics_text()
+    assert 'binance_pm_wallet_balance{account="acct-01"' in text
+    assert "binance_pm_uni_mmr{" not in text
+    assert "binance_pm_account_status{" not in text
+    paths = {r.path for r in sim.requests}
+    assert {"/papi/v1/balance", "/papi/v1/um/account"} <= paths
+    assert "/papi/v1/account" not in paths
+    limits = shard_limits(cfg.budget)
+    assert interval == refresh_interval(2, 25, limits, cfg.budget.min_interval_seconds)

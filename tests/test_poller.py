@@ -22,6 +22,9 @@ from exporter import poller as poller_module
 from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import HmacSigner
 from exporter.budget import BudgetLimits, WeightBudget, refresh_interval
+from exporter.collectors import Collector, enabled
+from exporter.collectors.account import COLLECTOR as ACCOUNT
+from exporter.collectors.balance import COLLECTOR as BALANCE
 from exporter.logs import configure_logging
 from exporter.poller import BACKOFF_CAP_SECONDS, EgressPoller, PollSettings, Target
 from exporter.selfmetrics import Instruments, StreamHealth
@@ -73,12 +76,14 @@ def build_poller(
     backoff_cap: float = BACKOFF_CAP_SECONDS,
     stream: StreamHealth | None = None,
     trigger_interval: float = 2.0,
+    collectors: tuple[Collector[Any], ...] | None = None,
 ) -> tuple[EgressPoller, SnapshotStore, WeightBudget]:
-    """An EgressPoller of accounts `names` on `clock`, asking `api`."""
+    """An EgressPoller of accounts `names` on `clock`, asking `api`: balance and, with
+    `account_info`, account info, unless `collectors` says."""
     settings = PollSettings(
-        account_info=account_info,
         allows_asset=lambda a: True,
         interval=interval,
+        collectors=enabled({"account_info": account_info}) if collectors is None else collectors,
         backoff_cap=backoff_cap,
         trigger_interval=trigger_interval,
     )
@@ -325,10 +330,8 @@ def test_timestamp_error_resyncs_the_clock_and_retries() -> None:
     assert store.get("acct-0").up
 
 
-def test_a_retry_after_a_1021_reserves_the_weight_of_the_call_it_retries(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setitem(poller_module.WEIGHTS, "account", 30)  # unlike balance's 20
+def test_a_retry_after_a_1021_reserves_the_weight_of_the_call_it_retries() -> None:
+    heavier = replace(ACCOUNT, request=replace(ACCOUNT.request, weight=30))  # balance's is 20
     clock = EventClock(START)
     api = FakeApi(clock)
     rejected: list[float] = []
@@ -340,7 +343,9 @@ def test_a_retry_after_a_1021_reserves_the_weight_of_the_call_it_retries(
         return api(request)
 
     limits = BudgetLimits(6000, 0.25, 0.8)
-    poller, store, budget = build_poller(["acct-0"], limits, 10, clock, account_call_rejected_once)
+    poller, store, budget = build_poller(
+        ["acct-0"], limits, 10, clock, account_call_rejected_once, collectors=(BALANCE, heavier)
+    )
     acquired: list[int] = []
     reserve = budget.reserve
 

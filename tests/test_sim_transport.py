@@ -22,6 +22,7 @@ from exporter.binance import errors
 from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import HmacSigner
 from exporter.budget import BOUNDARY_MARGIN_SECONDS, BudgetLimits, WeightBudget
+from exporter.collectors import enabled
 from exporter.poller import EgressPoller, PollSettings, Target
 from exporter.selfmetrics import Instruments
 from exporter.simulator import SimAccount, Simulator
@@ -144,7 +145,10 @@ def test_a_stalling_account_backs_off_exactly_1_2_4_8_intervals(clock: EventCloc
         store=store,
         instruments=Instruments(CollectorRegistry()),
         settings=PollSettings(
-            account_info=True, allows_asset=lambda a: True, interval=interval, backoff_cap=300
+            allows_asset=lambda a: True,
+            interval=interval,
+            collectors=enabled({}),
+            backoff_cap=300,
         ),
         clock=clock,
         sleep=clock.sleep,

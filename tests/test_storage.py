@@ -423,3 +423,44 @@ def test_a_state_file_over_the_cap_is_refused_unread(tmp_path: Path) -> None:
     assert time.monotonic() - started < 1.0
     (line,) = [e for e in logs if e["event"] == "state_file_ignored"]
     assert "too large" in line["reason"]
+
+
+# --- the format on disk ---------------------------------------------------------------------
+
+
+def test_a_state_file_of_the_first_format_still_loads(tmp_path: Path) -> None:
+    # written by the storage of the exporter before the collectors decoded their own parts
+    # (tests/fixtures/state_v1.json): balances and info at the record's own keys
+    from exporter.collectors.um_account import COLLECTOR as UM  # noqa: PLC0415
+
+    fixture = Path(__file__).parent / "fixtures" / "state_v1.json"
+    tmp_path.joinpath(FILE_NAME).write_bytes(fixture.read_bytes())
+    tmp_path.joinpath(FILE_NAME).chmod(0o600)
+    state = StateFile(tmp_path)
+    restored = state.load(NAMES, refresh_interval=7.0)
+    assert state.dropped == {}
+    a, b = restored["acct-a"], restored["acct-b"]
+    assert (a.up, a.restored, a.last_success) == (True, True, 1700000100.25)
+    assert a.refresh_interval == 7.0
+    assert [(x.asset, dict(x.values), x.update_time) for x in a.balances] == [
+        ("BTC", {"totalWalletBalance": 0.1 + 0.2, "negativeBalance": 0.0}, 1700000000.5),
+        ("USDT", {"totalWalletBalance": 1234.5}, None),
+    ]
+    assert a.info is not None
+    assert (dict(a.info.values), a.info.status, a.info.update_time) == (
+        {"uniMMR": 3.25, "accountEquity": 10000.0},
+        "NORMAL",
+        1700000050.0,
+    )
+    um = UM.get(a)
+    assert um is not None
+    assert [(x.asset, dict(x.values)) for x in um.assets] == [
+        ("USDT", {"crossWalletBalance": 1000.5, "maintMargin": 12.5})
+    ]
+    assert [(p.symbol, p.side, p.values["leverage"], p.update_time) for p in um.positions] == [
+        ("BTCUSDT", "BOTH", 20.0, 1700000001.0)
+    ]
+    assert (b.up, b.consecutive_failures, b.balances, b.info, b.parts) == (False, 3, (), None, {})
+    # and what it writes back is the same file, but for the time it was written
+    rewritten = json.loads(encode(Snapshot(restored), 1700000200.0))
+    assert rewritten == json.loads(fixture.read_text())

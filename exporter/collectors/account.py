@@ -6,14 +6,13 @@ Its part is `AccountSnapshot.info`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import replace
-from types import MappingProxyType
-from typing import Any
 
 from exporter import fields
 from exporter.binance.models import parse_account
 from exporter.collectors.registry import Collector, Request, register
+from exporter.collectors.stored import saved_object, saved_optional_label, saved_time, saved_values
 from exporter.families import Family, Sample, help_text
 from exporter.snapshot import AccountInfo, AccountSnapshot
 from exporter.weights import WEIGHTS
@@ -90,11 +89,16 @@ def _encode(part: AccountInfo) -> object:
 
 
 def _decode(saved: object) -> AccountInfo:
-    # storage.py validates this shape (and its label, time) before it gets here
-    record: Mapping[str, Any] = saved  # type: ignore[assignment]
+    record = saved_object(saved)
     return AccountInfo(
-        MappingProxyType(dict(record["values"])), record.get("status"), record.get("update_time")
+        saved_values(record),
+        saved_optional_label(record, "status", "a status"),
+        saved_time(record),
     )
+
+
+def _times(part: AccountInfo) -> Iterable[float | None]:
+    return (part.update_time,)
 
 
 COLLECTOR: Collector[AccountInfo] = register(
@@ -109,6 +113,7 @@ COLLECTOR: Collector[AccountInfo] = register(
         put=_put,
         encode=_encode,
         decode=_decode,
+        times=_times,
         stored_as="info",
     )
 )

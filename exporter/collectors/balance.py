@@ -1,20 +1,34 @@
 """GET /papi/v1/balance: one gauge per asset and amount field (fields.BALANCE).
 
 Its part is `AccountSnapshot.balances`. Unlike the other collectors, its answer is merged
-into the last one (a malformed record keeps its asset's last values, the asset filter
-applies): `parse` gives a `ParsedBalances`, which the poller merges.
+into the last one: `parse` gives a `ParsedBalances`, whose skipped (malformed) records
+keep their asset's last values (`merge`) and are counted (`skipped`); the asset filter
+(`collect.assets`) applies (`narrow`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import replace
-from types import MappingProxyType
 from typing import Any
 
 from exporter import fields
-from exporter.binance.models import ParsedBalances, parse_balances
-from exporter.collectors.registry import Collector, Request, register
+from exporter.binance.models import MAX_ASSETS_PER_ANSWER, ParsedBalances, parse_balances
+from exporter.collectors.registry import (
+    NOTHING_SKIPPED,
+    Collector,
+    Request,
+    Scope,
+    Skipped,
+    register,
+)
+from exporter.collectors.stored import (
+    Unusable,
+    saved_label,
+    saved_records,
+    saved_time,
+    saved_values,
+)
 from exporter.families import Family, Sample, help_text
 from exporter.snapshot import AccountSnapshot, AssetBalance
 from exporter.weights import WEIGHTS
@@ -76,29 +90,54 @@ def _encode(part: tuple[AssetBalance, ...]) -> object:
 
 
 def _decode(saved: object) -> tuple[AssetBalance, ...]:
-    # storage.py validates this shape (and its labels, times, cap) before it gets here
-    records: list[Mapping[str, Any]] = saved  # type: ignore[assignment]
-    return tuple(
-        AssetBalance(r["asset"], MappingProxyType(dict(r["values"])), r.get("update_time"))
-        for r in sorted(records, key=lambda r: str(r["asset"]))
+    records = saved_records(saved, MAX_ASSETS_PER_ANSWER, "assets")
+    balances = tuple(
+        AssetBalance(saved_label(r, "asset", "an asset"), saved_values(r), saved_time(r))
+        for r in records
     )
+    if len({b.asset for b in balances}) != len(balances):
+        raise Unusable("duplicate", "duplicate assets")
+    return tuple(sorted(balances, key=lambda b: b.asset))
 
 
-def _parse(payload: object) -> ParsedBalances:
-    return parse_balances(payload)
+def _times(part: tuple[AssetBalance, ...]) -> Iterable[float | None]:
+    return (b.update_time for b in part)
+
+
+def _merge(
+    previous: tuple[AssetBalance, ...] | None, parsed: ParsedBalances
+) -> tuple[AssetBalance, ...]:
+    """The new balances; a skipped malformed record keeps its asset's last values."""
+    kept = [b for b in previous or () if b.asset in parsed.skipped_assets]
+    return tuple(sorted((*parsed.balances, *kept), key=lambda b: b.asset))
+
+
+def _skipped(parsed: ParsedBalances) -> Skipped:
+    if not parsed.dropped and not parsed.problems:
+        return NOTHING_SKIPPED
+    return Skipped(parsed.dropped, parsed.problems)
+
+
+def _narrow(part: tuple[AssetBalance, ...], scope: Scope) -> tuple[AssetBalance, ...]:
+    allowed = tuple(b for b in part if scope.allows_asset(b.asset))
+    return part if len(allowed) == len(part) else allowed
 
 
 COLLECTOR: Collector[Any] = register(
     Collector(
         name="balance",
         request=Request(PATH, WEIGHTS["balance"]),
-        parse=_parse,
+        parse=parse_balances,
         families=FAMILIES,
         default=True,
         get=_get,
         put=_put,
         encode=_encode,
         decode=_decode,
+        narrow=_narrow,
+        merge=_merge,
+        skipped=_skipped,
+        times=_times,
         stored_as="balances",
     )
 )

@@ -7,7 +7,6 @@ book's path and field tables (um_account.py, cm_account.py).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -16,7 +15,14 @@ from typing import Any
 from exporter import fields
 from exporter.binance.errors import InvalidResponse
 from exporter.binance.models import MalformedRecord, parse_amounts, parse_millis
-from exporter.collectors.registry import Collector, Request, in_parts
+from exporter.collectors.registry import Collector, Request, Scope, in_parts
+from exporter.collectors.stored import (
+    saved_label,
+    saved_object,
+    saved_records,
+    saved_time,
+    saved_values,
+)
 from exporter.families import Family, Sample, help_text
 from exporter.labels import label_problem
 from exporter.snapshot import AccountSnapshot
@@ -117,8 +123,8 @@ def parser(
     return parse
 
 
-def _narrow(part: FuturesAccount, switches: Mapping[str, bool]) -> FuturesAccount:
-    if switches.get(POSITIONS_SWITCH, True) or not part.positions:
+def _narrow(part: FuturesAccount, scope: Scope) -> FuturesAccount:
+    if scope.switches.get(POSITIONS_SWITCH, True) or not part.positions:
         return part
     return replace(part, positions=())
 
@@ -144,63 +150,41 @@ def _encode(part: FuturesAccount) -> object:
     }
 
 
-def _number(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError("not a finite number")
-    return float(value)
-
-
-def _saved_values(
-    record: Mapping[str, Any], table: tuple[fields.Field, ...]
-) -> Mapping[str, float]:
-    values = record.get("values")
-    if not isinstance(values, dict):
-        raise TypeError("values: not an object")
-    known = {f.api for f in table}
-    return MappingProxyType({k: _number(v) for k, v in values.items() if k in known})
-
-
-def _saved_time(record: Mapping[str, Any]) -> float | None:
-    value = record.get("update_time")
-    return None if value is None else _number(value)
-
-
-def _saved_label(record: Mapping[str, Any], key: str) -> str:
-    value = record.get(key)
-    if not isinstance(value, str) or label_problem(value) is not None:
-        raise ValueError(f"{key}: not a usable label value")
-    return value
-
-
 def decoder(
     assets: tuple[fields.Field, ...], positions: tuple[fields.Field, ...]
 ) -> Callable[[object], FuturesAccount]:
+    asset_fields, position_fields = {f.api for f in assets}, {f.api for f in positions}
+
     def decode(saved: object) -> FuturesAccount:
-        if not isinstance(saved, dict):
-            raise TypeError("not an object")
-        records = {key: saved.get(key) for key in ("assets", "positions")}
-        for key, value in records.items():
-            if not isinstance(value, list) or len(value) > MAX_RECORDS:
-                raise ValueError(f"{key}: not an array of at most {MAX_RECORDS}")
-            if not all(isinstance(r, dict) for r in value):
-                raise ValueError(f"{key}: not objects")
+        record = saved_object(saved)
+        saved_assets = saved_records(record.get("assets"), MAX_RECORDS, "assets")
+        saved_positions = saved_records(record.get("positions"), MAX_RECORDS, "positions")
         return FuturesAccount(
             tuple(
-                MarginAsset(_saved_label(r, "asset"), _saved_values(r, assets), _saved_time(r))
-                for r in records["assets"]  # type: ignore[union-attr]
+                MarginAsset(
+                    saved_label(r, "asset", "an asset"),
+                    saved_values(r, asset_fields),
+                    saved_time(r),
+                )
+                for r in saved_assets
             ),
             tuple(
                 Position(
-                    _saved_label(r, "symbol"),
-                    _saved_label(r, "side"),
-                    _saved_values(r, positions),
-                    _saved_time(r),
+                    saved_label(r, "symbol", "a symbol"),
+                    saved_label(r, "side", "a position side"),
+                    saved_values(r, position_fields),
+                    saved_time(r),
                 )
-                for r in records["positions"]  # type: ignore[union-attr]
+                for r in saved_positions
             ),
         )
 
     return decode
+
+
+def _times(part: FuturesAccount) -> Iterable[float | None]:
+    yield from (a.update_time for a in part.assets)
+    yield from (p.update_time for p in part.positions)
 
 
 # --- families ---------------------------------------------------------------------------
@@ -274,4 +258,5 @@ def futures_collector(
         encode=_encode,
         decode=decoder(assets, positions),
         narrow=_narrow,
+        times=_times,
     )
