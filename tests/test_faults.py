@@ -110,7 +110,7 @@ class Case:
 
 
 CASES = [
-    Case("reset", (fault("reset"),), "connection_error"),
+    Case("reset", (fault("reset", count=2),), "connection_error", failures=2),
     Case("read-timeout", (fault("latency", seconds=1.5),), "timeout"),
     Case("headers-then-stall", (fault("stall", seconds=1.5),), "timeout"),
     Case("http-500", (fault("status", status=500),), "server_error"),
