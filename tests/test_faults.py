@@ -29,7 +29,6 @@ import itertools
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -436,7 +435,8 @@ def assert_budget_held(records: list[RequestRecord]) -> None:
 # --- IP-wide pauses: 429, 418 and 403, on virtual time -------------------------------------
 
 # a, b and c take their turns at START + 0, 20 and 40 s, then every minute
-FAULTED_AT = VIRTUAL_START + 70  # b's next balance request comes at START + 80
+FAULTED_AT = VIRTUAL_START + 70
+HIT = VIRTUAL_START + 80  # b's next balance request: the one the fault answers
 NEXT_MINUTE = VIRTUAL_START + 110  # VIRTUAL_START is 10 s into a minute
 BAN_END = VIRTUAL_START + 150
 
@@ -444,22 +444,18 @@ BAN_END = VIRTUAL_START + 150
 @pytest.mark.parametrize(
     ("fault_kind", "params", "reason", "resume"),
     [
-        ("rate_limit", {"retry_after": 45}, "rate_limited", lambda hit: hit + 45),
+        # Retry-After, counted from the answer's arrival
+        ("rate_limit", {"retry_after": 45}, "rate_limited", HIT + 45),
         # no Retry-After: until the server's next minute, plus the margin
-        ("rate_limit", {}, "rate_limited", lambda hit: NEXT_MINUTE + BOUNDARY_MARGIN_SECONDS),
+        ("rate_limit", {}, "rate_limited", NEXT_MINUTE + BOUNDARY_MARGIN_SECONDS),
         # until the ban's end in the message, plus the margin
-        (
-            "ban",
-            {"until_ms": int(BAN_END * 1000)},
-            "banned",
-            lambda hit: BAN_END + BOUNDARY_MARGIN_SECONDS,
-        ),
+        ("ban", {"until_ms": int(BAN_END * 1000)}, "banned", BAN_END + BOUNDARY_MARGIN_SECONDS),
         # Binance's firewall: an HTML page, about the IP, not the account
         (
             "raw",
             {"status": 403, "body": "<html>403 Forbidden</html>"},
             "waf_blocked",
-            lambda hit: NEXT_MINUTE + BOUNDARY_MARGIN_SECONDS,
+            NEXT_MINUTE + BOUNDARY_MARGIN_SECONDS,
         ),
     ],
     ids=["429-retry-after", "429-next-minute", "418-ban-end", "403-next-minute"],
@@ -469,7 +465,7 @@ def test_ip_wide_pause_stops_every_account_until_it_ends(
     fault_kind: str,
     params: dict[str, Any],
     reason: str,
-    resume: Callable[[float], float],
+    resume: float,
 ) -> None:
     """After the refused request, no account's request reaches the API before the pause
     ends, and the first one comes exactly then."""
@@ -490,11 +486,11 @@ def test_ip_wide_pause_stops_every_account_until_it_ends(
     papi = [r for r in sim.requests if r.path.startswith("/papi/")]
     (hit,) = [r for r in papi if r.status in (403, 418, 429)]
     assert hit.account == "b"
-    assert hit.time == VIRTUAL_START + 80  # b's turn
+    assert hit.time == HIT
     paused = logs.events("requests_paused", reason=reason)
     assert len(paused) == 1
     paused_until = paused[0]["until"]
-    assert paused_until == pytest.approx(resume(hit.time), abs=1e-6)
+    assert paused_until == pytest.approx(resume, abs=1e-6)  # float noise only
     # no request from any account until the pause ends; the first one comes then
     after_hit = papi[papi.index(hit) + 1 :]
     assert after_hit[0].time == pytest.approx(paused_until, abs=1e-6)
