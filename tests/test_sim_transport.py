@@ -7,12 +7,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable
 from functools import partial
 
 import httpx
 import pytest
-from conftest import VIRTUAL_START
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 from support.harness import accounts, fast_config
@@ -21,7 +19,7 @@ from exporter.app import Exporter
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.signing import HmacSigner
-from exporter.budget import BOUNDARY_MARGIN_SECONDS, BudgetLimits, WeightBudget
+from exporter.budget import BudgetLimits, WeightBudget
 from exporter.collectors import enabled
 from exporter.poller import EgressPoller, PollSettings, Target
 from exporter.selfmetrics import Instruments
@@ -74,6 +72,63 @@ def test_in_process_answers_as_loopback_http_does(clock: EventClock) -> None:
     assert in_process[1] == (errors.AuthError, -1022)
     assert log[:2] == log[2:]
     assert log[0] == (BALANCE, 200, 20, "127.0.0.1")
+
+
+@pytest.mark.parametrize(
+    ("kind", "params"),
+    [
+        ("status", {"status": 500}),
+        ("status", {"status": 502}),  # an HTML page
+        ("status", {"status": 503, "body": '{"code":-1008,"msg":"Service Unavailable."}'}),
+        ("malformed_json", {}),
+        ("raw", {"body": "null"}),
+        ("api_error", {"code": -1022, "msg": "Signature for this request is not valid."}),
+        ("api_error", {"status": 401, "code": -2015, "msg": "Invalid API-key."}),
+        ("reset", {}),
+        ("rate_limit", {"retry_after": 7}),
+        ("rate_limit", {}),
+        ("ban", {"until_ms": 1_700_000_000_000}),
+        ("raw", {"status": 403, "body": "<html>403 Forbidden</html>"}),
+    ],
+)
+def test_each_answering_fault_fails_alike_in_process_and_over_loopback(
+    clock: EventClock, kind: str, params: dict[str, object]
+) -> None:
+    """The fault matrix's faults that answer at once (tests/test_faults.py), injected with
+    a count of 2 and sent both ways: the same error twice (type, code, Retry-After, ban
+    end), then the count is spent and the data comes back."""
+
+    def seen(error: errors.BinanceError) -> tuple[object, ...]:
+        return (
+            type(error),
+            getattr(error, "code", None),
+            getattr(error, "retry_after", None),
+            getattr(error, "banned_until", None),
+        )
+
+    async def both(sim: Simulator) -> list[object]:
+        results: list[object] = []
+        for c in (
+            client(clock, url=sim.url),
+            client(clock, transport=SimTransport(sim.state, clock)),
+        ):
+            sim.inject_fault(kind, endpoint=BALANCE, count=2, **params)
+            for _ in range(2):
+                with pytest.raises(errors.BinanceError) as failed:
+                    await c.balance(GOOD)
+                results.append(seen(failed.value))
+            results.append(len((await c.balance(GOOD)).balances))
+            await c.aclose()
+        return results
+
+    with Simulator([SimAccount.hmac("a", KEY, SECRET)], clock=clock, assets_per_account=3) as sim:
+        results = asyncio.run(both(sim))
+        log = [(r.path, r.status, r.weight) for r in sim.requests]
+    over_http, in_process = results[:3], results[3:]
+    assert over_http == in_process
+    assert in_process[0] == in_process[1]
+    assert in_process[2] == 3  # the fault spent, the balances again
+    assert log[:3] == log[3:]
 
 
 @pytest.mark.parametrize(
@@ -209,49 +264,3 @@ def test_the_whole_exporter_runs_on_one_virtual_clock(clock: EventClock) -> None
     charged = sum(r.weight for r in sim.requests if r.path.startswith("/papi/"))
     assert spent == charged == 3 * 120 * 40  # one accounting, both sides
     assert wall < 60  # ten virtual minutes; generous: the figure is the exact spacing above
-
-
-@pytest.mark.parametrize(
-    ("kind", "params", "resume"),
-    [
-        ("rate_limit", {"retry_after": 30}, lambda hit: hit + 30),
-        # no Retry-After: until the next minute of the server's clock, plus the margin
-        ("rate_limit", {}, lambda hit: (hit // 60 + 1) * 60 + BOUNDARY_MARGIN_SECONDS),
-        # a ban: until its end in the message, plus the margin
-        ("ban", {"until_ms": int((VIRTUAL_START + 95) * 1000)}, lambda hit: VIRTUAL_START + 95.5),
-    ],
-    ids=["429-retry-after", "429-next-minute", "418-ban-end"],
-)
-def test_an_ip_wide_pause_holds_every_account_exactly_until_it_ends(
-    clock: EventClock, kind: str, params: dict[str, float], resume: Callable[[float], float]
-) -> None:
-    """The fault matrix's IP pauses (test_faults.py, in wall time) on virtual time: after
-    the refused request, no account's request reaches the API before the pause ends,
-    and the first one comes exactly then."""
-    generated = accounts(3)
-    sim = Simulator([g.sim_account for g in generated], clock=clock, ip_weight_limit=60000)
-    config = fast_config("http://sim.test", generated, min_interval_seconds=5)
-    config = config.model_copy(
-        update={"prices": config.prices.model_copy(update={"enabled": False})}
-    )
-    exporter = Exporter(config, clock=clock, transport=SimTransport(sim.state, clock))
-
-    async def go() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(exporter.run(stop))
-        await clock.run_until(VIRTUAL_START + 22)
-        sim.inject_fault(kind, endpoint=BALANCE, count=1, **params)
-        await clock.run_until(VIRTUAL_START + 200)
-        stop.set()
-        await task
-
-    asyncio.run(go())
-    papi = [r for r in sim.requests if r.path.startswith("/papi/")]
-    (hit,) = [r.time for r in papi if r.status in (418, 429)]
-    after = [r.time for r in papi if r.time > hit]
-    assert after[0] == pytest.approx(resume(hit), abs=1e-6)
-    # every account waited: each one's first request after the refusal is at the end or later
-    for g in generated:
-        first = min(r.time for r in papi if r.time > hit and r.account == g.sim_account.name)
-        assert first >= after[0]
-    assert all(exporter.store.get(g.sim_account.name).up for g in generated)

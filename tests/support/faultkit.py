@@ -1,9 +1,11 @@
-"""What the fault-matrix and secrets tests share: the real exporter running in a thread,
-a recorder of its per-account state, captured log lines, a TCP relay that can refuse
-connections, and checks of the weight budget against the simulator's request log."""
+"""What the fault-matrix and secrets tests share: the real exporter running in a thread
+(or on the virtual clock, the simulator in-process), a recorder of its per-account state,
+captured log lines, a TCP relay that can refuse connections, and checks of the weight
+budget against the simulator's request log."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -13,7 +15,7 @@ import secrets
 import socket
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +27,9 @@ from exporter.collector import SnapshotCollector
 from exporter.config import Config
 from exporter.logs import configure_logging
 from exporter.poller import BACKOFF_CAP_SECONDS
-from exporter.simulator import RequestRecord, SimAccount
+from exporter.simulator import RequestRecord, SimAccount, Simulator
+from exporter.simulator.transport import SimTransport
+from exporter.simulator.virtualtime import EventClock
 from exporter.snapshot import AccountSnapshot, Snapshot, SnapshotStore
 from exporter.webconfig import WebConfig, WebConfigFile
 from support import harness
@@ -135,7 +139,26 @@ class Recorder:
             return list(self._history[name])
 
 
-class RunningExporter(harness.RunningExporter):
+class _Readings:
+    """What the tests read of a watched exporter."""
+
+    exporter: Exporter
+
+    def snapshot(self, name: str) -> AccountSnapshot:
+        return self.exporter.store.get(name)
+
+    def all_up(self, names: Iterable[str] | None = None) -> bool:
+        accounts = self.exporter.store.current.accounts
+        return all(accounts[n].up for n in (accounts if names is None else names))
+
+    def parsed_metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        return parse_metrics(generate_latest(harness.reference_registry(self.exporter)).decode())
+
+    def spent(self, egress: str = "default") -> int:
+        return next(b.spent_total for b in self.exporter.budgets if b.egress == egress)
+
+
+class RunningExporter(_Readings, harness.RunningExporter):
     """The real `Exporter` in a background thread, watched by a Recorder."""
 
     def __init__(
@@ -161,24 +184,52 @@ class RunningExporter(harness.RunningExporter):
         finally:
             self.recorder.stop()
 
-    # --- reading it -----------------------------------------------------------------------
-
-    def snapshot(self, name: str) -> AccountSnapshot:
-        return self.exporter.store.get(name)
-
     def settle(self) -> None:
         """Wait until the recorder has seen the store's current state."""
         wait_until(self.recorder.caught_up, 2, "the recorder to catch up")
 
-    def all_up(self, names: Iterable[str] | None = None) -> bool:
-        accounts = self.exporter.store.current.accounts
-        return all(accounts[n].up for n in (accounts if names is None else names))
 
-    def parsed_metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        return parse_metrics(generate_latest(harness.reference_registry(self.exporter)).decode())
+class VirtualExporter(_Readings):
+    """The real `Exporter` on the virtual clock, the simulator in-process (no socket, no
+    thread), watched by a Recorder. `run(script)` polls while `script` moves the clock
+    (`clock.run_until`) and changes the simulator, then stops the exporter."""
 
-    def spent(self, egress: str = "default") -> int:
-        return next(b.spent_total for b in self.exporter.budgets if b.egress == egress)
+    def __init__(
+        self,
+        config: Config,
+        sim: Simulator,
+        clock: EventClock,
+        *,
+        backoff_cap: float = BACKOFF_CAP_SECONDS,
+    ) -> None:
+        transport = SimTransport(sim.state, clock)
+        self.exporter = Exporter(config, clock=clock, transport=transport, backoff_cap=backoff_cap)
+        self.clock = clock
+        self.recorder = Recorder(self.exporter, clock.now)
+        #: what escaped the exporter's loop (raised by `run` too)
+        self.error: BaseException | None = None
+
+    def run(self, script: Callable[[], Awaitable[None]]) -> None:
+        """Run the exporter until `script` returns, then stop it."""
+
+        async def go() -> None:
+            stop = asyncio.Event()
+            self.recorder.start()
+            task = asyncio.create_task(self.exporter.run(stop))
+            try:
+                await script()
+                assert not task.done(), "the exporter's loop ended early"
+            finally:
+                stop.set()
+                try:
+                    await self.clock.run(task)  # its in-flight requests may wait on the clock
+                except BaseException as exc:
+                    self.error = exc
+                    raise
+                finally:
+                    self.recorder.stop()
+
+        asyncio.run(go())
 
 
 # --- logs ------------------------------------------------------------------------------------
