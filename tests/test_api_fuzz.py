@@ -3,7 +3,6 @@ its typed errors, and no NaN or infinity ever comes out as a value."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
@@ -16,10 +15,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
+from support.mockclient import call_client
 
 from exporter import fields
 from exporter.binance import errors
-from exporter.binance.client import BinanceClient, Credentials, RequestReport
+from exporter.binance.client import BinanceClient, Credentials
 from exporter.binance.models import (
     ParsedBalances,
     parse_account,
@@ -286,29 +286,16 @@ def test_the_client_raises_only_its_own_errors(
         headers.append((b"X-MBX-USED-WEIGHT-1M", used.encode()))
     if retry_after is not None:
         headers.append((b"Retry-After", retry_after.encode()))
-    reports: list[RequestReport] = []
 
-    async def call() -> object:
-        client = BinanceClient(
-            base_url="http://binance.test",
-            timeout_seconds=5,
-            recv_window_ms=5000,
-            observer=reports.append,
-            transport=httpx.MockTransport(
-                lambda _: httpx.Response(status, content=body, headers=headers)
-            ),
-        )
-        try:
-            if endpoint == "time":
-                return await client.measure_offset("/fapi/v1/time", "fapi_time")
-            fetch = client.balance if endpoint == "balance" else client.account
-            return await fetch(CREDENTIALS)
-        except errors.BinanceError as exc:
-            return exc
-        finally:
-            await client.aclose()
+    async def call(client: BinanceClient) -> object:
+        if endpoint == "time":
+            return await client.measure_offset("/fapi/v1/time", "fapi_time")
+        fetch = client.balance if endpoint == "balance" else client.account
+        return await fetch(CREDENTIALS)
 
-    result = asyncio.run(call())
+    result, reports = call_client(
+        lambda _: httpx.Response(status, content=body, headers=headers), call, timeout=5
+    )
     (report,) = reports  # every request is reported, whatever happened
     assert report.used_weight is None or isinstance(report.used_weight, int)
     if isinstance(result, ParsedBalances):

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 from support.faultkit import captured_logs
+from support.mockclient import call_client
 
 from exporter.binance import errors
 from exporter.binance.client import (
@@ -35,24 +36,7 @@ CREDS = Credentials(SecretStr(API_KEY), HmacSigner(SecretStr(SECRET)))
 def run_balance(
     handler: Callable[[httpx.Request], httpx.Response],
 ) -> tuple[object, list[RequestReport]]:
-    reports: list[RequestReport] = []
-
-    async def go() -> object:
-        client = BinanceClient(
-            base_url="http://binance.test",
-            timeout_seconds=1,
-            recv_window_ms=5000,
-            observer=reports.append,
-            transport=httpx.MockTransport(handler),
-        )
-        try:
-            return await client.balance(CREDS)
-        except errors.BinanceError as exc:
-            return exc
-        finally:
-            await client.aclose()
-
-    return asyncio.run(go()), reports
+    return call_client(handler, lambda client: client.balance(CREDS))
 
 
 def answer(status: int, body: object, **headers: str) -> Callable[[httpx.Request], httpx.Response]:
