@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 from support.mockclient import call_client
+from support.strategies import json_like
 
 from exporter import fields
 from exporter.binance import errors
@@ -74,13 +75,7 @@ scalars = st.one_of(
     st.sampled_from(TRICKY_STRINGS),
     st.text(max_size=12),
 )
-json_values = st.recursive(
-    scalars,
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=12,
-)
+json_values = json_like(scalars)
 decimals = st.one_of(
     st.sampled_from(TRICKY_STRINGS),
     st.decimals(allow_nan=False, allow_infinity=False, places=8).map(str),

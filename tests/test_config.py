@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from support.strategies import json_like
 
 from exporter.budget import shard_limits
 from exporter.cli import load_checked, main
@@ -722,13 +723,7 @@ _scalars = (
     | st.text(max_size=20)
     | st.sampled_from(["${X}", "${", "$${X}", "0", "-1", "1e400", "NaN", "desk-a", "a b", ""])
 )
-_values = st.recursive(
-    _scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
+_values = json_like(_scalars)
 _keys = st.sampled_from(
     ["binance", "budget", "collect", "accounts", "name", "api_key", "api_key_file",
      "api_secret", "api_secret_file", "private_key", "private_key_file",
