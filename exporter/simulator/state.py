@@ -619,6 +619,11 @@ class ListenKeys:
         with self._lock:
             return self._live(account, now_ms)
 
+    def next_expiry_ms(self) -> int | None:
+        """When the first key expires (past ones included), or None without keys."""
+        with self._lock:
+            return min((until for _, until in self._keys.values()), default=None)
+
     def take_expired(self, now_ms: int) -> list[tuple[str, str]]:
         """(account, key) of every key past its time, forgotten."""
         with self._lock:
@@ -638,7 +643,8 @@ class Push:
 
     kind "text": send `text`; "drop": cut the TCP connection without a close frame;
     "expired": send `text` (a listenKeyExpired event) on connections opened with
-    `listen_key`, then close them.
+    `listen_key`, then close them; "max_age": the maximum connection age changed (a
+    server that sleeps until the next connection's age is up must look again).
     """
 
     kind: str
@@ -827,3 +833,4 @@ class SimState:
             seconds = params["seconds"]
             _check_param(kind, "seconds", seconds)
             self.stream.max_connection_seconds = float(seconds)
+            self.stream.push(None, Push("max_age"))

@@ -294,6 +294,8 @@ class StreamServer:
                 loop.call_soon_threadsafe(self._deliver, account, push)
 
     def _deliver(self, account: str | None, push: Push) -> None:
+        if push.kind == "max_age":
+            return  # the sweep reads the setting every SWEEP_SECONDS
         for connection in self._live():
             if account is not None and connection.account != account:
                 continue
