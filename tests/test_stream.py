@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -51,6 +50,7 @@ from exporter.binance.stream import (
     backoff_seconds,
     websocket_connect,
 )
+from exporter.clock import SYSTEM_CLOCK
 from exporter.route import DEFAULT, Route
 from exporter.simulator import SimAccount, Simulator
 from exporter.simulator.memstream import SimStream
@@ -717,8 +717,8 @@ def real(
         base_url=sim.url,
         stream_url=sim.stream_url,
         connect=websocket_connect,
-        clock=time.monotonic,
-        sleep=asyncio.sleep,  # the client's own backoff: a real WebSocket runs in wall time
+        clock=SYSTEM_CLOCK.now,  # production's: a real WebSocket runs in wall time
+        sleep=SYSTEM_CLOCK.sleep,
         pacer=ConnectPacer(),
         timings=timings,
         until_closed=_within_10_seconds,
