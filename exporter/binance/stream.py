@@ -57,8 +57,9 @@ Acquire = Callable[[int], Awaitable[None]]
 @dataclass(frozen=True)
 class StreamTimings:
     """How long a stream waits for what (and the one size it caps): Binance's values by
-    default. Tests pass short ones to reach a backoff, a keep-alive or a ping timeout
-    in a fraction of a second; nothing else should need to."""
+    default. Every wait is a sleep on the stream's clock (the pings and the close
+    handshake are the WebSocket library's, handed over by `websocket_connect`), so tests
+    on a virtual clock run with these values as they are."""
 
     keepalive_seconds: float = 30 * 60.0  # a key lives 60 minutes
     #: after a failed keep-alive: the key has 30 of its 60 minutes left, try again soon
