@@ -125,6 +125,11 @@ def test_silence_fails_it_after_a_ping_interval_and_timeout(clock: EventClock) -
         assert how.sent.code == 1011
         timings = DEFAULT_TIMINGS
         assert at == timings.ping_interval_seconds + timings.ping_timeout_seconds
+        # opened while silent: its first ping, a minute in, goes unanswered too
+        again = await pair.connect(pair.key())
+        _, at_again, how = await frames_until_end(pair, again)
+        assert isinstance(how, ConnectionClosedError)
+        assert at_again == at + timings.ping_interval_seconds + timings.ping_timeout_seconds
 
     run(clock, scenario)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import Protocol
@@ -210,7 +211,13 @@ class MemConnection:
         return f"MemConnection(account={self.account!r})"  # never the key
 
     def start(self) -> None:
-        self._pinger = asyncio.create_task(self._ping(), name="sim-stream-ping")
+        if self._server.is_silent(self.account):
+            self._start_pinging()
+
+    def _start_pinging(self) -> None:
+        """Our pings matter only while the server is silent: follow them from now on."""
+        if self._pinger is None or self._pinger.done():
+            self._pinger = asyncio.create_task(self._ping(), name="sim-stream-ping")
 
     # -------------------------------------------------------------- the client reads
 
@@ -247,7 +254,9 @@ class MemConnection:
     def push(self, push: Push) -> None:
         if self._ended is not None:
             return
-        if push.kind == "drop":
+        if push.kind == "silent":
+            self._start_pinging()
+        elif push.kind == "drop":
             self.end(ConnectionClosedError(None, None))
         elif push.kind == "expired":
             self._frames.put_nowait(push.text)
@@ -266,16 +275,19 @@ class MemConnection:
             self._pinger.cancel()
 
     async def _ping(self) -> None:
-        """The client's keepalive: a ping every interval; unanswered within the timeout
-        (the server is silent, its reading paused), the client fails the connection."""
-        timings = self._timings
-        while self._ended is None:
-            await self._clock.sleep(timings.ping_interval_seconds)
+        """The client's keepalive while the server is silent: websockets pings every
+        interval from the connection's start; one unanswered within the timeout (the
+        server's reading paused) fails the connection. A ping answered ends the watch."""
+        interval, timeout = self._timings.ping_interval_seconds, self._timings.ping_timeout_seconds
+        while self._ended is None and self._server.is_silent(self.account):
+            age = self._clock.now() - self.opened
+            await self._clock.sleep(max(1, math.ceil(age / interval)) * interval - age)
             if not self._server.is_silent(self.account):
-                continue
-            await self._clock.sleep(timings.ping_timeout_seconds)
+                return  # this ping is answered
+            await self._clock.sleep(timeout)
             if self._server.is_silent(self.account):
                 self.end(ConnectionClosedError(None, Close(1011, "keepalive ping timeout")))
+                return
 
 
 def _current_task() -> asyncio.Task[object] | None:

@@ -643,14 +643,18 @@ class Push:
 
     kind "text": send `text`; "drop": cut the TCP connection without a close frame;
     "expired": send `text` (a listenKeyExpired event) on connections opened with
-    `listen_key`, then close them; "max_age": the maximum connection age changed (a
-    server that sleeps until the next connection's age is up must look again).
+    `listen_key`, then close them. Notices, for a server that sleeps until something is
+    due rather than sweeping: "max_age", the maximum connection age changed; "silent",
+    the account's connections went silent (the client's pings start to matter).
     """
 
     kind: str
     text: str = ""
     listen_key: str = field(default="", repr=False)
 
+
+#: pushes that only tell a server that a setting changed: nothing goes on the wire
+NOTICES = frozenset({"max_age", "silent"})
 
 #: stream fault kind -> (required params, optional params)
 STREAM_FAULT_PARAMS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -818,6 +822,7 @@ class SimState:
             self.stream.refuse_upgrades(count, status)
         elif kind == "silent":
             self.stream.silence(account)
+            self.stream.push(account, Push("silent"))
         elif kind == "malformed":
             body = params.get("body", MALFORMED_FRAME)
             if not isinstance(body, str):
