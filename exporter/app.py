@@ -24,7 +24,7 @@ from pydantic import SecretStr
 
 from exporter.binance.client import FAPI_TIME_PATH, SPOT_TIME_PATH, BinanceClient, Credentials
 from exporter.binance.signing import make_signer
-from exporter.binance.stream import DEFAULT_TIMINGS, StreamTimings
+from exporter.binance.stream import DEFAULT_TIMINGS, Connect, StreamTimings, websocket_connect
 from exporter.budget import BudgetLimits, WeightBudget, refresh_interval, shard_limits
 from exporter.clock import SYSTEM_CLOCK, Clock
 from exporter.clocksync import ClockSync, TimeSource, fapi_budget_limits
@@ -127,6 +127,7 @@ class Exporter:
         backoff_cap: float = BACKOFF_CAP_SECONDS,
         stream_timings: StreamTimings = DEFAULT_TIMINGS,
         transport: httpx.AsyncBaseTransport | None = None,
+        stream_connect: Connect = websocket_connect,
     ) -> None:
         self.shard = shard
         #: every REST client's transport instead of its route's (tests: the simulator
@@ -185,6 +186,7 @@ class Exporter:
                 clock=clock.now,
                 sleep=clock.sleep,
                 timings=stream_timings,
+                connect=stream_connect,  # tests: exporter/simulator/memstream.py
             )
             if self.stream_health is not None
             else None

@@ -29,11 +29,13 @@ from exporter.binance import errors
 from exporter.binance.events import StreamEvent
 from exporter.binance.stream import (
     DEFAULT_TIMINGS,
+    Connect,
     ConnectPacer,
     Sleep,
     StreamObserver,
     StreamTimings,
     UserDataStream,
+    websocket_connect,
 )
 from exporter.budget import WeightBudget
 from exporter.poller import EgressPoller, Target
@@ -107,12 +109,15 @@ class AccountStreams:
         clock: Callable[[], float] = time.time,
         sleep: Sleep = asyncio.sleep,
         timings: StreamTimings = DEFAULT_TIMINGS,
+        connect: Connect = websocket_connect,
     ) -> None:
         self._stream_url = stream_url
         self._health = health
         self._clock = clock
         self._sleep = sleep
         self._timings = timings
+        #: how each stream opens its WebSocket (tests: the simulator in-process)
+        self._connect = connect
         #: route -> the pacer of its connection attempts (Binance counts them per IP)
         self._pacers: dict[Route, ConnectPacer] = {}
         #: account -> (target, poller, stream, its task)
@@ -138,8 +143,7 @@ class AccountStreams:
             if new is None:
                 self._health.forget(name)
         self._pacers = {
-            route: self._pacers.get(route) or ConnectPacer(clock=self._clock, sleep=self._sleep)
-            for route, *_ in wanted.values()
+            route: self._pacers.get(route) or self._pacer() for route, *_ in wanted.values()
         }
         for name, (route, budget, poller, target) in wanted.items():
             if name in self._running:
@@ -156,20 +160,39 @@ class AccountStreams:
                 timings=self._timings,
                 clock=self._clock,
                 sleep=self._sleep,
+                connect=self._connect,
             )
             task = asyncio.create_task(_run(stream), name=f"stream {name}")
             self._running[name] = (target, poller, stream, task)
+
+    def _pacer(self) -> ConnectPacer:
+        timings = self._timings
+        return ConnectPacer(
+            timings.pacer_attempts,
+            timings.pacer_window_seconds,
+            clock=self._clock,
+            sleep=self._sleep,
+        )
 
     def __len__(self) -> int:
         return len(self._running)
 
     async def close(self, grace: float) -> None:
-        """Close every stream, each deleting its listenKey, within `grace` seconds."""
+        """Close every stream, each deleting its listenKey, within `grace` seconds (on the
+        clock)."""
         for name, (_, _, stream, task) in list(self._running.items()):
             del self._running[name]
             self._retire(stream, task)
         if self._closing:
-            _, pending = await asyncio.wait(set(self._closing), timeout=grace)
+            closing = set(self._closing)
+            grace_over = asyncio.ensure_future(self._sleep(grace))
+            every = asyncio.ensure_future(asyncio.wait(closing))
+            try:
+                await asyncio.wait((grace_over, every), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                grace_over.cancel()
+                every.cancel()
+            pending = [task for task in closing if not task.done()]
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)

@@ -16,6 +16,12 @@ Connection attempts of every stream on one egress share a `ConnectPacer`.
 The listenKey is a bearer token for the account's private events: it lives in a
 SecretStr and in the URL given to the WebSocket library only, whose own logging
 is switched off; logs name exception types, never their text.
+
+Where the WebSocket comes from is a seam: `connect(url, route, timings)` returns an open
+`StreamConnection`. Production connects with `websockets` through the route
+(`websocket_connect`); tests pass the simulator's in-process stream
+(exporter/simulator/memstream.py), which raises the same `websockets` exceptions, so the
+whole life cycle runs on a virtual clock without a socket.
 """
 
 from __future__ import annotations
@@ -25,13 +31,13 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from pydantic import SecretStr
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from exporter.binance import errors
@@ -51,8 +57,9 @@ Acquire = Callable[[int], Awaitable[None]]
 @dataclass(frozen=True)
 class StreamTimings:
     """How long a stream waits for what (and the one size it caps): Binance's values by
-    default. Tests pass short ones to reach a backoff, a keep-alive or a ping timeout
-    in a fraction of a second; nothing else should need to."""
+    default. Every wait is a sleep on the stream's clock (the pings and the close
+    handshake are the WebSocket library's, handed over by `websocket_connect`), so tests
+    on a virtual clock run with these values as they are."""
 
     keepalive_seconds: float = 30 * 60.0  # a key lives 60 minutes
     #: after a failed keep-alive: the key has 30 of its 60 minutes left, try again soon
@@ -72,14 +79,16 @@ class StreamTimings:
     open_timeout_seconds: float = 10.0
     #: how long our close handshake waits for the server's
     close_timeout_seconds: float = 2.0
+    #: how long close() waits for the listenKey's DELETE (the key expires on its own)
+    delete_timeout_seconds: float = 10.0
+    #: Binance allows about 300 connection attempts per 5 minutes per IP; stay well under:
+    #: at most this many attempts per window, per egress (`ConnectPacer`)
+    pacer_attempts: int = 200
+    pacer_window_seconds: float = 300.0
 
 
 #: what production runs with
 DEFAULT_TIMINGS = StreamTimings()
-
-#: Binance allows about 300 connection attempts per 5 minutes per IP; stay well under
-PACER_ATTEMPTS = 200
-PACER_WINDOW_SECONDS = 300.0
 
 #: why a connection ended or could not start: the `reason` label's values
 REASONS = (
@@ -101,6 +110,40 @@ _PLANNED = frozenset({"key_expired", "key_unknown", "max_age"})
 # The WebSocket library logs each handshake's request line (with the listenKey) at
 # debug level: it gets a logger of its own that emits nothing, registered nowhere.
 _SILENT_LOGGER = logging.Logger("exporter.stream.websockets", level=logging.CRITICAL + 1)
+
+
+class StreamConnection(Protocol):
+    """An open WebSocket, as much of it as a stream reads: its frames, until it ends.
+
+    Iteration ends when the peer closes normally; any other end raises
+    `websockets.exceptions.ConnectionClosed` (with the close frames sent and received).
+    """
+
+    def __aiter__(self) -> AsyncIterator[str | bytes]: ...
+
+    async def close(self) -> None: ...
+
+
+#: opens `url` by `route` with `timings` (sizes, pings, timeouts); raises InvalidStatus
+#: (refused upgrade), OSError, TimeoutError or another WebSocketException on failure
+Connect = Callable[[str, Route, StreamTimings], Awaitable[StreamConnection]]
+
+
+async def websocket_connect(url: str, route: Route, timings: StreamTimings) -> StreamConnection:
+    """A real WebSocket to `url` through the route's proxy, from its source address."""
+    return await connect(
+        url,
+        proxy=route.proxy,  # None: no proxy, whatever the environment says
+        local_addr=(source, 0) if (source := route.source_address) else None,
+        user_agent_header="binance-pm-exporter",
+        compression=None,  # events are small; deflate costs ~60 kB per connection
+        open_timeout=timings.open_timeout_seconds,
+        ping_interval=timings.ping_interval_seconds,
+        ping_timeout=timings.ping_timeout_seconds,
+        close_timeout=timings.close_timeout_seconds,
+        max_size=timings.max_frame_bytes,
+        logger=_SILENT_LOGGER,
+    )
 
 
 class StreamObserver:
@@ -131,8 +174,8 @@ class ConnectPacer:
 
     def __init__(
         self,
-        attempts: int = PACER_ATTEMPTS,
-        window_seconds: float = PACER_WINDOW_SECONDS,
+        attempts: int = DEFAULT_TIMINGS.pacer_attempts,
+        window_seconds: float = DEFAULT_TIMINGS.pacer_window_seconds,
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Sleep = asyncio.sleep,
@@ -183,6 +226,7 @@ class UserDataStream:
         clock: Callable[[], float] = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
+        connect: Connect = websocket_connect,
     ) -> None:
         self.account = account
         self._api_key = api_key
@@ -195,6 +239,7 @@ class UserDataStream:
         self._timings = timings
         self._clock = clock
         self._sleep = sleep
+        self._connect = connect
         #: malformed frames: one line a minute, with the count held back (not one a frame)
         self._rejected_log = LogThrottle(clock=clock)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
@@ -263,18 +308,8 @@ class UserDataStream:
             return "shutdown", None
         key = self._key
         try:
-            ws = await connect(
-                f"{self._stream_url}/{key.get_secret_value()}",
-                proxy=self._route.proxy,  # None: no proxy, whatever the environment says
-                local_addr=(source, 0) if (source := self._route.source_address) else None,
-                user_agent_header="binance-pm-exporter",
-                compression=None,  # events are small; deflate costs ~60 kB per connection
-                open_timeout=self._timings.open_timeout_seconds,
-                ping_interval=self._timings.ping_interval_seconds,
-                ping_timeout=self._timings.ping_timeout_seconds,
-                close_timeout=self._timings.close_timeout_seconds,
-                max_size=self._timings.max_frame_bytes,
-                logger=_SILENT_LOGGER,
+            ws = await self._connect(
+                f"{self._stream_url}/{key.get_secret_value()}", self._route, self._timings
             )
         except InvalidStatus as exc:
             # Refused upgrade: perhaps the key died. POST again (the same key if alive).
@@ -301,7 +336,7 @@ class UserDataStream:
         log.info("stream_disconnected", account=self.account, reason=reason)
         return reason, lived
 
-    async def _serve(self, ws: ClientConnection) -> str:
+    async def _serve(self, ws: StreamConnection) -> str:
         """Read until the connection ends, the key dies, it gets too old or we stop."""
         self._key_unknown.clear()  # one set between connections needs no action: no key now
         reader = asyncio.create_task(self._read(ws))
@@ -322,7 +357,7 @@ class UserDataStream:
             return "key_unknown"
         return "max_age"
 
-    async def _read(self, ws: ClientConnection) -> str:
+    async def _read(self, ws: StreamConnection) -> str:
         try:
             async for frame in ws:
                 try:
@@ -389,11 +424,18 @@ class UserDataStream:
         if self._key is None:
             return
         self._key = None
+        deleting = asyncio.ensure_future(self._listen_key("close"))
+        timeout = asyncio.ensure_future(self._sleep(self._timings.delete_timeout_seconds))
         try:
-            async with asyncio.timeout(self._timings.open_timeout_seconds):
-                await self._listen_key("close")
-        except (errors.BinanceError, TimeoutError):
-            pass  # logged; the key expires on its own within 60 minutes
+            await asyncio.wait((deleting, timeout), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            deleting.cancel()
+            timeout.cancel()
+        if deleting.done() and not deleting.cancelled():
+            error = deleting.exception()
+            if error is not None and not isinstance(error, errors.BinanceError):
+                raise error
+        # a failure is logged; the key expires on its own within 60 minutes
 
     async def _unless_stopped(self, waiting: Awaitable[Any]) -> bool:
         """Await `waiting` unless close() comes first (then cancel it); True when it ended."""

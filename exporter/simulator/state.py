@@ -619,6 +619,11 @@ class ListenKeys:
         with self._lock:
             return self._live(account, now_ms)
 
+    def next_expiry_ms(self) -> int | None:
+        """When the first key expires (past ones included), or None without keys."""
+        with self._lock:
+            return min((until for _, until in self._keys.values()), default=None)
+
     def take_expired(self, now_ms: int) -> list[tuple[str, str]]:
         """(account, key) of every key past its time, forgotten."""
         with self._lock:
@@ -638,13 +643,18 @@ class Push:
 
     kind "text": send `text`; "drop": cut the TCP connection without a close frame;
     "expired": send `text` (a listenKeyExpired event) on connections opened with
-    `listen_key`, then close them.
+    `listen_key`, then close them. Notices, for a server that sleeps until something is
+    due rather than sweeping: "max_age", the maximum connection age changed; "silent",
+    the account's connections went silent (the client's pings start to matter).
     """
 
     kind: str
     text: str = ""
     listen_key: str = field(default="", repr=False)
 
+
+#: pushes that only tell a server that a setting changed: nothing goes on the wire
+NOTICES = frozenset({"max_age", "silent"})
 
 #: stream fault kind -> (required params, optional params)
 STREAM_FAULT_PARAMS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -812,6 +822,7 @@ class SimState:
             self.stream.refuse_upgrades(count, status)
         elif kind == "silent":
             self.stream.silence(account)
+            self.stream.push(account, Push("silent"))
         elif kind == "malformed":
             body = params.get("body", MALFORMED_FRAME)
             if not isinstance(body, str):
@@ -827,3 +838,4 @@ class SimState:
             seconds = params["seconds"]
             _check_param(kind, "seconds", seconds)
             self.stream.max_connection_seconds = float(seconds)
+            self.stream.push(None, Push("max_age"))

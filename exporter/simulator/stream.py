@@ -35,7 +35,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from exporter.simulator.events import listen_key_expired
-from exporter.simulator.state import Push, SimState
+from exporter.simulator.state import NOTICES, Push, SimState
 
 PATH_PREFIX = "/pm/ws/"
 #: the combined form: no key in the path, a SUBSCRIBE message names it
@@ -294,6 +294,8 @@ class StreamServer:
                 loop.call_soon_threadsafe(self._deliver, account, push)
 
     def _deliver(self, account: str | None, push: Push) -> None:
+        if push.kind in NOTICES:
+            return  # the sweep reads the settings every SWEEP_SECONDS
         for connection in self._live():
             if account is not None and connection.account != account:
                 continue

@@ -41,6 +41,14 @@ class EventClock:
         while self.time < end:
             await self.advance()
 
+    async def run_to(self, end: float) -> None:
+        """Wake every sleeper due by `end`, in order, and stop with the clock at `end`."""
+        reached = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (max(end, self.time), next(self._seq), reached))
+        while not reached.done():
+            await self.advance()
+        await self.settle()
+
     async def run(self, work: Awaitable[T]) -> T:
         """Run `work` to its end, moving the clock whenever every task waits on it."""
         task = asyncio.ensure_future(work)
@@ -51,13 +59,18 @@ class EventClock:
                 return task.result()
             await self.advance()
 
+    async def settle(self) -> None:
+        """Let every ready task run; the clock does not move."""
+        for _ in range(50):
+            await asyncio.sleep(0)
+
     async def advance(self) -> None:
         """Let every ready task run, then move to the earliest sleeper's wake."""
-        for _ in range(50):  # let every ready task run before time moves on
-            await asyncio.sleep(0)
+        await self.settle()  # every ready task runs before time moves on
+        while self._sleepers and self._sleepers[0][2].done():
+            heapq.heappop(self._sleepers)  # a cancelled sleep: nobody to wake, no time to move
         if not self._sleepers:
             raise RuntimeError("every task has ended or waits on something else")
         wake, _, future = heapq.heappop(self._sleepers)
         self.time = max(self.time, wake)
-        if not future.done():
-            future.set_result(None)
+        future.set_result(None)
