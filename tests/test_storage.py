@@ -31,13 +31,7 @@ from exporter.simulator import Simulator
 from exporter.simulator.transport import SimTransport
 from exporter.simulator.virtualtime import EventClock
 from exporter.snapshot import AccountSnapshot, Snapshot
-from exporter.storage import (
-    FILE_NAME,
-    VERSION,
-    Encoder,
-    StateFile,
-    encode,
-)
+from exporter.storage import FILE_NAME, VERSION, Encoder, StateFile, encode
 
 pytestmark = pytest.mark.timeout(120)
 #: the exporter as a process of its own, in wall time: what --storage.path does across a
