@@ -25,7 +25,9 @@ from exporter.simulator import Simulator
 from exporter.simulator.transport import SimTransport
 from exporter.simulator.virtualtime import EventClock
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
+#: the exporter in wall time: a process of its own (SIGHUP, /-/reload), or in a thread
+wall_time = pytest.mark.slow
 
 RELOADED = "binance_pm_config_last_reload_success_timestamp_seconds"
 SUCCESSFUL = "binance_pm_config_last_reload_successful"
@@ -123,6 +125,7 @@ def reload(run: ExporterProcess) -> None:
     )
 
 
+@wall_time
 def test_sighup_adds_removes_and_changes_accounts_and_keeps_the_rest(setup: Setup) -> None:
     setup.write(["acct-a", "acct-b", "acct-c"])
     with running("--config.file", str(setup.config)) as run:
@@ -184,6 +187,7 @@ def test_sighup_adds_removes_and_changes_accounts_and_keeps_the_rest(setup: Setu
     assert "Traceback" not in "\n".join(run.lines)
 
 
+@wall_time
 def test_sighup_reapplies_the_shard(setup: Setup, tmp_path: Path) -> None:
     names = ["acct-a", "acct-b", "acct-c", "acct-d"]
     mine = [n for n in names if owner(n, 2) == 0]
@@ -200,6 +204,7 @@ def test_sighup_reapplies_the_shard(setup: Setup, tmp_path: Path) -> None:
         assert run.stop() == 0
 
 
+@wall_time
 def test_a_new_route_gets_a_client_of_its_own_and_an_empty_egress_leaves(setup: Setup) -> None:
     setup.write(["acct-a", "acct-b"])
     with running("--config.file", str(setup.config)) as run:
@@ -224,6 +229,7 @@ def test_a_new_route_gets_a_client_of_its_own_and_an_empty_egress_leaves(setup: 
         assert run.stop() == 0
 
 
+@wall_time
 def test_reload_can_be_called_from_another_thread_as_the_http_endpoint_will(
     setup: Setup,
 ) -> None:
@@ -299,6 +305,7 @@ def test_an_unchanged_account_keeps_its_schedule_and_a_new_one_is_due_at_once(
     assert 9.0 <= first_d < 9.1
 
 
+@wall_time
 def test_post_reload_with_the_lifecycle_flag_and_not_without(setup: Setup) -> None:
     setup.write(["acct-a"])
     with running("--config.file", str(setup.config)) as run:
