@@ -5,6 +5,7 @@ negative episodes about a second after they start."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import statistics
 import time
@@ -15,11 +16,18 @@ from pathlib import Path
 import pytest
 from support.harness import RunningExporter, accounts, sim_config
 from support.waits import wait_until
+from test_stream_danger import frame_at, update
+from test_triggers import SLOT
 
+from exporter.app import Exporter
 from exporter.config import parse_config
+from exporter.selfmetrics import StreamHealth
 from exporter.simulator import Simulator
 from exporter.simulator.demo import start_demo
 from exporter.simulator.trading import start_trading
+from exporter.simulator.transport import SimTransport
+from exporter.simulator.virtualtime import EventClock
+from exporter.streams import _AccountObserver
 
 pytestmark = pytest.mark.slow
 
@@ -208,3 +216,58 @@ def test_the_demo_shows_a_negative_episode_about_a_second_after_it_starts() -> N
         sim.stop()
     print(f"demo negative episode -> /metrics: {shown_after:.2f} s")
     assert shown_after <= 3.0
+
+
+def test_danger_first_at_200_accounts_in_the_whole_exporter_on_virtual_time(
+    clock: EventClock,
+) -> None:
+    """The freshness above without sockets, on a quiet desk: the whole exporter on the
+    default budget (each account every 323 s), the simulator in-process, each account's
+    events through the stream observer the exporter would give it (the WebSocket is
+    test_simulator_stream's). A negative balance is in the snapshot /metrics serves
+    within a budget slot (1.6 s) of its event, 20 times on random accounts, from 30 s
+    after the start, in the round robin's first pass: no routine read goes before it.
+    (With the desk trading, the poller's own: test_stream_danger.)"""
+    generated = accounts(200)
+    names = [g.sim_account.name for g in generated]
+    sim = Simulator([g.sim_account for g in generated], clock=clock, assets_per_account=4)
+    exporter = Exporter(
+        sim_config("http://sim.test", generated),  # the default budget; streams off
+        clock=clock,
+        transport=SimTransport(sim.state, clock),
+    )
+    assert exporter.pollers[0].settings.interval == pytest.approx(322.7, abs=0.1)
+    health = StreamHealth(names)
+    observers = {n: _AccountObserver(n, exporter.poller_of[n], health, clock) for n in names}
+    rng = random.Random(5)
+    delays: list[float] = []
+
+    def shown(name: str, asset: str) -> float | None:
+        account = exporter.store.get(name)
+        balance = next((b for b in account.balances if b.asset == asset), None)
+        return None if balance is None else balance.values.get("negativeBalance")
+
+    async def negatives() -> None:
+        await clock.sleep(30)
+        for attempt, name in enumerate(rng.sample(names, 20)):
+            asset = sim.balances(name)[0]["asset"]
+            value = 100.0 + attempt
+            at = clock.now()
+            sim.set_asset(name, asset, negativeBalance=str(value))
+            observers[name].stream_event(frame_at(update("-412.5", asset=asset), at))
+            while shown(name, asset) != value:
+                await clock.sleep(0.01)
+            delays.append(clock.now() - at)
+            await clock.sleep(rng.uniform(2.0, 3.0))
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(exporter.run(stop))
+        await clock.run(negatives())
+        stop.set()
+        await clock.run(task)
+
+    asyncio.run(go())
+    assert len(delays) == 20
+    assert max(delays) <= 1.25 * SLOT, delays
+    assert statistics.median(delays) <= SLOT / 2 + 0.2, delays
