@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import itertools
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from support.harness import RunningExporter, accounts, fast_config
+from prometheus_client import generate_latest
+from support import metrics
+from support.harness import RunningExporter, accounts, fast_config, reference_registry
 from support.systools import require
 from support.waits import wait_until
 
 import exporter
+from exporter.app import Exporter
 from exporter.logs import configure_logging
 from exporter.simulator import Simulator
 from exporter.simulator.demo import GeneratedAccount
+from exporter.simulator.transport import SimTransport
+from exporter.simulator.virtualtime import EventClock
 
-pytestmark = pytest.mark.slow
+#: the exporter in a thread of its own, over loopback HTTP, in wall time
+loopback = pytest.mark.slow
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+@loopback
 def test_seed_page_values_reach_metrics_for_every_key_type(
     sim: Simulator, generated: list[GeneratedAccount]
 ) -> None:
@@ -31,21 +39,31 @@ def test_seed_page_values_reach_metrics_for_every_key_type(
     for g in generated:
         sim.set_balances(g.sim_account.name, seed)
         sim.set_account_info(g.sim_account.name, info)
+    names = ("acct-00", "acct-01", "acct-02")  # hmac, ed25519, rsa
     with RunningExporter(fast_config(sim.url, generated)) as running:
-        for name in ("acct-00", "acct-01", "acct-02"):  # hmac, ed25519, rsa
-            wait_until(lambda n=name: running.sample("binance_pm_up", account=n) == 1)
-            labels = {"account": name, "asset": "USDT"}
-            assert running.sample("binance_pm_wallet_balance", **labels) == 122607.35137903
-            assert running.sample("binance_pm_cross_margin_asset", **labels) == 92.27530794
-            assert running.sample("binance_pm_cross_margin_interest", **labels) == 0.72469206
-            assert running.sample("binance_pm_cm_unrealized_pnl", **labels) is None  # ""
-            assert running.sample("binance_pm_negative_balance", **labels) == 0
-            assert running.sample("binance_pm_uni_mmr", account=name) == 5167.92171923
-            assert running.sample("binance_pm_account_status", account=name, status="NORMAL") == 1
-        assert running.sample("binance_pm_exporter_build_info", version=exporter.__version__) == 1
-        assert sum(r.status == 429 for r in sim.requests) == 0
+
+        def every_account_up() -> metrics.Samples | None:
+            scraped = metrics.parse_metrics(running.metrics_text())
+            up = all(metrics.sample(scraped, "binance_pm_up", account=n) == 1 for n in names)
+            return scraped if up else None
+
+        scraped = wait_until(every_account_up, what="every account up")
+    for name in names:
+        labels = {"account": name, "asset": "USDT"}
+        assert metrics.sample(scraped, "binance_pm_wallet_balance", **labels) == 122607.35137903
+        assert metrics.sample(scraped, "binance_pm_cross_margin_asset", **labels) == 92.27530794
+        assert metrics.sample(scraped, "binance_pm_cross_margin_interest", **labels) == 0.72469206
+        assert metrics.sample(scraped, "binance_pm_cm_unrealized_pnl", **labels) is None  # ""
+        assert metrics.sample(scraped, "binance_pm_negative_balance", **labels) == 0
+        assert metrics.sample(scraped, "binance_pm_uni_mmr", account=name) == 5167.92171923
+        status = {"account": name, "status": "NORMAL"}
+        assert metrics.sample(scraped, "binance_pm_account_status", **status) == 1
+    build = {"version": exporter.__version__}
+    assert metrics.sample(scraped, "binance_pm_exporter_build_info", **build) == 1
+    assert sum(r.status == 429 for r in sim.requests) == 0
 
 
+@loopback
 def test_negative_balance_and_vanishing_assets(sim: Simulator, exporter: RunningExporter) -> None:
     wait_until(lambda: exporter.sample("binance_pm_up", account="acct-00") == 1)
     asset = sim.balances("acct-00")[0]["asset"]
@@ -65,6 +83,7 @@ def test_negative_balance_and_vanishing_assets(sim: Simulator, exporter: Running
     assert f'account="acct-01",asset="{asset}"' in exporter.metrics_text()
 
 
+@loopback
 def test_a_failing_account_keeps_its_values_and_recovers(
     sim: Simulator, exporter: RunningExporter
 ) -> None:
@@ -83,33 +102,40 @@ def test_a_failing_account_keeps_its_values_and_recovers(
     )
 
 
-def test_ten_accounts_refresh_round_robin_never_faster_than_the_budget() -> None:
-    """The pace itself is asserted on virtual time (test_poller); here, the wiring. A loaded
-    machine can only delay requests, so what holds is a bound: the k-th refresh cannot
-    reach the simulator before k reservations of w = 40 at B = 12000 per 60.5 s."""
-    interval = 2 * 60.5 / 60  # B = 48000 x 0.25 = 12000/min, w = 40: each of 10 every 2 s
+def test_ten_accounts_refresh_round_robin_never_faster_than_the_budget(clock: EventClock) -> None:
+    """The wiring of the budget into the exporter, on virtual time with the simulator
+    in-process: B = 48000 x 0.25 = 12000/min and w = 40, so each of 10 accounts every
+    2.0167 s and one refresh every 0.2017 s, whichever account, to the virtual microsecond."""
+    interval = 2 * 60.5 / 60
     spacing = 40 * 60.5 / 12000  # between two refreshes, whichever account
     generated = accounts(10)
-    with Simulator([g.sim_account for g in generated], ip_weight_limit=48000) as sim:
-        config = fast_config(sim.url, generated, ip_weight_limit_per_minute=48000, share=0.25)
-        started = time.time()
-        with RunningExporter(config) as running:
-            assert running.sample("binance_pm_refresh_interval_seconds", account="acct-00") == (
-                pytest.approx(interval)
-            )
-            names = [g.sim_account.name for g in generated]
+    names = [g.sim_account.name for g in generated]
+    sim = Simulator([g.sim_account for g in generated], clock=clock, ip_weight_limit=48000)
+    config = fast_config("http://sim.test", generated, ip_weight_limit_per_minute=48000, share=0.25)
+    running = Exporter(config, clock=clock, transport=SimTransport(sim.state, clock))
+    start = clock.now()
 
-            def three_each() -> bool:
-                refreshed = [a for _, a in _balance_times(sim)]
-                return all(refreshed.count(name) >= 3 for name in names)
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(running.run(stop))
+        await clock.run_until(start + 3 * interval)
+        stop.set()
+        await clock.run(task)
 
-            wait_until(three_each, timeout=60, what="three refreshes of every account")
-        starts = sorted(_balance_times(sim))  # by arrival
-    for k, (t, _) in enumerate(starts):
-        assert t >= started + k * spacing, k
+    asyncio.run(go())
+    shown = generate_latest(reference_registry(running)).decode()
+    for name in names:
+        shown_interval = metrics.sample(shown, "binance_pm_refresh_interval_seconds", account=name)
+        assert shown_interval == pytest.approx(interval)
+    starts = _balance_times(sim)
+    assert [a for _, a in starts[:30]] == names * 3  # round robin
+    for (t0, _), (t1, _) in itertools.pairwise(starts):
+        assert t1 - t0 == pytest.approx(spacing, abs=1e-6)
     for name in names:
         own = [t for t, a in starts if a == name]
-        assert all(t >= started + j * interval for j, t in enumerate(own)), name
+        assert [b - a for a, b in itertools.pairwise(own)] == pytest.approx(
+            [interval] * (len(own) - 1), abs=1e-6
+        )
     assert [r for r in sim.requests if r.status in (418, 429)] == []
 
 
@@ -117,6 +143,7 @@ def _balance_times(sim: Simulator) -> list[tuple[float, str]]:
     return [(r.time, r.account or "") for r in sim.requests if r.path == "/papi/v1/balance"]
 
 
+@loopback
 def test_promtool_check_metrics_on_real_output(sim: Simulator, exporter: RunningExporter) -> None:
     wait_until(lambda: exporter.sample("binance_pm_up", account="acct-02") == 1)
     text = exporter.metrics_text()
@@ -130,6 +157,7 @@ def test_promtool_check_metrics_on_real_output(sim: Simulator, exporter: Running
     assert result.returncode == 0
 
 
+@loopback
 def test_log_events_carry_account_endpoint_outcome_and_duration(
     sim: Simulator, generated: list[GeneratedAccount]
 ) -> None:

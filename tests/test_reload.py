@@ -3,6 +3,7 @@ keeps running; unchanged accounts lose nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 from collections.abc import Iterator
@@ -14,14 +15,19 @@ import pytest
 import yaml
 from support.exporterproc import ExporterProcess, running
 from support.faultkit import hmac_accounts
-from support.harness import RunningExporter
+from support.harness import RunningExporter, fast_config
 from support.waits import wait_until
 
+from exporter.app import Exporter
 from exporter.config import Config, ConfigError, load_config
 from exporter.shard import owner
 from exporter.simulator import Simulator
+from exporter.simulator.transport import SimTransport
+from exporter.simulator.virtualtime import EventClock
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
+#: the exporter in wall time: a process of its own (SIGHUP, /-/reload), or in a thread
+wall_time = pytest.mark.slow
 
 RELOADED = "binance_pm_config_last_reload_success_timestamp_seconds"
 SUCCESSFUL = "binance_pm_config_last_reload_successful"
@@ -119,6 +125,7 @@ def reload(run: ExporterProcess) -> None:
     )
 
 
+@wall_time
 def test_sighup_adds_removes_and_changes_accounts_and_keeps_the_rest(setup: Setup) -> None:
     setup.write(["acct-a", "acct-b", "acct-c"])
     with running("--config.file", str(setup.config)) as run:
@@ -132,9 +139,9 @@ def test_sighup_adds_removes_and_changes_accounts_and_keeps_the_rest(setup: Setu
         with Watch(run, ["acct-a"]) as watch:
             # acct-d added, acct-c removed, acct-b's secret file replaced (by a wrong
             # secret: its refreshes must fail, so they use it), and a budget whose
-            # floor now binds: every interval 7 s.
+            # floor now binds: every interval 3 s (short: the test waits for a's turn).
             (setup.directory / "acct-b.secret").write_text("0" * 64 + "\n")
-            setup.write(["acct-a", "acct-b", "acct-d"], min_interval_seconds=7)
+            setup.write(["acct-a", "acct-b", "acct-d"], min_interval_seconds=3)
             reload(run)
             assert run.sample(SUCCESSFUL) == 1.0
             assert (run.sample(RELOADED) or 0) > (started or 0)
@@ -144,7 +151,7 @@ def test_sighup_adds_removes_and_changes_accounts_and_keeps_the_rest(setup: Setu
             assert event["changed"] == ["acct-b"]
             text = run.get("/metrics").text
             assert 'account="acct-c"' not in text  # its series left /metrics
-            assert run.sample("binance_pm_refresh_interval_seconds", account="acct-a") == 7.0
+            assert run.sample("binance_pm_refresh_interval_seconds", account="acct-a") == 3.0
             wait_until(lambda: run.sample("binance_pm_up", account="acct-d") == 1.0, 15, "acct-d")
             wait_until(lambda: run.sample("binance_pm_up", account="acct-b") == 0.0, 15, "b down")
 
@@ -156,7 +163,7 @@ def test_sighup_adds_removes_and_changes_accounts_and_keeps_the_rest(setup: Setu
             (failed,) = run.events("reload_failed")
             assert "budget.share" in failed["error"]
             assert len(failed["error"].splitlines()) == 1
-            assert run.sample("binance_pm_refresh_interval_seconds", account="acct-a") == 7.0
+            assert run.sample("binance_pm_refresh_interval_seconds", account="acct-a") == 3.0
             # acct-d still polled (its `up` may blink on a loaded machine: not asserted)
             assert run.sample(LAST, account="acct-d") is not None
             # A secret file gone is a broken config too.
@@ -180,6 +187,7 @@ def test_sighup_adds_removes_and_changes_accounts_and_keeps_the_rest(setup: Setu
     assert "Traceback" not in "\n".join(run.lines)
 
 
+@wall_time
 def test_sighup_reapplies_the_shard(setup: Setup, tmp_path: Path) -> None:
     names = ["acct-a", "acct-b", "acct-c", "acct-d"]
     mine = [n for n in names if owner(n, 2) == 0]
@@ -196,6 +204,7 @@ def test_sighup_reapplies_the_shard(setup: Setup, tmp_path: Path) -> None:
         assert run.stop() == 0
 
 
+@wall_time
 def test_a_new_route_gets_a_client_of_its_own_and_an_empty_egress_leaves(setup: Setup) -> None:
     setup.write(["acct-a", "acct-b"])
     with running("--config.file", str(setup.config)) as run:
@@ -220,6 +229,7 @@ def test_a_new_route_gets_a_client_of_its_own_and_an_empty_egress_leaves(setup: 
         assert run.stop() == 0
 
 
+@wall_time
 def test_reload_can_be_called_from_another_thread_as_the_http_endpoint_will(
     setup: Setup,
 ) -> None:
@@ -247,34 +257,55 @@ def test_reload_can_be_called_from_another_thread_as_the_http_endpoint_will(
 
 
 def test_an_unchanged_account_keeps_its_schedule_and_a_new_one_is_due_at_once(
-    setup: Setup,
+    tmp_path: Path, clock: EventClock
 ) -> None:
-    setup.write(["acct-a", "acct-b"], min_interval_seconds=6)
-    pending: list[Config] = []
-    with RunningExporter(load_config(setup.config, {}), load=pending.pop) as run:
+    """On virtual time, the simulator in-process: acct-b's secret file rewritten with the
+    same secret and acct-d added. acct-a keeps its turn, exactly one interval (6 s) after
+    its last refresh; acct-d, due at once, goes at the poller's next turn, before it."""
+    names = ["acct-a", "acct-b", "acct-d"]
+    sims, entries = hmac_accounts(names)
+    secret = tmp_path / "acct-b.secret"
+    secret.write_text(entries[1].pop("api_secret") + "\n")
+    entries[1]["api_secret_file"] = str(secret)
+    simulator = Simulator(sims, clock=clock, ip_weight_limit=10**6, assets_per_account=3)
+    pending = [fast_config("http://sim.test", entries, min_interval_seconds=6)]
+    exporter = Exporter(
+        fast_config("http://sim.test", entries[:2], min_interval_seconds=6),
+        clock=clock,
+        transport=SimTransport(simulator.state, clock),
+        load=pending.pop,
+    )
+    start = clock.now()
 
-        def balance_times(name: str, since: float) -> list[float]:
-            return [
-                r.time
-                for r in setup.simulator.requests
-                if r.account == name and r.path == "/papi/v1/balance" and r.time > since
-            ]
+    def balance_times(name: str) -> list[float]:
+        return [
+            round(r.time - start, 6)
+            for r in simulator.requests
+            if r.account == name and r.path == "/papi/v1/balance"
+        ]
 
-        wait_until(lambda: balance_times("acct-a", 0.0), 15, "acct-a polled")
-        last_a = balance_times("acct-a", 0.0)[-1]
-        (setup.directory / "acct-b.secret").write_text(setup.secret_b + "\n")  # same secret
-        setup.write(["acct-a", "acct-b", "acct-d"], min_interval_seconds=6)
-        pending.append(load_config(setup.config, {}))
-        assert run.exporter.reload() is None
-        wait_until(lambda: balance_times("acct-d", 0.0), 10, "acct-d polled")
-        wait_until(lambda: balance_times("acct-a", last_a), 15, "acct-a polled again")
-        next_a = balance_times("acct-a", last_a)[0]
-        # acct-a kept its turn: about one interval (6 s) after its last refresh, not at once;
-        # acct-d was due at once, so it went first (at the poller's next turn, acct-b's)
-        assert next_a - last_a > 4.0
-        assert balance_times("acct-d", 0.0)[0] < next_a
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(exporter.run(stop))
+        await clock.run_until(start + 8)
+        secret.write_text(secret.read_text())  # the same secret, written again
+        # The clock stands still while the reload reads the config in its thread.
+        assert await exporter.areload() is None
+        await clock.run_until(start + 20)
+        stop.set()
+        await clock.run(task)
+
+    asyncio.run(go())
+    # a every 6 s from 0, b half an interval later: neither moved at the reload (8 s in),
+    # so a's next turn is where it was (12 s), not at once
+    assert balance_times("acct-a") == [0.0, 6.0, 12.0, 18.0]
+    assert balance_times("acct-b") == [3.0, 9.0, 15.0]
+    # d, due at once, went at the poller's next turn (b's, at 9 s), before a's
+    first_d = balance_times("acct-d")[0]
+    assert 9.0 <= first_d < 9.1
 
 
+@wall_time
 def test_post_reload_with_the_lifecycle_flag_and_not_without(setup: Setup) -> None:
     setup.write(["acct-a"])
     with running("--config.file", str(setup.config)) as run:

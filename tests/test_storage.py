@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import resource
 import signal
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
@@ -18,16 +19,24 @@ import pytest
 import structlog.testing
 import yaml
 from support.exporterproc import black_hole, running
-from support.faultkit import hmac_accounts
+from support.faultkit import captured_logs, hmac_accounts
+from support.harness import fast_config
 from support.waits import wait_until
 from test_secrets import assert_no_secret, make_secrets
 
+from exporter.app import Exporter
 from exporter.binance.models import AssetBalance
-from exporter.simulator import SimAccount, Simulator
+from exporter.config import Config, load_config
+from exporter.simulator import Simulator
+from exporter.simulator.transport import SimTransport
+from exporter.simulator.virtualtime import EventClock
 from exporter.snapshot import AccountSnapshot, Snapshot
 from exporter.storage import FILE_NAME, VERSION, Encoder, StateFile, encode
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
+#: the exporter as a process of its own, in wall time: what --storage.path does across a
+#: restart, and what only a process can show (a file size limit, readiness at start)
+process = pytest.mark.slow
 
 NAMES = ["acct-a", "acct-b"]
 
@@ -53,6 +62,49 @@ def sim() -> Iterator[tuple[Simulator, list[dict[str, str]]]]:
         yield simulator, entries
 
 
+def every_second(entries: list[dict[str, str]], timeout: float = 2.0) -> Config:
+    """A refresh of every account each second, as `write_config`'s, for the in-process
+    simulator."""
+    return fast_config("http://sim.test", entries, timeout=timeout)
+
+
+@pytest.fixture
+def sim_in_process(clock: EventClock) -> tuple[Simulator, list[dict[str, str]]]:
+    """The simulator on the virtual clock, never started: for `run_in_process`."""
+    sims, entries = hmac_accounts(NAMES)
+    return Simulator(sims, clock=clock, ip_weight_limit=10**6, assets_per_account=3), entries
+
+
+def run_in_process(
+    storage: Path,
+    config: Config,
+    sim: Simulator,
+    clock: EventClock,
+    seconds: float,
+    *,
+    watch: Callable[[Exporter], Awaitable[None]] | None = None,
+) -> Exporter:
+    """The exporter with `--storage.path storage` and `config` (any base URL: the simulator
+    is in-process), for `seconds` of virtual time, with `watch(exporter)` running beside
+    it from the start. It writes a last time on the way out, as on SIGTERM."""
+    exporter = Exporter(
+        config, clock=clock, transport=SimTransport(sim.state, clock), storage=StateFile(storage)
+    )
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(exporter.run(stop))
+        watcher = asyncio.create_task(watch(exporter)) if watch is not None else None
+        await clock.run_until(clock.now() + seconds)
+        stop.set()
+        await clock.run(task)  # in-flight requests end on the virtual clock too
+        if watcher is not None:
+            watcher.cancel()
+
+    asyncio.run(go())
+    return exporter
+
+
 def _values(text: str, names: tuple[str, ...]) -> dict[str, str]:
     """Every sample line of the named families, as text."""
     return {
@@ -72,6 +124,7 @@ DATA = (
 )
 
 
+@process
 def test_a_restart_serves_the_last_values_and_true_timestamps_at_once(
     sim: tuple[Simulator, list[dict[str, str]]], tmp_path: Path
 ) -> None:
@@ -122,6 +175,7 @@ def test_a_restart_serves_the_last_values_and_true_timestamps_at_once(
             assert second.stop() == 0
 
 
+@process
 def test_the_first_refresh_replaces_restored_values(
     sim: tuple[Simulator, list[dict[str, str]]], tmp_path: Path
 ) -> None:
@@ -171,20 +225,22 @@ FAULTS: dict[str, Callable[[Path], Any]] = {
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_a_bad_state_file_is_logged_once_and_ignored(
-    fault: str, sim: tuple[Simulator, list[dict[str, str]]], tmp_path: Path
+    fault: str,
+    sim_in_process: tuple[Simulator, list[dict[str, str]]],
+    tmp_path: Path,
+    clock: EventClock,
 ) -> None:
-    simulator, entries = sim
+    simulator, entries = sim_in_process
     storage = tmp_path / "data"
     _snapshot_file(storage, NAMES, 1.7e9)
     FAULTS[fault](storage / FILE_NAME)
-    config = write_config(tmp_path / "config.yaml", simulator.url, entries)
-    with running("--config.file", str(config), "--storage.path", str(storage)) as run:
-        wait_until(lambda: run.get("/readyz").status_code == 200, 15, "ready after refreshes")
-        wait_until(lambda: run.sample("binance_pm_up", account="acct-a") == 1.0, 15, "up")
-        ignored = run.events("state_file_ignored")
-        assert len(ignored) == 1, run.lines
-        assert "Traceback" not in "\n".join(run.lines)
-        assert run.stop() == 0
+    with captured_logs() as logs:
+        exporter = run_in_process(storage, every_second(entries), simulator, clock, 6)
+    assert len(logs.events("state_file_ignored")) == 1, logs.lines
+    assert "Traceback" not in "\n".join(logs.lines)
+    assert exporter.store.current.pending == []  # ready after its refreshes
+    assert exporter.store.get("acct-a").up
+    assert not logs.events("state_restored")
     if fault != "unreadable":  # the next write replaces the bad file
         assert set(json.loads((storage / FILE_NAME).read_text())["accounts"]) == set(NAMES)
 
@@ -195,21 +251,16 @@ def _file_size_limit() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
 
 
-@pytest.mark.parametrize("how", ["disk full", "path taken by a directory"])
-def test_a_failed_write_is_logged_and_the_exporter_keeps_serving(
-    how: str, sim: tuple[Simulator, list[dict[str, str]]], tmp_path: Path
+@process  # a file size limit is the process's own: it cannot be set on the test's
+def test_a_failed_write_on_a_full_disk_is_logged_and_the_exporter_keeps_serving(
+    sim: tuple[Simulator, list[dict[str, str]]], tmp_path: Path
 ) -> None:
     simulator, entries = sim
     storage = tmp_path / "data"
     storage.mkdir()
-    preexec = None
-    if how == "disk full":
-        preexec = _file_size_limit
-    else:
-        (storage / FILE_NAME).mkdir()
     config = write_config(tmp_path / "config.yaml", simulator.url, entries)
     args = ("--config.file", str(config), "--storage.path", str(storage))
-    with running(*args, preexec_fn=preexec) as run:
+    with running(*args, preexec_fn=_file_size_limit) as run:
         wait_until(lambda: run.events("state_write_failed"), 20, "a failed write")
         first = run.sample("binance_pm_last_success_timestamp_seconds", account="acct-a")
         assert first is not None
@@ -224,6 +275,27 @@ def test_a_failed_write_is_logged_and_the_exporter_keeps_serving(
         assert run.get("/readyz").status_code == 200
         assert run.stop() == 0  # the last write fails too: still a clean exit
         assert len(run.events("state_write_failed")) == 1  # logged once per kind of failure
+    leftovers = [p.name for p in storage.iterdir() if p.name != FILE_NAME]
+    assert leftovers == []
+
+
+def test_a_write_to_a_path_taken_by_a_directory_is_logged_once_and_polling_goes_on(
+    sim_in_process: tuple[Simulator, list[dict[str, str]]], tmp_path: Path, clock: EventClock
+) -> None:
+    """Every write fails, the periodic ones (every 5 s) and the last one on the way out:
+    one log line, no temporary file left, and the refreshes go on at their interval."""
+    simulator, entries = sim_in_process
+    storage = tmp_path / "data"
+    storage.mkdir()
+    (storage / FILE_NAME).mkdir()
+    start = clock.now()
+    with captured_logs() as logs:
+        exporter = run_in_process(storage, every_second(entries), simulator, clock, 15)
+    assert len(logs.events("state_write_failed")) == 1, logs.lines
+    assert exporter.store.current.pending == []
+    account = exporter.store.get("acct-a")
+    assert account.up
+    assert account.last_success == start + 14  # every second
     leftovers = [p.name for p in storage.iterdir() if p.name != FILE_NAME]
     assert leftovers == []
 
@@ -248,35 +320,44 @@ def test_readiness_with_a_state_file_is_immediate_for_300_accounts(
 
 
 def test_readiness_without_a_state_file_waits_for_each_accounts_first_refresh(
-    tmp_path: Path,
+    sim_in_process: tuple[Simulator, list[dict[str, str]]], tmp_path: Path, clock: EventClock
 ) -> None:
-    _, entries = hmac_accounts(NAMES)
+    """Requests stall past the 3 s timeout: not ready until each account's first refresh
+    has failed (acct-a's starts at once, acct-b's half a 1 s interval later), then ready,
+    showing them down: to the virtual tenth of a second."""
+    simulator, entries = sim_in_process
+    simulator.inject_fault("stall", seconds=60)
     storage = tmp_path / "data"
-    with black_hole() as nowhere:
-        # Requests time out after 3 s: each account's first refresh fails, and then counts.
-        config = write_config(tmp_path / "config.yaml", nowhere, entries, timeout=3)
-        with running("--config.file", str(config), "--storage.path", str(storage)) as run:
-            response = run.get("/readyz")
-            assert response.status_code == 503
-            assert response.json() == {"status": "pending", "pending": len(NAMES)}
-            assert run.events("state_file_absent")
-            wait_until(lambda: run.get("/readyz").status_code == 200, 30, "first refreshes")
-            assert run.sample("binance_pm_up", account="acct-a") == 0.0
-            run.stop()
+    start = clock.now()
+    pending: list[tuple[float, int]] = []
+
+    async def every_tenth(exporter: Exporter) -> None:
+        while True:
+            pending.append((round(clock.now() - start, 6), len(exporter.store.current.pending)))
+            await clock.sleep(0.1)
+
+    with captured_logs() as logs:
+        exporter = run_in_process(
+            storage, every_second(entries, timeout=3), simulator, clock, 5, watch=every_tenth
+        )
+    assert logs.events("state_file_absent")
+    assert pending[0] == (0.0, 2)
+    assert {n for t, n in pending if t < 3.0} == {2}
+    assert {n for t, n in pending if 3.0 < t < 3.5} == {1}
+    assert {n for t, n in pending if t > 3.5} == {0}
+    assert not exporter.store.get("acct-a").up
+    assert not exporter.store.get("acct-b").up
 
 
-def test_no_secret_in_the_state_file(tmp_path: Path) -> None:
-    known = make_secrets(tmp_path, "http://127.0.0.1:1")
-    accounts: list[SimAccount] = known.sim_accounts
+def test_no_secret_in_the_state_file(tmp_path: Path, clock: EventClock) -> None:
+    """Keys from the environment and from files, HMAC, RSA and Ed25519 with passphrases:
+    the state file keeps the accounts' data, and none of what signs their requests."""
+    known = make_secrets(tmp_path, "http://sim.test")
     storage = tmp_path / "data"
-    with Simulator(accounts, ip_weight_limit=10**6) as simulator:
-        text = known.config_file.read_text().replace("http://127.0.0.1:1", simulator.url)
-        known.config_file.write_text(text)
-        args = ("--config.file", str(known.config_file), "--storage.path", str(storage))
-        with running(*args, env=known.environ) as run:
-            wait_until(lambda: run.get("/readyz").status_code == 200, 20, "ready")
-            wait_until(lambda: run.sample("binance_pm_up", account="rsa") == 1.0, 20, "up")
-            assert run.stop() == 0
+    simulator = Simulator(known.sim_accounts, clock=clock, ip_weight_limit=10**6)
+    config = load_config(known.config_file, known.environ)
+    exporter = run_in_process(storage, config, simulator, clock, 3)
+    assert all(exporter.store.get(name).up for name in ("hmac", "rsa", "ed"))
     state = (storage / FILE_NAME).read_text()
     assert set(json.loads(state)["accounts"]) == {"hmac", "rsa", "ed"}
     assert_no_secret(state, "the state file", known.forms)

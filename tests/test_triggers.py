@@ -151,12 +151,15 @@ def test_one_account_at_200_events_a_second_for_a_minute_stays_within_the_budget
     events = 0
 
     async def busy_account() -> None:
+        # 200 a second, ten at a time every 50 ms: a tenth of the steps of the virtual
+        # clock (each runs every ready task), the same events to the triggers
         nonlocal events
         await clock.sleep(30)
         while clock() < START + 90:
-            poller.trigger("acct-7", Priority.EVENT)
-            events += 1
-            await clock.sleep(0.005)
+            for _ in range(10):
+                poller.trigger("acct-7", Priority.EVENT)
+                events += 1
+            await clock.sleep(0.05)
 
     run(poller, clock, 240, busy_account)
     assert events >= 11_900

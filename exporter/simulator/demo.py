@@ -34,6 +34,7 @@ DEMO_KEY_TYPES: tuple[KeyType, ...] = ("hmac", "ed25519", "rsa")
 log = structlog.get_logger("exporter.demo")
 NEGATIVE_EVERY_SECONDS = (30.0, 90.0)  # gap between two negative-balance episodes
 NEGATIVE_FOR_SECONDS = (10.0, 30.0)  # how long one lasts
+FIRST_NEGATIVE_SECONDS = (5.0, 15.0)  # when the first one starts, after the drift does
 #: the chance per asset and tick that its balance moves (an event on the stream): about
 #: one event every 40 s per 8-asset account. A balance moving every second on every
 #: account would keep each account's triggered refreshes at their limit (one per
@@ -103,6 +104,7 @@ class Drift:
         rng: random.Random,
         move_chance: float = BALANCE_MOVE_CHANCE,
         episodes: EpisodeListener | None = None,
+        first_episode: tuple[float, float] = FIRST_NEGATIVE_SECONDS,
     ) -> None:
         self._sim = sim
         self._rng = rng
@@ -124,7 +126,7 @@ class Drift:
         self._negative: tuple[synthetic.SyntheticAsset, int] | None = None  # asset, until ms
         self._announce: tuple[str, synthetic.SyntheticAsset] | None = None  # started this tick
         self._lock = threading.Lock()  # the ticks and the fills come from two threads
-        self._next_negative_ms = now_ms + int(rng.uniform(5.0, 15.0) * 1000)
+        self._next_negative_ms = now_ms + int(rng.uniform(*first_episode) * 1000)
         self._publish(now_ms)
 
     def tick(self) -> None:
@@ -200,8 +202,10 @@ def start_drift(
     seed: int | None = None,
     move_chance: float = BALANCE_MOVE_CHANCE,
     episodes: EpisodeListener | None = None,
+    first_episode: tuple[float, float] = FIRST_NEGATIVE_SECONDS,
 ) -> Drift:
-    """Drift the started simulator's balances every `tick_seconds` until `sim.stop()`."""
+    """Drift the started simulator's balances every `tick_seconds` until `sim.stop()`; the
+    first negative episode starts `first_episode` (a range, seconds) in."""
     rng = random.Random(seed)  # noqa: S311 - made-up balances, not cryptography
     drift = Drift(
         sim,
@@ -209,6 +213,7 @@ def start_drift(
         rng=rng,
         move_chance=move_chance,
         episodes=episodes,
+        first_episode=first_episode,
     )
     sim.every(tick_seconds, drift.tick, name="sim-drift")
     return drift
@@ -228,6 +233,7 @@ def start_demo(
     tick_seconds: float = 1.0,
     episodes: EpisodeListener | None = None,
     trade_rate: float = DEMO_TRADE_RATE,
+    first_episode: tuple[float, float] = FIRST_NEGATIVE_SECONDS,
 ) -> tuple[Simulator, dict[str, Any]]:
     """A started, drifting, trading (`trade_rate` fills a second) simulator and the
     exporter's config data pointing at it.
@@ -253,6 +259,7 @@ def start_demo(
             assets_per_account=assets_per_account,
             tick_seconds=tick_seconds,
             episodes=episodes,
+            first_episode=first_episode,
         )
         if trade_rate > 0:
             start_trading(sim, trade_rate, fill=drift.fill, assets=drift.assets)
