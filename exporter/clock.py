@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
 
 
 class Clock(Protocol):
@@ -34,3 +35,26 @@ class SystemClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+async def finish_within(
+    tasks: Iterable[asyncio.Future[Any]],
+    grace: float,
+    sleep: Callable[[float], Awaitable[None]],
+) -> None:
+    """Let `tasks` finish within `grace` seconds of `sleep`'s time (a Clock's sleep, so a
+    virtual clock's stop takes no wall time), then cancel what has not and wait for it."""
+    tasks = set(tasks)
+    if not tasks:
+        return
+    grace_over = asyncio.ensure_future(sleep(grace))
+    every = asyncio.ensure_future(asyncio.wait(tasks))
+    try:
+        await asyncio.wait((grace_over, every), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        grace_over.cancel()
+        every.cancel()
+    pending = [task for task in tasks if not task.done()]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)

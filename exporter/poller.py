@@ -33,6 +33,7 @@ import structlog
 from exporter.binance import errors
 from exporter.binance.client import BinanceClient, Credentials, RequestReport
 from exporter.budget import GUARD_SECONDS, WeightBudget
+from exporter.clock import finish_within
 from exporter.clocksync import ClockSync
 from exporter.collectors.registry import Collector, Scope, Skipped, refresh_weight
 from exporter.egress import EgressLedger
@@ -424,12 +425,9 @@ class EgressPoller:
         return TriggerQueue(weight, rate, interval)
 
     async def drain(self, grace: float) -> None:
-        """Let in-flight refreshes finish within `grace` seconds, cancel the rest, close."""
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        """Let in-flight refreshes finish within `grace` seconds (on the clock), cancel
+        the rest, close."""
+        await finish_within(self._tasks, grace, self._sleep)
         await self._client.aclose()
 
     async def _sync_time(self) -> None:

@@ -38,6 +38,7 @@ from exporter.binance.stream import (
     websocket_connect,
 )
 from exporter.budget import WeightBudget
+from exporter.clock import finish_within
 from exporter.poller import EgressPoller, Target
 from exporter.route import Route
 from exporter.selfmetrics import StreamHealth
@@ -183,19 +184,7 @@ class AccountStreams:
         for name, (_, _, stream, task) in list(self._running.items()):
             del self._running[name]
             self._retire(stream, task)
-        if self._closing:
-            closing = set(self._closing)
-            grace_over = asyncio.ensure_future(self._sleep(grace))
-            every = asyncio.ensure_future(asyncio.wait(closing))
-            try:
-                await asyncio.wait((grace_over, every), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                grace_over.cancel()
-                every.cancel()
-            pending = [task for task in closing if not task.done()]
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await finish_within(self._closing, grace, self._sleep)
 
     def _retire(self, stream: UserDataStream, task: asyncio.Task[None]) -> None:
         # close() lets run() delete the key; the task ends when it has
