@@ -33,9 +33,12 @@ class Recorder:
         self.passwords: list[bytes] = []
         self.release = threading.Event()
         self.release.set()
+        #: released once a call has begun (in bcrypt's thread)
+        self.called = threading.Semaphore(0)
 
     def __call__(self, password: bytes, hashed: bytes) -> bool:
         self.passwords.append(password)
+        self.called.release()
         self.release.wait(10)
         return bcrypt.checkpw(password, hashed)
 
@@ -84,10 +87,12 @@ def test_credentials_verified_before_go_ahead_of_unknown_ones() -> None:
         assert isinstance(known, Check)
         assert known.first
         tasks = [asyncio.ensure_future(gate.verify(c, lambda: False)) for c in checks]
-        while len(checkpw.passwords) < 2:  # the first unknown one is in bcrypt, the rest wait
-            await asyncio.sleep(0.001)
+        # the first call was prom's own check above; the second is the first unknown
+        # credentials', in bcrypt's thread now while the rest wait
+        for _ in range(2):
+            await asyncio.to_thread(checkpw.called.acquire)
         tasks.append(asyncio.ensure_future(gate.verify(known, lambda: False)))
-        await asyncio.sleep(0)  # it takes its place in the queue
+        await asyncio.sleep(0)  # a yield, no time: it takes its place in the queue
         checkpw.release.set()
         assert await asyncio.gather(*tasks) == [False] * 4 + [True]
 
