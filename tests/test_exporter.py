@@ -83,23 +83,46 @@ def test_negative_balance_and_vanishing_assets(sim: Simulator, exporter: Running
     assert f'account="acct-01",asset="{asset}"' in exporter.metrics_text()
 
 
-@loopback
 def test_a_failing_account_keeps_its_values_and_recovers(
-    sim: Simulator, exporter: RunningExporter
+    clock: EventClock, generated: list[GeneratedAccount]
 ) -> None:
-    wait_until(lambda: exporter.sample("binance_pm_up", account="acct-01") == 1)
-    before = exporter.sample("binance_pm_uni_mmr", account="acct-01")
-    last = exporter.sample("binance_pm_last_success_timestamp_seconds", account="acct-01")
-    sim.inject_fault("status", account="acct-01", status=500, count=1)
-    wait_until(lambda: exporter.sample("binance_pm_up", account="acct-01") == 0)
-    assert exporter.sample("binance_pm_uni_mmr", account="acct-01") == before
-    assert exporter.sample("binance_pm_last_success_timestamp_seconds", account="acct-01") == last
-    assert exporter.sample("binance_pm_up", account="acct-00") == 1
-    wait_until(lambda: exporter.sample("binance_pm_up", account="acct-01") == 1)
-    assert (
-        exporter.sample("binance_pm_requests_total", endpoint="balance", outcome="server_error")
-        == 1
-    )
+    """On virtual time with the simulator in-process: one 500 on acct-01 turns its `up`
+    to 0 and keeps its last values and last success; the other accounts stay up; its next
+    try recovers, and the failure is counted once."""
+    sim = Simulator([g.sim_account for g in generated], clock=clock, ip_weight_limit=60000)
+    config = fast_config("http://sim.test", generated)
+    running = Exporter(config, clock=clock, transport=SimTransport(sim.state, clock))
+    pages: list[str] = []
+
+    def up(name: str) -> bool:
+        return running.store.get(name).up
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(running.run(stop))
+        await clock.run_until(clock.now() + 5)
+        pages.append(generate_latest(reference_registry(running)).decode())
+        sim.inject_fault("status", account="acct-01", status=500, count=1)
+        while up("acct-01"):
+            await clock.advance()
+        pages.append(generate_latest(reference_registry(running)).decode())
+        while not up("acct-01"):
+            await clock.advance()
+        pages.append(generate_latest(reference_registry(running)).decode())
+        stop.set()
+        await clock.run(task)
+
+    asyncio.run(go())
+    before, down, after = pages
+    for name in ("binance_pm_uni_mmr", "binance_pm_last_success_timestamp_seconds"):
+        kept = metrics.sample(down, name, account="acct-01")
+        assert kept is not None
+        assert kept == metrics.sample(before, name, account="acct-01")
+    assert metrics.sample(down, "binance_pm_up", account="acct-01") == 0
+    assert metrics.sample(down, "binance_pm_up", account="acct-00") == 1
+    assert metrics.sample(after, "binance_pm_up", account="acct-01") == 1
+    failed = {"endpoint": "balance", "outcome": "server_error"}
+    assert metrics.sample(after, "binance_pm_requests_total", **failed) == 1
 
 
 def test_ten_accounts_refresh_round_robin_never_faster_than_the_budget(clock: EventClock) -> None:
