@@ -97,10 +97,8 @@ def _prometheus_has_samples(stack: Stack) -> bool:
     return all(stack.promql(expr) for expr in ready)
 
 
-# --- the tests --------------------------------------------------------------------
-
-
-def test_every_dashboard_query_returns_data(stack: Stack) -> None:
+def _wait_for_samples(stack: Stack) -> None:
+    """Until every account is scraped, rules evaluated and rates computable (60 s at most)."""
     wait_until(
         lambda: _prometheus_has_samples(stack),
         60,
@@ -108,6 +106,13 @@ def test_every_dashboard_query_returns_data(stack: Stack) -> None:
         step=0.2,
         ignoring=STARTING,
     )
+
+
+# --- the tests --------------------------------------------------------------------
+
+
+def test_every_dashboard_query_returns_data(stack: Stack) -> None:
+    _wait_for_samples(stack)
     values = _scraped_values(stack)
     dashboards = load_dashboards()
     all_queries = [q for name, board in dashboards.items() for q in queries(name, board)]
@@ -160,13 +165,7 @@ def _firing(stack: Stack) -> list[dict[str, str]]:
 def test_negative_balance_alert_reaches_webhook_and_resolves(
     stack: Stack, record_property: Callable[[str, object], None], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    wait_until(
-        lambda: _prometheus_has_samples(stack),
-        60,
-        "samples in Prometheus",
-        step=0.2,
-        ignoring=STARTING,
-    )
+    _wait_for_samples(stack)
     values = _scraped_values(stack)
     account, asset = values["account"], values["asset"]
     labels = {"alertname": ALERT, "account": account, "asset": asset, "severity": "critical"}
@@ -214,13 +213,7 @@ def _panel_query(dashboard: str, title: str) -> str:
 def test_usd_total_and_a_large_negative_balance_page_with_its_dollar_figure(
     stack: Stack, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    wait_until(
-        lambda: _prometheus_has_samples(stack),
-        60,
-        "samples in Prometheus",
-        step=0.2,
-        ignoring=STARTING,
-    )
+    _wait_for_samples(stack)
     values = _scraped_values(stack)
     wait_until(
         lambda: len(stack.promql(f'account:binance_pm_net_usd:sum{{job="{JOB}"}}')) == ACCOUNTS,
@@ -298,13 +291,7 @@ def _raw_samples(stack: Stack, selector: str, seconds: int) -> list[float]:
 def test_a_restart_with_storage_neither_resolves_nor_refires_a_firing_alert(
     stack: Stack, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    wait_until(
-        lambda: _prometheus_has_samples(stack),
-        60,
-        "samples in Prometheus",
-        step=0.2,
-        ignoring=STARTING,
-    )
+    _wait_for_samples(stack)
     series = stack.promql(f'binance_pm_negative_balance{{job="{JOB}"}} == 0')
     last = max((s["metric"] for s in series), key=lambda m: (m["account"], m["asset"]))
     account, asset = last["account"], last["asset"]
@@ -407,13 +394,7 @@ def test_an_account_pages_below_its_own_threshold_and_carries_its_desk(stack: St
     """Two accounts of two desks: treasury below its own critical 1.6 (above the default
     1.2) pages with desk="treasury"; mm below the default 1.2 but above its own 1.1 does
     not. Last in the file: it replaces what the simulator serves for their risk."""
-    wait_until(
-        lambda: _prometheus_has_samples(stack),
-        60,
-        "samples in Prometheus",
-        step=0.2,
-        ignoring=STARTING,
-    )
+    _wait_for_samples(stack)
     mm, treasury = stack.accounts[0], stack.accounts[1]
     info = stack.promql(f'binance_pm_account_info{{job="{JOB}"}}')
     assert {s["metric"]["account"]: s["metric"].get("desk") for s in info} == {
