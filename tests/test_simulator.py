@@ -156,20 +156,19 @@ def error(response: httpx.Response) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("path", ["/fapi/v1/time", "/api/v3/time"])
-def test_ping_and_time(sim: Simulator, client: httpx.Client, path: str) -> None:
-    ping = client.get(PING)
-    assert (ping.status_code, ping.json()) == (200, {})
-    assert ping.headers["X-MBX-USED-WEIGHT-1M"] == "1"
-    before = int(time.time() * 1000)
-    server_ms = client.get(path).json()["serverTime"]
-    assert before <= server_ms <= time.time() * 1000  # read while the request was served
-    sim.clock_offset_ms = 3000
-    before = int(time.time() * 1000)
-    ahead_ms = client.get(path).json()["serverTime"]
-    assert before + 3000 <= ahead_ms <= time.time() * 1000 + 3000
+def test_ping_and_time(frozen_sim: Simulator, frozen: EventClock, path: str) -> None:
+    """On the frozen server clock: the time is the server's to the millisecond, the
+    offset is added, and a minute boundary cannot reset the weight counts meanwhile."""
+    with httpx.Client(base_url=frozen_sim.url, timeout=5) as client:
+        ping = client.get(PING)
+        assert (ping.status_code, ping.json()) == (200, {})
+        assert ping.headers["X-MBX-USED-WEIGHT-1M"] == "1"
+        assert client.get(path).json()["serverTime"] == int(frozen.now() * 1000)
+        frozen_sim.clock_offset_ms = 3000
+        assert client.get(path).json()["serverTime"] == int(frozen.now() * 1000) + 3000
     # Each host counts weight in its own pool: the PM pool saw only the ping.
-    assert sim.weight_used() == 1
-    assert sim.fapi_weight_used() + sim.spot_weight_used() == 2
+    assert frozen_sim.weight_used() == 1
+    assert frozen_sim.fapi_weight_used() + frozen_sim.spot_weight_used() == 2
 
 
 def test_only_documented_endpoints_are_served(client: httpx.Client) -> None:
