@@ -8,11 +8,15 @@ round-robin. `classify` tells danger from routine on the event's own figures and
 account's current snapshot (a pure function):
 
 - RISK, read first: a wallet below zero in the event (`wb`/`cw` of ACCOUNT_UPDATE, `f` of
-  outboundAccountPosition); a change on an asset whose exported negativeBalance is not
-  zero (its resolution shows as fast as the debt did); a riskLevelChange; an
-  ACCOUNT_UPDATE for an insurance clear or an auto-exchange; a liabilityChange that
+  outboundAccountPosition) on an asset whose exported negativeBalance is zero (a new
+  debt); a change on an asset whose exported negativeBalance is not zero that does not
+  show it below zero (its resolution shows as fast as the debt did); a riskLevelChange;
+  an ACCOUNT_UPDATE for an insurance clear or an auto-exchange; a liabilityChange that
   raises a liability while the account's uniMMR is below the warning threshold.
-- EVENT, everything else that moves balances or risk.
+- EVENT, everything else that moves balances or risk, a debt already exported that is
+  still below zero too: each fill of an account in debt shows it so, and were those
+  RISK, a dozen such accounts trading would fill the RISK lane (one 40-weight read per
+  3.2 s on the default budget) and a new debt would wait behind them.
 
 and which endpoints it needs: a balance event `balance` alone (20), a risk event
 `account` and, when it touches balances or a negative balance, `balance` too; the
@@ -101,8 +105,11 @@ def classify(event: StreamEvent, snapshot: AccountSnapshot | None) -> Need | Non
     if event.kind == RISK_LEVEL_CHANGE:
         return Need(Priority.RISK, ACCOUNT)
     debts = _negative_assets(snapshot) if snapshot is not None else set()
-    touches_debt = not debts.isdisjoint(event.assets)
-    if event.is_risk or event.below_zero or touches_debt:
+    # a wallet below zero that the snapshot does not show as a debt yet
+    new_debt = not debts.issuperset(event.below_zero)
+    # a debt's asset moved and is not shown below zero: the debt may be paid
+    resolving = not debts.intersection(event.assets).issubset(event.below_zero)
+    if event.is_risk or new_debt or resolving:
         return Need(Priority.RISK, BOTH)
     if event.kind == LIABILITY_CHANGE and _raises_liability(event, snapshot):
         uni_mmr = uni_mmr_of(snapshot)

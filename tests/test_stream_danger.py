@@ -130,6 +130,9 @@ TABLE: list[tuple[str, str, AccountSnapshot | None, Need | None]] = [
     ("USDT back above zero", update("250.0"), snapshot(usdt_negative=12.5), Need(RISK, BOTH)),
     ("USDT deposit", BALANCE_UPDATE % "USDT", snapshot(usdt_negative=12.5), Need(RISK, BOTH)),
     ("ETH moves, USDT owes", position("4.0"), snapshot(usdt_negative=12.5), Need(EVENT, BALANCE)),
+    # a debt already exported that is still below zero: news only of its amount
+    ("USDT owes, still below", update("-300"), snapshot(usdt_negative=12.5), Need(EVENT, BALANCE)),
+    ("ETH below zero, USDT owes", position("-3.0"), snapshot(usdt_negative=12.5), Need(RISK, BOTH)),
     # Binance acted on the account
     ("margin call", RISK_LEVEL, snapshot(), Need(RISK, ACCOUNT)),
     ("insurance clear", update("1", reason="INSURANCE_CLEAR"), snapshot(), Need(RISK, BOTH)),

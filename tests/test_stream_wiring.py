@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from support.harness import RunningExporter, accounts, sim_config
 from support.waits import wait_until
-from test_stream_danger import frame_at, update
+from test_stream_danger import frame_at, position, update
 from test_triggers import SLOT
 
 from exporter.app import Exporter
@@ -218,16 +218,16 @@ def test_the_demo_shows_a_negative_episode_about_a_second_after_it_starts() -> N
     assert shown_after <= 3.0
 
 
-def test_danger_first_at_200_accounts_in_the_whole_exporter_on_virtual_time(
-    clock: EventClock,
-) -> None:
-    """The freshness above without sockets, on a quiet desk: the whole exporter on the
-    default budget (each account every 323 s), the simulator in-process, each account's
-    events through the stream observer the exporter would give it (the WebSocket is
-    test_simulator_stream's). A negative balance is in the snapshot /metrics serves
-    within a budget slot (1.6 s) of its event, 20 times on random accounts, from 30 s
-    after the start, in the round robin's first pass: no routine read goes before it.
-    (With the desk trading, the poller's own: test_stream_danger.)"""
+def _danger_first(clock: EventClock, trade_rate: float) -> tuple[list[float], list[float], int]:
+    """The whole exporter on the default budget (each of 200 accounts every 323 s), the
+    simulator in-process, each account's events through the stream observer the exporter
+    would give it (the WebSocket is test_simulator_stream's). The desk fills `trade_rate`
+    times a second on random accounts, each fill its ACCOUNT_UPDATE on USDT and its
+    outboundAccountPosition on ETH. From 30 s in, 20 negative balances on random accounts,
+    one after another, 2-3 s after the previous one showed; they stay, and their accounts
+    keep trading, as Binance shows it: USDT's wallet at minus the debt.
+    Returns each negative balance's event -> in the snapshot /metrics serves, the weight
+    of the busiest 60 s window of the PM API, and the fills."""
     generated = accounts(200)
     names = [g.sim_account.name for g in generated]
     sim = Simulator([g.sim_account for g in generated], clock=clock, assets_per_account=4)
@@ -241,11 +241,30 @@ def test_danger_first_at_200_accounts_in_the_whole_exporter_on_virtual_time(
     observers = {n: _AccountObserver(n, exporter.poller_of[n], health, clock) for n in names}
     rng = random.Random(5)
     delays: list[float] = []
+    fills = 0
 
     def shown(name: str, asset: str) -> float | None:
         account = exporter.store.get(name)
         balance = next((b for b in account.balances if b.asset == asset), None)
         return None if balance is None else balance.values.get("negativeBalance")
+
+    def usdt_wallet(name: str) -> str:
+        """What a fill's ACCOUNT_UPDATE shows of USDT: minus the debt when there is one."""
+        usdt = next(r for r in sim.balances(name) if r["asset"] == "USDT")
+        debt = float(usdt["negativeBalance"])
+        return f"{-debt:.2f}" if debt else f"{rng.uniform(100, 900):.2f}"
+
+    async def desk(tick: float = 0.05) -> None:
+        nonlocal fills
+        while True:
+            await clock.sleep(tick)
+            arrivals = 0.0
+            while (arrivals := arrivals + rng.expovariate(trade_rate)) < tick:
+                name = rng.choice(names)
+                now = clock.now()
+                observers[name].stream_event(frame_at(update(usdt_wallet(name)), now))
+                observers[name].stream_event(frame_at(position(f"{rng.uniform(1, 9):.4f}"), now))
+                fills += 1
 
     async def negatives() -> None:
         await clock.sleep(30)
@@ -254,7 +273,7 @@ def test_danger_first_at_200_accounts_in_the_whole_exporter_on_virtual_time(
             value = 100.0 + attempt
             at = clock.now()
             sim.set_asset(name, asset, negativeBalance=str(value))
-            observers[name].stream_event(frame_at(update("-412.5", asset=asset), at))
+            observers[name].stream_event(frame_at(update(f"{-value}", asset=asset), at))
             while shown(name, asset) != value:
                 await clock.sleep(0.01)
             delays.append(clock.now() - at)
@@ -263,11 +282,45 @@ def test_danger_first_at_200_accounts_in_the_whole_exporter_on_virtual_time(
     async def go() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(exporter.run(stop))
+        trading = asyncio.create_task(desk()) if trade_rate else None
         await clock.run(negatives())
         stop.set()
+        if trading is not None:
+            trading.cancel()
         await clock.run(task)
 
     asyncio.run(go())
     assert len(delays) == 20
+    spent = [(r.time, r.weight) for r in sim.requests if r.path.startswith("/papi/")]
+    windows = [sum(weight for t, weight in spent if end - 60.0 < t <= end) for end, _ in spent]
+    return delays, windows, fills
+
+
+def test_danger_first_at_200_accounts_in_the_whole_exporter_on_virtual_time(
+    clock: EventClock,
+) -> None:
+    """The freshness above without sockets, on a quiet desk (`_danger_first`): a negative
+    balance is in the snapshot /metrics serves within a budget slot (1.6 s) of its event,
+    20 times on random accounts, in the round robin's first pass: no routine read goes
+    before it."""
+    delays, windows, _ = _danger_first(clock, 0.0)
     assert max(delays) <= 1.25 * SLOT, delays
     assert statistics.median(delays) <= SLOT / 2 + 0.2, delays
+    assert max(windows) <= 1500
+
+
+def test_danger_first_in_the_whole_exporter_while_the_desk_trades_on_accounts_in_debt(
+    clock: EventClock,
+) -> None:
+    """The same with the desk trading 5 fills a second, on every account, those in debt
+    too. Each fill of an account in debt shows USDT below zero, a debt /metrics already
+    shows: a change of its amount, not news. Were those fills RISK, from the 12th account
+    in debt on (5 x 12/200 fills/s, one 40-weight read each, against the triggered half
+    of B: 12.4 weight/s, one such read per 3.2 s) they would fill the RISK lane and each
+    new debt would wait behind them (4 s, then 8, 13, 17, 22, 31 s). Every new one is in
+    the snapshot within 1.25 budget slots, and no 60 s window holds more than B."""
+    delays, windows, fills = _danger_first(clock, 5.0)
+    assert fills >= 5 * 60  # the desk traded throughout (about 80 s of it)
+    assert max(delays) <= 1.25 * SLOT, delays
+    assert statistics.median(delays) <= SLOT / 2 + 0.2, delays
+    assert max(windows) <= 1500

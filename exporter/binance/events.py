@@ -87,9 +87,9 @@ class StreamEvent:
     risk: RiskLevel | None = None
     #: the assets the event names (`B[].a`, `a`, `O[].a`)
     assets: tuple[str, ...] = ()
-    #: a wallet below zero in the event: `wb` or `cw` of ACCOUNT_UPDATE, `f` of
-    #: outboundAccountPosition
-    below_zero: bool = False
+    #: the assets whose wallet the event shows below zero: `wb` or `cw` of ACCOUNT_UPDATE,
+    #: `f` of outboundAccountPosition ("" for a row without an asset name)
+    below_zero: tuple[str, ...] = ()
     #: `l`, the asset's total liability after a liabilityChange
     liability: float | None = None
     #: the futures book whose positions an ACCOUNT_UPDATE moved (`fs`, "UM" or "CM", with
@@ -145,12 +145,12 @@ def parse_event(payload: dict[str, object]) -> StreamEvent:
             event_time,
             reason=reason if isinstance(reason, str) else None,
             assets=_assets(rows),
-            below_zero=any(_negative(row.get(k)) for row in rows for k in ("wb", "cw")),
+            below_zero=_below_zero(rows, ("wb", "cw")),
             positions_of=book if moved and isinstance(book, str) else None,
         )
     if kind == POSITION:
         rows = _rows(payload.get("B"))
-        below = any(_negative(row.get("f")) for row in rows)
+        below = _below_zero(rows, ("f",))
         return StreamEvent(kind, event_time, assets=_assets(rows), below_zero=below)
     if kind in (BALANCE_UPDATE, LIABILITY_CHANGE):
         asset = payload.get("a")
@@ -188,6 +188,15 @@ def _rows(value: object) -> list[dict[str, object]]:
 
 def _assets(rows: list[dict[str, object]]) -> tuple[str, ...]:
     return tuple(asset for row in rows if isinstance(asset := row.get("a"), str))
+
+
+def _below_zero(rows: list[dict[str, object]], fields: tuple[str, ...]) -> tuple[str, ...]:
+    """The assets of `rows` with any of `fields` below zero."""
+    return tuple(
+        asset if isinstance(asset := row.get("a"), str) else ""
+        for row in rows
+        if any(_negative(row.get(field)) for field in fields)
+    )
 
 
 def _negative(value: object) -> bool:
