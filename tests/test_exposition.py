@@ -96,8 +96,9 @@ def test_gzip_is_one_member_of_the_same_bytes_plus_the_live_tail(fmt: str) -> No
 def test_rendered_once_per_generation_and_only_changed_accounts() -> None:
     store = tricky_store()
     exposition = CachedExposition(store)
-    first = exposition.text("text")
-    assert exposition.text("text") is first
+    first = exposition.chunks("text")
+    assert exposition.chunks("text") is first
+    assert exposition.chunks("openmetrics") is first  # the same headers: the same body
     assert exposition.renders == 1
     fragments = dict(exposition._fragments)
     store.replace(account("desk-b", ["ETH", "SOL"], seed=5))
@@ -117,11 +118,11 @@ def test_concurrent_scrapes_of_a_new_generation_render_it_once() -> None:
     exposition.text("text")
     store.replace(account("desk-a", ["USDT"], seed=1))
     start = threading.Barrier(8)
-    results: list[bytes] = []
+    results: list[tuple[bytes, ...]] = []
 
     def scrape() -> None:
         start.wait()
-        results.append(exposition.text("text"))
+        results.append(exposition.chunks("text"))
 
     threads = [threading.Thread(target=scrape) for _ in range(8)]
     for thread in threads:
