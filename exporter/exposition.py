@@ -26,6 +26,7 @@ The live self-metrics that follow are written per scrape by `livetext`.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import threading
 import time
@@ -82,23 +83,43 @@ def render_lines(family: Family, account: AccountSnapshot) -> str:
     return "".join(lines)
 
 
-class _Fragment:
-    """One account's lines, per family, and (lazily) their deflate segments."""
+Piece = bytes | memoryview
 
-    __slots__ = ("_deflated", "lines", "source")
+
+class _Fragment:
+    """One account's lines, per family, and (lazily) their deflate segments. Once joined
+    into a block, both are read back from the block (`home`): held once, not twice."""
+
+    __slots__ = ("_deflated", "_lines", "home", "source")
 
     def __init__(self, source: AccountSnapshot, families: Sequence[Family]) -> None:
         self.source = source
-        self.lines = tuple(render_lines(f, source).encode() for f in families)
-        self._deflated: tuple[bytes, ...] | None = None
+        self._lines: tuple[bytes, ...] | None = tuple(
+            render_lines(f, source).encode() for f in families
+        )
+        self._deflated: Sequence[Piece] | None = None
+        #: the block holding this fragment's bytes, and its place there
+        self.home: tuple[_Block, int] | None = None
 
-    def deflated(self) -> tuple[bytes, ...]:
-        if self._deflated is None:
-            self._deflated = _deflate_segments(self.lines)
-        return self._deflated
+    def lines(self) -> Sequence[Piece]:
+        if self._lines is not None:
+            return self._lines
+        assert self.home is not None
+        block, place = self.home
+        return block.slices(block.columns, block.line_starts, place)
+
+    def stored_deflate(self) -> Sequence[Piece] | None:
+        """The deflate segments, if compressed already."""
+        if self._deflated is not None:
+            return self._deflated
+        if self.home is not None:
+            block, place = self.home
+            if block.deflated is not None and block.deflate_starts is not None:
+                return block.slices(block.deflated, block.deflate_starts, place)
+        return None
 
 
-def _deflate_segments(parts: Sequence[bytes]) -> tuple[bytes, ...]:
+def _deflate_segments(parts: Sequence[Piece]) -> tuple[bytes, ...]:
     """Each part as raw deflate ending in a full flush: segments that splice in any order."""
     compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, _RAW_DEFLATE)
     return tuple(
@@ -107,27 +128,70 @@ def _deflate_segments(parts: Sequence[bytes]) -> tuple[bytes, ...]:
     )
 
 
+def _join(parts: list[Sequence[Piece]], families: int) -> tuple[tuple[bytes, ...], _Starts]:
+    """Per family, the members' parts joined, and where each member starts (and ends)."""
+    columns, starts = [], []
+    for index in range(families):
+        pieces = [part[index] for part in parts]
+        starts.append(tuple(itertools.accumulate(map(len, pieces), initial=0)))
+        columns.append(b"".join(pieces))
+    return tuple(columns), tuple(starts)
+
+
+_Starts = tuple[tuple[int, ...], ...]
+
+
 class _Block:
-    """BLOCK_ACCOUNTS accounts' lines joined per family (`columns`), from `fragments`, and
-    (lazily) their deflate segments, joined likewise."""
+    """BLOCK_ACCOUNTS accounts' lines joined per family (`columns`), and their deflate
+    segments likewise (`deflated`, once the gzip variant is asked for)."""
 
-    __slots__ = ("_deflated", "columns", "fragments")
+    __slots__ = ("columns", "deflate_starts", "deflated", "line_starts", "size")
 
-    def __init__(self, fragments: tuple[_Fragment, ...], families: int) -> None:
-        self.fragments = fragments
-        self._deflated: tuple[bytes, ...] | None = None
-        self.columns = tuple(
-            b"".join(f.lines[index] for f in fragments) for index in range(families)
+    def __init__(self, fragments: Sequence[_Fragment], families: int) -> None:
+        self.size = len(fragments)
+        lines = [fragment.lines() for fragment in fragments]
+        stored = [fragment.stored_deflate() for fragment in fragments]
+        self.columns, self.line_starts = _join(lines, families)
+        self.deflated: tuple[bytes, ...] | None = None
+        self.deflate_starts: _Starts | None = None
+        if any(segments is not None for segments in stored):  # gzip is asked for
+            self.deflated, self.deflate_starts = _join(
+                [
+                    s if s is not None else _deflate_segments(t)
+                    for s, t in zip(stored, lines, strict=True)
+                ],
+                families,
+            )
+        for place, fragment in enumerate(fragments):
+            fragment.home = (self, place)
+            fragment._lines = fragment._deflated = None
+
+    def holds(self, fragments: Sequence[_Fragment]) -> bool:
+        """Whether this block is `fragments`, in that order."""
+        return self.size == len(fragments) and all(
+            fragment.home is not None and fragment.home[0] is self and fragment.home[1] == place
+            for place, fragment in enumerate(fragments)
         )
 
-    def deflated(self) -> tuple[bytes, ...]:
-        if self._deflated is None:
-            segments = [fragment.deflated() for fragment in self.fragments]
-            self._deflated = tuple(
-                b"".join(segment[index] for segment in segments)
-                for index in range(len(self.columns))
+    def deflate(self, fragments: Sequence[_Fragment]) -> tuple[bytes, ...]:
+        """The deflate segments joined per family (compressed now if never asked for)."""
+        if self.deflated is None:
+            self.deflated, self.deflate_starts = _join(
+                [_deflate_segments(fragment.lines()) for fragment in fragments],
+                len(self.columns),
             )
-        return self._deflated
+        return self.deflated
+
+    @staticmethod
+    def slices(columns: tuple[bytes, ...], starts: _Starts, place: int) -> list[memoryview]:
+        return [
+            memoryview(column)[start[place] : start[place + 1]]
+            for column, start in zip(columns, starts, strict=True)
+        ]
+
+
+#: the blocks of a snapshot, each with its members
+_Blocks = list[tuple[_Block, list[_Fragment]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,29 +337,29 @@ class CachedExposition:
         self._fragments = fragments
         return list(fragments.values())
 
-    def _update_blocks(self, fragments: list[_Fragment]) -> list[_Block]:
+    def _update_blocks(self, fragments: list[_Fragment]) -> _Blocks:
         """The fragments in blocks of BLOCK_ACCOUNTS; only a block with a changed (or
         added, or removed) account is joined again."""
         old = self._blocks
         blocks = []
         for number, start in enumerate(range(0, len(fragments), BLOCK_ACCOUNTS)):
-            members = tuple(fragments[start : start + BLOCK_ACCOUNTS])
+            members = fragments[start : start + BLOCK_ACCOUNTS]
             block = old[number] if number < len(old) else None
-            if block is None or block.fragments != members:  # _Fragment: equal if the same
+            if block is None or not block.holds(members):
                 block = _Block(members, len(self._families))
-            blocks.append(block)
-        self._blocks = blocks
+            blocks.append((block, members))
+        self._blocks = [block for block, _ in blocks]
         return blocks
 
-    def _plain(self, fmt: Format, blocks: list[_Block]) -> tuple[bytes, ...]:
+    def _plain(self, fmt: Format, blocks: _Blocks) -> tuple[bytes, ...]:
         parts = []
         for index, header in enumerate(self._headers[fmt]):
             parts.append(header)
-            parts.extend(column for block in blocks if (column := block.columns[index]))
+            parts.extend(column for block, _ in blocks if (column := block.columns[index]))
         return tuple(parts)
 
-    def _gzip(self, fmt: Format, blocks: list[_Block]) -> GzipPrefix:
-        segments = [block.deflated() for block in blocks]
+    def _gzip(self, fmt: Format, blocks: _Blocks) -> GzipPrefix:
+        segments = [block.deflate(members) for block, members in blocks]
         data = [_GZIP_HEADER]
         crc = size = 0
         for index, header in enumerate(self._headers[fmt]):
@@ -303,7 +367,7 @@ class CachedExposition:
             data.extend(segment[index] for segment in segments)
             crc = zlib.crc32(header, crc)
             size += len(header)
-            for block in blocks:
+            for block, _ in blocks:
                 crc = zlib.crc32(block.columns[index], crc)
                 size += len(block.columns[index])
         # one buffer (~1 MB): 364 pieces of ~3 KB would be slower to send

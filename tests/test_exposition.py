@@ -112,6 +112,32 @@ def test_rendered_once_per_generation_and_only_changed_accounts() -> None:
     assert exposition.renders == 3
 
 
+def test_changes_across_blocks_keep_every_variant_equal_to_prometheus_client() -> None:
+    # 40 accounts: three blocks of BLOCK_ACCOUNTS; changes in one, then a reload that
+    # removes an account (every later block shifts) and adds one.
+    store = SnapshotStore([account(f"desk-{i:02d}", ["USDT", "BTC"], seed=i) for i in range(40)])
+    exposition = CachedExposition(store)
+    tail = b"# EOF\n"
+
+    def check() -> None:
+        for fmt in ("text", "openmetrics"):
+            plain = reference(store, fmt).removesuffix(tail)
+            assert exposition.text(fmt) == plain  # type: ignore[arg-type]
+            body = b"".join(exposition.gzip(fmt).finish(tail))  # type: ignore[arg-type]
+            assert gzip.decompress(body) == plain + tail
+
+    exposition.text("text")  # blocks made before gzip is asked for: compressed later
+    check()
+    store.replace(account("desk-17", ["ETH"], seed=99))
+    check()
+    store.replace(account("desk-03", ["USDT", "SOL", "BTC"], seed=7))
+    store.replace(account("desk-39", [], seed=1))
+    check()
+    kept = [a for name, a in store.current.accounts.items() if name != "desk-05"]
+    store.rebuild(lambda _: [*kept, account("desk-40", ["BNB"], seed=4)])
+    check()
+
+
 def test_concurrent_scrapes_of_a_new_generation_render_it_once() -> None:
     store = tricky_store()
     exposition = CachedExposition(store)
