@@ -2,22 +2,23 @@
 
 prometheus_client builds an object per sample on every scrape: with 200
 accounts x 30 assets that is ~0.5 s per scrape. Here the snapshot families
-(the enabled collectors', collector.families_of) are written straight to text, and only
-for the accounts
-that changed: each account's lines are kept per family, keyed by the
-`AccountSnapshot` object they came from (snapshots are immutable, so a new
-object is the only way an account changes). A scrape that finds the body of
-its format older than the current `Snapshot.generation` assembles a new one
-from those fragments; every other scrape serves the cached bytes.
+(the enabled collectors', collector.families_of) are written straight to text, and
+only for the accounts that changed, keyed by the `AccountSnapshot` object they came
+from (snapshots are immutable, so a new object is the only way an account changes).
+Accounts are kept in blocks of BLOCK_ACCOUNTS, their lines joined per family; a
+change joins its block again. A scrape that finds the body of its format older than
+the current `Snapshot.generation` assembles a new one from the blocks; every other
+scrape serves the cached one.
 
 Each variant (text or OpenMetrics, plain or gzip) is built under one lock, by
 the `Prerenderer` when the snapshot changes or by the first scrape that needs
 it; scrapes arriving meanwhile wait for it and take its result instead of
-rendering again. A body is the list of its pieces, never joined. The gzip
-variant is a gzip header and one raw-deflate segment per account and family,
-each ended by a full flush so that no segment refers to another; per scrape,
-only the live self-metrics are compressed and appended, with the CRC and size of
-the whole. The result is one ordinary gzip member.
+rendering again. A plain body is the tuple of its pieces (headers and block
+columns), never joined. The gzip variant is a gzip header and one raw-deflate
+segment per account and family, each ended by a full flush so that no segment
+refers to another (joined: ~1 MB); per scrape, only the live self-metrics are
+compressed and appended, with the CRC and size of the whole. The result is one
+ordinary gzip member.
 
 The lines are exactly prometheus_client's: label values escaped by its rules
 (backslash, newline, double quote) and values formatted by its floatToGoString.
