@@ -7,6 +7,10 @@ filled) and reads the exporter's VmRSS and VmHWM. The baseline, in the same run,
 is the same exporter polling 1 account with 1 asset.
 
     PYTHONPATH=. python bench/memory.py [--accounts 200] [--assets 30] [--repeat 3]
+    PYTHONPATH=. python bench/memory.py --tree /tmp/main-tree    # main's exporter beside
+
+With `--tree DIR`, the exporter of DIR (main's, for "before") is measured too, each
+repeat one after the other with this tree's, on the same simulator.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def measure(accounts: int, assets: int, workdir: Path) -> dict[str, float]:
+def measure(accounts: int, assets: int, workdir: Path, tree: Path = ROOT) -> dict[str, float]:
     config = workdir / f"config-{accounts}x{assets}.yaml"
     with simulator_process(config, accounts=accounts, assets=assets, ip_weight_limit=10**7):
         edit_config(config, ip_weight_limit_per_minute=10**7, share=1.0, min_interval_seconds=10)
@@ -45,14 +49,14 @@ def measure(accounts: int, assets: int, workdir: Path) -> dict[str, float]:
         process = subprocess.Popen(
             [sys.executable, "-m", "exporter", "--config.file", str(config),
              "--web.listen-address", f"127.0.0.1:{port}", "--log.level", "warning"],
-            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree,
         )  # fmt: skip
         try:
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 120
             while True:
                 try:
-                    if httpx.get(f"{url}/readyz").status_code == 200:
+                    if httpx.get(f"{url}/readyz", timeout=60).status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
@@ -62,7 +66,7 @@ def measure(accounts: int, assets: int, workdir: Path) -> dict[str, float]:
             series = 0
             for _ in range(3):
                 for headers in VARIANTS:
-                    body = httpx.get(f"{url}/metrics", headers=headers).text
+                    body = httpx.get(f"{url}/metrics", headers=headers, timeout=60).text
                     if headers == VARIANTS[0]:
                         series = sum(1 for line in body.splitlines() if not line.startswith("#"))
             status = Path(f"/proc/{process.pid}/status").read_text()
@@ -78,20 +82,31 @@ def main() -> int:
     parser.add_argument("--accounts", type=int, default=200)
     parser.add_argument("--assets", type=int, default=30)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--tree", type=Path, default=None, help="main's tree, for 'before'")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        big, small = [], []
+        big, small, before = [], [], []
         for _ in range(args.repeat):
             small.append(measure(1, 1, Path(tmp)))
+            if args.tree is not None:
+                before.append(measure(args.accounts, args.assets, Path(tmp), args.tree.resolve()))
             big.append(measure(args.accounts, args.assets, Path(tmp)))
             print(".", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
     rows = []
+    if before:
+        rows.append([
+            f"{args.accounts} x {args.assets}, {args.tree}",
+            int(median([r["series"] for r in before])),
+            median([r["rss"] for r in before]),
+            median([r["hwm"] for r in before]),
+        ])  # fmt: skip
     for name, runs in (("baseline 1 x 1", small), (f"{args.accounts} x {args.assets}", big)):
         series = int(median([r["series"] for r in runs]))
         rows.append(
             [name, series, median([r["rss"] for r in runs]), median([r["hwm"] for r in runs])]
         )
+    rows = rows[1:] + rows[:1] if before else rows  # main's row last
     extra_series = rows[1][1] - rows[0][1]
     per_series = (rows[1][2] - rows[0][2]) * 1024 * 1024 / extra_series
     print(table(["exporter", "series", "RSS MB", "peak RSS MB"], rows))

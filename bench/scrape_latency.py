@@ -10,12 +10,19 @@ every 30 s) and each scrape comes at a random moment after a new one, so every s
 sees a new snapshot generation.
 
     PYTHONPATH=. python bench/scrape_latency.py [--accounts 200] [--assets 30] [--rounds 5]
+    PYTHONPATH=. python bench/scrape_latency.py --tree /tmp/main-tree [--repeat 2]
+
+With `--tree DIR`, the exporter package of DIR (main's, for "before") and this tree's
+each run in a process of their own, alternately, `--repeat` times; the medians are
+over all of a tree's scrapes, and each tree has its own static-file column.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import json
+import os
 import random
 import subprocess
 import sys
@@ -97,7 +104,78 @@ def main() -> int:
     parser.add_argument(
         "--per-round", type=int, default=10, help="scrapes per round (ours, static)"
     )
+    parser.add_argument("--tree", type=Path, default=None, help="main's tree, for 'before'")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per tree, with --tree")
+    parser.add_argument("--json", action="store_true", help="print the raw times as JSON")
+    parser.add_argument(
+        "--file-nice",
+        type=int,
+        default=10,
+        help="the file server's nice: the exporter's HTTP threads run at 10 (HTTP_NICE)",
+    )
     args = parser.parse_args()
+    if args.tree is not None:
+        return compare(args)
+    times = measure(args)
+    if args.json:
+        print(json.dumps([[variant, name, t] for (variant, name), t in times.items()]))
+    else:
+        print(results_table(times))
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Run `measure` in a process per tree, alternately; one table of both."""
+    passed = [
+        f"--accounts={args.accounts}", f"--assets={args.assets}", f"--rounds={args.rounds}",
+        f"--refreshes={args.refreshes}", f"--per-round={args.per_round}", "--json",
+        f"--file-nice={args.file_nice}",
+    ]  # fmt: skip
+    trees = {"before": args.tree.resolve(), "after": ROOT_DIR}
+    times: dict[str, dict[tuple[str, str], list[float]]] = {label: {} for label in trees}
+    for _ in range(args.repeat):
+        for label, tree in trees.items():
+            # the tree first, then this one for `common` (which then adds nothing before it)
+            env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{ROOT_DIR}"}
+            out = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), *passed],
+                env=env, cwd=tree, capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            for variant, name, values in json.loads(out.splitlines()[-1]):
+                times[label].setdefault((variant, name), []).extend(values)
+    rows = []
+    for variant in {v for v, _ in times["after"]}:
+        row: list[object] = [variant]
+        for label in trees:
+            churn = median(times[label][(variant, "ours churn")])
+            file = median(times[label][(variant, "file")])
+            row += [churn, file, f"{churn / file:.2f}x"]
+        rows.append(row)
+    rows.sort(key=lambda row: list(VARIANTS).index(str(row[0])))
+    print(
+        f"{args.refreshes} refreshes/s; medians in ms over {args.repeat} runs per tree, "
+        f"{args.repeat * args.rounds * args.per_round} scrapes per cell; "
+        f"file server at nice {args.file_nice}"
+    )
+    print(table(
+        ["format", "before: churn", "static file", "churn/file",
+         "after: churn", "static file", "churn/file"],
+        rows,
+    ))  # fmt: skip
+    return 0
+
+
+VARIANTS = {
+    "text": {"Accept-Encoding": "identity"},
+    "openmetrics": {"Accept": OPENMETRICS, "Accept-Encoding": "identity"},
+    "text+gzip": {"Accept-Encoding": "gzip"},
+    "openmetrics+gzip": {"Accept": OPENMETRICS, "Accept-Encoding": "gzip"},
+    "openmetrics+gzip, Prometheus 3": {"Accept": PROMETHEUS_3, "Accept-Encoding": "gzip"},
+}
+
+
+def measure(args: argparse.Namespace) -> dict[tuple[str, str], list[float]]:
+    """Scrape times in ms by (variant, server), with the sizes on stderr."""
 
     rng = random.Random(7)
     generated = [generate_account(f"acct-{i:03d}", "hmac") for i in range(args.accounts)]
@@ -122,12 +200,7 @@ def main() -> int:
     static = MetricsServer(static_app, "127.0.0.1", 0)  # type: ignore[arg-type]
     static.start()
 
-    variants = {
-        "text": {"Accept-Encoding": "identity"},
-        "text+gzip": {"Accept-Encoding": "gzip"},
-        "openmetrics+gzip": {"Accept": OPENMETRICS, "Accept-Encoding": "gzip"},
-        "openmetrics+gzip, Prometheus 3": {"Accept": PROMETHEUS_3, "Accept-Encoding": "gzip"},
-    }
+    variants = VARIANTS
     for headers in variants.values():
         key = (headers.get("Accept", ""), headers.get("Accept-Encoding", ""))
         static_app.responses[key] = capture(ours.port, headers)
@@ -138,15 +211,17 @@ def main() -> int:
     )
     print(
         f"{args.accounts} accounts x {args.assets} assets: {series} series; "
+        f"{args.refreshes} refreshes/s; "
         f"text {len(static_app.responses[('', 'identity')][1]) / 1e6:.1f} MB, "
-        f"gzip {len(static_app.responses[('', 'gzip')][1]) / 1e6:.2f} MB"
+        f"gzip {len(static_app.responses[('', 'gzip')][1]) / 1e6:.2f} MB",
+        file=sys.stderr,
     )
 
     files = tempfile.TemporaryDirectory(prefix="scrape-latency-")
     for index, headers in enumerate(variants.values()):
         key = (headers.get("Accept", ""), headers.get("Accept-Encoding", ""))
         (Path(files.name) / f"v{index}").write_bytes(static_app.responses[key][1])
-    file_server, file_port = _file_server(files.name)
+    file_server, file_port = _file_server(files.name, args.file_nice)
 
     names = list(exporter.store.current.accounts)
     fresh = [synthetic_account(n, args.assets, rng) for n in names]  # churn data, made up front
@@ -190,8 +265,23 @@ def main() -> int:
             print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
 
+    print(
+        f"renders of the snapshot exposition: {exporter.exposition.renders}; "
+        f"scrapes per cell: {args.rounds * args.per_round} (baseline {args.rounds})",
+        file=sys.stderr,
+    )
+    stop.set()
+    for server in (ours, baseline, static):
+        server.close()
+    file_server.kill()
+    file_server.wait()
+    files.cleanup()
+    return times
+
+
+def results_table(times: dict[tuple[str, str], list[float]]) -> str:
     rows = []
-    for variant in variants:
+    for variant in VARIANTS:
         m = {
             name: median(times[(variant, name)])
             for name in ("ours", "ours churn", "static", "file", "baseline")
@@ -200,33 +290,33 @@ def main() -> int:
             variant, m["ours"], m["ours churn"], m["static"], m["file"], m["baseline"],
             f"{m['ours'] / m['file']:.2f}x", f"{m['ours churn'] / m['file']:.2f}x",
         ])  # fmt: skip
-    print(table(
+    return table(
         ["format", "ours ms", "ours churn ms", "static ms", "static file ms",
          "generate_latest ms", "ours/file", "churn/file"],
         rows,
-    ))  # fmt: skip
-    print(
-        f"renders of the snapshot exposition: {exporter.exposition.renders}; "
-        f"scrapes per cell: {args.rounds * args.per_round} (baseline {args.rounds})"
-    )
-    stop.set()
-    for server in (ours, baseline, static):
-        server.close()
-    file_server.kill()
-    file_server.wait()
-    files.cleanup()
-    return 0
+    )  # fmt: skip
 
 
-def _file_server(directory: str) -> tuple[subprocess.Popen[bytes], int]:
-    """`python -m http.server` on a free loopback port, serving `directory`."""
+def _file_server(directory: str, nice: int) -> tuple[subprocess.Popen[bytes], int]:
+    """`python -m http.server` on a free loopback port, serving `directory`, at `nice` (on
+    a busy machine a nice-0 server gets ~10x the CPU share of the exporter's HTTP threads)."""
     import socket  # noqa: PLC0415 - only here
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = int(probe.getsockname()[1])
     server = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        [
+            "nice",
+            "-n",
+            str(nice),
+            sys.executable,
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+        ],
         cwd=directory,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -96,8 +96,9 @@ def test_gzip_is_one_member_of_the_same_bytes_plus_the_live_tail(fmt: str) -> No
 def test_rendered_once_per_generation_and_only_changed_accounts() -> None:
     store = tricky_store()
     exposition = CachedExposition(store)
-    first = exposition.text("text")
-    assert exposition.text("text") is first
+    first = exposition.chunks("text")
+    assert exposition.chunks("text") is first
+    assert exposition.chunks("openmetrics") is first  # the same headers: the same body
     assert exposition.renders == 1
     fragments = dict(exposition._fragments)
     store.replace(account("desk-b", ["ETH", "SOL"], seed=5))
@@ -111,17 +112,43 @@ def test_rendered_once_per_generation_and_only_changed_accounts() -> None:
     assert exposition.renders == 3
 
 
+def test_changes_across_blocks_keep_every_variant_equal_to_prometheus_client() -> None:
+    # 40 accounts: three blocks of BLOCK_ACCOUNTS; changes in one, then a reload that
+    # removes an account (every later block shifts) and adds one.
+    store = SnapshotStore([account(f"desk-{i:02d}", ["USDT", "BTC"], seed=i) for i in range(40)])
+    exposition = CachedExposition(store)
+    tail = b"# EOF\n"
+
+    def check() -> None:
+        for fmt in ("text", "openmetrics"):
+            plain = reference(store, fmt).removesuffix(tail)
+            assert exposition.text(fmt) == plain  # type: ignore[arg-type]
+            body = b"".join(exposition.gzip(fmt).finish(tail))  # type: ignore[arg-type]
+            assert gzip.decompress(body) == plain + tail
+
+    exposition.text("text")  # blocks made before gzip is asked for: compressed later
+    check()
+    store.replace(account("desk-17", ["ETH"], seed=99))
+    check()
+    store.replace(account("desk-03", ["USDT", "SOL", "BTC"], seed=7))
+    store.replace(account("desk-39", [], seed=1))
+    check()
+    kept = [a for name, a in store.current.accounts.items() if name != "desk-05"]
+    store.rebuild(lambda _: [*kept, account("desk-40", ["BNB"], seed=4)])
+    check()
+
+
 def test_concurrent_scrapes_of_a_new_generation_render_it_once() -> None:
     store = tricky_store()
     exposition = CachedExposition(store)
     exposition.text("text")
     store.replace(account("desk-a", ["USDT"], seed=1))
     start = threading.Barrier(8)
-    results: list[bytes] = []
+    results: list[tuple[bytes, ...]] = []
 
     def scrape() -> None:
         start.wait()
-        results.append(exposition.text("text"))
+        results.append(exposition.chunks("text"))
 
     threads = [threading.Thread(target=scrape) for _ in range(8)]
     for thread in threads:

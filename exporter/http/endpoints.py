@@ -22,6 +22,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector
 
+from exporter import livetext
 from exporter.collector import SnapshotCollector
 from exporter.exposition import CachedExposition, Format, Prerenderer
 from exporter.http.messages import Request, Response, text_response
@@ -149,10 +150,11 @@ class ExporterApp:
                 everything = _Chain(snapshot, self._registry)
             body = encoder(everything)
             return Response(200, headers, [gzip.compress(body, 6) if gzipped else body])
-        live = encoder(self._registry)  # the live self-metrics (and `# EOF`), per scrape
+        # the live self-metrics (and `# EOF`), per scrape
+        live = livetext.render(self._registry.collect(), fmt) or encoder(self._registry)
         if gzipped:
             return Response(200, headers, self._exposition.gzip(fmt).finish(live))
-        return Response(200, headers, [self._exposition.text(fmt), live])
+        return Response(200, headers, [*self._exposition.chunks(fmt), live])
 
     def _landing(self, request: Request) -> Response:
         return Response(200, [("Content-Type", "text/html; charset=utf-8")], [LANDING_PAGE])
