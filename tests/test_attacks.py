@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import itertools
-import os
 import resource
 import selectors
 import signal
@@ -77,17 +76,6 @@ class Exporter(ExporterProcess):
             for line in self.scrape().text.splitlines()
             if line.startswith("binance_pm_up{")
         ]
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def status(self, key: str) -> float:
-        """A figure from /proc/PID/status in MB (VmRSS, VmHWM)."""
-        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-        raise AssertionError(key)
 
     def stop(self) -> int:
         try:

@@ -287,12 +287,15 @@ def test_back_to_back_scrapes_on_one_connection_are_not_delayed(config: Path) ->
                 started = time.monotonic()
                 assert scraper.get(url).status_code == 200
                 latencies.append(time.monotonic() - started)
-        median = statistics.median(latencies)
-        print(f"\nback-to-back scrapes: median {median * 1000:.1f} ms")
-        # Nagle against delayed ACK holds each answer about 40 ms (main: 48-52 ms); without
-        # it a scrape takes 4-8 ms on a quiet machine, 16 ms on CI's loaded one: the bound
-        # tells the two apart without timing the machine.
-        assert median <= 0.030, f"median {median * 1000:.1f} ms"
+        median, fastest = statistics.median(latencies), min(latencies)
+        print(
+            f"\nback-to-back scrapes: median {median * 1000:.1f} ms, fastest {fastest * 1000:.1f}"
+        )
+        # Nagle against delayed ACK holds every answer about 40 ms (main: 48-52 ms), a floor
+        # no scrape gets under; without it a scrape takes 4-8 ms on a quiet machine, and
+        # a loaded one stretches some scrapes but not all: the fastest of 30 tells the two
+        # apart without timing the machine.
+        assert fastest <= 0.030, f"fastest {fastest * 1000:.1f} ms, median {median * 1000:.1f} ms"
     finally:
         assert running.stop() == 0
 

@@ -83,6 +83,18 @@ class ExporterProcess:
     def sample(self, name: str, **labels: str) -> float | None:
         return metrics.sample(self.get("/metrics").text, name, **labels)
 
+    def cpu_seconds(self) -> float:
+        """The process's CPU time so far, user and system (10 ms resolution)."""
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def status(self, key: str) -> float:
+        """A figure from /proc/PID/status in MB (VmRSS, VmHWM)."""
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError(key)
+
     def signal(self, signum: int) -> None:
         self.popen.send_signal(signum)
 
