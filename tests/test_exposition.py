@@ -221,11 +221,14 @@ def test_a_real_exporters_metrics_equal_the_full_registry_and_pass_promtool() ->
     om_accept = {"Accept": "application/openmetrics-text; version=1.0.0"}
     with Simulator([g.sim_account for g in generated], assets_per_account=4) as sim:
         config = sim_config(sim.url, generated, {"share": 1.0, "min_interval_seconds": 1})
-        with RunningExporter(config) as running:
+        # What this compares is content, not speed: the server's threads run at nice 10,
+        # and a machine busy at nice 0 (CI beside stress --cpu 2 and four test workers)
+        # stretched one of these small scrapes past httpx's default 5 s.
+        with RunningExporter(config) as running, httpx.Client(timeout=60) as scrape:
             exporter = running.exporter
             wait_until(lambda: not exporter.store.current.pending, what="every account refreshed")
             wait_until(lambda: exporter.price_store.current.fetched, what="prices fetched")
-            polling = httpx.get(f"{running.url}/metrics").text
+            polling = scrape.get(f"{running.url}/metrics").text
             assert 'binance_pm_up{account="desk-0"} 1.0' in polling
             assert 'binance_pm_asset_price_usd{asset="BTC"} 65000.0' in polling
             running.stop_polling()
@@ -233,12 +236,12 @@ def test_a_real_exporters_metrics_equal_the_full_registry_and_pass_promtool() ->
             everything = reference_registry(exporter)
             expected = generate_latest(everything).decode()
             identity = {"Accept-Encoding": "identity"}
-            text = httpx.get(f"{running.url}/metrics", headers=identity).text
-            zipped = httpx.get(
+            text = scrape.get(f"{running.url}/metrics", headers=identity).text
+            zipped = scrape.get(
                 f"{running.url}/metrics", headers={**om_accept, "Accept-Encoding": "gzip"}
             )
             by_accept = {
-                accept: httpx.get(f"{running.url}/metrics", headers={"Accept": accept})
+                accept: scrape.get(f"{running.url}/metrics", headers={"Accept": accept})
                 for accept in ESCAPINGS
             }
     assert samples(steady(text)) == samples(steady(expected))
