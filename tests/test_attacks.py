@@ -288,7 +288,7 @@ def test_a_wrong_password_flood_costs_little_and_ends_when_it_stops(exporter: Ex
 
     def idle() -> bool:
         before, started = exporter.cpu_seconds(), time.monotonic()
-        time.sleep(0.5)
+        time.sleep(0.5)  # real: the exporter's CPU share over half a second of wall time
         return (exporter.cpu_seconds() - before) / (time.monotonic() - started) < 0.10
 
     wait_until(idle, timeout=2.5, step=0, what="the exporter idle (< 10 % CPU)")
