@@ -22,6 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
+def use_tree(tree: Path) -> None:
+    """Run the simulator and the exporter from `tree` (another checkout) from now on."""
+    ENV["PYTHONPATH"] = str(tree.resolve())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
