@@ -22,6 +22,16 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
+def use_tree(tree: Path) -> None:
+    """Run the simulator and the exporter from `tree` (another checkout) from now on: on
+    its path and in it (`python -m` puts the working directory first on sys.path)."""
+    ENV["PYTHONPATH"] = str(tree.resolve())
+
+
+def _tree() -> str:
+    return ENV["PYTHONPATH"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,6 +89,7 @@ def start_simulator(
         stdout=subprocess.PIPE,
         text=True,
         env=ENV,
+        cwd=_tree(),
     )
     assert process.stdout is not None
     line = process.stdout.readline().strip()
@@ -114,6 +125,7 @@ def start_exporter(config: Path, workdir: Path) -> tuple[subprocess.Popen[bytes]
         stdout=log,
         stderr=log,
         env=ENV,
+        cwd=_tree(),
     )
     log.close()
     url = f"http://127.0.0.1:{port}"

@@ -2,6 +2,7 @@
 
     python bench/load.py [--accounts 100] [--assets 20] [--interval 5] [--duration 60]
                          [--connections 64] [--threads 2] [--baseline 30] [--json out.json]
+                         [--tree CHECKOUT]
 
 The simulator and the exporter run as processes (`python -m exporter.simulator
 --write-config`, `python -m exporter`); the budget is opened wide (IP limit 1,000,000,
@@ -37,6 +38,8 @@ from _procs import (
     start_simulator,
     stop,
     tune_config,
+    use_tree,
+    wait_for,
 )
 
 
@@ -171,7 +174,10 @@ def main() -> None:
         help="instead of wrk, one scraper at this steady pace (a Prometheus-like load)",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--tree", type=Path, help="run the exporter's code from this checkout")
     args = parser.parse_args()
+    if args.tree is not None:
+        use_tree(args.tree)
     wrk = shutil.which("wrk")
     if wrk is None and not args.scrape_every:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
@@ -199,7 +205,8 @@ def main() -> None:
             load1 = time.time()
             cpu2 = cpu_seconds(exporter.pid)
             rss = rss_mib(exporter.pid)
-            after = get(f"{url}/metrics").decode()
+            # wrk's last requests may still hold every /metrics slot for a moment (503)
+            after = wait_for(lambda: get(f"{url}/metrics"), 30, "/metrics after it").decode()
             records = sim_requests(sim_url)
         finally:
             if exporter is not None:
@@ -218,6 +225,7 @@ def main() -> None:
             else f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s",
             "series": len(series(after)),
             "metrics_bytes": len(before),
+            "tree": str(args.tree or "this one"),
         },
         "scrapes": load,
         "schedule_baseline": schedule(records, base0, load0, args.interval, args.accounts),

@@ -38,6 +38,10 @@ DEFAULT_PORT = 9745
 DEMO_LISTEN_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
 ENV_PREFIX = "BINANCE_PM_EXPORTER_"
 EXIT_USAGE = 2
+#: how long a thread may run while another waits for the GIL (CPython's default: 5 ms). The
+#: pollers' loop shares it with the HTTP threads: under a scrape flood each of its
+#: wake-ups waited up to this long for every thread ahead of it (bench/README.md, issue 20)
+SWITCH_INTERVAL_SECONDS = 0.001
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 log = structlog.get_logger("exporter")
@@ -196,6 +200,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         )
         exporter = Exporter(config, shard=shard, storage=storage, load=load)
         open_files = raise_open_files_limit()
+        sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
         try:
             server = serve_http(
                 exporter, host, port, web_config, limits, lifecycle=args.web_enable_lifecycle

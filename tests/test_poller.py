@@ -189,6 +189,33 @@ def test_min_interval_is_a_floor() -> None:
     assert starts[1] - starts[0] == pytest.approx(15, abs=0.1)  # spread across the interval
 
 
+class LateClock(EventClock):
+    """An EventClock whose sleepers all wake `late` seconds after they asked: an event loop
+    kept busy by other work (a flood of scrapes)."""
+
+    def __init__(self, start: float, late: float) -> None:
+        super().__init__(start)
+        self.late = late
+
+    async def sleep(self, seconds: float) -> None:
+        await super().sleep(seconds + self.late)
+
+
+def test_a_loop_late_on_every_turn_does_not_move_the_cadence() -> None:
+    # A budget far wider than needed (a slot of ms), every wake-up 0.1 s late: each turn
+    # comes 0.1 s after it was due, and the next is still due on the even cadence.
+    clock = LateClock(START, late=0.1)
+    api = FakeApi(clock)
+    names = [f"acct-{i}" for i in range(10)]
+    poller, _, _ = build_poller(names, BudgetLimits(1_000_000, 1.0, 0.9), 5.0, clock, api)
+    run_for(poller, clock, 120)
+    for name in names:
+        own = balance_times(api, name)
+        assert len(own) >= 23
+        lateness = [t - (own[0] + k * 5.0) for k, t in enumerate(own)]
+        assert max(lateness) < 0.2  # on main's rule: 0.1 s more every turn (2.3 s here)
+
+
 def test_high_water_pauses_every_request_until_the_next_minute() -> None:
     poller, api, clock, _, budget = make_poller(3, BudgetLimits(6000, 0.25, 0.8), 10)
     # another client on the IP spends 80% during the minute starting at START + 50

@@ -4,8 +4,8 @@ Scrapes read the current snapshot and live counters; they never wait on the
 poller, on Binance or on a reload. Connections (`protocol`) reach the rest only
 through the `Host` this module implements: the connection table (`limits`), the
 auth gate (`auth`), the endpoints (`endpoints`) and the TLS bounds (`tls`).
-/metrics is rendered in WORKERS threads; bcrypt, reloads and the web config's
-watcher each have a thread of their own.
+/metrics is rendered in WORKERS threads (one body built at a time); bcrypt,
+reloads and the web config's watcher each have a thread of their own.
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ class _Server:
         #: connections waiting for a handshake turn, with their sockets (newest last)
         self._handshake_queue: dict[Connection, socket.socket] = {}
         self._closed = False
+        #: held while a /metrics body is built (see `_build`)
+        self._building = threading.Lock()
         #: /metrics renders and large writes; more in flight wait their turn
         self.workers = concurrent.futures.ThreadPoolExecutor(
             min(limits.max_requests, WORKERS),
@@ -202,11 +204,17 @@ class _Server:
 
     async def produce(self, request: Request, response: Response) -> Response:
         if response is RENDER:  # /metrics: rendered in a worker thread, off this loop
-            return await self.loop.run_in_executor(self.workers, self.render, request)
+            return await self.loop.run_in_executor(self.workers, self._build, request)
         if response is RELOAD:  # waits in the reload thread, holding no worker
             assert self.app.reloads is not None
             return self.app.reloaded(await asyncio.wrap_future(self.app.reloads.request()))
         return response
+
+    def _build(self, request: Request) -> Response:
+        """/metrics, one body at a time: building it is Python holding the GIL, and more
+        builders at once only crowd the pollers' loop out of it (their sends still overlap)."""
+        with self._building:
+            return self.render(request)
 
     def render(self, request: Request) -> Response:
         """The app's answer (in a worker thread for /metrics)."""
