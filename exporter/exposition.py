@@ -65,12 +65,15 @@ def escape_label_value(value: str) -> str:
     return value
 
 
+def escape_help(text: str, fmt: Format) -> str:
+    """Help text as prometheus_client escapes it per format (OpenMetrics quotes `"` too)."""
+    text = text.replace("\\", r"\\").replace("\n", r"\n")
+    return text.replace('"', r"\"") if fmt == "openmetrics" else text
+
+
 def help_line(family: Family, fmt: Format) -> str:
     """`# HELP` and `# TYPE` of a gauge family, escaped as prometheus_client does per format."""
-    text = family.help.replace("\\", r"\\").replace("\n", r"\n")
-    if fmt == "openmetrics":
-        text = text.replace('"', r"\"")
-    return f"# HELP {family.name} {text}\n# TYPE {family.name} gauge\n"
+    return f"# HELP {family.name} {escape_help(family.help, fmt)}\n# TYPE {family.name} gauge\n"
 
 
 def render_lines(family: Family, account: AccountSnapshot) -> str:

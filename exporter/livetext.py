@@ -13,11 +13,11 @@ writer; this one takes ~0.3 ms for either (bench/README.md).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
-from typing import Literal
+from collections.abc import Iterable
 
 from prometheus_client.metrics_core import Metric
-from prometheus_client.utils import floatToGoString
+
+from exporter.exposition import Format, escape_help, escape_label_value, format_value
 
 #: the legacy metric name, and label name, character sets (prometheus_client's validation)
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
@@ -25,11 +25,9 @@ _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 #: text format 0.0.4's types for the OpenMetrics types that it lacks
 _TEXT_TYPES = {"info": "gauge", "stateset": "gauge", "gaugehistogram": "histogram"}
 _TEXT_ONLY_SUFFIXES = ("_created", "_gsum", "_gcount")
-#: prometheus_client's float formatting (Go's), typed
-_format_value: Callable[[float], str] = floatToGoString
 
 
-def render(metrics: Iterable[Metric], fmt: Literal["text", "openmetrics"]) -> bytes | None:
+def render(metrics: Iterable[Metric], fmt: Format) -> bytes | None:
     """`metrics` in `fmt` (OpenMetrics with its `# EOF`), or None when one of them needs
     prometheus_client's full writer."""
     openmetrics = fmt == "openmetrics"
@@ -39,10 +37,8 @@ def render(metrics: Iterable[Metric], fmt: Literal["text", "openmetrics"]) -> by
         name, kind = metric.name, metric.type
         if metric.unit or not _METRIC_NAME.fullmatch(name):
             return None
-        doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
-        if openmetrics:
-            doc = doc.replace('"', r"\"")
-        else:
+        doc = escape_help(metric.documentation, fmt)
+        if not openmetrics:
             if kind == "counter":
                 name += "_total"
             elif kind == "info":
@@ -71,18 +67,11 @@ def render(metrics: Iterable[Metric], fmt: Literal["text", "openmetrics"]) -> by
                         if not _LABEL_NAME.fullmatch(key):
                             return None
                         names_seen.add(key)
-                    pairs.append(f'{key}="{_escape(value)}"')
+                    pairs.append(f'{key}="{escape_label_value(value)}"')
                 labels = "{" + ",".join(pairs) + "}"
             else:
                 labels = ""
-            out.append(f"{sample.name}{labels} {_format_value(sample.value)}\n")
+            out.append(f"{sample.name}{labels} {format_value(sample.value)}\n")
     if openmetrics:
         out.append("# EOF\n")
     return "".join(out).encode()
-
-
-def _escape(value: str) -> str:
-    """A label value as both formats quote it (backslash, newline, double quote)."""
-    if "\\" in value or "\n" in value or '"' in value:
-        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-    return value
