@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 from collections.abc import AsyncIterator
-from http import HTTPStatus
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from websockets.datastructures import Headers
 from websockets.exceptions import (
     ConnectionClosed,
     ConnectionClosedError,
@@ -42,9 +39,8 @@ from websockets.exceptions import (
 from websockets.frames import Close
 from websockets.http11 import Response
 
-from exporter.simulator.events import listen_key_expired
 from exporter.simulator.state import Push, SimState
-from exporter.simulator.stream import PATH_PREFIX
+from exporter.simulator.stream import PATH_PREFIX, expired_keys, respond, upgrade
 from exporter.simulator.transport import Clock
 
 #: the stream's base URL for an in-process client: the host is never resolved
@@ -109,14 +105,11 @@ class SimStream:
         status = self._state.stream.take_refusal()
         if status is not None:
             self.refused += 1
-            raise InvalidStatus(_response(status, "upgrade refused by the simulator\n"))
-        path = urlsplit(url).path
-        if not path.startswith(PATH_PREFIX):
-            raise InvalidStatus(_response(404, "not found\n"))
-        key = path[len(PATH_PREFIX) :]
-        account = self._state.listen_keys.account_of(key, self._state.now_ms())
-        if account is None:
-            raise InvalidStatus(_response(400, "invalid listenKey\n"))  # never echo the key
+            raise InvalidStatus(respond(status, "upgrade refused by the simulator\n"))
+        answer = upgrade(self._state, urlsplit(url).path)
+        if isinstance(answer, Response):
+            raise InvalidStatus(answer)
+        account, key = answer
         connection = MemConnection(self, self._clock, account, key, timings)
         self._connections.append(connection)
         self._accepted[account] = self._accepted.get(account, 0) + 1
@@ -161,10 +154,9 @@ class SimStream:
         stream, keys = self._state.stream, self._state.listen_keys
         while True:
             self._look_again.clear()
+            for account, push in expired_keys(self._state):
+                self._deliver(account, push)
             now_ms = self._state.now_ms()
-            for account, key in keys.take_expired(now_ms):
-                text = json.dumps(listen_key_expired(now_ms), separators=(",", ":"))
-                self._deliver(account, Push("expired", text, key))
             now = self._clock.now()
             due = [c.opened + stream.max_connection_seconds for c in self._connections]
             for connection, at in zip(list(self._connections), due, strict=True):
@@ -301,14 +293,6 @@ def _closed(code: int, reason: str, *, sent_first: bool = False) -> ConnectionCl
     frame = Close(code, reason)
     kind = ConnectionClosedOK if code in (1000, 1001) else ConnectionClosedError
     return kind(frame, frame, rcvd_then_sent=not sent_first)
-
-
-def _response(status: int, text: str) -> Response:
-    body = text.encode()
-    headers = Headers(
-        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
-    )
-    return Response(status, HTTPStatus(status).phrase, headers, body)
 
 
 __all__ = ["URL", "MemConnection", "SimStream"]

@@ -185,15 +185,11 @@ class StreamServer:
         if status is not None:
             with self._lock:
                 self._refused += 1
-            return _respond(status, "upgrade refused by the simulator\n")
+            return respond(status, "upgrade refused by the simulator\n")
         if request.path == COMBINED_PATH:
             return None  # the key comes in the SUBSCRIBE message
-        if not request.path.startswith(PATH_PREFIX):
-            return _respond(404, "not found\n")
-        key = request.path[len(PATH_PREFIX) :]
-        if self._state.listen_keys.account_of(key, self._state.now_ms()) is None:
-            return _respond(400, "invalid listenKey\n")  # never echo the key
-        return None
+        answer = upgrade(self._state, request.path)
+        return answer if isinstance(answer, Response) else None
 
     async def _handle(self, ws: ServerConnection) -> None:
         path = ws.request.path if ws.request else ""
@@ -261,13 +257,12 @@ class StreamServer:
                     self._pongs[connection.account] = self._pongs.get(connection.account, 0) + 1
 
     async def _sweep(self) -> None:
-        stream, keys = self._state.stream, self._state.listen_keys
+        stream = self._state.stream
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
+            for account, push in expired_keys(self._state):
+                self._deliver(account, push)
             now_ms = self._state.now_ms()
-            for account, key in keys.take_expired(now_ms):
-                text = json.dumps(listen_key_expired(now_ms), separators=(",", ":"))
-                self._deliver(account, Push("expired", text, key))
             max_ms = stream.max_connection_seconds * 1000
             for connection in self._live():
                 silent = stream.is_silent(connection.account)
@@ -320,9 +315,33 @@ async def _subscription(ws: ServerConnection) -> tuple[str, object] | None:
     return params[0], request.get("id")
 
 
-def _respond(status: int, text: str) -> Response:
+def respond(status: int, text: str) -> Response:
+    """The server's plain-text answer to an upgrade it refuses."""
     body = text.encode()
     headers = Headers(
         [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
     )
     return Response(status, HTTPStatus(status).phrase, headers, body)
+
+
+def upgrade(state: SimState, path: str) -> tuple[str, str] | Response:
+    """The (account, listenKey) a connection to `path` (`<PATH_PREFIX><listenKey>`)
+    streams, or the refusal: 404 for another path, 400 for a key not live now."""
+    if not path.startswith(PATH_PREFIX):
+        return respond(404, "not found\n")
+    key = path[len(PATH_PREFIX) :]
+    account = state.listen_keys.account_of(key, state.now_ms())
+    if account is None:
+        return respond(400, "invalid listenKey\n")  # never echo the key
+    return account, key
+
+
+def expired_keys(state: SimState) -> list[tuple[str, Push]]:
+    """The listenKeyExpired pushes, by account, of the keys past their 60 minutes now
+    (taken: each key's once)."""
+    now_ms = state.now_ms()
+    text = json.dumps(listen_key_expired(now_ms), separators=(",", ":"))
+    return [
+        (account, Push("expired", text, key))
+        for account, key in state.listen_keys.take_expired(now_ms)
+    ]
