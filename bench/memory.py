@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 import httpx
+from _procs import free_port
 from common import ROOT, edit_config, median, rss_mb, simulator_process, table
 
 VARIANTS = [
@@ -33,12 +33,6 @@ VARIANTS = [
     {"Accept": "application/openmetrics-text; version=1.0.0", "Accept-Encoding": "identity"},
     {"Accept": "application/openmetrics-text; version=1.0.0", "Accept-Encoding": "gzip"},
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def measure(accounts: int, assets: int, workdir: Path, tree: Path = ROOT) -> dict[str, float]:
