@@ -164,7 +164,7 @@ def test_hostile_strings_in_the_state_file_leave_metrics_200_and_valid(tmp_path:
             text = assert_metrics_valid(run)
             dropped = 'binance_pm_dropped_records_total{reason="label",source="state_file"}'
             assert sample(text, dropped) == 2
-            assert len(run.events("state_accounts_dropped")) == 1
+            assert len(run.logged("state_accounts_dropped")) == 1
             assert run.stop() == 0
 
 

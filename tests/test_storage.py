@@ -313,7 +313,7 @@ def test_readiness_with_a_state_file_is_immediate_for_300_accounts(
             response = run.get("/readyz")
             ready_after = time.monotonic() - run.started_at
             assert response.status_code == 200, response.text
-            assert run.events("state_restored")[0]["accounts"] == 300
+            assert run.logged("state_restored")[0]["accounts"] == 300
             run.stop()
     with capsys.disabled():
         print(f"\n300 accounts restored: /readyz 200 {ready_after:.2f} s after the process start")

@@ -77,6 +77,12 @@ class ExporterProcess:
                 found.append(event)
         return found
 
+    def logged(self, name: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The events `name` once there is one: a line is read a little after the effect
+        a test may have seen first (a metric), on a loaded machine well after."""
+        wait_until(lambda: self.events(name), timeout, f"a {name} log line")
+        return self.events(name)
+
     def get(self, path: str) -> httpx.Response:
         return httpx.get(self.url + path, timeout=5)
 
