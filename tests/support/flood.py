@@ -8,8 +8,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+#: The attacker runs at nice 19. A real one spends another machine's CPU; this one shares
+#: the exporter's, so it takes only what the exporter (nice 0, its HTTP threads nice 10)
+#: leaves: on a loaded machine it would otherwise time the scheduler, not the exporter.
 SCRIPT = """
-import base64, secrets, socket, sys, threading
+import base64, os, secrets, socket, sys, threading
+os.nice(19)
 port, clients, source = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 hang_up = sys.argv[4] == "hang-up"
 def flood():
