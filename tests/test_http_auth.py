@@ -102,6 +102,34 @@ def test_credentials_verified_before_go_ahead_of_unknown_ones() -> None:
     gate.close()
 
 
+def test_unknown_credentials_take_turns_by_source_address() -> None:
+    """A scraper restarted during a flood waits two of the flood's bcrypt runs (the one
+    running, then one more: round robin), not the flood's whole queue."""
+    checkpw = Recorder()
+    gate = AuthGate(BasicAuth({"prom": HASH}, checkpw=checkpw), nice=lambda: None)
+
+    async def scenario() -> None:
+        checkpw.release.clear()  # the first bcrypt run holds the thread
+        flood = []
+        for i in range(MAX_CHECKS_PER_PEER):
+            check = gate.admit(request("prom", b"wrong-%d" % i, "10.6.6.6"))
+            assert isinstance(check, Check)
+            flood.append(check)
+        tasks = [asyncio.ensure_future(gate.verify(c, lambda: False)) for c in flood]
+        await asyncio.to_thread(checkpw.called.acquire)  # wrong-0 is in bcrypt's thread
+        scraper = gate.admit(request("prom", PASSWORD, "10.0.0.9"))
+        assert isinstance(scraper, Check)
+        assert not scraper.first  # never verified: it queues with the unknown ones
+        tasks.append(asyncio.ensure_future(gate.verify(scraper, lambda: False)))
+        await asyncio.sleep(0)  # a yield, no time: it takes its place in the queue
+        checkpw.release.set()
+        assert await asyncio.gather(*tasks) == [False] * MAX_CHECKS_PER_PEER + [True]
+
+    asyncio.run(scenario())
+    assert checkpw.passwords == [b"wrong-0", b"wrong-1", PASSWORD, b"wrong-2", b"wrong-3"]
+    gate.close()
+
+
 def test_unknown_credentials_are_capped_per_source_address() -> None:
     gate = AuthGate(BasicAuth({"prom": HASH}), nice=lambda: None)
     admitted = [gate.admit(request("prom", b"x%d" % i)) for i in range(MAX_CHECKS_PER_PEER)]

@@ -16,8 +16,10 @@ full) or pending: a bcrypt check to run. Checks run one at a time in one thread,
 so a flood costs one core at most. Credentials that verified before (under any
 web config since start) go first; unknown ones queue behind, at most
 MAX_CHECKS_PER_PEER from one source address and MAX_CHECKS in all, so one
-address cannot fill the queue. A check whose client hung up while it waited is
-skipped.
+address cannot fill the queue. They take turns by source address (round robin):
+a flood from one address delays another's check by two bcrypt runs at most (the
+one running, then one more), however many it has queued. A check whose client
+hung up while it waited is skipped.
 """
 
 from __future__ import annotations
@@ -216,10 +218,10 @@ class AuthGate:
         self._per_peer: Counter[str] = Counter()
         self._unknown = 0
         self._first_waiting = 0
-        self._queues: tuple[deque[asyncio.Future[None]], deque[asyncio.Future[None]]] = (
-            deque(),
-            deque(),
-        )
+        #: turns waiting: verified-before credentials in order of arrival, and unknown
+        #: ones per source address, the addresses served in turn
+        self._first_turns: deque[asyncio.Future[None]] = deque()
+        self._unknown_turns: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
         self._busy = False
         #: digests that verified before: they go first (bounded, oldest forgotten)
         self._verified_before: OrderedDict[bytes, None] = OrderedDict()
@@ -280,7 +282,10 @@ class AuthGate:
         """Run `check` when its turn comes, unless its client hung up meanwhile."""
         loop = asyncio.get_running_loop()
         turn: asyncio.Future[None] = loop.create_future()
-        self._queues[0 if check.first else 1].append(turn)
+        if check.first:
+            self._first_turns.append(turn)
+        else:
+            self._unknown_turns.setdefault(check.peer, deque()).append(turn)
         try:
             self._next()
             try:
@@ -318,16 +323,24 @@ class AuthGate:
         self._next()
 
     def _next(self) -> None:
-        """Give the bcrypt thread to the next waiting check: verified-before ones first."""
+        """Give the bcrypt thread to the next waiting check: verified-before ones first,
+        then one from each source address in turn."""
         if self._busy:
             return
-        for queue in self._queues:
-            while queue:
-                turn = queue.popleft()
-                if not turn.done():
-                    self._busy = True
-                    turn.set_result(None)
-                    return
+        while self._first_turns or self._unknown_turns:
+            if self._first_turns:
+                turn = self._first_turns.popleft()
+            else:
+                peer, turns = next(iter(self._unknown_turns.items()))
+                turn = turns.popleft()
+                if turns:
+                    self._unknown_turns.move_to_end(peer)  # its next one after the others'
+                else:
+                    del self._unknown_turns[peer]
+            if not turn.done():  # not given up (cancelled) while it waited
+                self._busy = True
+                turn.set_result(None)
+                return
 
     def close(self) -> None:
         """A bcrypt run in progress finishes (bounded by the cost cap); queued ones never start."""
