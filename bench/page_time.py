@@ -38,7 +38,7 @@ POLLING_TIMEOUT = 360.0
 def streams_on(stack: Stack, rng: random.Random) -> list[float]:
     wait_until(stack.streams_up, 120, "every stream open", step=0.5, ignoring=STARTING)
     tried = rng.sample(stack.accounts, TRIES)
-    return page_times(stack, tried, lambda: rng.uniform(2.0, 3.0), timeout=30)
+    return [page.paged for page in page_times(stack, tried, lambda: rng.uniform(2.0, 3.0), 30)]
 
 
 def polling_only(stack: Stack, rng: random.Random) -> list[float]:

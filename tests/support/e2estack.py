@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import yaml
 
+from support import metrics
 from support.dashboard_queries import ROOT
 from support.ports import free_port
 from support.systools import require
@@ -393,24 +394,57 @@ def returns_200(http: httpx.Client, url: str) -> Callable[[], bool]:
 PAGE_ASSET = "USDT"
 
 
+@dataclass(frozen=True)
+class Page:
+    """One try: seconds from the change in the simulator to the exporter's /metrics
+    showing it (`shown`), and to its page at the webhook (`paged`)."""
+
+    shown: float
+    paged: float
+
+
+#: how often a try looks at /metrics: the shown time's resolution
+SHOWN_STEP = 0.1
+
+
 def page_times(
     stack: Stack, accounts: list[str], pause: Callable[[], float], timeout: float
-) -> list[float]:
+) -> list[Page]:
     """One try per account, in turn: a negative balance set in the simulator, and the
-    seconds until its firing `BinancePMNegativeBalance` arrives at the webhook. Between
-    tries, `pause()` seconds after the previous page arrived: triggered refreshes are
-    paid from half the budget, so tries faster than that would time the queue rather
-    than the page; and a try started the moment a page arrives would start in step with
-    Prometheus's and Alertmanager's 1 s ticks, always at the same point in them. Accounts
-    must be distinct (an alert already firing does not page again)."""
-    times: list[float] = []
+    seconds until /metrics shows it and until its firing `BinancePMNegativeBalance`
+    arrives at the webhook (timed by the receiver's thread as it arrives, so looking at
+    /metrics meanwhile delays no page). Between tries, `pause()` seconds after the
+    previous page arrived: triggered refreshes are paid from half the budget, so tries
+    faster than that would time the queue rather than the page; and a try started the
+    moment a page arrives would start in step with Prometheus's and Alertmanager's 1 s
+    ticks, always at the same point in them. Accounts must be distinct (an alert already
+    firing does not page again)."""
+    pages: list[Page] = []
     for index, account in enumerate(accounts):
         if index:
-            time.sleep(pause())
+            time.sleep(pause())  # real: the desk trades over real sockets meanwhile
         changed = time.monotonic()
         stack.set_asset(account, PAGE_ASSET, negativeBalance="12.5")
+        labels = {"account": account, "asset": PAGE_ASSET}
+        try:
+            wait_until(
+                lambda labels=labels: (
+                    metrics.sample(
+                        stack.http.get(f"{stack.exporter_url}/metrics").text,
+                        "binance_pm_negative_balance",
+                        **labels,
+                    )
+                    == 12.5
+                ),
+                timeout,
+                f"the negative balance of {account} on /metrics",
+                step=SHOWN_STEP,
+            )
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{stack.logs()}") from None
+        shown = time.monotonic() - changed
         arrived = stack.webhook.first_firing(ALERT, {account}, timeout)
         if account not in arrived:
             raise AssertionError(f"no {ALERT} for {account} within {timeout} s\n{stack.logs()}")
-        times.append(arrived[account] - changed)
-    return times
+        pages.append(Page(shown, arrived[account] - changed))
+    return pages
