@@ -1,4 +1,5 @@
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from support.harness import RunningExporter, accounts, fast_config
@@ -23,6 +24,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--update-golden", action="store_true", help="rewrite golden files from current output"
     )
+
+
+#: the marks of long tests, longest first: a file goes where its longest test puts it
+LONG = ("e2e", "slow", "attack")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Long files first (a real Prometheus, then whole processes), each file's tests kept
+    together and in order: with a file to a worker (./scripts/test: --dist loadfile
+    --no-loadscope-reorder) a long file handed out last ran alone at the end, as
+    test_e2e_alerting.py did for 25 s."""
+    rank: dict[Path, int] = {}
+    for item in items:
+        here = min((LONG.index(m.name) for m in item.iter_markers() if m.name in LONG), default=3)
+        rank[item.path] = min(rank.get(item.path, here), here)
+    items.sort(key=lambda item: rank[item.path])
 
 
 @pytest.fixture

@@ -146,7 +146,7 @@ MANY = 500
 BUDGET_SECONDS = 2.0
 
 
-@pytest.mark.bench  # a timed figure the README promises: run alone, not beside other tests
+@pytest.mark.bench  # a timed figure the README promises
 def test_five_hundred_account_files_are_read_and_checked_in_under_two_seconds(
     tmp_path: Path,
 ) -> None:

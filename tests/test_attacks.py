@@ -190,6 +190,7 @@ def answers(sockets: list[socket.socket], timeout: float) -> list[bytes]:
 # --- slowloris -----------------------------------------------------------------------------
 
 
+@pytest.mark.bench  # times itself: scrape latency (p99), refresh gaps
 def test_half_sent_connections_neither_lock_scrapers_out_nor_get_served(
     exporter: Exporter, simulator: tuple[Simulator, dict[str, object]]
 ) -> None:
@@ -263,6 +264,7 @@ def flooding(exporter: Exporter, clients: int, *, hang_up: bool = True) -> Itera
         yield
 
 
+@pytest.mark.bench  # times itself: scrape latency during a flood
 def test_a_wrong_password_flood_costs_little_and_ends_when_it_stops(exporter: Exporter) -> None:
     assert exporter.scrape().status_code == 200  # these credentials are now cached
     # Prometheus keeps its connection alive between scrapes; so does this scraper.
@@ -295,6 +297,7 @@ def test_a_wrong_password_flood_costs_little_and_ends_when_it_stops(exporter: Ex
     assert exporter.scrape().status_code == 200
 
 
+@pytest.mark.bench  # times itself: the exit within the grace, in wall time
 def test_sigterm_during_a_wrong_password_flood_exits_0_within_the_grace(
     files: tuple[Path, Path],
 ) -> None:
@@ -385,6 +388,7 @@ def start_seconds(files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFac
     return seconds
 
 
+@pytest.mark.bench  # times itself: "at once": within 1 s of a normal start
 @pytest.mark.parametrize("which", ["config", "web config"])
 @pytest.mark.parametrize("source", ["100 MB file", "/dev/zero"])
 def test_huge_or_endless_files_exit_2_with_one_line_at_once(

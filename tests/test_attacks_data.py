@@ -182,6 +182,7 @@ def _saved(**fields: Any) -> dict[str, Any]:
 # --- #7: the state file -----------------------------------------------------------------
 
 
+@pytest.mark.bench  # times itself: listening within 5 s
 def test_a_2_gb_state_file_is_refused_at_once_and_costs_no_memory(tmp_path: Path) -> None:
     """A 2 GB sparse state file was read whole: peak RSS 2.6 GB (issue 17, #7)."""
     storage = tmp_path / "data"
@@ -204,6 +205,7 @@ def test_a_2_gb_state_file_is_refused_at_once_and_costs_no_memory(tmp_path: Path
 # --- #8: bounded upstream ---------------------------------------------------------------
 
 
+@pytest.mark.bench  # times itself: CPU seconds a scrape, background work included
 def test_100000_assets_in_one_answer_are_capped_with_one_log_line(
     sim: Simulator, tmp_path: Path
 ) -> None:
@@ -259,6 +261,7 @@ def test_100000_assets_in_one_answer_are_capped_with_one_log_line(
 # --- #9: event times --------------------------------------------------------------------
 
 
+@pytest.mark.bench  # times itself: shown within a second
 def test_a_margin_call_after_an_event_from_the_future_shows_within_a_second(
     sim: Simulator, tmp_path: Path
 ) -> None:

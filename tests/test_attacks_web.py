@@ -147,6 +147,7 @@ def _tries(exporter: Exporter, count: int = 40) -> list[int]:
     return [exporter.scrape().status_code for _ in range(count)]
 
 
+@pytest.mark.bench  # times itself: each try answered within 5 s
 def test_a_wrong_password_flood_never_locks_out_a_correct_scraper(
     config: Path, tmp_path: Path
 ) -> None:
@@ -233,6 +234,7 @@ def test_a_fifo_certificate_is_reported_and_auth_added_later_is_applied(
 # --- 6: reloads beside scrapes --------------------------------------------------------------
 
 
+@pytest.mark.bench  # times itself: scrape latency during reloads
 def test_scrapes_never_wait_for_reloads_and_parallel_reloads_share_a_run(
     tmp_path: Path,
 ) -> None:
@@ -276,6 +278,7 @@ def test_scrapes_never_wait_for_reloads_and_parallel_reloads_share_a_run(
 # --- 11: back-to-back scrapes on one connection ---------------------------------------------
 
 
+@pytest.mark.bench  # times itself: the fastest of 30 scrapes, in ms
 def test_back_to_back_scrapes_on_one_connection_are_not_delayed(config: Path) -> None:
     running = start_exporter(config)
     try:
@@ -348,6 +351,7 @@ def wait_closed(sockets: list[socket.socket], deadline: float) -> None:
 # --- 5: TLS files that are not regular files --------------------------------------------------
 
 
+@pytest.mark.bench  # times itself: "at once": within 1 s of a normal start
 @pytest.mark.parametrize("which", ["cert_file", "key_file", "client_ca_file"])
 @pytest.mark.parametrize("source", ["/dev/zero", "FIFO"])
 def test_tls_files_that_are_not_regular_files_exit_2_with_one_line_at_once(
