@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 from collections.abc import Callable
 
 import structlog
@@ -52,15 +53,22 @@ class WebConfigWatcher:
         if self._looking is None:
             self._started = self._loop.time()
             self._looking = self._thread.submit(self._source)
-            self._looking.add_done_callback(
-                lambda future: self._loop.call_soon_threadsafe(self._looked, future)
-            )
+            self._looking.add_done_callback(self._hand_back)
         elif self._loop.time() - self._started > self._timeout and not self._reported:
             self._reported = True  # once per stuck look, not at every check
             log.error("web_config_check_stuck", seconds=self._timeout)
             if self._on_stuck is not None:
                 self._on_stuck()
         self._loop.call_later(self.every, self._look)
+
+    def _hand_back(self, future: concurrent.futures.Future[WebConfig]) -> None:
+        """In the look's thread: its result to the loop, unless the watcher has closed (a
+        look that ended after shutdown; its loop may be closed, and calling into a closed
+        loop raised, logged with a traceback from a stray thread)."""
+        if self._closed:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed since: nobody to tell
+            self._loop.call_soon_threadsafe(self._looked, future)
 
     def _looked(self, future: concurrent.futures.Future[WebConfig]) -> None:
         self._looking, self._reported = None, False
