@@ -253,7 +253,7 @@ def test_a_reload_adds_and_removes_account_files_and_leaves_the_others(
         response = httpx.post(run.url + "/-/reload", timeout=30)
         assert response.status_code == 500
         assert response.text == f"failed to reload config: {duplicate}\n"
-        (failed,) = run.events("reload_failed")
+        (failed,) = run.logged("reload_failed")
         assert failed["error"] == duplicate
         assert run.sample("binance_pm_config_last_reload_successful") == 0.0
         assert entries["acct-a"]["api_secret"] not in "\n".join(run.lines)
