@@ -44,6 +44,31 @@ EXIT_USAGE = 2
 SWITCH_INTERVAL_SECONDS = 0.001
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+
+class _EarlySignals:
+    """SIGTERM, SIGINT and SIGHUP held from before the server listens until the loop's
+    handlers take over: one in between (a rollout stopping a pod that has just started, a
+    reload right after start) killed the process by the signal's default action, with no
+    clean stop (exit -15) or no reload (SIGHUP's default ends the process too)."""
+
+    def __init__(self) -> None:
+        self.arrived: list[int] = []
+        self._before = {
+            signum: signal.signal(signum, self._hold) for signum in (*_STOP_SIGNALS, signal.SIGHUP)
+        }
+
+    def _hold(self, signum: int, frame: object) -> None:
+        self.arrived.append(signum)
+
+    def stops(self) -> list[int]:
+        return [signum for signum in self.arrived if signum in _STOP_SIGNALS]
+
+    def restore(self) -> None:
+        """The handlers from before (the defaults, in the command)."""
+        for signum, handler in self._before.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
 log = structlog.get_logger("exporter")
 
 
@@ -201,23 +226,29 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         exporter = Exporter(config, shard=shard, storage=storage, load=load)
         open_files = raise_open_files_limit()
         sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+        early = _EarlySignals()
         try:
-            server = serve_http(
-                exporter, host, port, web_config, limits, lifecycle=args.web_enable_lifecycle
+            try:
+                server = serve_http(
+                    exporter, host, port, web_config, limits, lifecycle=args.web_enable_lifecycle
+                )
+            except OSError as exc:
+                return _usage_error(f"--web.listen-address: cannot listen on {host}:{port}: {exc}")
+            log.info(
+                "listening",
+                address=f"{host}:{server.port}",
+                tls=bool(web_config and web_config.current.ssl_context),
+                max_connections=server.max_connections,
+                open_files_limit=open_files,
             )
-        except OSError as exc:
-            return _usage_error(f"--web.listen-address: cannot listen on {host}:{port}: {exc}")
-        log.info(
-            "listening",
-            address=f"{host}:{server.port}",
-            tls=bool(web_config and web_config.current.ssl_context),
-            max_connections=server.max_connections,
-            open_files_limit=open_files,
-        )
-        try:
-            asyncio.run(_run_until_signalled(exporter, demo=args.demo, episodes=episodes))
+            try:
+                asyncio.run(
+                    _run_until_signalled(exporter, early, demo=args.demo, episodes=episodes)
+                )
+            finally:
+                server.close()
         finally:
-            server.close()
+            early.restore()
         log.info("stopped")
     return 0
 
@@ -333,7 +364,11 @@ def _reload_config(path: Path, environ: Mapping[str, str], shard: Shard) -> Conf
 
 
 async def _run_until_signalled(
-    exporter: Exporter, *, demo: bool = False, episodes: NegativeEpisodes | None = None
+    exporter: Exporter,
+    early: _EarlySignals,
+    *,
+    demo: bool = False,
+    episodes: NegativeEpisodes | None = None,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -345,12 +380,15 @@ async def _run_until_signalled(
         watchdog.arm(signal.Signals(signum).name)
         loop.call_soon_threadsafe(_stop, stop, signum)
 
-    before = {signum: signal.signal(signum, on_stop_signal) for signum in _STOP_SIGNALS}
+    for stop_signal in _STOP_SIGNALS:
+        signal.signal(stop_signal, on_stop_signal)
+    for held in early.stops()[:1]:  # one arrived before: stop as soon as running
+        on_stop_signal(held, None)
     try:
-        await _run(exporter, stop, demo=demo, episodes=episodes)
+        reload_now = signal.SIGHUP in early.arrived
+        await _run(exporter, stop, demo=demo, episodes=episodes, reload_now=reload_now)
     finally:  # the watchdog, once armed, stays armed; a second signal now acts at once
-        for signum, handler in before.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        early.restore()
 
 
 async def _run(
@@ -359,6 +397,7 @@ async def _run(
     *,
     demo: bool,
     episodes: NegativeEpisodes | None,
+    reload_now: bool = False,
 ) -> None:
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[str | None]] = set()
@@ -370,6 +409,8 @@ async def _run(
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+    if reload_now:  # a SIGHUP held from before the loop ran
+        reload()
     if not demo:
         await exporter.run(stop)
         return

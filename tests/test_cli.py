@@ -164,6 +164,46 @@ def test_runs_serves_and_stops_cleanly_on_sigterm(sim_config) -> None:
     assert '"stopped"' in err
 
 
+#: the exporter, sending itself the signals named in argv[1] the moment it logs that it
+#: listens: before its loop runs, when a signal once took its default action
+SIGNALLED_AT_LISTENING = """
+import os, signal, sys
+from exporter import cli
+logger = cli.log
+class Log:
+    def __getattr__(self, name):
+        return getattr(logger, name)
+    def info(self, event, **fields):
+        logger.info(event, **fields)
+        if event == "listening":
+            for name in sys.argv[1].split(","):
+                os.kill(os.getpid(), getattr(signal, name))
+cli.log = Log()
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("signals", ["SIGTERM", "SIGINT", "SIGHUP,SIGTERM"])
+def test_a_signal_right_after_listening_is_held_until_the_loop_runs(
+    sim_config: tuple[Simulator, Path], signals: str
+) -> None:
+    """A stop signal there stops cleanly (exit 0), a SIGHUP reloads: by their default
+    actions the process died (exit -15, -2, -1) with nothing saved or said."""
+    _, path = sim_config
+    flags = ["--config.file", str(path), "--web.listen-address", "127.0.0.1:0", "--log.format"]
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNALLED_AT_LISTENING, signals, *flags, "json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '"stopped"' in result.stderr
+    assert ('"reload_requested"' in result.stderr) == ("SIGHUP" in signals)
+
+
 def test_demo_mode_serves_live_metrics_within_seconds() -> None:
     """The first account's data, as soon as it is refreshed: the demo's three accounts
     take turns 10 s / 3 apart, so waiting for the last would wait for the schedule (every
