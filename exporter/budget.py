@@ -197,10 +197,11 @@ class WeightBudget:
         now: float,
         clock_offset: float,
     ) -> None:
-        """HTTP 418: until Retry-After, else the ban's end in the message, else 2 minutes."""
+        """HTTP 418: until Retry-After, else the ban's end in the message while it is
+        ahead, else 2 minutes (a 418 is a ban now, whatever end its message names)."""
         if retry_after is not None:
             until = now + retry_after
-        elif banned_until is not None:
+        elif banned_until is not None and banned_until - clock_offset > now:
             until = banned_until - clock_offset + BOUNDARY_MARGIN_SECONDS
         else:
             until = now + DEFAULT_BAN_SECONDS

@@ -86,6 +86,10 @@ def test_rate_limited_and_banned_pauses() -> None:
     b2.banned(retry_after=None, banned_until=None, now=10.0, clock_offset=0.0)
     assert b2.paused_until == 130.0
     assert b2.pauses["banned"] == 1
+    # an end already past (a stale message, a clock far off): still a ban, of 2 minutes
+    b3 = budget()
+    b3.banned(retry_after=None, banned_until=5.0, now=10.0, clock_offset=0.0)
+    assert b3.paused_until == 130.0
 
 
 def test_a_request_larger_than_the_budget_is_refused() -> None:

@@ -161,6 +161,11 @@ def test_rate_limit_details() -> None:
     result, _ = run_balance(answer(418, {"code": -1003, "msg": msg}))
     assert isinstance(result, errors.IpBanned)
     assert result.banned_until == 1700000000.0
+    # other scripts' digits are no time (int() reads them: a ban that ended in 2009)
+    msg = "banned until \u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669\u0660"
+    result, _ = run_balance(answer(418, {"code": -1003, "msg": msg}))
+    assert isinstance(result, errors.IpBanned)
+    assert result.banned_until is None
 
 
 def test_transport_failures() -> None:

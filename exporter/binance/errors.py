@@ -16,7 +16,8 @@ INVALID_SIGNATURE = -1022
 LISTEN_KEY_DOES_NOT_EXIST = -1125
 AUTH_CODES = frozenset({-1002, -1022, -2014, -2015})
 
-_BAN_UNTIL = re.compile(r"banned until (\d{10,16})")
+#: ASCII digits: `\d` also matches other scripts' digits, which int() reads as a time
+_BAN_UNTIL = re.compile(r"banned until ([0-9]{10,16})")
 _QUERY = re.compile(r"\?\S*")
 
 
