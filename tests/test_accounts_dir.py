@@ -230,7 +230,7 @@ def test_a_reload_adds_and_removes_account_files_and_leaves_the_others(
         _write(accounts / "acct-c.yaml", {**entries["acct-c"], "labels": {"desk": "treasury"}})
         (accounts / "acct-b.yaml").unlink()
         run.signal(signal.SIGHUP)
-        (event,) = wait_until(lambda: run.events("config_reloaded"), 20, "the reload")
+        (event,) = run.logged("config_reloaded", 20)
         assert event["added"] == ["acct-c"]
         assert event["removed"] == ["acct-b"]
         assert event["changed"] == []

@@ -163,7 +163,7 @@ def test_a_wrong_password_flood_never_locks_out_a_correct_scraper(
             # A reload that changes nothing of the user (cert-manager touching the file).
             web.write_text(web.read_text())
             os.utime(web, ns=(time.time_ns(), time.time_ns() + 10**9))
-            wait_until(lambda: running.events("web_config_reloaded"), 15, "the reload")
+            running.logged("web_config_reloaded", 15)
             after_reload = _tries(running)
         print(
             f"\n200s after restart: {after_restart.count(200)}/40, "

@@ -9,7 +9,6 @@ import random
 import pytest
 from support.exporterproc import running
 from support.faultkit import captured_logs
-from support.waits import wait_until
 
 from exporter.cli import build_parser, listen_address
 from exporter.collectors.cm_account import COLLECTOR as CM
@@ -145,12 +144,8 @@ def test_the_demo_process_logs_an_episode_and_when_metrics_has_it() -> None:
     """`binance-pm-exporter --demo` as a user runs it: the first episode starts 5 to 15 s
     in; both lines come, in order, and /metrics has the negative balance meanwhile."""
     with running("--demo") as demo:
-        started = wait_until(
-            lambda: demo.events("demo_negative_episode_started"), timeout=40, what="an episode"
-        )[0]
-        shown = wait_until(
-            lambda: demo.events("demo_negative_episode_on_metrics"), timeout=20, what="it shown"
-        )[0]
+        started = demo.logged("demo_negative_episode_started", 40)[0]
+        shown = demo.logged("demo_negative_episode_on_metrics", 20)[0]
         text = demo.get("/metrics").text
     assert (shown["account"], shown["asset"]) == (started["account"], started["asset"])
     assert 0 <= shown["seconds_after_start"] < 10  # about a second: the stream's event

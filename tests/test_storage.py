@@ -261,7 +261,7 @@ def test_a_failed_write_on_a_full_disk_is_logged_and_the_exporter_keeps_serving(
     config = write_config(tmp_path / "config.yaml", simulator.url, entries)
     args = ("--config.file", str(config), "--storage.path", str(storage))
     with running(*args, preexec_fn=_file_size_limit) as run:
-        wait_until(lambda: run.events("state_write_failed"), 20, "a failed write")
+        run.logged("state_write_failed", 20)
         first = run.sample("binance_pm_last_success_timestamp_seconds", account="acct-a")
         assert first is not None
         wait_until(
