@@ -36,8 +36,7 @@ PAGE_WITHIN = 6.0
 
 def stream_events(stack: Stack) -> float:
     """Events the exporter has received on all its streams."""
-    text = stack.http.get(f"{stack.exporter_url}/metrics").text
-    parsed = parse_metrics(text)
+    parsed = parse_metrics(stack.scrape())
     return sum(v for (name, _), v in parsed.items() if name == "binance_pm_stream_events_total")
 
 

@@ -210,9 +210,13 @@ class Stack:
         response = self.http.patch(f"{self.sim_url}/_sim/assets/{account}/{asset}", json=fields)
         assert response.status_code < 300, response.text
 
+    def scrape(self) -> str:
+        """The exporter's /metrics, as text."""
+        return self.http.get(f"{self.exporter_url}/metrics").text
+
     def streams_up(self) -> bool:
         """Every account's user data stream open, as the exporter's /metrics says."""
-        text = self.http.get(f"{self.exporter_url}/metrics").text
+        text = self.scrape()
         return all(f'binance_pm_stream_up{{account="{a}"}} 1.0' in text for a in self.accounts)
 
 
@@ -429,12 +433,7 @@ def page_times(
         try:
             wait_until(
                 lambda labels=labels: (
-                    metrics.sample(
-                        stack.http.get(f"{stack.exporter_url}/metrics").text,
-                        "binance_pm_negative_balance",
-                        **labels,
-                    )
-                    == 12.5
+                    metrics.sample(stack.scrape(), "binance_pm_negative_balance", **labels) == 12.5
                 ),
                 timeout,
                 f"the negative balance of {account} on /metrics",
